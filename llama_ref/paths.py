@@ -1,0 +1,17 @@
+"""Where the project's own data lives: corpus, tokenizer, the embedded model, reference fixtures.
+
+Paths resolve relative to the repository checkout (the package is installed editable), so the CLI and
+the notebooks find `data/` wherever the clone is.
+"""
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_DIR / "data"
+CORPUS_DIR = DATA_DIR / "corpus"
+TOKENIZER_DIR = DATA_DIR / "tokenizer"
+DEFAULT_TOKENIZER = TOKENIZER_DIR / "tokenizer.model"
+MODELS_DIR = DATA_DIR / "models"
+DEFAULT_MODEL = MODELS_DIR / "tinyworld"          # the embedded model trained by llama_ref.train
+CHAT_BASELINE_MODEL = MODELS_DIR / "tinyworld-chat"  # SFT baseline (issue: chat + Ghost Attention)
+CHAT_GATT_MODEL = MODELS_DIR / "tinyworld-gatt"      # SFT + Ghost Attention
+REFERENCE_DIR = DATA_DIR / "reference"
