@@ -1,0 +1,350 @@
+"""The Llama 2 forward pass in NumPy: the one file to read.
+
+Chapters 02-05 build each piece (RMSNorm, RoPE, attention with GQA and the KV cache, SwiGLU, the block) from a
+few lines and then call these functions. Read top to bottom:
+
+    rms_norm -> rope (HF rotate-half and Meta interleaved pairs, and the q/k permutation between them)
+    -> softmax -> attention (causal, MHA/GQA, KV cache) -> swiglu -> block -> Llama.forward
+
+Notation (llm.c style): B batch, T new tokens, S = start_pos + T attended positions, C model dim,
+nh query heads, nkv key/value heads, hs head size, H SwiGLU hidden size, V vocabulary size.
+
+Everything is float32 end to end. Two NumPy traps are avoided on purpose: a NumPy float64 *scalar* (like
+`np.sqrt(hs)`) silently promotes a float32 array to float64, so every scalar here is `np.float32`; and
+`x @ W.T` with a row-major (out, in) W runs matrix-vector products at half speed, so `Llama` packs every
+matmul weight once as a contiguous (in, out) array.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import ContextLengthError, InputError, NonFiniteWeightsError, ShapeMismatchError, CheckpointError
+from .trace import Trace, tap
+
+F32 = np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis. Unlike LayerNorm: no mean subtraction, no bias."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)   # (..., 1)
+    return x * (F32(1.0) / np.sqrt(ms + F32(eps))) * weight
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE: rotary position embeddings
+
+def rope_freqs(head_dim, max_len, theta=10000.0):
+    """cos and sin tables, each (max_len, hs/2): angle[p, i] = p * theta^(-2i/hs).
+
+    Computed in float64 and rounded once to float32 (at position 4096 the float32 angle would already be off by ~1e-4 rad).
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (hs/2,)
+    angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)                       # (max_len, hs/2)
+    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+
+
+def apply_rope_hf(x, cos, sin):
+    """HF's rotate-half form: dimension i is paired with i + hs/2. x (..., T, hs), cos/sin (T, hs/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def apply_rope_meta(x, cos, sin):
+    """Meta's form: dimensions (0,1), (2,3), ... are pairs, each rotated like a complex number by e^{i*angle}."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]                 # (..., T, hs/2) each
+    out = np.empty_like(x)
+    out[..., 0::2] = x_even * cos - x_odd * sin
+    out[..., 1::2] = x_even * sin + x_odd * cos
+    return out
+
+
+def permute_qk_meta_to_hf(w, n_heads):
+    """Reorder the rows of a q/k projection (n_heads*hs, C) from Meta's pair layout to HF's rotate-half layout.
+
+    Within each head, Meta row 2i+j becomes HF row j*hs/2 + i, so Meta's pair (2i, 2i+1) lands on HF's (i, i+hs/2).
+    With permuted weights, apply_rope_hf gives the same attention scores as apply_rope_meta on the originals.
+    """
+    rows, cols = w.shape
+    hs = rows // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, hs // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def permute_qk_hf_to_meta(w, n_heads):
+    """Inverse of permute_qk_meta_to_hf: HF rotate-half rows back to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    hs = rows // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, 2, hs // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax; rows that are entirely -inf would give NaN, a causal mask never makes one."""
+    x = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def causal_mask(T, S):
+    """Additive mask (T, S): query t sits at position S-T+t and may see keys at positions <= its own."""
+    q_pos = np.arange(S - T, S)[:, None]
+    k_pos = np.arange(S)[None, :]
+    return np.where(k_pos <= q_pos, F32(0.0), F32(-np.inf)).astype(F32)
+
+
+def attention(q, k, v, mask=None):
+    """Scaled dot-product attention with grouped-query heads.
+
+    q (B, nh, T, hs), k and v (B, nkv, S, hs), mask (T, S) additive. Query head h reads key/value head
+    h // (nh/nkv): we view q as (B, nkv, rep, T, hs) instead of copying k and v rep times.
+    Returns (out (B, nh, T, hs), probs (B, nh, T, S)).
+    """
+    B, nh, T, hs = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    rep = nh // nkv
+    qg = q.reshape(B, nkv, rep, T, hs) * F32(1.0 / np.sqrt(hs))             # (B, nkv, rep, T, hs)
+    scores = qg @ k[:, :, None].swapaxes(-1, -2)                            # (B, nkv, rep, T, S)
+    if mask is not None:
+        scores = scores + mask
+    probs = softmax(scores)                                                 # (B, nkv, rep, T, S)
+    out = probs @ v[:, :, None]                                             # (B, nkv, rep, T, hs)
+    return out.reshape(B, nh, T, hs), probs.reshape(B, nh, T, S)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, per layer: k[l], v[l] are (B, nkv, max_len, hs).
+
+    Decoding one token then costs one new key/value per layer instead of recomputing the whole prefix.
+    `length` is how many positions are filled. np.zeros does not touch memory until it is written.
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size=1, max_len=None):
+        self.max_len = max_len or config.max_seq_len
+        shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.k = [np.zeros(shape, F32) for _ in range(config.n_layers)]
+        self.v = [np.zeros(shape, F32) for _ in range(config.n_layers)]
+        self.batch_size = batch_size
+        self.length = 0
+
+    def update(self, layer, start_pos, k, v):
+        """Write new k, v (B, nkv, T, hs) at [start_pos, start_pos+T); return all keys/values up to there."""
+        end = start_pos + k.shape[2]
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def nbytes(self):
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feed-forward
+
+def silu(x):
+    """x * sigmoid(x). (errstate: exp(-x) overflows to inf for x < -88, which correctly gives -0.)"""
+    with np.errstate(over="ignore"):
+        return x / (F32(1.0) + np.exp(-x))
+
+
+def swiglu(gate, up):
+    """SwiGLU's gating: silu(x W_gate) * (x W_up)."""
+    return silu(gate) * up
+
+
+def linear(x, w):
+    """x @ W for a packed (in, out) weight; quantized weights bring their own matmul."""
+    return x @ w if isinstance(w, np.ndarray) else w.matmul(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+
+def weight_shapes(config: LlamaConfig) -> dict[str, tuple]:
+    """Every tensor a Llama checkpoint must hold, with its HF name and (out, in) shape."""
+    C, H, V = config.dim, config.hidden_dim, config.vocab_size
+    q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (V, C)}
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (C,),
+            p + "self_attn.q_proj.weight": (q_dim, C),
+            p + "self_attn.k_proj.weight": (kv_dim, C),
+            p + "self_attn.v_proj.weight": (kv_dim, C),
+            p + "self_attn.o_proj.weight": (C, q_dim),
+            p + "post_attention_layernorm.weight": (C,),
+            p + "mlp.gate_proj.weight": (H, C),
+            p + "mlp.up_proj.weight": (H, C),
+            p + "mlp.down_proj.weight": (C, H),
+        })
+    shapes["model.norm.weight"] = (C,)
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def _as_f32(name, w, transpose=False):
+    """A float32 copy of a weight ((in, out) contiguous when transpose), refusing NaN/Inf."""
+    a = np.ascontiguousarray(np.asarray(w).T if transpose else np.asarray(w), dtype=F32)
+    if not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise NonFiniteWeightsError(f"weight {name!r} holds {bad} NaN/Inf values; the checkpoint is corrupt "
+                                    "or was saved after training diverged: re-export it from a good copy")
+    return a
+
+
+class Llama:
+    """A Llama 2 model: config + weights (HF names, HF layout), packed once for a fast float32 forward."""
+
+    def __init__(self, config: LlamaConfig, weights: dict):
+        self.config = config
+        self.weights = weights
+        expected = weight_shapes(config)
+        for name, shape in expected.items():
+            if name not in weights:
+                hint = (" (the config says the classifier is untied: set tie_word_embeddings=true in config.json "
+                        "if the model shares it with the embedding)") if name == "lm_head.weight" else ""
+                raise CheckpointError(f"weight {name!r} is missing from the checkpoint{hint}")
+            if tuple(weights[name].shape) != shape:
+                raise ShapeMismatchError(f"weight {name!r} has shape {tuple(weights[name].shape)} but the config "
+                                         f"requires {shape}: config.json and the weights disagree")
+        self.params = self._pack(weights)
+        self.cos, self.sin = rope_freqs(config.head_dim, config.max_seq_len, config.rope_theta)
+
+    def _pack(self, w):
+        cfg = self.config
+        embed = np.asarray(w["model.embed_tokens.weight"])
+        if embed.dtype != F32:
+            embed = _as_f32("model.embed_tokens.weight", embed)
+        elif not np.isfinite(embed).all():
+            _as_f32("model.embed_tokens.weight", embed)  # raises with a count of the bad values
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            layers.append({
+                "attn_norm": _as_f32(p + "input_layernorm.weight", w[p + "input_layernorm.weight"]),
+                "wq": _as_f32(p + "self_attn.q_proj.weight", w[p + "self_attn.q_proj.weight"], transpose=True),
+                "wk": _as_f32(p + "self_attn.k_proj.weight", w[p + "self_attn.k_proj.weight"], transpose=True),
+                "wv": _as_f32(p + "self_attn.v_proj.weight", w[p + "self_attn.v_proj.weight"], transpose=True),
+                "wo": _as_f32(p + "self_attn.o_proj.weight", w[p + "self_attn.o_proj.weight"], transpose=True),
+                "ffn_norm": _as_f32(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"]),
+                "w_gate": _as_f32(p + "mlp.gate_proj.weight", w[p + "mlp.gate_proj.weight"], transpose=True),
+                "w_up": _as_f32(p + "mlp.up_proj.weight", w[p + "mlp.up_proj.weight"], transpose=True),
+                "w_down": _as_f32(p + "mlp.down_proj.weight", w[p + "mlp.down_proj.weight"], transpose=True),
+            })
+        head_name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+        return {
+            "embed": embed,                                                            # (V, C)
+            "layers": layers,
+            "norm": _as_f32("model.norm.weight", w["model.norm.weight"]),              # (C,)
+            "lm_head": _as_f32(head_name, w[head_name], transpose=True),              # (C, V)
+        }
+
+    def new_cache(self, batch_size=1, max_len=None) -> KVCache:
+        return KVCache(self.config, batch_size, max_len)
+
+    # --------------------------------------------------------------------------------------------
+    def forward(self, tokens, start_pos=0, cache: KVCache | None = None, trace: Trace | None = None,
+                last_only=False):
+        """Logits for `tokens` (T,) or (B, T) placed at positions start_pos.. start_pos+T-1.
+
+        With a cache, keys/values of earlier positions come from it and the new ones are written into it.
+        Returns float32 logits (T, V) or (B, T, V); with last_only, only the last position's (V,) or (B, V).
+        """
+        tokens, squeeze = self._check_tokens(tokens, start_pos, cache)
+        cfg, P = self.config, self.params
+        B, T = tokens.shape
+        S = start_pos + T
+        cos, sin = self.cos[start_pos:S], self.sin[start_pos:S]                 # (T, hs/2)
+        mask = causal_mask(T, S) if T > 1 else None                             # one new token may see everything
+
+        x = tap(trace, "embed", P["embed"][tokens].astype(F32, copy=False))   # (B, T, C)
+        for i, layer in enumerate(P["layers"]):
+            x = self.block(i, layer, x, start_pos, cos, sin, mask, cache, trace)
+        if cache is not None:
+            cache.length = S
+        if last_only:
+            x = x[:, -1:]
+        x = tap(trace, "norm.out", rms_norm(x, P["norm"], cfg.norm_eps))       # (B, T, C)
+        logits = tap(trace, "logits", linear(x, P["lm_head"]))                  # (B, T, V)
+        if last_only:
+            logits = logits[:, 0]
+        return logits[0] if squeeze else logits
+
+    def block(self, i, layer, x, start_pos, cos, sin, mask, cache, trace):
+        """One pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)). x (B, T, C)."""
+        cfg = self.config
+        B, T, C = x.shape
+        nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        name = f"layers.{i}."
+
+        # attention
+        xn = tap(trace, name + "attn_norm", rms_norm(x, layer["attn_norm"], cfg.norm_eps))   # (B, T, C)
+        q = linear(xn, layer["wq"]).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)             # (B, nh, T, hs)
+        k = linear(xn, layer["wk"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)            # (B, nkv, T, hs)
+        v = linear(xn, layer["wv"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)            # (B, nkv, T, hs)
+        q = tap(trace, name + "attn.q", apply_rope_hf(q, cos, sin))
+        k = tap(trace, name + "attn.k", apply_rope_hf(k, cos, sin))
+        v = tap(trace, name + "attn.v", v)
+        if cache is not None:
+            k, v = cache.update(i, start_pos, k, v)                                           # (B, nkv, S, hs)
+        heads, probs = attention(q, k, v, mask)
+        tap(trace, name + "attn.probs", probs)                                                 # (B, nh, T, S)
+        heads = tap(trace, name + "attn.heads", heads)                                         # (B, nh, T, hs)
+        attn_out = linear(heads.transpose(0, 2, 1, 3).reshape(B, T, nh * hs), layer["wo"])   # (B, T, C)
+        attn_out = tap(trace, name + "attn.out", attn_out)
+        h = tap(trace, name + "attn_residual", x + attn_out)
+
+        # feed-forward (SwiGLU)
+        hn = tap(trace, name + "ffn_norm", rms_norm(h, layer["ffn_norm"], cfg.norm_eps))     # (B, T, C)
+        gate = tap(trace, name + "ffn.gate", linear(hn, layer["w_gate"]))                    # (B, T, H)
+        up = tap(trace, name + "ffn.up", linear(hn, layer["w_up"]))                          # (B, T, H)
+        hidden = tap(trace, name + "ffn.hidden", swiglu(gate, up))                           # (B, T, H)
+        ffn_out = tap(trace, name + "ffn.out", linear(hidden, layer["w_down"]))              # (B, T, C)
+        return tap(trace, name + "out", h + ffn_out)
+
+    __call__ = forward
+
+    def _check_tokens(self, tokens, start_pos, cache):
+        """Turn tokens into an int (B, T) array, or raise InputError/ContextLengthError saying what to fix."""
+        cfg = self.config
+        arr = np.asarray(tokens)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise InputError(f"tokens must be integer ids, got dtype {arr.dtype}")
+        if arr.ndim not in (1, 2):
+            raise InputError(f"tokens must be (T,) or (B, T), got shape {arr.shape}")
+        squeeze = arr.ndim == 1
+        arr = arr[None] if squeeze else arr
+        if arr.shape[1] == 0:
+            raise InputError("tokens is empty: give at least one token id (e.g. BOS = "
+                             f"{cfg.bos_id})")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is out of range for vocab_size={cfg.vocab_size}; "
+                             "was the prompt encoded with a different tokenizer than this model's?")
+        if not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
+            raise InputError(f"start_pos must be a non-negative integer, got {start_pos!r}")
+        end = start_pos + arr.shape[1]
+        limit = cfg.max_seq_len if cache is None else min(cfg.max_seq_len, cache.max_len)
+        if end > limit:
+            raise ContextLengthError(f"positions {start_pos}..{end - 1} exceed the context window of {limit} tokens "
+                                     f"(max_seq_len={cfg.max_seq_len}); shorten the prompt or generate fewer tokens")
+        if cache is not None:
+            if cache.batch_size != arr.shape[0]:
+                raise InputError(f"the KV cache holds {cache.batch_size} sequences but tokens has {arr.shape[0]}; "
+                                 "make a cache with model.new_cache(batch_size)")
+            if start_pos > cache.length:
+                raise InputError(f"start_pos={start_pos} leaves a gap: the cache holds only {cache.length} positions")
+        return arr.astype(np.int64, copy=False), squeeze
+
+
+def forward(model: Llama, tokens, start_pos=0, cache=None, trace=None):
+    """Function form of Llama.forward (for readers who prefer llm.c's style)."""
+    return model.forward(tokens, start_pos, cache, trace)
