@@ -1,0 +1,170 @@
+"""Command line: `python -m llama_ref <command> --help`.
+
+  generate   continue a prompt (text or ids) with a model; prefill and decode timed separately
+  tokenize   show the ids and pieces of a text
+  inspect    run a prompt and print/save named activations (taps) to compare with another engine
+  chat       talk to a chat model in the Llama 2 chat format
+  quantize   write a quantized copy of a model (q8_0, q4_0, w4a16-g64, int8-channel)
+  export     write a model as GGUF or llama2.c .bin
+  train      train a model with the NumPy trainer
+
+Every command takes --help. Errors in what you give (paths, ids, settings) print one `error:` line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LlamaRefError, InputError, TokenizerError, ConfigError
+from . import paths
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+
+def load_model(path):
+    """A Llama from an HF directory, a llama2.c .bin or a .gguf (memory-mapped, validated)."""
+    from .checkpoint import load_model as load_checkpoint
+    from .model import Llama
+    path = Path(path) if path else paths.DEFAULT_MODEL
+    config, weights = load_checkpoint(path)
+    return Llama(config, weights)
+
+
+def find_tokenizer(model_path, tokenizer_path=None, impl="sentencepiece"):
+    """The tokenizer named on the command line, else the one shipped beside the model, else None."""
+    from .tokenizer import Tokenizer
+    if tokenizer_path:
+        return Tokenizer(tokenizer_path, impl=impl)
+    model_path = Path(model_path) if model_path else paths.DEFAULT_MODEL
+    beside = (model_path if model_path.is_dir() else model_path.parent) / "tokenizer.model"
+    if model_path.is_dir() and beside.exists():
+        return Tokenizer(beside, impl=impl)
+    return None
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers like 1,450,3290; got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+
+def cmd_generate(args) -> int:
+    """Encode the prompt, prefill, decode; print text (streamed) or one JSON object."""
+    from .generate import check_sampling, stream, GenerationResult
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    model = load_model(args.model)
+    tok = find_tokenizer(args.model, args.tokenizer)
+    if tok is not None and tok.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+                          f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    if args.prompt_ids is not None:
+        prompt_ids = parse_ids(args.prompt_ids)
+    else:
+        if tok is None:
+            raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH, "
+                                 "or give the prompt as ids with --prompt-ids 1,2,3")
+        prompt_ids = tok.encode(args.prompt, bos=True)
+    result = GenerationResult([], [], "length", 0.0, 0.0)
+    steps = stream(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                   stop_at_eos=not args.no_stop, result=result)
+    if args.json:
+        for _ in steps:
+            pass
+        out = {"prompt_ids": result.prompt_ids, "ids": result.ids, "stop_reason": result.stop_reason,
+               "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+               "prefill_tok_s": result.prefill_tok_s, "decode_tok_s": result.decode_tok_s,
+               "n_prompt": len(result.prompt_ids), "n_decode": result.n_decode}
+        if tok is not None:
+            out["text"] = tok.decode(result.ids)
+        print(json.dumps(out))
+        return 0
+    if tok is None:
+        for t in steps:
+            print(t, end=" ", flush=True)
+        print()
+    else:
+        print(tok.decode(prompt_ids), end="", flush=True)
+        printed = ""
+        for _ in steps:                                  # decode the whole tail each time: pieces join correctly
+            text = tok.decode(result.ids)
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+        print()
+    print(f"[prefill {len(result.prompt_ids)} tokens: {result.prefill_tok_s:.1f} tok/s, time to first token "
+          f"{result.prefill_s * 1000:.1f} ms | decode {result.n_decode} tokens: {result.decode_tok_s:.1f} tok/s | "
+          f"stop: {result.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from .tokenizer import main_tokenize
+    return main_tokenize(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# the parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama_ref", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    g = sub.add_parser("generate", help="continue a prompt with a model",
+                       description="Continue a prompt. --model takes an HF directory (config.json + model.safetensors), "
+                                   "a llama2.c .bin or a .gguf; default: the embedded model data/models/tinyworld. "
+                                   "Prefill (the prompt) and decode (new tokens) are timed separately.")
+    g.add_argument("--model", default=None, help="model path (default: %(default)s -> data/models/tinyworld)")
+    g.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with BOS)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,450,3290 (no tokenizer needed)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (default: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-stop", action="store_true", help="do not stop at EOS")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: prompt_ids, ids, text, prefill_tok_s, decode_tok_s, ...")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("tokenize", help="show ids and pieces of a text",
+                       description="Encode text with a Llama-2-family SentencePiece model (default: ours).")
+    t.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: data/tokenizer/tokenizer.model)")
+    t.add_argument("--impl", choices=["python", "sentencepiece"], default="sentencepiece",
+                   help="pure-Python BPE or the sentencepiece library (same ids)")
+    t.add_argument("--bos", action="store_true", help="prepend BOS")
+    t.add_argument("--eos", action="store_true", help="append EOS")
+    t.add_argument("--text", required=True)
+    t.add_argument("--json", action="store_true", help='print {"ids": [...], "pieces": [...]}')
+    t.set_defaults(func=cmd_tokenize)
+
+    # further commands (inspect, chat, quantize, export, train) register here:
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LlamaRefError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Generation: sampling (greedy, temperature, top-k, top-p) and the prefill / decode loop with a KV cache.
+
+Chapter 06 teaches it. Generation has two phases with very different costs, and we time them separately:
+  prefill  one forward over the whole prompt (matrix-matrix products; fills the KV cache), ends with the
+           first new token: its time is the *time to first token*;
+  decode   one forward per new token (matrix-vector products over the cache): *tokens per second*.
+Counting prompt tokens as generated tokens overstates decode speed, so we never do.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import ContextLengthError, InputError, SamplingError
+from .model import Llama, softmax
+
+F32 = np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling: logits -> a filtered probability distribution -> one token
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise SamplingError for settings that do not define a distribution."""
+    if temperature is None or not np.isfinite(temperature) or temperature < 0:
+        raise SamplingError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise SamplingError(f"top_k={top_k!r} must be a non-negative integer (0 or None disables it)")
+    if top_p is not None and (not np.isfinite(top_p) or not 0.0 < top_p <= 1.0):
+        raise SamplingError(f"top_p={top_p!r} must be in (0, 1] (1 disables it)")
+
+
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution we sample from: softmax(logits / T), restricted to the top-k and to the top-p nucleus.
+
+    logits (V,) -> probs (V,) float32 summing to 1, zero outside the kept set. Nucleus rule (as transformers'
+    TopPLogitsWarper): keep the smallest set of most likely tokens whose probability reaches top_p.
+    """
+    check_sampling(temperature, top_k, top_p)
+    logits = np.asarray(logits, dtype=F32)
+    if temperature == 0:                                   # greedy: all mass on the argmax
+        probs = np.zeros_like(logits)
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
+    z = logits / F32(temperature)
+    if top_k:
+        kth = np.partition(z, -min(top_k, z.size))[-min(top_k, z.size)]
+        z = np.where(z < kth, F32(-np.inf), z)
+    probs = softmax(z)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        n_keep = int(np.searchsorted(cum, F32(top_p)) + 1)   # first index where the cumulative mass reaches top_p
+        keep = np.zeros(probs.shape, bool)
+        keep[order[:n_keep]] = True
+        probs = np.where(keep, probs, F32(0.0))
+        probs = probs / probs.sum(dtype=F32)
+    return probs.astype(F32)
+
+
+def sample(logits, rng: np.random.Generator, temperature=1.0, top_k=None, top_p=None) -> int:
+    """One token id from logits (V,). temperature 0 is greedy (argmax) and uses no randomness."""
+    if temperature == 0:
+        check_sampling(temperature, top_k, top_p)
+        return int(np.argmax(logits))
+    probs = sampling_probs(logits, temperature, top_k, top_p).astype(np.float64)
+    return int(rng.choice(probs.size, p=probs / probs.sum()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    ids: list[int]                       # new tokens only
+    stop_reason: str                     # "eos" | "length"
+    prefill_s: float                     # time to first token (prompt forward + first sample)
+    decode_s: float                      # time for the remaining new tokens
+    n_decode: int = 0                    # tokens produced by decode steps (= len(ids) - 1 when ids)
+    logits: list = field(default_factory=list, repr=False)   # per new token (V,), when keep_logits
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.n_decode / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def generate(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=0,
+             stop_at_eos=True, on_token: Callable[[int], None] | None = None, keep_logits=False) -> GenerationResult:
+    """Continue prompt_ids by up to max_new_tokens tokens: one prefill forward, then one decode forward per token.
+
+    Same seed, same output. on_token(id) is called as each token is chosen (streaming).
+    """
+    result = GenerationResult([], [], "length", 0.0, 0.0)
+    for token in stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                        keep_logits, result=result):
+        if on_token is not None:
+            on_token(token)
+    return result
+
+
+def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=0,
+           stop_at_eos=True, keep_logits=False, result: GenerationResult | None = None) -> Iterator[int]:
+    """Yield new token ids as they are chosen; timings and ids are filled into `result` if given."""
+    check_sampling(temperature, top_k, top_p)
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise InputError("the prompt is empty: give at least one token (e.g. BOS)")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    limit = model.config.max_seq_len
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
+                                 f"{len(prompt_ids) + max_new_tokens} exceeds the context window of {limit} tokens; "
+                                 "shorten the prompt or ask for fewer tokens")
+    result = result if result is not None else GenerationResult([], [], "length", 0.0, 0.0)
+    result.prompt_ids = prompt_ids
+    if max_new_tokens == 0:
+        return
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(batch_size=1, max_len=len(prompt_ids) + max_new_tokens)
+
+    t0 = time.perf_counter()
+    logits = model.forward(prompt_ids, 0, cache, last_only=True)                 # prefill: (V,)
+    token = sample(logits, rng, temperature, top_k, top_p)
+    result.prefill_s = time.perf_counter() - t0
+
+    pos = len(prompt_ids)
+    decode_s = 0.0
+    while True:
+        result.ids.append(token)
+        if keep_logits:
+            result.logits.append(logits)
+        yield token                                   # time spent by the consumer is not counted
+        if stop_at_eos and token == model.config.eos_id:
+            result.stop_reason = "eos"
+            break
+        if len(result.ids) == max_new_tokens:
+            break
+        t1 = time.perf_counter()
+        logits = model.forward([token], pos, cache, last_only=True)               # decode: one token in
+        token = sample(logits, rng, temperature, top_k, top_p)
+        decode_s += time.perf_counter() - t1
+        pos += 1
+        result.n_decode += 1
+        result.decode_s = decode_s
