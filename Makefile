@@ -1,0 +1,64 @@
+# llama_ref: `make lab` (start here) and `make test` (everything). Other targets regenerate data.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv lab test test-fast reference reference-env model gatt bench corpus tokenizer clean-venv
+
+help:
+	@echo "make lab        create .venv if missing, install, open JupyterLab on notebooks/00_overview.ipynb"
+	@echo "make test       the same set-up, then every test including pytest --nbval over all notebooks"
+	@echo "make reference  regenerate reference fixtures with transformers (installs torch==2.13.0 + transformers)"
+	@echo "make model      train the embedded model data/models/tinyworld from scratch (~90 min on 2 cores)"
+	@echo "make gatt       chat SFT baseline + Ghost Attention fine-tune + evaluation"
+	@echo "make bench      side-by-side benchmarks vs transformers (needs the reference extra)"
+
+# One set-up for everything: a venv with the package (editable) and the [dev] extra.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/00_overview.ipynb
+
+NBVAL := --nbval --nbval-current-env --sanitize-with notebooks/nbval_sanitize.cfg
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks $(NBVAL)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -x -q
+
+# torch must be installed first and exactly as 2.13.0 (a local CPU wheel); anything else pulls CUDA.
+reference-env: $(STAMP)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev,reference]'
+
+reference: reference-env
+	$(BIN)/python scripts/make_reference.py
+	@test ! -f scripts/make_reference_grads.py || $(BIN)/python scripts/make_reference_grads.py
+	@test ! -f scripts/make_reference_sampling.py || $(BIN)/python scripts/make_reference_sampling.py
+
+corpus: $(STAMP)
+	$(BIN)/python scripts/make_corpus.py
+
+tokenizer: $(STAMP)
+	$(BIN)/python scripts/train_tokenizer.py
+
+model: $(STAMP)
+	$(BIN)/python scripts/train_model.py --out data/models/tinyworld
+
+gatt: $(STAMP)
+	$(BIN)/python scripts/make_gatt.py
+
+bench: reference-env
+	$(BIN)/python benchmarks/forward.py
+	@test ! -f benchmarks/train_step.py || $(BIN)/python benchmarks/train_step.py
+
+clean-venv:
+	rm -rf $(VENV)

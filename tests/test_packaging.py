@@ -1,0 +1,55 @@
+"""The project's plumbing: pyproject and environment.yml agree, CI runs the README's test command, no torch in the package."""
+import re
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pyproject_pins():
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    reqs = list(data["project"]["dependencies"])
+    for extra in ("dev", "lab"):
+        reqs += data["project"]["optional-dependencies"][extra]
+    pins = {}
+    for r in reqs:
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([0-9][^ ;]*)", r.strip())
+        assert m, f"pyproject requirement {r!r} is not an exact pin"
+        pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+def _environment_pins():
+    pins = {}
+    for line in (REPO / "environment.yml").read_text().splitlines():
+        m = re.fullmatch(r"\s*-\s*([A-Za-z0-9_.\-]+)\s*(==|=)\s*([0-9][^\s#]*)\s*(#.*)?", line)
+        if m and m.group(1).lower() != "python":
+            pins[m.group(1).lower()] = m.group(3)
+    return pins
+
+
+def test_environment_yml_matches_pyproject():
+    assert _environment_pins() == _pyproject_pins()
+
+
+def test_environment_installs_the_package_itself():
+    assert re.search(r"^\s*-\s*-e \.\s*$", (REPO / "environment.yml").read_text(), re.M)
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r"^make test$", ci, re.M)
+    assert "make test" in readme and "make lab" in readme and "environment.yml" in readme
+
+
+def test_no_torch_in_the_package():
+    for f in (REPO / "llama_ref").glob("*.py"):
+        src = f.read_text()
+        assert not re.search(r"^\s*(import torch|from torch)", src, re.M), f"{f.name} imports torch"
+        assert not re.search(r"^\s*(import transformers|from transformers)", src, re.M), f"{f.name} imports transformers"
+
+
+def test_every_module_opens_with_a_docstring():
+    for f in (REPO / "llama_ref").glob("*.py"):
+        assert f.read_text().lstrip().startswith('"""'), f"{f.name} lacks its opening docstring"
