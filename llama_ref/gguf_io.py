@@ -1,0 +1,329 @@
+"""GGUF: write our models the way llama.cpp expects them, and read GGUF files back into our forward.
+
+Chapter 09 uses it; `python -m llama_ref export --format gguf-q8_0` and `quantize --scheme q4_0 --out x.gguf`
+call it; checkpoint.load_model sends `.gguf` paths to load_gguf.
+
+A GGUF file is: header, key/value metadata (architecture hyper-parameters, the tokenizer), tensor infos
+(name, ggml type, dims), then the tensor data, aligned to 32 bytes. We write it with the `gguf` package
+(gguf-py, maintained in llama.cpp's repository) and read it memory-mapped with its GGUFReader.
+
+Three things differ from our HF-layout weights dict:
+  names   token_embd.weight, blk.{i}.attn_q.weight, ... (GGUF_NAMES below)
+  q, k    rows in Meta's interleaved RoPE layout: convert_hf_to_gguf.py permutes HF weights back, so do we
+          (permute_qk_hf_to_meta with n_heads for q and n_kv_heads for k). Rows of a Q8_0/Q4_0 matrix are
+          independent, so quantized q/k are permuted as bytes, without dequantizing.
+  shapes  GGUF lists dims fastest-first (ne0 = in): an HF (out, in) matrix has ne = [in, out]. gguf-py
+          reverses them for us on write and read.
+Tensor types by file type (llama.cpp's LlamaFileType): 1-D tensors (norms) are always F32; 2-D tensors are
+F32 / F16 / Q8_0 / Q4_0. For Q4_0 files the classifier is Q8_0 (llama.cpp's quantizer keeps output.weight at
+higher precision, Q6_K, which gguf-py cannot write; see quant.py's policy). A 2-D tensor whose rows are not a
+multiple of 32 is written as F16, as convert_hf_to_gguf.py does.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import CheckpointError, QuantizationError
+from .model import Llama, permute_qk_hf_to_meta, permute_qk_meta_to_hf
+from . import quant
+
+F32 = np.float32
+
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}       # LlamaFileType values for general.file_type
+
+# HF name -> GGUF name (per layer entries use {i})
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+
+def hf_to_gguf_name(name: str) -> str:
+    parts = name.split(".")
+    if name.startswith("model.layers."):
+        i = parts[2]
+        return GGUF_NAMES["model.layers.{i}." + ".".join(parts[3:])].format(i=i)
+    return GGUF_NAMES[name]
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    for hf, gg in GGUF_NAMES.items():
+        if "{i}" not in gg:
+            if gg == name:
+                return hf
+        else:
+            head, tail = gg.split("{i}")
+            if name.startswith(head) and name.endswith(tail):
+                i = name[len(head):len(name) - len(tail)]
+                if i.isdigit():
+                    return hf.format(i=i)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# q/k permutation on float or quantized rows
+
+def _permute_rows(w, n_heads, fn):
+    """Apply a q/k row permutation to a float (out, in) array or to a Q8_0/Q4_0 matrix's byte rows."""
+    if isinstance(w, (quant.Q8_0Matrix, quant.Q4_0Matrix)):
+        return type(w)(fn(w.data, n_heads), w.shape)
+    if isinstance(w, quant.QuantizedMatrix):
+        raise QuantizationError(f"{w.kind} matrices cannot go into a GGUF file; use q8_0, q4_0, f16 or f32")
+    return fn(np.asarray(w), n_heads)
+
+
+def _is_q(name):
+    return name.endswith("self_attn.q_proj.weight")
+
+
+def _is_k(name):
+    return name.endswith("self_attn.k_proj.weight")
+
+
+# ------------------------------------------------------------------------------------------------
+# The tokenizer as GGUF metadata (what convert_hf_to_gguf.py's _create_vocab_sentencepiece writes)
+
+def sentencepiece_vocab(tokenizer_path):
+    """(pieces, scores, token types) of a SentencePiece .model, with gguf.TokenType codes."""
+    import sentencepiece as spm
+    from gguf import TokenType
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    pieces, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        pieces.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        if sp.is_unknown(i):
+            types.append(int(TokenType.UNKNOWN))
+        elif sp.is_control(i):
+            types.append(int(TokenType.CONTROL))
+        elif sp.is_unused(i):
+            types.append(int(TokenType.UNUSED))
+        elif sp.is_byte(i):
+            types.append(int(TokenType.BYTE))
+        else:
+            types.append(int(TokenType.NORMAL))
+    return pieces, scores, types, sp.unk_id()
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+def _gguf_tensors(config: LlamaConfig, weights: dict, file_type: str):
+    """(gguf name, array, raw ggml type or None) for every tensor, in llama.cpp's order, Meta q/k layout."""
+    from gguf import GGMLQuantizationType as GT
+    if file_type in ("q8_0", "q4_0"):
+        weights = quant.quantize_weights(config, weights, file_type, on_bad_shape="keep")
+    out = []
+    for name in weights:
+        w = weights[name]
+        if _is_q(name):
+            w = _permute_rows(w, config.n_heads, permute_qk_hf_to_meta)
+        elif _is_k(name):
+            w = _permute_rows(w, config.n_kv_heads, permute_qk_hf_to_meta)
+        gname = hf_to_gguf_name(name)
+        if isinstance(w, quant.Q8_0Matrix):
+            out.append((gname, np.ascontiguousarray(w.data), GT.Q8_0))
+        elif isinstance(w, quant.Q4_0Matrix):
+            out.append((gname, np.ascontiguousarray(w.data), GT.Q4_0))
+        elif isinstance(w, quant.QuantizedMatrix):
+            raise QuantizationError(f"{name} is {w.kind}, which GGUF has no type for; export as q8_0, q4_0, f16 "
+                                    "or f32 (the values are re-quantized from the dequantized weights)")
+        else:
+            a = np.asarray(w, F32)
+            if a.ndim == 2 and file_type != "f32":          # f16 files, and the F16 fallback of q8_0/q4_0 files
+                a = a.astype(np.float16)
+            out.append((gname, np.ascontiguousarray(a), None))
+    return out
+
+
+def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type="q8_0", force=False,
+              name="llama_ref model") -> Path:
+    """Write a Llama GGUF file (file_type f32 | f16 | q8_0 | q4_0), atomically (temp file + rename).
+
+    weights: an HF-named dict (float arrays and/or quant matrices) or a Llama. Quantized q8_0/q4_0 matrices that
+    already have the file's format are written byte for byte; float tensors are quantized here.
+    tokenizer_path: the SentencePiece .model (llama.cpp needs the vocabulary; without it the file is written
+    with a warning and only our loader can run it).
+    """
+    import gguf
+    if isinstance(weights, Llama):
+        weights = weights.weights
+    if file_type not in FILE_TYPES:
+        raise QuantizationError(f"GGUF file type {file_type!r}: choose one of {', '.join(FILE_TYPES)}")
+    if file_type in ("f32", "f16"):
+        weights = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
+    path = Path(path)
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} exists; pass force=True (--force) to replace it")
+    tensors = _gguf_tensors(config, weights, file_type)
+
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_context_length(config.max_seq_len)
+    w.add_embedding_length(config.dim)
+    w.add_block_count(config.n_layers)
+    w.add_feed_forward_length(config.hidden_dim)
+    w.add_head_count(config.n_heads)
+    w.add_head_count_kv(config.n_kv_heads)
+    w.add_rope_freq_base(float(config.rope_theta))
+    w.add_layer_norm_rms_eps(float(config.norm_eps))
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(FILE_TYPES[file_type])
+    if file_type in ("q8_0", "q4_0"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer_path is not None:
+        pieces, scores, types, unk_id = sentencepiece_vocab(tokenizer_path)
+        if len(pieces) != config.vocab_size:
+            raise CheckpointError(f"the tokenizer {tokenizer_path} has {len(pieces)} pieces but the model's "
+                                  f"vocab_size is {config.vocab_size}; pass the tokenizer it was trained with")
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(pieces)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(config.bos_id)
+        w.add_eos_token_id(config.eos_id)
+        w.add_unk_token_id(unk_id if unk_id >= 0 else 0)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+    else:
+        warnings.warn("GGUF written without a tokenizer: llama.cpp will refuse it; pass tokenizer_path")
+    for gname, arr, raw in tensors:
+        w.add_tensor(gname, arr, raw_dtype=raw)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        w.close()
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+def _field(reader, key, default=None):
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def _f32_value(v) -> float:
+    """GGUF stores these floats as float32: 1e-5 comes back as 9.99999974e-06. Take the shortest decimal that
+    rounds to the same float32 (numpy's str), so the config equals the one that was written."""
+    return float(str(np.float32(v)))
+
+
+def gguf_config(reader) -> LlamaConfig:
+    """LlamaConfig from a GGUF's llama.* keys (vocab size from llama.vocab_size, the token list or token_embd)."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"GGUF architecture is {arch!r}; llama_ref runs only 'llama' (Llama 2) models")
+    a = "llama."
+    try:
+        n_heads = int(_field(reader, a + "attention.head_count"))
+        dim = int(_field(reader, a + "embedding_length"))
+        vocab = _field(reader, a + "vocab_size")
+        if vocab is None:
+            toks = reader.get_field("tokenizer.ggml.tokens")
+            vocab = len(toks.data) if toks is not None else None
+        names = {t.name: t for t in reader.tensors}
+        if vocab is None:
+            vocab = int(names["token_embd.weight"].shape[1])
+        rope_dims = _field(reader, a + "rope.dimension_count")
+        if rope_dims is not None and int(rope_dims) != dim // n_heads:
+            raise CheckpointError(f"llama.rope.dimension_count={rope_dims} differs from the head size "
+                                  f"{dim // n_heads}: partial RoPE is not Llama 2")
+        return LlamaConfig(
+            dim=dim,
+            n_layers=int(_field(reader, a + "block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_heads)),
+            hidden_dim=int(_field(reader, a + "feed_forward_length")),
+            vocab_size=int(vocab),
+            max_seq_len=int(_field(reader, a + "context_length", 2048)),
+            rope_theta=_f32_value(_field(reader, a + "rope.freq_base", 10000.0)),
+            norm_eps=_f32_value(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in names,
+            bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+            eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        )
+    except TypeError:
+        raise CheckpointError("the GGUF lacks a llama.* hyper-parameter (embedding_length, block_count, "
+                              "attention.head_count, feed_forward_length); was it written for Llama?") from None
+
+
+def load_gguf(path) -> tuple[LlamaConfig, dict]:
+    """(config, HF-named weights) from a .gguf, memory-mapped. F32/F16/BF16 tensors become float arrays, Q8_0/Q4_0
+    tensors become quant.Q8_0Matrix/Q4_0Matrix over the mapped bytes (they run quantized: quant.build_llama)."""
+    from gguf import GGUFReader, GGMLQuantizationType as GT
+    from gguf.quants import dequantize
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from None
+    config = gguf_config(reader)
+    weights = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is None:
+            raise CheckpointError(f"GGUF tensor {t.name!r} is not part of a Llama 2 model; llama_ref cannot run it")
+        if t.tensor_type == GT.F32:
+            w = t.data
+        elif t.tensor_type in (GT.F16, GT.BF16):
+            w = dequantize(t.data, t.tensor_type).astype(F32)
+        elif t.tensor_type == GT.Q8_0:
+            w = quant.Q8_0Matrix(t.data, (int(t.shape[1]), int(t.shape[0])))
+        elif t.tensor_type == GT.Q4_0:
+            w = quant.Q4_0Matrix(t.data, (int(t.shape[1]), int(t.shape[0])))
+        else:
+            raise CheckpointError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which llama_ref does not "
+                                  "run; re-quantize the model with q8_0 or q4_0 (llama-quantize ... Q8_0), or "
+                                  "export it as F16/F32")
+        if _is_q(name):
+            w = _permute_rows(w, config.n_heads, permute_qk_meta_to_hf)
+        elif _is_k(name):
+            w = _permute_rows(w, config.n_kv_heads, permute_qk_meta_to_hf)
+        weights[name] = w
+    return config, weights
+
+
+def load_gguf_model(path) -> Llama:
+    """A Llama that runs the GGUF's tensors as they are stored (quantized tensors stay quantized)."""
+    return quant.build_llama(*load_gguf(path))
+
+
+def gguf_summary(path) -> dict:
+    """Metadata and tensor types of a GGUF as plain Python (for chapters and tests): {"kv": {...}, "tensors": {...}}."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    kv = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            continue
+        kv[k] = f.contents()
+    tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in r.tensors}
+    return {"kv": kv, "tensors": tensors}

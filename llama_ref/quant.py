@@ -1,0 +1,676 @@
+"""Quantization: int8 (per tensor / per channel), GGUF's Q8_0 and Q4_0, grouped 4-bit (W4A16), activation quant.
+
+Chapter 09 teaches it. Read top to bottom:
+
+    rounding -> int8 symmetric -> Q8_0 (bytes = GGUF's) -> Q4_0 (bytes = GGUF's) -> grouped int4 + fp16 scales
+    -> activation quantization (int8/int16, dynamic per token) -> the Q8_0 x Q8_0 integer dot product
+    -> quantized matrices (hold only the quantized bytes, matmul dequantizes tile by tile)
+    -> quantize_model (the policy for embeddings, norms and the classifier) -> save / load
+
+Conventions. A weight matrix is an HF-layout (out, in) array: one row per output channel. Every format here cuts
+a row into blocks (or groups) *along `in`*, exactly as GGUF does (GGUF's ne0, the contiguous axis, is `in`).
+So the rows stay independent: they can be permuted (the q/k RoPE permutation), looked up (embedding rows) or
+dequantized a few at a time. A row length that is not a multiple of the block raises QuantizationError.
+
+Byte layouts (little endian), per block of 32 weights:
+    Q8_0  34 bytes = fp16 d | 32 x int8 q                       w = d * q            8.5 bits/weight
+    Q4_0  18 bytes = fp16 d | 16 x uint8 (q[j] | q[j+16] << 4)  w = d * (q - 8)      4.5 bits/weight
+Grouped int4 ("w4", group g): uint8 (out, in/2) with element 2k in the low nibble and 2k+1 in the high one,
+stored as q + 8 for q in [-8, 7], plus fp16 scales (out, in/g): 4 + 16/g bits/weight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import CheckpointError, QuantizationError
+from .model import Llama, _as_f32, rope_freqs, weight_shapes
+from .errors import ShapeMismatchError
+
+F32 = np.float32
+QK = 32                                    # GGUF's block size for Q8_0 and Q4_0
+Q8_0_BLOCK_BYTES = 2 + QK                  # 34
+Q4_0_BLOCK_BYTES = 2 + QK // 2             # 18
+
+
+# ------------------------------------------------------------------------------------------------
+# Rounding and checks
+
+def round_half_away(v):
+    """C's roundf: to nearest, ties away from zero (np.rint rounds ties to even: 2.5 -> 2, roundf gives 3).
+
+    v - trunc(v) is exact in floating point, so this never suffers the `floor(a + 0.5)` bug (0.49999997 + 0.5
+    rounds to 1.0 in float32).
+    """
+    t = np.trunc(v)
+    return t + np.where(np.abs(v - t) >= F32(0.5), np.sign(v), F32(0.0)).astype(v.dtype)
+
+
+def _check_rows(x, block, what, name=None):
+    """x as a float32 array whose last axis is a multiple of `block`; QuantizationError (saying what to do) if not."""
+    x = np.asarray(x, dtype=F32)
+    label = f"tensor {name!r}" if name else "the tensor"
+    if x.ndim == 0 or x.shape[-1] % block:
+        n = x.shape[-1] if x.ndim else 0
+        raise QuantizationError(
+            f"{label} has rows of length {n} (shape {x.shape}), not a multiple of {what}'s block of {block}; "
+            f"choose a scheme without blocks (int8-channel), a group size that divides {n}, or keep it in float "
+            "(quantize_model(..., on_bad_shape='keep'))")
+    if not np.isfinite(x).all():
+        raise QuantizationError(f"{label} holds NaN/Inf; a scale computed from it would be meaningless")
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Symmetric int8: w ~ scale * q, q in [-127, 127]
+
+def quantize_int8(w, axis=None):
+    """Symmetric int8 with round-to-nearest-even. axis=None: one scale for the tensor; axis=-1: one scale per row
+    (per output channel of an (out, in) matrix). Returns (q int8, scale float32 broadcastable against q)."""
+    w = _check_rows(w, 1, "int8")
+    amax = np.abs(w).max() if axis is None else np.abs(w).max(axis=axis, keepdims=True)
+    scale = (np.asarray(amax, F32) / F32(127)).astype(F32)
+    inv = np.where(scale == 0, F32(0), F32(1) / np.where(scale == 0, F32(1), scale)).astype(F32)
+    q = np.clip(np.rint(w * inv), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q, scale):
+    return q.astype(F32) * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF Q8_0: blocks of 32, d = amax / 127 (fp16), q = roundf(x / d)   (ggml-quants.c quantize_row_q8_0_ref)
+
+def quantize_q8_0(x):
+    """(..., n) float -> (..., n/32*34) uint8, byte for byte what ggml/gguf-py write.
+
+    The float32 d (not its fp16 rounding) divides the values, as in ggml; only the stored d is fp16.
+    """
+    x = _check_rows(x, QK, "Q8_0")
+    blocks = x.reshape(-1, QK)                                          # (nb, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / F32(127)            # (nb, 1) float32
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, F32(0), F32(1) / d)
+    q = round_half_away(blocks * inv_d).astype(np.int8)                 # (nb, 32) in [-127, 127]
+    out = np.empty((blocks.shape[0], Q8_0_BLOCK_BYTES), np.uint8)
+    with np.errstate(over="ignore"):                                    # |d| > 65504 -> fp16 inf, as in ggml
+        out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = q.view(np.uint8)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // QK * Q8_0_BLOCK_BYTES)
+
+
+def q8_0_split(data):
+    """Q8_0 bytes (..., nb*34) -> (d float32 (..., nb, 1), q int8 (..., nb, 32))."""
+    b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q8_0_BLOCK_BYTES)
+    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)  # (..., nb, 1)
+    q = np.ascontiguousarray(b[..., 2:]).view(np.int8)                  # (..., nb, 32)
+    return d, q
+
+
+def dequantize_q8_0(data):
+    """Q8_0 bytes (..., nb*34) -> float32 (..., nb*32): w = d * q."""
+    d, q = q8_0_split(data)
+    return (q.astype(F32) * d).reshape(*data.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF Q4_0: blocks of 32, d = (value of largest magnitude, with its sign) / -8, q = min(15, int(x/d + 8.5))
+# (ggml-quants.c quantize_row_q4_0_ref). Dividing by -8 maps that extreme value exactly onto q = 0 (-8 d),
+# and the other side of zero gets 7 steps: the asymmetric int4 range [-8, 7] is used fully on the bigger side.
+
+def quantize_q4_0(x):
+    """(..., n) float -> (..., n/32*18) uint8, byte for byte what ggml/gguf-py write."""
+    x = _check_rows(x, QK, "Q4_0")
+    blocks = x.reshape(-1, QK)                                          # (nb, 32)
+    imax = np.abs(blocks).argmax(axis=1)[:, None]                       # first index of the largest |x|
+    vmax = np.take_along_axis(blocks, imax, axis=1)                     # (nb, 1), signed
+    d = vmax / F32(-8)
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, F32(0), F32(1) / d)
+    q = np.minimum(np.trunc(blocks * inv_d + F32(8.5)), F32(15)).astype(np.uint8)   # (nb, 32) in [0, 15]
+    out = np.empty((blocks.shape[0], Q4_0_BLOCK_BYTES), np.uint8)
+    with np.errstate(over="ignore"):
+        out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = q[:, :QK // 2] | (q[:, QK // 2:] << np.uint8(4))      # element j low nibble, j+16 high
+    return out.reshape(*x.shape[:-1], x.shape[-1] // QK * Q4_0_BLOCK_BYTES)
+
+
+def q4_0_split(data):
+    """Q4_0 bytes (..., nb*18) -> (d float32 (..., nb, 1), q int8 (..., nb, 32) in [-8, 7])."""
+    b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q4_0_BLOCK_BYTES)
+    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)
+    nib = b[..., 2:]
+    q = np.concatenate([nib & np.uint8(0x0F), nib >> np.uint8(4)], axis=-1).astype(np.int8) - np.int8(8)
+    return d, q
+
+
+def dequantize_q4_0(data):
+    """Q4_0 bytes (..., nb*18) -> float32 (..., nb*32): w = d * (q - 8)."""
+    d, q = q4_0_split(data)
+    return (q.astype(F32) * d).reshape(*data.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped int4 with fp16 scales (the weight half of W4A16): symmetric, scale = amax / 7 per group of g
+
+def quantize_w4(w, group=64):
+    """(out, in) float -> (packed uint8 (out, in/2), scales fp16 (out, in/g)). q = clip(rint(w / s), -8, 7).
+
+    The values are divided by the *fp16-rounded* scale, the one dequantization will use.
+    """
+    w = _check_rows(w, group, f"grouped int4 (g={group})")
+    if group % 2:
+        raise QuantizationError(f"group size {group} must be even (two 4-bit values share a byte)")
+    g = w.reshape(*w.shape[:-1], -1, group)                             # (..., in/g, g)
+    with np.errstate(over="ignore"):
+        scales = (np.abs(g).max(axis=-1, keepdims=True) / F32(7)).astype(np.float16)   # (..., in/g, 1)
+    s = scales.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s == 0, F32(0), np.rint(g / s))
+    q = (np.clip(q, -8, 7).astype(np.int8) + np.int8(8)).astype(np.uint8).reshape(*w.shape)   # stored as q + 8
+    packed = q[..., 0::2] | (q[..., 1::2] << np.uint8(4))               # element 2k low nibble, 2k+1 high
+    return packed, scales[..., 0]
+
+
+def dequantize_w4(packed, scales):
+    """Inverse of quantize_w4: float32 (out, in)."""
+    n = packed.shape[-1] * 2
+    q = np.empty((*packed.shape[:-1], n), np.int8)
+    q[..., 0::2] = (packed & np.uint8(0x0F)).astype(np.int8) - np.int8(8)
+    q[..., 1::2] = (packed >> np.uint8(4)).astype(np.int8) - np.int8(8)
+    group = n // scales.shape[-1]
+    w = q.reshape(*q.shape[:-1], -1, group).astype(F32) * scales.astype(F32)[..., None]
+    return w.reshape(*q.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation quantization: dynamic, symmetric, one scale per token (computed at run time from that token's row)
+
+def quantize_activations(x, bits=8):
+    """x (..., C) -> (q int8/int16 (..., C), scale float32 (..., 1)), scale = max|x_token| / (2^(bits-1) - 1)."""
+    if bits not in (8, 16):
+        raise QuantizationError(f"activation bits must be 8 or 16, got {bits!r}")
+    x = np.asarray(x, F32)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / F32(qmax)).astype(F32)
+    inv = np.where(scale == 0, F32(0), F32(1) / np.where(scale == 0, F32(1), scale))
+    q = np.clip(np.rint(x * inv), -qmax, qmax).astype(np.int8 if bits == 8 else np.int16)
+    return q, scale
+
+
+def fake_quantize_activations(x, bits=8):
+    """What the next matmul sees when activations travel as `bits`-bit integers: dequant(quant(x))."""
+    q, scale = quantize_activations(x, bits)
+    return q.astype(F32) * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# Q8_0 x Q8_0: llama.cpp's CPU dot product (ggml_vec_dot_q8_0_q8_0). Activations are quantized to Q8_0 too;
+# per block: 32 int8 x int8 products summed in int32, then ONE float multiply by d_x * d_w.
+
+def vec_dot_q8_0(x_bytes, w_bytes):
+    """Dot product of two Q8_0-encoded vectors of equal length: sum_b d_x[b] d_w[b] sum_j qx[b,j] qw[b,j]."""
+    dx, qx = q8_0_split(np.asarray(x_bytes))
+    dw, qw = q8_0_split(np.asarray(w_bytes))
+    isum = (qx.astype(np.int32) * qw.astype(np.int32)).sum(axis=-1)    # (nb,) int32: |sum| <= 32*127*127
+    return F32(np.sum((dx[:, 0] * dw[:, 0]) * isum.astype(F32), dtype=F32))
+
+
+def matmul_q8_0_int(x, w_bytes):
+    """x (..., in) float @ W^T for W held as Q8_0 bytes (out, in/32*34): the integer path of llama.cpp.
+
+    x is quantized to Q8_0 per token (per block of 32), then int8 x int8 -> int32 per block, one float
+    multiply per block. Returns (..., out) float32. Slow in NumPy (integer einsum has no BLAS): for teaching.
+    """
+    x = np.asarray(x, F32)
+    lead = x.shape[:-1]
+    dx, qx = q8_0_split(quantize_q8_0(x.reshape(-1, x.shape[-1])))    # (N, nb, 1), (N, nb, 32)
+    dw, qw = q8_0_split(w_bytes)                                        # (O, nb, 1), (O, nb, 32)
+    isum = np.einsum("nbj,obj->nob", qx.astype(np.int32), qw.astype(np.int32))    # (N, O, nb) int32
+    scale = dx[:, None, :, 0] * dw[None, :, :, 0]                        # (N, O, nb) float32
+    out = np.sum(isum.astype(F32) * scale, axis=-1, dtype=F32)          # (N, O)
+    return out.reshape(*lead, -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized matrices: what a model holds instead of a float32 (out, in) weight
+
+class QuantizedMatrix:
+    """An (out, in) weight held quantized; `.matmul(x) = x @ W.T` dequantizes a tile of rows at a time.
+
+    The forward (model.linear) calls .matmul; the embedding lookup calls [ids]. Only the quantized bytes are
+    held: a matmul dequantizes `TILE_FLOATS` floats (4 MB) at a time, uses them and drops them. That costs a
+    dequantization per call (measured in chapter 09), the price of never keeping a float32 copy.
+    Subclasses define `_dequantize_rows(rows)` and the arrays they hold (`arrays()`).
+    """
+    kind = "?"
+    TILE_FLOATS = 1 << 20
+    act_bits = None                       # 8 or 16: activations are quantized per token before the matmul
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+    @property
+    def ndim(self):
+        return 2
+
+    def dequantize(self):
+        """The float32 (out, in) matrix this stands for (a new array; the object does not keep it)."""
+        return self._dequantize_rows(slice(None))
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(qm) expands to float32: lets code that only knows arrays (e.g. Llama()) still work."""
+        w = self.dequantize()
+        return w if dtype is None else w.astype(dtype)
+
+    def __getitem__(self, ids):
+        """Embedding lookup: rows `ids` (any int array shape) -> float32 (*ids.shape, in)."""
+        ids = np.asarray(ids)
+        return self._dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
+
+    def matmul(self, x):
+        """x (..., in) -> x @ W.T (..., out), one tile of rows of W dequantized at a time."""
+        x = np.asarray(x, F32)
+        if self.act_bits:
+            x = fake_quantize_activations(x, self.act_bits)
+        out_dim, in_dim = self.shape
+        x2 = x.reshape(-1, in_dim)                                       # (N, in)
+        out = np.empty((x2.shape[0], out_dim), F32)
+        step = max(1, self.TILE_FLOATS // in_dim)
+        for r0 in range(0, out_dim, step):
+            tile = self._dequantize_rows(slice(r0, min(r0 + step, out_dim)))   # (rows, in) float32, transient
+            out[:, r0:r0 + tile.shape[0]] = x2 @ tile.T
+        return out.reshape(*x.shape[:-1], out_dim)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(shape={self.shape}, {self.bits_per_weight:.3g} bits/weight)"
+
+
+class Q8_0Matrix(QuantizedMatrix):
+    """GGUF Q8_0 bytes (out, in/32*34). With int_dot=True, matmul runs llama.cpp's integer Q8_0 x Q8_0 path."""
+    kind = "q8_0"
+
+    def __init__(self, data, shape, int_dot=False):
+        self.data, self.shape, self.int_dot = data, tuple(shape), int_dot
+
+    @classmethod
+    def quantize(cls, w, name=None):
+        w = _check_rows(w, QK, "Q8_0", name)
+        return cls(quantize_q8_0(w), w.shape)
+
+    def _dequantize_rows(self, rows):
+        return dequantize_q8_0(self.data[rows])
+
+    def arrays(self):
+        return {"blocks": self.data}
+
+    def matmul(self, x):
+        return matmul_q8_0_int(x, self.data) if self.int_dot else super().matmul(x)
+
+
+class Q4_0Matrix(QuantizedMatrix):
+    """GGUF Q4_0 bytes (out, in/32*18)."""
+    kind = "q4_0"
+
+    def __init__(self, data, shape):
+        self.data, self.shape = data, tuple(shape)
+
+    @classmethod
+    def quantize(cls, w, name=None):
+        w = _check_rows(w, QK, "Q4_0", name)
+        return cls(quantize_q4_0(w), w.shape)
+
+    def _dequantize_rows(self, rows):
+        return dequantize_q4_0(self.data[rows])
+
+    def arrays(self):
+        return {"blocks": self.data}
+
+
+class Int8Matrix(QuantizedMatrix):
+    """int8 q (out, in) + float32 scale: per channel (out, 1) or per tensor (1, 1)."""
+
+    def __init__(self, q, scale, act_bits=None):
+        self.q, self.scale, self.shape, self.act_bits = q, np.asarray(scale, F32).reshape(-1, 1), q.shape, act_bits
+        self.kind = "int8-channel" if self.scale.shape[0] > 1 or q.shape[0] == 1 else "int8-tensor"
+
+    @classmethod
+    def quantize(cls, w, per_channel=True, act_bits=None, name=None):
+        q, scale = quantize_int8(_check_rows(w, 1, "int8", name), axis=-1 if per_channel else None)
+        return cls(q, scale, act_bits)
+
+    def _dequantize_rows(self, rows):
+        scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
+        return self.q[rows].astype(F32) * scale
+
+    def arrays(self):
+        return {"qweight": self.q, "scales": self.scale}
+
+
+class W4Matrix(QuantizedMatrix):
+    """Grouped int4: packed uint8 (out, in/2) + fp16 scales (out, in/group)."""
+
+    def __init__(self, packed, scales, act_bits=None):
+        self.packed, self.scales, self.act_bits = packed, scales, act_bits
+        self.shape = (packed.shape[0], packed.shape[1] * 2)
+        self.group = self.shape[1] // scales.shape[1]
+        self.kind = f"w4-g{self.group}"
+
+    @classmethod
+    def quantize(cls, w, group=64, act_bits=None, name=None):
+        packed, scales = quantize_w4(_check_rows(w, group, f"grouped int4 (g={group})", name), group)
+        return cls(packed, scales, act_bits)
+
+    def _dequantize_rows(self, rows):
+        return dequantize_w4(self.packed[rows], self.scales[rows])
+
+    def arrays(self):
+        return {"qweight": self.packed, "scales": self.scales}
+
+
+def quantize_matrix(w, fmt, act_bits=None, name=None) -> QuantizedMatrix:
+    """One (out, in) weight in format fmt: q8_0 | q4_0 | int8-channel | int8-tensor | w4-g<group>."""
+    if fmt == "q8_0":
+        return Q8_0Matrix.quantize(w, name)
+    if fmt == "q4_0":
+        return Q4_0Matrix.quantize(w, name)
+    if fmt in ("int8-channel", "int8-tensor"):
+        return Int8Matrix.quantize(w, fmt == "int8-channel", act_bits, name)
+    m = re.fullmatch(r"w4-g(\d+)", fmt)
+    if m:
+        return W4Matrix.quantize(w, int(m.group(1)), act_bits, name)
+    raise QuantizationError(f"unknown weight format {fmt!r}; use q8_0, q4_0, int8-channel, int8-tensor or w4-g64")
+
+
+# ------------------------------------------------------------------------------------------------
+# Schemes: which format each kind of tensor gets
+#
+# Policy (stated once, used everywhere):
+#   norms (RMSNorm weights)  stay float32: C numbers per layer, and every activation is multiplied by them.
+#   block matmuls            wq wk wv wo w_gate w_up w_down: the scheme's weight format.
+#   classifier (lm_head)     8-bit even in 4-bit schemes: the logits feed the softmax directly. llama.cpp keeps
+#                            output.weight at higher precision (Q6_K) for its Q4_0 files; Qualcomm's W4A16
+#                            keeps some tensors W8A16. We use Q8_0 / int8 per channel (formats we can write).
+#   embedding                a lookup table: only the rows of the prompt's tokens are dequantized. llama.cpp
+#                            quantizes token_embd with the file's type; we do the same for Q8_0/Q4_0 and use
+#                            int8 per row (= per channel) for the int8 / W4A16 schemes.
+#   tied embedding/classifier one tensor, in the classifier's format.
+
+def parse_scheme(scheme: str) -> dict:
+    """Scheme name -> {"layers", "embed", "head": weight formats, "act_bits": None/8/16}."""
+    s = scheme.lower()
+    if s == "q8_0":
+        return {"layers": "q8_0", "embed": "q8_0", "head": "q8_0", "act_bits": None}
+    if s == "q4_0":
+        return {"layers": "q4_0", "embed": "q4_0", "head": "q8_0", "act_bits": None}
+    if s in ("int8-channel", "int8-tensor"):
+        return {"layers": s, "embed": "int8-channel", "head": "int8-channel", "act_bits": None}
+    m = re.fullmatch(r"w4a(16|8)-g(\d+)", s)
+    if m:
+        return {"layers": f"w4-g{m.group(2)}", "embed": "int8-channel", "head": "int8-channel",
+                "act_bits": int(m.group(1))}
+    raise QuantizationError(f"unknown scheme {scheme!r}; choose q8_0, q4_0, int8-channel, int8-tensor or "
+                            "w4a16-g32/-g64/-g128 (also w4a8-gN)")
+
+
+SCHEMES = ["q8_0", "q4_0", "w4a16-g32", "w4a16-g64", "w4a16-g128", "int8-channel"]
+_MATMULS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def tensor_format(name: str, config: LlamaConfig, policy: dict) -> str | None:
+    """The format `name` gets under a policy; None = stays float32."""
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return None
+    if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and config.tie_embeddings):
+        return policy["head"]
+    if name == "model.embed_tokens.weight":
+        return policy["embed"]
+    return policy["layers"]
+
+
+def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_shape="error") -> dict:
+    """HF-named float weights -> the same dict with every matmul weight (and the embedding) quantized.
+
+    on_bad_shape: "error" raises QuantizationError naming the tensor; "keep" leaves that tensor float32.
+    """
+    policy = parse_scheme(scheme)
+    out = {}
+    for name, w in weights.items():
+        fmt = tensor_format(name, config, policy)
+        if fmt is None:
+            out[name] = _as_f32(name, w)
+            continue
+        act = policy["act_bits"] if name != "model.embed_tokens.weight" or config.tie_embeddings else None
+        if isinstance(w, QuantizedMatrix):
+            if w.kind == fmt and w.act_bits == act:          # already in this format: keep the bytes as they are
+                out[name] = w
+                continue
+            w = w.dequantize()                               # another format: re-quantize from its float values
+        try:
+            out[name] = quantize_matrix(_as_f32(name, w), fmt, act, name)
+        except QuantizationError:
+            if on_bad_shape != "keep":
+                raise
+            out[name] = _as_f32(name, w)
+    return out
+
+
+def build_llama(config: LlamaConfig, weights: dict) -> Llama:
+    """A Llama whose params hold quantized matrices as they are (Llama() would expand them to float32).
+
+    Same validation and packing as Llama.__init__: floats are packed as (in, out) float32 copies, quantized
+    matrices are used in place (their .matmul computes x @ W.T from the (out, in) layout they hold).
+    """
+    if not any(isinstance(w, QuantizedMatrix) for w in weights.values()):
+        return Llama(config, weights)
+    for name, shape in weight_shapes(config).items():
+        if name not in weights:
+            raise CheckpointError(f"weight {name!r} is missing from the checkpoint")
+        if tuple(weights[name].shape) != shape:
+            raise ShapeMismatchError(f"weight {name!r} has shape {tuple(weights[name].shape)} but the config "
+                                     f"requires {shape}: config and weights disagree")
+
+    def matmul_weight(name):
+        w = weights[name]
+        return w if isinstance(w, QuantizedMatrix) else _as_f32(name, w, transpose=True)   # (in, out)
+
+    def vector(name):
+        return _as_f32(name, weights[name])
+
+    model = Llama.__new__(Llama)
+    model.config, model.weights = config, weights
+    layers = []
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        layers.append({
+            "attn_norm": vector(p + "input_layernorm.weight"),
+            "wq": matmul_weight(p + "self_attn.q_proj.weight"),
+            "wk": matmul_weight(p + "self_attn.k_proj.weight"),
+            "wv": matmul_weight(p + "self_attn.v_proj.weight"),
+            "wo": matmul_weight(p + "self_attn.o_proj.weight"),
+            "ffn_norm": vector(p + "post_attention_layernorm.weight"),
+            "w_gate": matmul_weight(p + "mlp.gate_proj.weight"),
+            "w_up": matmul_weight(p + "mlp.up_proj.weight"),
+            "w_down": matmul_weight(p + "mlp.down_proj.weight"),
+        })
+    embed = weights["model.embed_tokens.weight"]
+    if not isinstance(embed, QuantizedMatrix):
+        embed = _as_f32("model.embed_tokens.weight", embed)
+    head_name = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
+    head = embed if config.tie_embeddings and isinstance(embed, QuantizedMatrix) else matmul_weight(head_name)
+    model.params = {"embed": embed, "layers": layers, "norm": vector("model.norm.weight"), "lm_head": head}
+    model.cos, model.sin = rope_freqs(config.head_dim, config.max_seq_len, config.rope_theta)
+    return model
+
+
+def quantize_model(model_or_weights, scheme: str, config: LlamaConfig | None = None, on_bad_shape="error") -> Llama:
+    """A Llama (or an HF weights dict + config) -> a new Llama holding `scheme`-quantized weights."""
+    if isinstance(model_or_weights, Llama):
+        config, weights = model_or_weights.config, model_or_weights.weights
+    else:
+        if config is None:
+            raise QuantizationError("quantize_model(weights, scheme) needs config=LlamaConfig(...) with a weights dict")
+        weights = model_or_weights
+    return build_llama(config, quantize_weights(config, weights, scheme, on_bad_shape))
+
+
+def held_nbytes(model: Llama) -> int:
+    """Bytes of every weight array the model holds (params and weights dict), each buffer counted once."""
+    seen, total = set(), 0
+
+    def visit(a):
+        nonlocal total
+        if isinstance(a, QuantizedMatrix):
+            for arr in a.arrays().values():
+                visit(arr)
+        elif isinstance(a, np.ndarray):
+            base = a
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            key = (id(base), a.__array_interface__["data"][0])
+            if key not in seen:
+                seen.add(key)
+                total += a.nbytes
+        elif isinstance(a, dict):
+            for v in a.values():
+                visit(v)
+        elif isinstance(a, list):
+            for v in a:
+                visit(v)
+
+    visit(model.params)
+    visit(model.weights)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Save / load. Q8_0 and Q4_0 models are best saved as GGUF (gguf_io.save_gguf). Every scheme can be saved in
+# our own directory format, an HF-like directory:
+#   config.json        the HF config plus a block  "quantization": {"format": "llama_ref-quant-v1",
+#                      "scheme": "w4a16-g64", "act_bits": 16, "tensors": {name: kind}}
+#   model.safetensors  float tensors under their HF names; a quantized tensor `name` as
+#                        q8_0/q4_0:  name + ".blocks"  uint8 (out, in/32*34 or *18), GGUF's bytes
+#                        int8-*:     name + ".qweight" int8 (out, in),  name + ".scales" float32 (out or 1, 1)
+#                        w4-gN:      name + ".qweight" uint8 (out, in/2), name + ".scales" float16 (out, in/N)
+#   tokenizer.model    copied when given
+
+QUANT_FORMAT = "llama_ref-quant-v1"
+
+
+def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=False) -> Path:
+    """Write a quantized model as a directory (format above); atomic: built in a temp dir, then renamed."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} exists; pass force=True (--force) to replace it")
+    tensors, kinds = {}, {}
+    for name, w in model.weights.items():
+        if isinstance(w, QuantizedMatrix):
+            kinds[name] = w.kind
+            for part, arr in w.arrays().items():
+                tensors[f"{name}.{part}"] = np.ascontiguousarray(arr)
+        else:
+            tensors[name] = np.ascontiguousarray(np.asarray(w, F32))
+    policy = parse_scheme(scheme)
+    cfg = model.config.to_hf()
+    cfg["quantization"] = {"format": QUANT_FORMAT, "scheme": scheme, "act_bits": policy["act_bits"], "tensors": kinds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": QUANT_FORMAT, "scheme": scheme})
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def is_quantized_dir(path) -> bool:
+    p = Path(path) / "config.json"
+    try:
+        return p.is_file() and "quantization" in json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_quantized_weights(path) -> tuple[LlamaConfig, dict]:
+    """Read a directory written by save_quantized -> (config, weights with QuantizedMatrix objects), memory-mapped."""
+    from safetensors import safe_open
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg.get("quantization") or {}
+    if q.get("format") != QUANT_FORMAT:
+        raise CheckpointError(f"{path}/config.json has no llama_ref quantization block (format {QUANT_FORMAT!r})")
+    config = LlamaConfig.from_hf(cfg)
+    act_bits = q.get("act_bits")
+    weights = {}
+    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+        names = set(f.keys())
+        for name in weight_shapes(config):
+            kind = q["tensors"].get(name)
+            act = act_bits if name != "model.embed_tokens.weight" or config.tie_embeddings else None
+            if kind is None:
+                weights[name] = f.get_tensor(name)
+            elif kind in ("q8_0", "q4_0"):
+                shape = weight_shapes(config)[name]
+                cls = Q8_0Matrix if kind == "q8_0" else Q4_0Matrix
+                weights[name] = cls(f.get_tensor(name + ".blocks"), shape)
+            elif kind.startswith("int8"):
+                weights[name] = Int8Matrix(f.get_tensor(name + ".qweight"), f.get_tensor(name + ".scales"), act)
+            elif kind.startswith("w4-g"):
+                weights[name] = W4Matrix(f.get_tensor(name + ".qweight"), f.get_tensor(name + ".scales"), act)
+            else:
+                raise CheckpointError(f"tensor {name!r} has unknown quantization kind {kind!r}")
+            if kind is not None and name + ".blocks" not in names and name + ".qweight" not in names:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing")
+    return config, weights
+
+
+def load_quantized(path) -> Llama:
+    return build_llama(*load_quantized_weights(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy measures used by the study (chapter 09, benchmarks/quant_accuracy.py)
+
+def log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref_logits, q_logits, targets=None) -> dict:
+    """KL(ref || quant) of next-token distributions (nats, mean over positions), top-1 agreement, and, with
+    targets, both models' mean negative log-likelihood (perplexity = exp of it)."""
+    lp, lq = log_softmax(ref_logits), log_softmax(q_logits)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    top1 = float(np.mean(np.argmax(lp, -1) == np.argmax(lq, -1)))
+    out = {"kl": kl, "top1": top1}
+    if targets is not None:
+        t = np.asarray(targets)[..., None]
+        out["nll_ref"] = float(-np.mean(np.take_along_axis(lp, t, -1)))
+        out["nll"] = float(-np.mean(np.take_along_axis(lq, t, -1)))
+    return out
