@@ -406,7 +406,8 @@ def test_llama2c_v1_byte_layout(tmp_path):
     cfg, w = MHA_TIED, random_weights(MHA_TIED)
     raw = save_llama2c(tmp_path / "m.bin", cfg, w, version=1).read_bytes()
     C, H, V, L, nh = 24, 40, 30, 3, 3
-    assert raw[:4] == b"42ka" and struct.unpack("<i7iB", raw[4:37]) == (1, C, H, L, nh, nh, V, 8, 1)
+    assert raw[:4] == b"24ka"                            # uint32 0x616b3432 little-endian: "ak42" reversed
+    assert struct.unpack("<i7iB", raw[4:37]) == (1, C, H, L, nh, nh, V, 8, 1)
     assert raw[37:256] == bytes(219)
     floats = np.frombuffer(raw[256:], "<f4")
     assert floats.size == 2 * L * C + C + V * C + 4 * L * C * C + 3 * L * C * H           # shared: no wcls
