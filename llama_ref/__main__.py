@@ -29,20 +29,19 @@ def load_model(path):
     from .checkpoint import load_model as load_checkpoint
     from .model import Llama
     path = Path(path) if path else paths.DEFAULT_MODEL
-    config, weights = load_checkpoint(path)
+    config, weights = load_checkpoint(path, check_finite=False)   # Llama checks NaN/Inf while it packs
     return Llama(config, weights)
 
 
 def find_tokenizer(model_path, tokenizer_path=None, impl="sentencepiece"):
     """The tokenizer named on the command line, else the one shipped beside the model, else None."""
-    from .tokenizer import Tokenizer
-    if tokenizer_path:
-        return Tokenizer(tokenizer_path, impl=impl)
     model_path = Path(model_path) if model_path else paths.DEFAULT_MODEL
-    beside = (model_path if model_path.is_dir() else model_path.parent) / "tokenizer.model"
-    if model_path.is_dir() and beside.exists():
-        return Tokenizer(beside, impl=impl)
-    return None
+    beside = model_path / "tokenizer.model"
+    path = tokenizer_path or (beside if model_path.is_dir() and beside.exists() else None)
+    if path is None:
+        return None
+    from .tokenizer import Tokenizer
+    return Tokenizer(path, impl=impl)
 
 
 def parse_ids(text: str) -> list[int]:

@@ -323,8 +323,10 @@ def _extra_message(config, extra, src):
 # Memory
 
 def estimate_float32_bytes(config: LlamaConfig) -> int:
-    """Bytes the weights take once packed as float32: n_params * 4 (the KV cache comes on top, see KVCache)."""
-    return config.n_params() * 4
+    """Bytes the weights take once packed as float32: n_params * 4, plus the (C, V) classifier copy that
+    Llama packs from a tied embedding (the KV cache comes on top, see KVCache)."""
+    tied_copy = config.vocab_size * config.dim if config.tie_embeddings else 0
+    return (config.n_params() + tied_copy) * 4
 
 
 def available_ram_bytes() -> int | None:

@@ -115,6 +115,10 @@ def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=N
         raise InputError("the prompt is empty: give at least one token (e.g. BOS)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    bad = [t for t in prompt_ids if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise InputError(f"prompt token id {bad[0]} is out of range for vocab_size={model.config.vocab_size}; "
+                         "was the prompt encoded with a different tokenizer than this model's?")
     limit = model.config.max_seq_len
     if len(prompt_ids) + max_new_tokens > limit:
         raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
