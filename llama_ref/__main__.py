@@ -154,6 +154,108 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+# ------------------------------------------------------------------------------------------------
+# quantize / export (issue 7: llama_ref/quant.py, llama_ref/gguf_io.py)
+
+def _load_weights_any(path):
+    """(config, weights) from anything --model accepts, including our quantized directories."""
+    from . import quant
+    from .checkpoint import load_model as load_checkpoint
+    path = Path(path) if path else paths.DEFAULT_MODEL
+    if path.is_dir() and quant.is_quantized_dir(path):
+        return quant.load_quantized_weights(path)
+    return load_checkpoint(path)
+
+
+def _tokenizer_for(model_path, tokenizer):
+    """--tokenizer, else tokenizer.model beside the model directory, else the vocabulary inside a source .gguf."""
+    if tokenizer:
+        return Path(tokenizer)
+    p = Path(model_path) if model_path else paths.DEFAULT_MODEL
+    if p.is_dir() and (p / "tokenizer.model").exists():
+        return p / "tokenizer.model"
+    if p.suffix == ".gguf":
+        from .gguf_io import read_gguf_vocab
+        return read_gguf_vocab(p)
+    return None
+
+
+def _check_out(out, force):
+    if Path(out).exists() and not force:
+        raise InputError(f"{out} exists; pass --force to replace it")
+
+
+def cmd_quantize(args) -> int:
+    """Quantize every matmul weight; write GGUF (q8_0/q4_0, --out *.gguf) or our quantized directory format."""
+    import math
+    from . import quant, gguf_io
+    _check_out(args.out, args.force)
+    config, weights = _load_weights_any(args.model)
+    policy = quant.parse_scheme(args.scheme)
+    qweights = quant.quantize_weights(config, weights, args.scheme)
+    tok = _tokenizer_for(args.model, args.tokenizer)
+    if str(args.out).endswith(".gguf"):
+        if args.scheme not in ("q8_0", "q4_0"):
+            raise InputError(f"GGUF has no type for {args.scheme}; write it as a directory (an --out without .gguf) "
+                             "or choose --scheme q8_0 / q4_0")
+        gguf_io.save_gguf(args.out, config, qweights, tok, args.scheme, force=args.force)
+    else:
+        model = quant.build_llama(config, qweights)
+        quant.save_quantized(args.out, model, args.scheme, tokenizer_path=tok, force=args.force)
+    n = sum(math.prod(w.shape) for w in qweights.values())
+    held = sum(w.nbytes for w in qweights.values())
+    summary = {"out": str(args.out), "scheme": args.scheme, "policy": policy, "bytes": held,
+               "bits_per_weight": 8 * held / n, "tokenizer": str(tok) if isinstance(tok, Path) else bool(tok)}
+    print(json.dumps(summary) if args.json else
+          f"wrote {args.out}: {args.scheme}, {held / 2**20:.2f} MiB of weights, {8 * held / n:.2f} bits/weight")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write a model as GGUF (f32/f16/q8_0/q4_0) or as a llama2.c .bin (float32)."""
+    from . import quant, gguf_io
+    from .checkpoint import save_llama2c
+    _check_out(args.out, args.force)
+    config, weights = _load_weights_any(args.model)
+    if args.format == "llama2c":
+        floats = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
+        if Path(args.out).exists():
+            Path(args.out).unlink()
+        save_llama2c(args.out, config, floats)
+    else:
+        gguf_io.save_gguf(args.out, config, weights, _tokenizer_for(args.model, args.tokenizer),
+                          args.format.removeprefix("gguf-"), force=args.force)
+    print(json.dumps({"out": str(args.out), "format": args.format}) if args.json else f"wrote {args.out} ({args.format})")
+    return 0
+
+
+def _add_quant_commands(sub) -> None:
+    q = sub.add_parser("quantize", help="write a quantized copy of a model",
+                       description="Quantize every matmul weight of a model (norms stay float32; the classifier is "
+                                   "8-bit in 4-bit schemes; see llama_ref/quant.py). --out NAME.gguf writes GGUF "
+                                   "(q8_0, q4_0: llama.cpp runs it); any other --out is a directory in llama_ref's "
+                                   "quantized format (config.json with a 'quantization' block + model.safetensors).")
+    q.add_argument("--model", default=None, help="HF directory, llama2.c .bin, .gguf or quantized directory")
+    q.add_argument("--scheme", required=True, help="q8_0 | q4_0 | w4a16-g32 | w4a16-g64 | w4a16-g128 | int8-channel")
+    q.add_argument("--out", required=True)
+    q.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("export", help="write a model as GGUF or llama2.c .bin",
+                       description="Export a model: GGUF with llama.cpp's names, Llama metadata and the tokenizer, or "
+                                   "a llama2.c .bin (float32, what run.c reads).")
+    e.add_argument("--model", default=None)
+    e.add_argument("--format", required=True, choices=["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "llama2c"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--force", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+_EXTRA_COMMANDS.append(_add_quant_commands)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -120,6 +120,21 @@ def sentencepiece_vocab(tokenizer_path):
     return pieces, scores, types, sp.unk_id()
 
 
+class GGUFVocab(tuple):
+    """(pieces, scores, types, unk_id) taken from a GGUF file, to carry a vocabulary over into a new GGUF."""
+
+
+def read_gguf_vocab(path) -> GGUFVocab | None:
+    """The SentencePiece vocabulary stored in a GGUF (tokenizer.ggml.*), or None if it has none."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    if r.get_field("tokenizer.ggml.tokens") is None or _field(r, "tokenizer.ggml.model") != "llama":
+        return None
+    return GGUFVocab((r.get_field("tokenizer.ggml.tokens").contents(), r.get_field("tokenizer.ggml.scores").contents(),
+                      r.get_field("tokenizer.ggml.token_type").contents(),
+                      int(_field(r, "tokenizer.ggml.unknown_token_id", 0))))
+
+
 # ------------------------------------------------------------------------------------------------
 # Writing
 
@@ -158,7 +173,7 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     weights: an HF-named dict (float arrays and/or quant matrices) or a Llama. Quantized q8_0/q4_0 matrices that
     already have the file's format are written byte for byte; float tensors are quantized here.
     tokenizer_path: the SentencePiece .model (llama.cpp needs the vocabulary; without it the file is written
-    with a warning and only our loader can run it).
+    with a warning and only our loader can run it), or a GGUFVocab read from another GGUF (read_gguf_vocab).
     """
     import gguf
     if isinstance(weights, Llama):
@@ -189,7 +204,10 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     if file_type in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer_path is not None:
-        pieces, scores, types, unk_id = sentencepiece_vocab(tokenizer_path)
+        if isinstance(tokenizer_path, GGUFVocab):
+            pieces, scores, types, unk_id = tokenizer_path
+        else:
+            pieces, scores, types, unk_id = sentencepiece_vocab(tokenizer_path)
         if len(pieces) != config.vocab_size:
             raise CheckpointError(f"the tokenizer {tokenizer_path} has {len(pieces)} pieces but the model's "
                                   f"vocab_size is {config.vocab_size}; pass the tokenizer it was trained with")

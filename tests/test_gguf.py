@@ -219,3 +219,33 @@ def test_rows_not_multiple_of_32_fall_back_to_f16(tmp_path):
     assert types["blk.0.ffn_down.weight"] == GT.F16 and types["blk.0.ffn_up.weight"] == GT.Q8_0
     config, weights = G.load_gguf(path)
     Q.build_llama(config, weights).forward([1, 2, 3])
+
+
+def test_cli_quantize_and_export(model, tokenizer_path, tmp_path, capsys):
+    import json
+    from llama_ref.__main__ import main
+    from llama_ref.checkpoint import save_model
+    src = tmp_path / "m"
+    save_model(src, CFG, model.weights, tokenizer_path=tokenizer_path)
+    assert main(["quantize", "--model", str(src), "--scheme", "q4_0", "--out", str(tmp_path / "m.gguf"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scheme"] == "q4_0" and out["tokenizer"].endswith("tokenizer.model")
+    r = GGUFReader(str(tmp_path / "m.gguf"))
+    assert r.get_field("general.file_type").contents() == 2 and len(r.get_field("tokenizer.ggml.tokens").data) == 320
+    tokens = np.arange(12)
+    np.testing.assert_array_equal(G.load_gguf_model(tmp_path / "m.gguf").forward(tokens),
+                                  Q.quantize_model(model, "q4_0").forward(tokens))
+    # refuses to overwrite without --force; GGUF cannot hold W4A16
+    assert main(["quantize", "--model", str(src), "--scheme", "q8_0", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(src), "--scheme", "w4a16-g64", "--out", str(tmp_path / "w.gguf")]) == 2
+    assert main(["quantize", "--model", str(src), "--scheme", "w4a16-g64", "--out", str(tmp_path / "w4")]) == 0
+    np.testing.assert_array_equal(Q.load_quantized(tmp_path / "w4").forward(tokens),
+                                  Q.quantize_model(model, "w4a16-g64").forward(tokens))
+    # export from the GGUF (its vocabulary carried over) and to llama2.c
+    assert main(["export", "--model", str(tmp_path / "m.gguf"), "--format", "gguf-f32", "--out", str(tmp_path / "e.gguf")]) == 0
+    assert G.read_gguf_vocab(tmp_path / "e.gguf") == G.read_gguf_vocab(tmp_path / "m.gguf")
+    assert main(["export", "--model", str(src), "--format", "llama2c", "--out", str(tmp_path / "m.bin")]) == 0
+    from llama_ref.checkpoint import load_model
+    config, weights = load_model(tmp_path / "m.bin")
+    np.testing.assert_allclose(Llama(config, weights).forward(tokens), model.forward(tokens), atol=1e-5, rtol=0)
