@@ -674,3 +674,62 @@ def compare_logits(ref_logits, q_logits, targets=None) -> dict:
         out["nll_ref"] = float(-np.mean(np.take_along_axis(lp, t, -1)))
         out["nll"] = float(-np.mean(np.take_along_axis(lq, t, -1)))
     return out
+
+
+def validation_batches(tokenizer_path=None, n_docs=32, seq_len=128, split="val", seed=0):
+    """Token batches (n_docs, seq_len) of held-out text: the first n_docs documents of the corpus' split, each
+    encoded with BOS, cut or EOS-padded to seq_len (padding positions are masked out by `study_mask`)."""
+    from . import corpus, paths
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path or paths.DEFAULT_TOKENIZER))
+    docs = corpus.iter_training_text(split=split, seed=seed)
+    rows, lengths = [], []
+    for _ in range(n_docs):
+        ids = [sp.bos_id()] + sp.encode(next(docs)) + [sp.eos_id()]
+        ids = ids[:seq_len]
+        lengths.append(len(ids))
+        rows.append(ids + [sp.eos_id()] * (seq_len - len(ids)))
+    return np.array(rows, np.int64), np.array(lengths)
+
+
+def f16_weights(weights: dict) -> dict:
+    """Every 2-D weight rounded to float16 and back (what a GGUF F16 file holds); norms stay float32."""
+    return {k: (np.asarray(v, F32).astype(np.float16).astype(F32) if np.ndim(v) == 2 else v) for k, v in weights.items()}
+
+
+def accuracy_study(model: Llama, tokens, lengths, schemes=("f16", *SCHEMES), batch=8) -> list[dict]:
+    """For each scheme: bits/weight (all weights held, and the block matmuls alone), KL(f32 || scheme) of the next-token
+    distributions, top-1 agreement with float32, and validation perplexity; means over the real (unpadded) positions.
+
+    tokens (N, T) int, lengths (N,): predictions at positions t < length-1 are scored against tokens[t+1].
+    """
+    cfg = model.config
+    n_params = sum(int(np.prod(w.shape)) for w in model.weights.values())
+    layer_names = [n for n in model.weights if ".layers." in n and n.endswith("proj.weight")]
+    n_layer = sum(int(np.prod(model.weights[n].shape)) for n in layer_names)
+    ref_chunks = [model.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)]
+    valid = np.arange(tokens.shape[1] - 1)[None, :] < (lengths - 1)[:, None]          # (N, T-1)
+    targets = tokens[:, 1:][valid]
+
+    def score(m):
+        logits = np.concatenate([m.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
+        ref = np.concatenate(ref_chunks)
+        return compare_logits(ref[:, :-1][valid], logits[:, :-1][valid], targets)
+
+    rows = []
+    for s in ("f32", *schemes):
+        if s == "f32":
+            m, held, held_layer = model, 4 * n_params, 4 * n_layer
+        elif s == "f16":
+            m, held, held_layer = Llama(cfg, f16_weights(model.weights)), 2 * n_params, 2 * n_layer
+        else:
+            m = quantize_model(model, s)
+            held = sum(w.nbytes for w in m.weights.values())
+            held_layer = sum(m.weights[n].nbytes for n in layer_names)
+        r = score(m)
+        rows.append({"scheme": s, "bpw": 8 * held / n_params, "bpw_layers": 8 * held_layer / n_layer,
+                     "weight_bytes": int(held), "kl": r["kl"], "top1": r["top1"],
+                     "ppl": float(np.exp(r["nll"])), "ppl_f32": float(np.exp(r["nll_ref"]))})
+    for r in rows:
+        r["ppl_change"] = r["ppl"] / rows[0]["ppl"] - 1
+    return rows
