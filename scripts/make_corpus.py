@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-stories", type=int, default=400, help="stories in val and in test each")
     p.add_argument("--eval-dialogues", type=int, default=200, help="dialogues in val and in test each")
     p.add_argument("--max-turns", type=int, default=8)
+    p.add_argument("--splits", nargs="+", choices=corpus.SPLITS, default=list(corpus.SPLITS))
     p.add_argument("--out", type=Path, default=CORPUS_DIR)
     args = p.parse_args(argv)
 
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     sizes = {"train": (args.train_stories, args.train_dialogues),
              "val": (args.eval_stories, args.eval_dialogues), "test": (args.eval_stories, args.eval_dialogues)}
     (args.out / "world.json").write_text(json.dumps(world_json(world), indent=1) + "\n")
-    for split, (n_stories, n_dialogues) in sizes.items():
+    for split in args.splits:
+        n_stories, n_dialogues = sizes[split]
         stories = corpus.generate_stories(world, split, n_stories, seed=args.seed)
         dialogues = corpus.generate_dialogues(world, split, n_dialogues, seed=args.seed, max_turns=args.max_turns)
         # interleave so any prefix of the file has both kinds in proportion

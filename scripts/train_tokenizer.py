@@ -24,8 +24,9 @@ with `sentencepiece_model_pb2.ModelProto.FromString(open(path, "rb").read())`). 
 
 Vocabulary size. Ours is 1024 (Llama 2's is 32000). Our world has about 350 word types; 256 ids go to
 byte pieces and 3 to <unk>/<s>/</s>, which leaves ~765 for characters and merges: enough for every word
-of the world to be one piece (plus its capitalised and sentence-initial forms), so a word is ~1.1 tokens
-and a context of 256 tokens holds a whole story. A bigger vocabulary would only add pieces the corpus
+of the world to be one piece (plus its capitalised and line-initial forms), so a whitespace-separated
+word is about 1.3 tokens (punctuation and "'s" are pieces of their own; the script prints the figure) and
+a context of 256 tokens holds a whole story. A bigger vocabulary would only add pieces the corpus
 cannot train (its embedding rows would stay near their initialisation) and cost vocab_size x dim
 parameters in the embedding and again in the output layer: at dim 256, 1024 ids cost 0.26M parameters each,
 4096 would cost 1M each, a large share of a 3-5M parameter model. The script prints tokens per word.
