@@ -26,8 +26,9 @@ turns runs of byte pieces back into UTF-8 (an invalid byte becomes U+FFFD) and d
 """
 from __future__ import annotations
 
-import json
 import heapq
+import json
+import re
 import struct
 from pathlib import Path
 
@@ -228,13 +229,17 @@ class BPETokenizer:
 
     def normalize(self, text: str) -> str:
         """Identity normalization + SentencePiece's whitespace rules: " Hi" -> "▁▁Hi" for Llama 2."""
-        if self.remove_extra_whitespaces:
-            text = " ".join(t for t in text.split(" ") if t)   # strip, and collapse runs of " "
+        if self.remove_extra_whitespaces:          # (not Llama 2) drop leading spaces, collapse runs
+            text = re.sub(" +", " ", text.lstrip(" "))
         if not text:
             return ""
         if self.add_dummy_prefix:
             text = " " + text
-        return text.replace(" ", SPACE) if self.escape_whitespaces else text
+        space = SPACE if self.escape_whitespaces else " "
+        text = text.replace(" ", space)
+        if self.remove_extra_whitespaces:          # trailing space symbols go, even ones typed as "▁"
+            text = text.rstrip(space)
+        return text
 
     # --- step 2: characters --------------------------------------------------------------------------
 
