@@ -23,42 +23,54 @@ F32 = np.float32
 # ------------------------------------------------------------------------------------------------
 # Sampling: logits -> a filtered probability distribution -> one token
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise SamplingError for settings that do not define a distribution."""
-    if temperature is None or not np.isfinite(temperature) or temperature < 0:
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed=0) -> None:
+    """Raise SamplingError for settings that do not define a distribution (or a reproducible draw)."""
+    if not _is_number(temperature) or not np.isfinite(temperature) or temperature < 0:
         raise SamplingError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0):
         raise SamplingError(f"top_k={top_k!r} must be a non-negative integer (0 or None disables it)")
-    if top_p is not None and (not np.isfinite(top_p) or not 0.0 < top_p <= 1.0):
-        raise SamplingError(f"top_p={top_p!r} must be in (0, 1] (1 disables it)")
+    if top_p is not None and (not _is_number(top_p) or not np.isfinite(top_p) or not 0.0 < top_p <= 1.0):
+        raise SamplingError(f"top_p={top_p!r} must be in (0, 1] (1 or None disables it; for greedy use temperature 0)")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise SamplingError(f"seed={seed!r} must be a non-negative integer (or None for a fresh random draw)")
 
 
 def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution we sample from: softmax(logits / T), restricted to the top-k and to the top-p nucleus.
+    """The distribution we sample from, built the way transformers' logits warpers build it, in their order:
 
-    logits (V,) -> probs (V,) float32 summing to 1, zero outside the kept set. Nucleus rule (as transformers'
-    TopPLogitsWarper): keep the smallest set of most likely tokens whose probability reaches top_p.
+      1. temperature (TemperatureLogitsWarper): z = logits / T;
+      2. top-k (TopKLogitsWarper): drop every token whose z is below the k-th largest (ties with it stay);
+      3. top-p (TopPLogitsWarper): sort ascending, drop the tokens whose cumulative probability is
+         <= 1 - top_p (the unlikely tail holding at most 1 - top_p of the mass), always keep the most likely one;
+      4. softmax over what is left.
+    Meta's `sample_top_p` keeps a token when the mass strictly above it is <= p (HF: < p); they differ only
+    when a cumulative sum lands exactly on p. logits (V,) -> probs (V,) float32, zero outside the kept set.
+    temperature 0 is greedy: all mass on the argmax (top-k/top-p cannot change the argmax).
     """
     check_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=F32)
+    if logits.ndim != 1 or logits.size == 0:
+        raise InputError(f"logits must be a non-empty (V,) vector, got shape {logits.shape}")
     if temperature == 0:                                   # greedy: all mass on the argmax
         probs = np.zeros_like(logits)
         probs[int(np.argmax(logits))] = 1.0
         return probs
-    z = logits / F32(temperature)
+    z = logits / F32(temperature)                          # (V,)
     if top_k:
-        kth = np.partition(z, -min(top_k, z.size))[-min(top_k, z.size)]
+        k = min(int(top_k), z.size)
+        kth = np.partition(z, -k)[-k]                      # the k-th largest value
         z = np.where(z < kth, F32(-np.inf), z)
-    probs = softmax(z)
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order])
-        n_keep = int(np.searchsorted(cum, F32(top_p)) + 1)   # first index where the cumulative mass reaches top_p
-        keep = np.zeros(probs.shape, bool)
-        keep[order[:n_keep]] = True
-        probs = np.where(keep, probs, F32(0.0))
-        probs = probs / probs.sum(dtype=F32)
-    return probs.astype(F32)
+        order = np.argsort(z, kind="stable")               # ascending: least likely first
+        cum = np.cumsum(softmax(z[order]))                 # (V,) cumulative mass from the tail up
+        remove = cum <= F32(1.0 - top_p)
+        remove[-1] = False                                 # min_tokens_to_keep = 1: the argmax always survives
+        z[order[remove]] = F32(-np.inf)
+    return softmax(z).astype(F32)
 
 
 def sample(logits, rng: np.random.Generator, temperature=1.0, top_k=None, top_p=None) -> int:
@@ -82,6 +94,10 @@ class GenerationResult:
     decode_s: float                      # time for the remaining new tokens
     n_decode: int = 0                    # tokens produced by decode steps (= len(ids) - 1 when ids)
     logits: list = field(default_factory=list, repr=False)   # per new token (V,), when keep_logits
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.prefill_s
 
     @property
     def prefill_tok_s(self) -> float:
@@ -109,7 +125,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k
 def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=0,
            stop_at_eos=True, keep_logits=False, result: GenerationResult | None = None) -> Iterator[int]:
     """Yield new token ids as they are chosen; timings and ids are filled into `result` if given."""
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed)
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise InputError("the prompt is empty: give at least one token (e.g. BOS)")
