@@ -256,6 +256,28 @@ def _add_quant_commands(sub) -> None:
 _EXTRA_COMMANDS.append(_add_quant_commands)
 
 
+# ------------------------------------------------------------------------------------------------
+# chat (issue 6: llama_ref/chat.py)
+
+def cmd_chat(args) -> int:
+    """Llama 2 chat format: --format-only prints prompt ids; JSON dialogue on stdin -> one answer; TTY -> a chat."""
+    from .chat import main_chat
+    return main_chat(args, load_model, find_tokenizer)
+
+
+def _add_chat_command(sub) -> None:
+    from .chat import add_chat_arguments
+    c = sub.add_parser("chat", help="talk to a chat model in the Llama 2 chat format",
+                       description="Chat in Meta's Llama 2 format ([INST], <<SYS>>). Interactive when stdin is a "
+                                   "terminal; otherwise reads a dialogue as JSON (a list of {\"role\", \"content\"}, "
+                                   "last message the user's) and prints the answer. --format-only prints the prompt "
+                                   "token ids without a model.")
+    add_chat_arguments(c)
+    c.set_defaults(func=cmd_chat)
+
+_EXTRA_COMMANDS.append(_add_chat_command)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

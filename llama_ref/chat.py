@@ -1,0 +1,388 @@
+"""The Llama 2 chat format: a dialogue -> token ids, exactly as Meta's reference `chat_completion` builds it.
+
+Chapter 08 shows it token by token. Meta's `llama/generation.py` (the spec we follow, line by line):
+
+    B_INST, E_INST = "[INST]", "[/INST]"
+    B_SYS, E_SYS = "<<SYS>>\\n", "\\n<</SYS>>\\n\\n"
+    1. a first message with role "system" is merged into the first user message:
+           B_SYS + system + E_SYS + user            (the system text itself is NOT stripped)
+    2. roles must then be user, assistant, user, ... (u/a/u/a/u), and the last one the user's;
+    3. every finished (user, answer) pair is encoded on its own, with BOS and EOS:
+           encode(f"[INST] {user.strip()} [/INST] {answer.strip()} ", bos=True, eos=True)
+    4. the last user message is encoded with BOS only, ending right after "[/INST]":
+           encode(f"[INST] {user.strip()} [/INST]", bos=True, eos=False)
+    5. a message containing "[INST]", "[/INST]", "<<SYS>>" or "<</SYS>>" is refused (Meta returns an error
+       string instead of a generation; we raise ChatFormatError).
+
+Hugging Face's Llama-2-chat Jinja template renders the same string (tests/test_chat.py checks it).
+
+For training and for the attention analysis every token also gets a *role* ("system", "user", "assistant"
+or "markup": BOS, [INST], [/INST], the <<SYS>> tags) and a *turn* index; the assistant's region is
+everything after "[/INST]" of a finished turn, the spaces around the answer and its EOS included, since
+those are the tokens the model must learn to produce.
+
+Context window policy (`fit_dialog`): when a dialogue does not fit, the OLDEST (user, assistant) pairs are
+dropped first and the system message is kept (merged into the new first user message); if the system
+message and the last user message alone do not fit, ContextLengthError. policy="error" raises at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ChatFormatError, ContextLengthError
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+ROLES = ("system", "user", "assistant")
+MARKUP, SYSTEM, USER, ASSISTANT = "markup", "system", "user", "assistant"
+ROLE_CODES = {MARKUP: 0, SYSTEM: 1, USER: 2, ASSISTANT: 3}   # for arrays / plots
+
+
+# ------------------------------------------------------------------------------------------------
+# checking a dialogue
+
+def check_dialog(dialog, final: str = "user") -> list[dict]:
+    """Validate a dialogue (a list of {"role", "content"}) the way Meta's chat_completion does.
+
+    final="user": a prompt for the next answer (Meta's rule). final="assistant": a finished dialogue
+    (training data). final="any": either. Returns the messages as plain dicts.
+    """
+    if not isinstance(dialog, (list, tuple)) or not dialog:
+        raise ChatFormatError("a dialogue is a non-empty list of {\"role\": ..., \"content\": ...} messages")
+    msgs = []
+    for i, m in enumerate(dialog):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatFormatError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise ChatFormatError(f"message {i} has role {m['role']!r}; roles are 'system', 'user', 'assistant'")
+        if not isinstance(m["content"], str):
+            raise ChatFormatError(f"message {i} content must be a string, got {type(m['content']).__name__}")
+        for tag in SPECIAL_TAGS:
+            if tag in m["content"]:
+                raise ChatFormatError(f"message {i} contains the special tag {tag!r}; special tags are not allowed "
+                                      "as part of the prompt (Meta's chat_completion refuses them too)")
+        msgs.append({"role": m["role"], "content": m["content"]})
+    rest = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    if not rest:
+        raise ChatFormatError("the dialogue holds only a system message: add a user message after it")
+    for i, m in enumerate(rest):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ChatFormatError("roles must be an optional 'system' first, then 'user' and 'assistant' "
+                                  f"alternating (u/a/u/a/u...); message {i + len(msgs) - len(rest)} is "
+                                  f"{m['role']!r} where {want!r} was expected")
+    last = rest[-1]["role"]
+    if final != "any" and last != final:
+        raise ChatFormatError(f"the last message must be from the {final}, got {last!r}"
+                              + (" (a prompt asks for the next answer)" if final == "user" else ""))
+    return msgs
+
+
+# ------------------------------------------------------------------------------------------------
+# dialogue -> strings -> ids
+
+def turn_strings(dialog, final: str = "user") -> tuple[list[str], list[list[tuple[int, int, str]]]]:
+    """The text Meta encodes for each turn, and each text's labelled character regions.
+
+    Returns (texts, regions): texts[j] is the j-th string passed to encode (BOS always; EOS for finished
+    turns, i.e. every turn except a trailing user message); regions[j] is a list of (start, end, role)
+    character ranges of texts[j] covering it completely.
+    """
+    msgs = check_dialog(dialog, final)
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    rest = msgs[1:] if system is not None else msgs
+    texts, regions = [], []
+    for j in range(0, len(rest), 2):
+        user = rest[j]["content"]
+        if j == 0 and system is not None:
+            merged = B_SYS + system + E_SYS + user
+            content = merged.strip()
+            # regions inside the merged content, clipped to what strip() left
+            parts = [(0, len(B_SYS), MARKUP), (len(B_SYS), len(B_SYS) + len(system), SYSTEM),
+                     (len(B_SYS) + len(system), len(B_SYS) + len(system) + len(E_SYS), MARKUP),
+                     (len(B_SYS) + len(system) + len(E_SYS), len(merged), USER)]
+            parts = [(a, min(b, len(content)), r) for a, b, r in parts if a < len(content)]
+        else:
+            content = user.strip()
+            parts = [(0, len(content), USER)]
+        head = f"{B_INST} "
+        text = head + content + f" {E_INST}"
+        reg = [(0, len(head), MARKUP)] + [(len(head) + a, len(head) + b, r) for a, b, r in parts]
+        reg.append((len(head) + len(content), len(text), MARKUP))
+        if j + 1 < len(rest):                                    # a finished turn: the answer follows
+            answer_at = len(text)
+            text += f" {rest[j + 1]['content'].strip()} "
+            reg.append((answer_at, len(text), ASSISTANT))
+        texts.append(text)
+        regions.append([(a, b, r) for a, b, r in reg if b > a])
+    return texts, regions
+
+
+@dataclass
+class ChatTokens:
+    """A dialogue as tokens, with a role and a turn index for every token (all arrays (T,))."""
+    ids: list[int]
+    roles: list[str]                     # "markup" | "system" | "user" | "assistant"
+    turns: list[int]                     # 0 for the first (user, answer) pair, the system message included
+    n_turns: int = 0
+    texts: list[str] = field(default_factory=list, repr=False)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def mask(self, *roles: str, turns=None) -> np.ndarray:
+        """Boolean (T,) mask of the tokens with one of `roles` (and, if given, in one of `turns`)."""
+        m = np.isin(np.array(self.roles), roles)
+        if turns is not None:
+            m &= np.isin(np.array(self.turns), list(turns))
+        return m
+
+    def role_codes(self) -> np.ndarray:
+        return np.array([ROLE_CODES[r] for r in self.roles], np.int64)
+
+
+def _piece_byte_lengths(tokenizer, ids) -> list[int]:
+    """UTF-8 byte length of each token's surface in the normalized text ("▁" is one space byte)."""
+    out = []
+    for i in ids:
+        piece = tokenizer.id_to_piece(int(i))
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(1)                                       # a byte-fallback piece stands for one byte
+        else:
+            out.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+    return out
+
+
+def _label_tokens(tokenizer, text: str, regions, ids) -> list[str]:
+    """Role of each token of encode(text): the region holding its first non-space byte.
+
+    Token byte spans come from the pieces; SentencePiece (identity normalization, Llama 2 settings) puts one
+    dummy-prefix space in front of the text, so the spans live in b" " + text. A token that is only
+    whitespace takes the role of its first byte.
+    """
+    data = (" " + text).encode("utf-8")
+    # region of every byte of `data` (byte 0 is the dummy prefix: markup)
+    byte_role = [MARKUP]
+    for ch_start, ch_end, role in regions:
+        byte_role += [role] * len(text[ch_start:ch_end].encode("utf-8"))
+    lengths = _piece_byte_lengths(tokenizer, ids)
+    if sum(lengths) != len(data):                               # a tokenizer that normalizes: use prefix decodes
+        ends = [len((" " + tokenizer.decode(ids[:k + 1])).encode("utf-8")) for k in range(len(ids))]
+        lengths = [e - s for s, e in zip([0] + ends[:-1], ends)]
+    roles, pos = [], 0
+    for n in lengths:
+        span = data[pos:pos + n]
+        first = next((k for k, b in enumerate(span) if b not in b" \t\n"), 0)
+        roles.append(byte_role[min(pos + first, len(byte_role) - 1)])
+        pos += n
+    return roles
+
+
+def encode_dialog(dialog, tokenizer, final: str = "any") -> ChatTokens:
+    """Token ids of a dialogue in Meta's format, with per-token roles and turns.
+
+    A dialogue ending with a user message is a prompt (ids end with "[/INST]"); one ending with an assistant
+    message is a finished dialogue (every turn closed by EOS), the form used for training.
+    """
+    texts, regions = turn_strings(dialog, final)
+    ids, roles, turns = [], [], []
+    for j, (text, reg) in enumerate(zip(texts, regions)):
+        finished = reg[-1][2] == ASSISTANT
+        body = tokenizer.encode(text, bos=False, eos=False)
+        ids += [tokenizer.bos_id] + body + ([tokenizer.eos_id] if finished else [])
+        roles += [MARKUP] + _label_tokens(tokenizer, text, reg, body) + ([ASSISTANT] if finished else [])
+        turns += [j] * (len(body) + 1 + finished)
+    return ChatTokens(ids, roles, turns, len(texts), texts)
+
+
+def format_dialog(dialog, tokenizer) -> list[int]:
+    """Prompt token ids for the next assistant answer, exactly as Meta's chat_completion builds them."""
+    return encode_dialog(dialog, tokenizer, final="user").ids
+
+
+# ------------------------------------------------------------------------------------------------
+# the context window
+
+def fit_dialog(dialog, tokenizer, max_tokens: int, reserve: int = 0, policy: str = "drop_oldest"):
+    """Make a prompt dialogue fit in max_tokens - reserve tokens (reserve: room for the answer).
+
+    policy "drop_oldest": drop the oldest (user, assistant) pairs, keep the system message (merged into the
+    new first user message). policy "error": raise ContextLengthError when it does not fit.
+    Returns (dialog, n_pairs_dropped).
+    """
+    if policy not in ("drop_oldest", "error"):
+        raise ChatFormatError(f"policy={policy!r}: use 'drop_oldest' or 'error'")
+    msgs = check_dialog(dialog, "user")
+    budget = max_tokens - reserve
+    system = msgs[:1] if msgs[0]["role"] == "system" else []
+    rest = msgs[len(system):]
+    dropped = 0
+    while True:
+        n = len(format_dialog(system + rest, tokenizer))
+        if n <= budget:
+            return system + rest, dropped
+        if policy == "error":
+            raise ContextLengthError(f"the dialogue needs {n} tokens but only {budget} fit (context window "
+                                     f"{max_tokens}, {reserve} kept for the answer); shorten it or use "
+                                     "policy 'drop_oldest'")
+        if len(rest) == 1:
+            raise ContextLengthError(f"even the last user message{' and the system message' if system else ''} "
+                                     f"need {n} tokens, more than the {budget} that fit (context window "
+                                     f"{max_tokens}, {reserve} kept for the answer); shorten them")
+        rest = rest[2:]
+        dropped += 1
+
+
+# ------------------------------------------------------------------------------------------------
+# talking: one answer
+
+def reply(model, tokenizer, dialog, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=0,
+          policy="drop_oldest", on_token=None):
+    """The model's next answer to a dialogue ending with a user message.
+
+    Returns (answer_text, GenerationResult, n_pairs_dropped). The prompt is fitted to the context window with
+    `fit_dialog` (room for max_new_tokens kept). Generation stops at EOS; the answer text is decoded by ids
+    (EOS dropped) and stripped, as Meta's chat_completion returns it.
+    """
+    from .generate import generate
+    limit = model.config.max_seq_len
+    max_new_tokens = min(max_new_tokens, max(1, limit // 2))
+    fitted, dropped = fit_dialog(dialog, tokenizer, limit, reserve=max_new_tokens, policy=policy)
+    ids = format_dialog(fitted, tokenizer)
+    res = generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos=True, on_token=on_token)
+    out = [t for t in res.ids if t != tokenizer.eos_id]
+    return tokenizer.decode(out).strip(), res, dropped
+
+
+# ------------------------------------------------------------------------------------------------
+# command line: python -m llama_ref chat
+
+def _read_dialog_json(text: str):
+    import json
+    try:
+        dialog = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ChatFormatError(f"stdin is not valid JSON ({e}); give a dialogue like "
+                              '[{"role": "user", "content": "What pet does Mia have?"}]') from None
+    if isinstance(dialog, dict) and "messages" in dialog:     # {"messages": [...]} is accepted too
+        dialog = dialog["messages"]
+    return dialog
+
+
+def default_chat_model():
+    """The GAtt model if it exists, else the SFT baseline; None when neither was built (`make gatt`)."""
+    from .paths import CHAT_BASELINE_MODEL, CHAT_GATT_MODEL
+    for p in (CHAT_GATT_MODEL, CHAT_BASELINE_MODEL):
+        if (p / "config.json").exists():
+            return p
+    return None
+
+
+def main_chat(args, load_model, find_tokenizer) -> int:
+    """`python -m llama_ref chat`: --format-only prints prompt ids; stdin JSON -> one answer; a TTY -> a chat."""
+    import json
+    import sys
+    from pathlib import Path
+    from .errors import InputError, TokenizerError
+    from .paths import DEFAULT_TOKENIZER
+    from .tokenizer import Tokenizer
+
+    if args.format_only:
+        if args.tokenizer:
+            tok = Tokenizer(args.tokenizer)
+        elif args.model and (Path(args.model) / "tokenizer.model").exists():
+            tok = Tokenizer(Path(args.model) / "tokenizer.model")
+        else:
+            tok = Tokenizer(DEFAULT_TOKENIZER)
+        dialog = _read_dialog_json(sys.stdin.read())
+        if args.system is not None:
+            dialog = [{"role": "system", "content": args.system}] + list(dialog)
+        ids = format_dialog(dialog, tok)
+        if args.json:
+            print(json.dumps({"ids": ids, "pieces": tok.pieces(ids), "n_tokens": len(ids)}))
+        else:
+            print(" ".join(str(i) for i in ids))
+        return 0
+
+    check = __import__("llama_ref.generate", fromlist=["check_sampling"]).check_sampling
+    check(args.temperature, args.top_k, args.top_p, args.seed)
+    model_path = args.model or default_chat_model()
+    if model_path is None:
+        raise InputError("no chat model found (data/models/tinyworld-gatt or tinyworld-chat): build them with "
+                         "`make gatt`, or pass --model PATH")
+    model = load_model(model_path)
+    tok = find_tokenizer(model_path, args.tokenizer)
+    if tok is None:
+        raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, policy=args.policy)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+
+    if not sys.stdin.isatty():                                   # scripting: one dialogue in, one answer out
+        dialog = _read_dialog_json(sys.stdin.read())
+        dialog = system + list(dialog) if system and dialog and dialog[0].get("role") != "system" else dialog
+        text, res, dropped = reply(model, tok, dialog, seed=args.seed, **kw)
+        if args.json:
+            print(json.dumps({"role": "assistant", "content": text, "ids": res.ids, "prompt_ids": res.prompt_ids,
+                              "stop_reason": res.stop_reason, "dropped_pairs": dropped,
+                              "prefill_s": res.prefill_s, "decode_s": res.decode_s, "n_decode": res.n_decode}))
+        else:
+            print(text)
+        return 0
+
+    print(f"chatting with {model_path} (empty line or /quit ends, /reset starts over)", file=sys.stderr)
+    dialog = list(system)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/quit"):
+            break
+        if line.strip() == "/reset":
+            dialog, turn = list(system), 0
+            continue
+        dialog.append({"role": "user", "content": line})
+        shown, got = "", []
+        print("assistant> ", end="", flush=True)
+
+        def show(t):
+            nonlocal shown
+            got.append(t)
+            text = tok.decode([i for i in got if i != tok.eos_id]).lstrip()
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        try:
+            text, res, dropped = reply(model, tok, dialog, seed=args.seed + turn, on_token=show, **kw)
+        except ChatFormatError:
+            dialog.pop()
+            raise
+        print()
+        if dropped:
+            print(f"[the oldest {dropped} exchange(s) no longer fit the {model.config.max_seq_len}-token window "
+                  "and were dropped; the system message is kept]", file=sys.stderr)
+        dialog.append({"role": "assistant", "content": text})
+        turn += 1
+    return 0
+
+
+def add_chat_arguments(c) -> None:
+    c.add_argument("--model", default=None, help="chat model (default: data/models/tinyworld-gatt, else tinyworld-chat)")
+    c.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: beside the model; "
+                   "with --format-only: data/tokenizer/tokenizer.model). Any Llama-2-family tokenizer works.")
+    c.add_argument("--system", default=None, help="system message (merged into the first user message)")
+    c.add_argument("--format-only", action="store_true",
+                   help="read a dialogue (JSON list of {role, content}) on stdin, print its prompt ids, run no model")
+    c.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: %(default)s, Meta's)")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1] (default: %(default)s, Meta's)")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--policy", choices=["drop_oldest", "error"], default="drop_oldest",
+                   help="a chat longer than the context window: drop the oldest exchanges keeping the system "
+                        "message (default), or stop with an error")
