@@ -77,8 +77,7 @@ def quantize_int8(w, axis=None):
     w = _check_rows(w, 1, "int8")
     amax = np.abs(w).max() if axis is None else np.abs(w).max(axis=axis, keepdims=True)
     scale = (np.asarray(amax, F32) / F32(127)).astype(F32)
-    inv = np.where(scale == 0, F32(0), F32(1) / np.where(scale == 0, F32(1), scale)).astype(F32)
-    q = np.clip(np.rint(w * inv), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / np.where(scale == 0, F32(1), scale)), -127, 127).astype(np.int8)   # all-zero rows -> 0
     return q, scale
 
 
@@ -662,10 +661,11 @@ def log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(ref_logits, q_logits, targets=None) -> dict:
+def compare_logits(ref_logits, q_logits, targets=None, ref_logprobs=None) -> dict:
     """KL(ref || quant) of next-token distributions (nats, mean over positions), top-1 agreement, and, with
-    targets, both models' mean negative log-likelihood (perplexity = exp of it)."""
-    lp, lq = log_softmax(ref_logits), log_softmax(q_logits)
+    targets, both models' mean negative log-likelihood (perplexity = exp of it). Computed in float64."""
+    lp = log_softmax(ref_logits) if ref_logprobs is None else ref_logprobs
+    lq = log_softmax(q_logits)
     kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
     top1 = float(np.mean(np.argmax(lp, -1) == np.argmax(lq, -1)))
     out = {"kl": kl, "top1": top1}
@@ -707,14 +707,17 @@ def accuracy_study(model: Llama, tokens, lengths, schemes=("f16", *SCHEMES), bat
     n_params = sum(int(np.prod(w.shape)) for w in model.weights.values())
     layer_names = [n for n in model.weights if ".layers." in n and n.endswith("proj.weight")]
     n_layer = sum(int(np.prod(model.weights[n].shape)) for n in layer_names)
-    ref_chunks = [model.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)]
     valid = np.arange(tokens.shape[1] - 1)[None, :] < (lengths - 1)[:, None]          # (N, T-1)
     targets = tokens[:, 1:][valid]
 
+    def logits_of(m):                                                                  # (positions, V)
+        return np.concatenate([m.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])[:, :-1][valid]
+
+    ref = logits_of(model)
+    ref_lp = log_softmax(ref)
+
     def score(m):
-        logits = np.concatenate([m.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
-        ref = np.concatenate(ref_chunks)
-        return compare_logits(ref[:, :-1][valid], logits[:, :-1][valid], targets)
+        return compare_logits(ref, ref if m is model else logits_of(m), targets, ref_logprobs=ref_lp)
 
     rows = []
     for s in ("f32", *schemes):
