@@ -516,6 +516,15 @@ def build_llama(config: LlamaConfig, weights: dict) -> Llama:
     return model
 
 
+def set_integer_dot(model: Llama, on=True) -> Llama:
+    """Make every Q8_0 matrix of a model multiply the way llama.cpp's CPU backend does: activations quantized to
+    Q8_0, int8 x int8 -> int32 per block (matmul_q8_0_int). Slow in NumPy; for comparisons."""
+    for w in model.weights.values():
+        if isinstance(w, Q8_0Matrix):
+            w.int_dot = on
+    return model
+
+
 def quantize_model(model_or_weights, scheme: str, config: LlamaConfig | None = None, on_bad_shape="error") -> Llama:
     """A Llama (or an HF weights dict + config) -> a new Llama holding `scheme`-quantized weights."""
     if isinstance(model_or_weights, Llama):

@@ -325,3 +325,15 @@ def test_bytes_identical_on_the_embedded_model():
             w = np.asarray(w, np.float32)
             np.testing.assert_array_equal(Q.quantize_q8_0(w), gguf.quants.quantize(w, GT.Q8_0), err_msg=name)
             np.testing.assert_array_equal(Q.quantize_q4_0(w), gguf.quants.quantize(w, GT.Q4_0), err_msg=name)
+
+
+def test_integer_dot_model_close_to_dequantized_path(model):
+    tokens = np.arange(8) * 7 % CFG.vocab_size
+    qm = Q.quantize_model(model, "q8_0")
+    y_float = qm.forward(tokens)
+    y_int = Q.set_integer_dot(Q.quantize_model(model, "q8_0")).forward(tokens)
+    # The integer path also rounds the activations to 8 bits per block of 32 (~0.4% relative each), so the logits
+    # move by about as much as Q8_0 weights move them: relative error of order 1e-2, not 1e-6 and not 1.
+    rel = np.abs(y_int - y_float).max() / np.abs(y_float).max()
+    assert 1e-6 < rel < 5e-2
+    assert Q.compare_logits(y_float, y_int)["kl"] < 5e-3
