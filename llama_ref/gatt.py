@@ -1,0 +1,348 @@
+"""Ghost Attention (GAtt, Llama 2 paper sec. 3.3 / appendix A.3.5) reproduced on our tiny chat model.
+
+Chapter 08 walks through it. The problem: a chat model told something in the system message ("Act as Tom")
+obeys at turn 1 and forgets a few turns later. The paper's fix is a *data* trick, not an architecture change:
+
+  1. take multi-turn dialogues and an instruction; concatenate the instruction to EVERY user message;
+  2. sample the assistant replies from the current chat model (it obeys an instruction it can see in the
+     current message) and keep only samples a checker accepts (rejection sampling);
+  3. build the training example with the instruction ONLY in the first turn's system message, and set the loss
+     to zero for every token of the previous turns, assistant replies included: only the last reply is learned;
+  4. fine-tune on it. The model learns to produce obedient late replies while the instruction is far away,
+     which it can only do by attending back to the system message ("ghost" attention).
+
+Our instructions live in the synthetic world's language, three families like the paper's, combined at random
+(half the time in a shortened form, like the paper's "Figure: Napoleon"):
+
+    family   instruction (full / short)               an obedient reply          checker
+    persona  "Act as Tom." / "Figure: Tom."          starts "I am Tom."         reply starts with it
+    hobby    "You love kites." / "Hobby: kites."     contains "I love kites."   the sentence is in the reply
+    style    "Speak like a cow." / "Style: cow."     ends with "Moo!"           reply ends with the sound
+
+Held-out: combinations of two or three families are split by a hash into train and test, so evaluation uses
+instruction combinations never seen in training (every single value is seen), asked in test-split dialogues.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .chat import ASSISTANT, SYSTEM, encode_dialog, fit_dialog, format_dialog
+from .corpus import ANIMALS, NAMES, TOYS, generate_dialogues, make_world
+from .errors import InputError
+
+FAMILIES = ("persona", "hobby", "style")
+HOBBIES = [t + "s" for t in TOYS]                                      # "kites", "balls", ...
+STYLE_ANIMALS = list(ANIMALS)                                          # "Speak like a cow." -> "Moo!"
+SOUNDS = {k: v[1].capitalize() + "!" for k, v in ANIMALS.items()}    # "cow" -> "Moo!"
+PERSONAS = list(NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# instructions and their checkers
+
+@dataclass(frozen=True)
+class Instruction:
+    """A combination of instructions from up to three families (None = family absent)."""
+    persona: str | None = None
+    hobby: str | None = None
+    style: str | None = None
+    short: bool = False                      # "Figure: Tom." instead of "Act as Tom."
+    order: tuple = FAMILIES                  # order of the sentences in the system message
+
+    def families(self) -> list[str]:
+        return [f for f in FAMILIES if getattr(self, f) is not None]
+
+    def sentence(self, family: str) -> str:
+        v = getattr(self, family)
+        if self.short:
+            return {"persona": f"Figure: {v}.", "hobby": f"Hobby: {v}.", "style": f"Style: {v}."}[family]
+        return {"persona": f"Act as {v}.", "hobby": f"You love {v}.", "style": f"Speak like a {v}."}[family]
+
+    @property
+    def text(self) -> str:
+        """The system message."""
+        return " ".join(self.sentence(f) for f in self.order if getattr(self, f) is not None)
+
+    def apply(self, answer: str) -> str:
+        """The obedient version of a plain answer: persona first, then the answer, the hobby, the sound."""
+        parts = []
+        if self.persona:
+            parts.append(f"I am {self.persona}.")
+        parts.append(answer.strip())
+        if self.hobby:
+            parts.append(f"I love {self.hobby}.")
+        if self.style:
+            parts.append(SOUNDS[self.style])
+        return " ".join(parts)
+
+    def check(self, reply: str) -> dict[str, bool]:
+        """Per family: does `reply` obey it?"""
+        r = reply.strip()
+        out = {}
+        if self.persona:
+            out["persona"] = r.startswith(f"I am {self.persona}.")
+        if self.hobby:
+            out["hobby"] = re.search(rf"(^|\s)I love {re.escape(self.hobby)}\.(\s|$)", r) is not None
+        if self.style:
+            out["style"] = r.endswith(SOUNDS[self.style])
+        return out
+
+    def obeyed(self, reply: str) -> bool:
+        return all(self.check(reply).values())
+
+    def key(self) -> tuple:
+        return (self.persona, self.hobby, self.style)
+
+
+def combo_split(persona, hobby, style) -> str:
+    """'train' or 'test' for a combination: combinations of >= 2 families are held out by a hash (1 in 4)."""
+    if sum(v is not None for v in (persona, hobby, style)) < 2:
+        return "train"
+    h = hashlib.sha256(f"{persona}|{hobby}|{style}".encode()).digest()
+    return "test" if h[0] % 4 == 0 else "train"
+
+
+def random_instruction(rng: random.Random, split: str = "train", min_families: int = 1) -> Instruction:
+    """A random combination of families whose combination belongs to `split`; short form half the time."""
+    if split not in ("train", "test"):
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    min_families = max(min_families, 2 if split == "test" else 1)
+    while True:
+        k = rng.randint(min_families, 3)
+        fams = rng.sample(FAMILIES, k)
+        vals = {"persona": None, "hobby": None, "style": None}
+        if "persona" in fams:
+            vals["persona"] = rng.choice(PERSONAS)
+        if "hobby" in fams:
+            vals["hobby"] = rng.choice(HOBBIES)
+        if "style" in fams:
+            vals["style"] = rng.choice(STYLE_ANIMALS)
+        if combo_split(**vals) == split:
+            order = list(FAMILIES)
+            rng.shuffle(order)
+            return Instruction(**vals, short=rng.random() < 0.5, order=tuple(order))
+
+
+# ------------------------------------------------------------------------------------------------
+# dialogues from the corpus
+
+def corpus_dialogues(split: str, n: int, seed: int, min_turns: int = 1, max_turns: int = 8) -> list[list[dict]]:
+    """n user/assistant dialogues (lists of messages) from the corpus, each with min_turns..max_turns exchanges.
+
+    Short corpus dialogues are extended with exchanges of further ones (same split) until min_turns is reached.
+    """
+    world = make_world()
+    pool = generate_dialogues(world, split, max(4 * n, 64), seed=seed, max_turns=max_turns)
+    out, i = [], 0
+    while len(out) < n:
+        msgs = []
+        while len(msgs) // 2 < min_turns:
+            msgs += pool[i % len(pool)].turns
+            i += 1
+        out.append([dict(m) for m in msgs[:2 * max_turns]])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# training examples: (ids, loss mask)
+
+@dataclass
+class Example:
+    ids: list[int]
+    loss_mask: list[bool]        # loss_mask[t]: the token ids[t] is a training target (predicted from ids[:t])
+    kind: str = ""
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def sft_example(dialog, tokenizer, kind="sft") -> Example:
+    """Ordinary SFT: a finished dialogue, loss on every assistant token of every turn."""
+    enc = encode_dialog(dialog, tokenizer, final="assistant")
+    return Example(enc.ids, enc.mask(ASSISTANT).tolist(), kind)
+
+
+def last_turn_example(dialog, tokenizer, kind="gatt") -> Example:
+    """GAtt: a finished dialogue whose loss covers ONLY the last assistant reply; every token of the previous
+    turns (system, user and assistant) has loss zero."""
+    enc = encode_dialog(dialog, tokenizer, final="assistant")
+    last = enc.n_turns - 1
+    return Example(enc.ids, enc.mask(ASSISTANT, turns=[last]).tolist(), kind)
+
+
+def baseline_sft_data(tokenizer, n: int, seed: int = 0, instruction_fraction: float = 0.5,
+                      max_len: int | None = None) -> list[Example]:
+    """The baseline chat data, trained the ordinary way.
+
+    Plain multi-turn corpus dialogues (no system message, loss on every answer) and SINGLE-TURN instruction
+    examples: the instruction in the system message (or, a third of the time, written in front of the user's
+    question), one question, the obedient answer. So the baseline never sees an instruction beyond turn 1.
+    """
+    rng = random.Random(f"sft-{seed}")
+    dialogs = corpus_dialogues("train", n, seed=seed + 1)
+    out = []
+    for d in dialogs:
+        if rng.random() < instruction_fraction:
+            ins = random_instruction(rng, "train")
+            k = rng.randrange(len(d) // 2)
+            q, a = d[2 * k]["content"], d[2 * k + 1]["content"]
+            if rng.random() < 2 / 3:
+                dialog = [{"role": "system", "content": ins.text}, {"role": "user", "content": q}]
+            else:
+                dialog = [{"role": "user", "content": f"{ins.text} {q}"}]
+            ex = sft_example(dialog + [{"role": "assistant", "content": ins.apply(a)}], tokenizer, "sft-instruction")
+        else:
+            ex = sft_example(d, tokenizer, "sft-dialogue")
+            while max_len and len(ex) > max_len and len(d) > 2:      # too long for the window: drop the last turn
+                d = d[:-2]
+                ex = sft_example(d, tokenizer, "sft-dialogue")
+        if not max_len or len(ex) <= max_len:
+            out.append(ex)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# rejection sampling from the current model
+
+@dataclass
+class SampledDialogue:
+    instruction: Instruction
+    dialog: list[dict]                   # with the instruction ONLY in the system message, original user messages
+    n_tries: list[int] = field(default_factory=list)   # samples drawn per turn (the last one accepted)
+    n_rejected: int = 0
+    rejected: list[str] = field(default_factory=list)  # a few rejected replies, to show
+
+
+def sample_gatt_dialogue(model, tokenizer, instruction: Instruction, dialog, seed: int, max_tries: int = 4,
+                         max_new_tokens: int = 40, temperature: float = 0.7, top_p: float = 0.95) -> SampledDialogue:
+    """Steps 1-2 of GAtt for one dialogue: the instruction concatenated to every user message, replies sampled
+    from `model` turn by turn, each retried up to max_tries times until the checker accepts it. The dialogue
+    ends at the first turn where no sample is accepted or the context window is full."""
+    from .generate import generate
+    users = [m["content"] for m in dialog if m["role"] == "user"]
+    shown, replies, tries, n_rej, rejected = [], [], [], 0, []
+    limit = model.config.max_seq_len
+    for k, q in enumerate(users):
+        shown.append({"role": "user", "content": f"{instruction.text} {q}"})
+        ids = format_dialog(shown, tokenizer)
+        if len(ids) + max_new_tokens > limit:
+            shown.pop()
+            break
+        ok = None
+        for t in range(max_tries):
+            res = generate(model, ids, max_new_tokens, temperature, None, top_p, seed=seed * 1000 + k * 10 + t)
+            text = tokenizer.decode([i for i in res.ids if i != tokenizer.eos_id]).strip()
+            if res.stop_reason == "eos" and instruction.obeyed(text):
+                ok = text
+                tries.append(t + 1)
+                break
+            n_rej += 1
+            if len(rejected) < 3:
+                rejected.append(text)
+        if ok is None:
+            shown.pop()
+            break
+        shown.append({"role": "assistant", "content": ok})
+        replies.append(ok)
+    out = [{"role": "system", "content": instruction.text}]
+    for q, r in zip(users, replies):
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    return SampledDialogue(instruction, out, tries, n_rej, rejected)
+
+
+def gatt_examples(sampled: SampledDialogue, tokenizer, max_len: int | None = None) -> list[Example]:
+    """Step 3: for every prefix that ends with an accepted reply, an example with the instruction only in the
+    system message and loss only on that last reply."""
+    msgs = sampled.dialog
+    out = []
+    for k in range(1, (len(msgs) - 1) // 2 + 1):
+        ex = last_turn_example(msgs[:1 + 2 * k], tokenizer)
+        if max_len is None or len(ex) <= max_len:
+            out.append(ex)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation: adherence per turn, attention to the system message
+
+def eval_dialogues(n: int, seed: int = 0, n_turns: int = 8) -> list[tuple[Instruction, list[str]]]:
+    """Held-out evaluation set: test-split questions (n_turns of them) and test-split instruction combinations."""
+    rng = random.Random(f"gatt-eval-{seed}")
+    dialogs = corpus_dialogues("test", n, seed=seed + 77, min_turns=n_turns, max_turns=n_turns)
+    return [(random_instruction(rng, "test"), [m["content"] for m in d if m["role"] == "user"][:n_turns])
+            for d in dialogs]
+
+
+@dataclass
+class ChatRun:
+    instruction: Instruction
+    dialog: list[dict]                   # system + user/assistant, the model's own replies
+    obeyed: list[bool]                   # per turn
+    per_family: list[dict]               # per turn: {family: bool}
+    dropped: list[int]                   # per turn: exchanges dropped by the context policy
+
+
+def run_chat(model, tokenizer, instruction: Instruction, questions, max_new_tokens: int = 40) -> ChatRun:
+    """Greedy chat: the instruction in the system message only, the questions one per turn, the model's own
+    replies kept in the history (the oldest exchanges dropped if the window is full; the system message stays)."""
+    from .generate import generate
+    dialog = [{"role": "system", "content": instruction.text}]
+    obeyed, fams, dropped = [], [], []
+    for q in questions:
+        dialog.append({"role": "user", "content": q})
+        fitted, n_drop = fit_dialog(dialog, tokenizer, model.config.max_seq_len, reserve=max_new_tokens)
+        res = generate(model, format_dialog(fitted, tokenizer), max_new_tokens, 0.0)
+        text = tokenizer.decode([i for i in res.ids if i != tokenizer.eos_id]).strip()
+        dialog.append({"role": "assistant", "content": text})
+        fams.append(instruction.check(text))
+        obeyed.append(all(fams[-1].values()))
+        dropped.append(n_drop)
+    return ChatRun(instruction, dialog, obeyed, fams, dropped)
+
+
+def adherence(runs: list[ChatRun]) -> dict:
+    """Fractions per turn: all families obeyed, and per family."""
+    n_turns = max(len(r.obeyed) for r in runs)
+    out = {"all": [], **{f: [] for f in FAMILIES}}
+    for k in range(n_turns):
+        rs = [r for r in runs if len(r.obeyed) > k]
+        out["all"].append(float(np.mean([r.obeyed[k] for r in rs])))
+        for f in FAMILIES:
+            v = [r.per_family[k][f] for r in rs if f in r.per_family[k]]
+            out[f].append(float(np.mean(v)) if v else None)
+    return out
+
+
+def system_attention(model, tokenizer, dialog) -> np.ndarray:
+    """Share of attention mass that the reply tokens put on the system-message tokens, per layer and per turn.
+
+    One forward over the finished dialogue, recording `layers.{i}.attn.probs`. For turn k the queries are the
+    positions that PREDICT its reply tokens (each assistant token's previous position); the share is the
+    probability mass on key positions labelled "system", averaged over heads and those queries.
+    Returns (n_layers, n_turns) float; NaN for a turn that does not fit the context window.
+    """
+    from .trace import Trace
+    enc = encode_dialog(dialog, tokenizer, final="assistant")
+    T = min(len(enc.ids), model.config.max_seq_len)
+    ids = enc.ids[:T]
+    trace = Trace("layers.*.attn.probs")
+    model.forward(ids, trace=trace)
+    roles = np.array(enc.roles[:T])
+    turns = np.array(enc.turns[:T])
+    is_sys = roles == SYSTEM                                              # (T,) keys
+    L = model.config.n_layers
+    out = np.full((L, enc.n_turns), np.nan)
+    for k in range(enc.n_turns):
+        targets = np.nonzero((roles == ASSISTANT) & (turns == k))[0]
+        q = targets[targets >= 1] - 1                                      # positions that predict them
+        if len(q) == 0 or (k == enc.n_turns - 1 and len(enc.ids) > T):
+            continue
+        for i in range(L):
+            p = trace[f"layers.{i}.attn.probs"][0]                         # (nh, T, T)
+            out[i, k] = float(p[:, q][:, :, is_sys].sum(-1).mean())
+    return out
