@@ -346,3 +346,37 @@ def system_attention(model, tokenizer, dialog) -> np.ndarray:
             p = trace[f"layers.{i}.attn.probs"][0]                         # (nh, T, T)
             out[i, k] = float(p[:, q][:, :, is_sys].sum(-1).mean())
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# batches for the trainer
+
+def make_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int = 0):
+    """Endless stream of (tokens (B, T), targets (B, T), mask (B, T)) from examples, in shuffled epochs.
+
+    tokens[b, t] predicts targets[b, t] = ids[t + 1]; mask[b, t] = loss_mask[t + 1] (is the NEXT token a training
+    target). Examples of similar length share a batch (less padding); padding sits at the right end, where the
+    causal mask keeps it from changing any real position, and its mask is False.
+    """
+    if not examples:
+        raise InputError("no training examples")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(examples))
+        chunks = [order[i:i + batch_size * 8] for i in range(0, len(order), batch_size * 8)]
+        batches = []
+        for ch in chunks:                                         # sort within a chunk by length, then cut
+            ch = sorted(ch, key=lambda i: len(examples[i]))
+            batches += [ch[i:i + batch_size] for i in range(0, len(ch), batch_size)]
+        for bi in rng.permutation(len(batches)):
+            b = [examples[i] for i in batches[bi]]
+            T = max(len(e) for e in b) - 1
+            tokens = np.full((len(b), T), pad_id, np.int64)
+            targets = np.full((len(b), T), pad_id, np.int64)
+            mask = np.zeros((len(b), T), bool)
+            for r, e in enumerate(b):
+                n = len(e) - 1
+                tokens[r, :n] = e.ids[:-1]
+                targets[r, :n] = e.ids[1:]
+                mask[r, :n] = e.loss_mask[1:]
+            yield tokens, targets, mask

@@ -309,3 +309,19 @@ def test_cli_answers_a_json_dialogue_on_stdin(chat_model_dir, tok):
     assert out["ids"] == res.ids and out["content"] == text
     r = run_cli("--model", chat_model_dir, "--temperature", -1, stdin=json.dumps(dialog))
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_cli_interactive_chat_on_a_terminal(chat_model_dir):
+    # stdin is a pseudo-terminal: the chat loop reads lines, answers each (streamed), /quit ends it
+    import os
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "llama_ref", "chat", "--model", str(chat_model_dir), "--system",
+                          "You love the beach.", "--temperature", "0", "--max-new-tokens", "4"],
+                         stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    os.write(master, b"What pet does Mia have?\nHow old is Ben?\n/quit\n")
+    out, err = p.communicate(timeout=120)
+    os.close(master)
+    assert p.returncode == 0, err
+    assert out.count("assistant> ") == 2 and "chatting with" in err
