@@ -218,41 +218,71 @@ class SampledDialogue:
     rejected: list[str] = field(default_factory=list)  # a few rejected replies, to show
 
 
-def sample_gatt_dialogue(model, tokenizer, instruction: Instruction, dialog, seed: int, max_tries: int = 4,
-                         max_new_tokens: int = 40, temperature: float = 0.7, top_p: float = 0.95) -> SampledDialogue:
-    """Steps 1-2 of GAtt for one dialogue: the instruction concatenated to every user message, replies sampled
-    from `model` turn by turn, each retried up to max_tries times until the checker accepts it. The dialogue
-    ends at the first turn where no sample is accepted or the context window is full."""
-    from .generate import generate
-    users = [m["content"] for m in dialog if m["role"] == "user"]
-    shown, replies, tries, n_rej, rejected = [], [], [], 0, []
+def sample_gatt_dialogues(model, tokenizer, items, seed: int, max_tries: int = 4, max_new_tokens: int = 40,
+                          temperature: float = 0.7, top_p: float = 0.95, batch_size: int = 16) -> list[SampledDialogue]:
+    """Steps 1-2 of GAtt for many dialogues: items are (Instruction, dialog) pairs.
+
+    Turn by turn, the instruction is concatenated to the user message, every open dialogue is prompted with its
+    history (instruction in every user message, its accepted replies) and a reply is sampled from `model`; a reply
+    the checker rejects (or that does not end with EOS) is drawn again, up to max_tries times. A dialogue ends at the
+    first turn where no sample is accepted, or when the next prompt would not fit the context window.
+    The dialogues of one turn are sampled together (generate_batch), batch_size at a time.
+    """
+    from . import generate as gen
     limit = model.config.max_seq_len
-    for k, q in enumerate(users):
-        shown.append({"role": "user", "content": f"{instruction.text} {q}"})
-        ids = format_dialog(shown, tokenizer)
-        if len(ids) + max_new_tokens > limit:
-            shown.pop()
-            break
-        ok = None
+    states = []
+    for ins, dialog in items:
+        states.append({"ins": ins, "users": [m["content"] for m in dialog if m["role"] == "user"], "shown": [],
+                       "replies": [], "tries": [], "n_rej": 0, "rejected": [], "open": True})
+    n_turns = max((len(st["users"]) for st in states), default=0)
+    for k in range(n_turns):
+        pending = []
+        for i, st in enumerate(states):
+            if not st["open"] or k >= len(st["users"]):
+                st["open"] = False
+                continue
+            st["shown"].append({"role": "user", "content": f"{st['ins'].text} {st['users'][k]}"})
+            ids = format_dialog(st["shown"], tokenizer)
+            if len(ids) + max_new_tokens > limit:
+                st["shown"].pop()
+                st["open"] = False
+                continue
+            pending.append((i, ids))
         for t in range(max_tries):
-            res = generate(model, ids, max_new_tokens, temperature, None, top_p, seed=seed * 1000 + k * 10 + t)
-            text = tokenizer.decode([i for i in res.ids if i != tokenizer.eos_id]).strip()
-            if res.stop_reason == "eos" and instruction.obeyed(text):
-                ok = text
-                tries.append(t + 1)
-                break
-            n_rej += 1
-            if len(rejected) < 3:
-                rejected.append(text)
-        if ok is None:
-            shown.pop()
-            break
-        shown.append({"role": "assistant", "content": ok})
-        replies.append(ok)
-    out = [{"role": "system", "content": instruction.text}]
-    for q, r in zip(users, replies):
-        out += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-    return SampledDialogue(instruction, out, tries, n_rej, rejected)
+            pending.sort(key=lambda p: len(p[1]))
+            still = []
+            for c in range(0, len(pending), batch_size):
+                chunk = pending[c:c + batch_size]
+                outs = gen.generate_batch(model, [ids for _, ids in chunk], max_new_tokens, temperature, None, top_p,
+                                          seeds=[seed * 7919 + i * 101 + k * 11 + t for i, _ in chunk])
+                for (i, ids), new in zip(chunk, outs):
+                    st = states[i]
+                    text = tokenizer.decode([x for x in new if x != tokenizer.eos_id]).strip()
+                    if new and new[-1] == tokenizer.eos_id and st["ins"].obeyed(text):
+                        st["shown"].append({"role": "assistant", "content": text})
+                        st["replies"].append(text)
+                        st["tries"].append(t + 1)
+                    else:
+                        st["n_rej"] += 1
+                        if len(st["rejected"]) < 3:
+                            st["rejected"].append(text)
+                        still.append((i, ids))
+            pending = still
+        for i, _ in pending:                                  # no accepted sample: the dialogue ends here
+            states[i]["shown"].pop()
+            states[i]["open"] = False
+    out = []
+    for st in states:
+        d = [{"role": "system", "content": st["ins"].text}]
+        for q, r in zip(st["users"], st["replies"]):
+            d += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        out.append(SampledDialogue(st["ins"], d, st["tries"], st["n_rej"], st["rejected"]))
+    return out
+
+
+def sample_gatt_dialogue(model, tokenizer, instruction: Instruction, dialog, seed: int, **kw) -> SampledDialogue:
+    """sample_gatt_dialogues for one dialogue."""
+    return sample_gatt_dialogues(model, tokenizer, [(instruction, dialog)], seed, **kw)[0]
 
 
 def gatt_examples(sampled: SampledDialogue, tokenizer, max_len: int | None = None) -> list[Example]:
@@ -287,22 +317,37 @@ class ChatRun:
     dropped: list[int]                   # per turn: exchanges dropped by the context policy
 
 
+def run_chats(model, tokenizer, items, max_new_tokens: int = 40, batch_size: int = 16) -> list[ChatRun]:
+    """Greedy chats, items = (Instruction, questions): the instruction in the system message only, one question per
+    turn, the model's own replies kept in the history (the oldest exchanges dropped when the window is full; the
+    system message stays, see chat.fit_dialog). All dialogues of one turn are decoded together."""
+    from . import generate as gen
+    runs = [ChatRun(ins, [{"role": "system", "content": ins.text}], [], [], []) for ins, _ in items]
+    questions = [list(qs) for _, qs in items]
+    for k in range(max(len(q) for q in questions)):
+        todo = []
+        for i, r in enumerate(runs):
+            if k < len(questions[i]):
+                r.dialog.append({"role": "user", "content": questions[i][k]})
+                fitted, n_drop = fit_dialog(r.dialog, tokenizer, model.config.max_seq_len, reserve=max_new_tokens)
+                r.dropped.append(n_drop)
+                todo.append((i, format_dialog(fitted, tokenizer)))
+        todo.sort(key=lambda p: len(p[1]))
+        for c in range(0, len(todo), batch_size):
+            chunk = todo[c:c + batch_size]
+            outs = gen.generate_batch(model, [ids for _, ids in chunk], max_new_tokens, 0.0)
+            for (i, _), new in zip(chunk, outs):
+                r = runs[i]
+                text = tokenizer.decode([x for x in new if x != tokenizer.eos_id]).strip()
+                r.dialog.append({"role": "assistant", "content": text})
+                r.per_family.append(r.instruction.check(text))
+                r.obeyed.append(all(r.per_family[-1].values()))
+    return runs
+
+
 def run_chat(model, tokenizer, instruction: Instruction, questions, max_new_tokens: int = 40) -> ChatRun:
-    """Greedy chat: the instruction in the system message only, the questions one per turn, the model's own
-    replies kept in the history (the oldest exchanges dropped if the window is full; the system message stays)."""
-    from .generate import generate
-    dialog = [{"role": "system", "content": instruction.text}]
-    obeyed, fams, dropped = [], [], []
-    for q in questions:
-        dialog.append({"role": "user", "content": q})
-        fitted, n_drop = fit_dialog(dialog, tokenizer, model.config.max_seq_len, reserve=max_new_tokens)
-        res = generate(model, format_dialog(fitted, tokenizer), max_new_tokens, 0.0)
-        text = tokenizer.decode([i for i in res.ids if i != tokenizer.eos_id]).strip()
-        dialog.append({"role": "assistant", "content": text})
-        fams.append(instruction.check(text))
-        obeyed.append(all(fams[-1].values()))
-        dropped.append(n_drop)
-    return ChatRun(instruction, dialog, obeyed, fams, dropped)
+    """run_chats for one dialogue."""
+    return run_chats(model, tokenizer, [(instruction, questions)], max_new_tokens)[0]
 
 
 def adherence(runs: list[ChatRun]) -> dict:

@@ -171,3 +171,83 @@ def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=N
         pos += 1
         result.n_decode += 1
         result.decode_s = decode_s
+
+
+# ------------------------------------------------------------------------------------------------
+# Many prompts at once: left padding + a key mask
+
+def _forward_padded(model: Llama, tokens, start_pos, cache, key_ok):
+    """Llama.forward for a left-padded batch: tokens (B, T), key_ok (B, S) False at padding positions.
+
+    Same blocks as Llama.block, plus a per-row key mask so no real token attends to padding. RoPE scores depend only
+    on the distance between positions, so a row shifted right by its padding gives the same logits as alone (up to
+    float rounding). A padding query may see itself, so its row never is all -inf (which would put NaN in the cache).
+    Returns the last position's logits (B, V).
+    """
+    from .model import apply_rope_hf, attention, linear, rms_norm, swiglu
+    cfg, P = model.config, model.params
+    B, T = tokens.shape
+    S = start_pos + T
+    nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    cos, sin = model.cos[start_pos:S], model.sin[start_pos:S]
+    q_pos = np.arange(start_pos, S)[:, None]                                    # (T, 1)
+    k_pos = np.arange(S)[None, :]                                               # (1, S)
+    allowed = (k_pos <= q_pos)[None] & (key_ok[:, None, :S] | (k_pos == q_pos)[None])   # (B, T, S)
+    mask = np.where(allowed, F32(0.0), F32(-np.inf))[:, None, None]             # (B, 1, 1, T, S)
+    x = P["embed"][tokens].astype(F32, copy=False)                              # (B, T, C)
+    for i, layer in enumerate(P["layers"]):
+        xn = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        q = apply_rope_hf(linear(xn, layer["wq"]).reshape(B, T, nh, hs).transpose(0, 2, 1, 3), cos, sin)
+        k = apply_rope_hf(linear(xn, layer["wk"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3), cos, sin)
+        v = linear(xn, layer["wv"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)
+        k, v = cache.update(i, start_pos, k, v)
+        heads, _ = attention(q, k, v, mask)
+        h = x + linear(heads.transpose(0, 2, 1, 3).reshape(B, T, nh * hs), layer["wo"])
+        hn = rms_norm(h, layer["ffn_norm"], cfg.norm_eps)
+        x = h + linear(swiglu(linear(hn, layer["w_gate"]), linear(hn, layer["w_up"])), layer["w_down"])
+    cache.length = S
+    x = rms_norm(x[:, -1], P["norm"], cfg.norm_eps)                            # (B, C)
+    return linear(x, P["lm_head"])                                              # (B, V)
+
+
+def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seeds=None,
+                   stop_at_eos=True) -> list[list[int]]:
+    """generate() for many prompts at once: one padded prefill, then one decode forward per step for all rows.
+
+    Decode is memory-bound (every weight is read once per forward), so B rows cost little more than one. Row b
+    samples with its own default_rng(seeds[b]); a row stops at its EOS (included in its ids). Returns new ids per row.
+    """
+    check_sampling(temperature, top_k, top_p)
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise InputError("generate_batch needs a non-empty list of non-empty prompts")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if P + max_new_tokens > model.config.max_seq_len:
+        raise ContextLengthError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                                 f"context window of {model.config.max_seq_len} tokens")
+    seeds = list(range(B)) if seeds is None else list(seeds)
+    rngs = [np.random.default_rng(s) for s in seeds]
+    tokens = np.zeros((B, P), np.int64)
+    key_ok = np.ones((B, P + max_new_tokens), bool)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = p
+        key_ok[b, :P - len(p)] = False
+    cache = model.new_cache(batch_size=B, max_len=P + max_new_tokens)
+    out = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    if max_new_tokens == 0:
+        return out
+    logits = _forward_padded(model, tokens, 0, cache, key_ok)                  # prefill (B, V)
+    for step in range(max_new_tokens):
+        nxt = np.zeros(B, np.int64)
+        for b in range(B):
+            if done[b]:
+                continue
+            nxt[b] = sample(logits[b], rngs[b], temperature, top_k, top_p)
+            out[b].append(int(nxt[b]))
+            if stop_at_eos and nxt[b] == model.config.eos_id:
+                done[b] = True
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits = _forward_padded(model, nxt[:, None], P + step, cache, key_ok)  # decode: one token per row
+    return out

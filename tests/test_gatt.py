@@ -138,14 +138,16 @@ def test_rejection_sampling_keeps_only_accepted_replies(model, tok, monkeypatch)
               users[2], {"role": "assistant", "content": "z"}]
     calls = []
 
-    def fake_generate(m, ids, max_new_tokens, temperature, top_k, top_p, seed=0, **kw):
-        calls.append(ids)
-        n = len(calls)
-        # turn 1: first try disobeys, second obeys; turn 2: obeys; turn 3: never obeys
-        text = {1: "Tim is five.", 2: "I am Tom. Tim is five. Moo!", 3: "I am Tom. Mia has a cat. Moo!"}.get(n, "No.")
-        res = gen.GenerationResult(list(ids), tok.encode(text) + [tok.eos_id], "eos", 0.0, 0.0)
-        return res
-    monkeypatch.setattr(gen, "generate", fake_generate)
+    def fake_generate_batch(m, prompts, max_new_tokens, temperature, top_k, top_p, seeds=None, **kw):
+        out = []
+        for ids in prompts:
+            calls.append(ids)
+            n = len(calls)
+            # turn 1: first try disobeys, second obeys; turn 2: obeys; turn 3: never obeys
+            text = {1: "Tim is five.", 2: "I am Tom. Tim is five. Moo!", 3: "I am Tom. Mia has a cat. Moo!"}.get(n, "No.")
+            out.append(tok.encode(text) + [tok.eos_id])
+        return out
+    monkeypatch.setattr(gen, "generate_batch", fake_generate_batch)
     s = sample_gatt_dialogue(model, tok, ins, dialog, seed=0, max_tries=3)
     # every sampling prompt carried the instruction in the CURRENT user message
     assert all(tok.decode(ids).rstrip().endswith("[/INST]") for ids in calls)
@@ -199,3 +201,11 @@ def test_run_chat_survives_the_context_window(tok):
     ins, qs = eval_dialogues(1, seed=0, n_turns=6)[0]
     r = run_chat(m, tok, ins, qs, max_new_tokens=8)
     assert len(r.obeyed) == 6 and max(r.dropped) > 0               # old exchanges dropped, the chat goes on
+
+
+def test_batched_chats_equal_single_chats(model, tok):
+    from llama_ref.gatt import run_chats
+    ev = eval_dialogues(3, seed=2, n_turns=2)
+    batched = run_chats(model, tok, ev, max_new_tokens=5, batch_size=2)
+    single = [run_chat(model, tok, ins, qs, max_new_tokens=5) for ins, qs in ev]
+    assert [r.dialog for r in batched] == [r.dialog for r in single]

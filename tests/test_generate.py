@@ -194,3 +194,21 @@ def test_context_overflow_and_bad_input(model):
         generate(model, [1, 64], 3)
     with pytest.raises(InputError):
         generate(model, [1], -1)
+
+
+def test_generate_batch_equals_one_at_a_time(model):
+    # left padding + key mask: each row gives the ids generate() gives alone (RoPE depends on distances only)
+    from llama_ref.generate import generate_batch
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 64, n)) for n in (3, 11, 6, 1)]
+    got = generate_batch(model, prompts, 9, temperature=0.0, stop_at_eos=False)
+    assert got == [generate(model, p, 9, temperature=0.0, stop_at_eos=False).ids for p in prompts]
+    got = generate_batch(model, prompts, 9, temperature=1.0, top_p=0.9, seeds=[5, 6, 7, 8], stop_at_eos=False)
+    assert got == [generate(model, p, 9, 1.0, None, 0.9, seed=s, stop_at_eos=False).ids
+                   for p, s in zip(prompts, [5, 6, 7, 8])]
+    eos = got[1][2]                                          # rows stop at their own EOS
+    m = Llama(CFG.replace(eos_id=eos), model.weights)
+    stopped = generate_batch(m, prompts, 9, temperature=1.0, top_p=0.9, seeds=[5, 6, 7, 8])
+    assert stopped[1] == got[1][:got[1].index(eos) + 1]
+    with pytest.raises(ContextLengthError):
+        generate_batch(model, prompts, 30)
