@@ -299,7 +299,10 @@ def main_chat(args, load_model, find_tokenizer) -> int:
             tok = Tokenizer(DEFAULT_TOKENIZER)
         dialog = _read_dialog_json(sys.stdin.read())
         if args.system is not None:
-            dialog = [{"role": "system", "content": args.system}] + list(dialog)
+            if isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) and dialog[0].get("role") == "system":
+                raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
+            if isinstance(dialog, list):
+                dialog = [{"role": "system", "content": args.system}] + dialog
         ids = format_dialog(dialog, tok)
         if args.json:
             print(json.dumps({"ids": ids, "pieces": tok.pieces(ids), "n_tokens": len(ids)}))
@@ -323,7 +326,10 @@ def main_chat(args, load_model, find_tokenizer) -> int:
 
     if not sys.stdin.isatty():                                   # scripting: one dialogue in, one answer out
         dialog = _read_dialog_json(sys.stdin.read())
-        dialog = system + list(dialog) if system and dialog and dialog[0].get("role") != "system" else dialog
+        if system and isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) \
+                and dialog[0].get("role") == "system":
+            raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
+        dialog = system + list(dialog) if system and isinstance(dialog, list) else dialog
         text, res, dropped = reply(model, tok, dialog, seed=args.seed, **kw)
         if args.json:
             print(json.dumps({"role": "assistant", "content": text, "ids": res.ids, "prompt_ids": res.prompt_ids,
