@@ -49,9 +49,9 @@ def plot(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows[1:]:
-        ax.scatter(r["bpw"], r["kl"], s=40)
-        ax.annotate(r["scheme"], (r["bpw"], r["kl"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    for r, marker in zip(rows[1:], "osD^v<>p"):
+        ax.scatter(r["bpw"], r["kl"], s=45, marker=marker, label=r["scheme"], alpha=0.8)
+    ax.legend(fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (all weights held)")
