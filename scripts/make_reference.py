@@ -1,0 +1,201 @@
+"""Reference fixtures, the llm.c way: what transformers' LlamaForCausalLM computes, tensor by tensor.
+
+This script imports torch and transformers only (never llama_ref's maths), so the fixtures are an independent
+check of our NumPy forward. For each config below it
+  1. builds a seeded random LlamaForCausalLM (float32, eager attention so attention probabilities are returned),
+     with weights scaled up from HF's tiny default init so attention is peaky and norm gains matter;
+  2. saves it as an ordinary HF directory data/reference/<name>/ (config.json + model.safetensors);
+  3. runs it on seeded random tokens and writes data/reference/<name>.npz: `tokens` (B, T) and every activation
+     under llama_ref's tap names (embed, layers.{i}.attn_norm, .attn.q/.k (after RoPE), .attn.v, .attn.probs,
+     .attn.heads, .attn.out, .attn_residual, .ffn_norm, .ffn.gate, .ffn.up, .ffn.hidden, .ffn.out, .out,
+     norm.out, logits), captured with forward hooks on transformers' own modules and its own RoPE function;
+  4. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
+
+    python scripts/make_reference.py            # (re)write data/reference/
+    python scripts/make_reference.py --check    # regenerate into a temp dir and compare with the committed files
+
+Note: transformers' `hidden_states[-1]` is taken *after* the final norm, so layer outputs are recorded with hooks
+on the decoder layers instead.
+"""
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers.models.llama import modeling_llama
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "data" / "reference"
+
+# name -> (HF config changes, batch, seq len, seed). Llama 2 uses rms_norm_eps 1e-5 and rope_theta 10000.
+BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=176, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-5,
+            rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "mha":        (dict(), 1, 24, 1),
+    "gqa":        (dict(num_key_value_heads=2), 1, 24, 2),
+    "rope_theta": (dict(num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-6), 1, 32, 3),
+    "untied":     (dict(tie_word_embeddings=False, num_hidden_layers=3), 1, 20, 4),
+    "tied":       (dict(tie_word_embeddings=True, num_key_value_heads=2), 1, 20, 5),
+    "odd_seq":    (dict(num_key_value_heads=1), 1, 37, 6),            # odd length, multi-query (one k/v head)
+    "batch":      (dict(num_key_value_heads=2), 3, 19, 7),
+}
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build_model(changes, seed):
+    """A seeded random LlamaForCausalLM with weights large enough that every part of the model matters."""
+    cfg = transformers.LlamaConfig(**{**BASE, **changes})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=g))      # gains visibly not 1
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p.shape[1] ** 0.5))  # std 1.5/sqrt(fan_in)
+    return model
+
+
+def capture(model, tokens):
+    """Run the model once and return every tap as float32 numpy arrays, keyed by llama_ref's tap names."""
+    cfg = model.config
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hs = cfg.hidden_size // nh
+    B, T = tokens.shape
+    taps, hooks = {}, []
+
+    def heads(x, n):                                       # (B, T, n*hs) -> (B, n, T, hs)
+        return x.view(B, T, n, hs).transpose(1, 2)
+
+    def out_hook(name, fn=lambda t: t):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            taps[name] = fn(out)
+        return hook
+
+    def in_hook(name, fn=lambda t: t):
+        def hook(module, args):
+            taps[name] = fn(args[0])
+        return hook
+
+    m = model.model
+    hooks.append(m.embed_tokens.register_forward_hook(out_hook("embed")))
+    for i, layer in enumerate(m.layers):
+        p = f"layers.{i}."
+        at, mlp = layer.self_attn, layer.mlp
+        hooks += [
+            layer.input_layernorm.register_forward_hook(out_hook(p + "attn_norm")),
+            at.q_proj.register_forward_hook(out_hook(p + "_q", lambda t: heads(t, nh))),
+            at.k_proj.register_forward_hook(out_hook(p + "_k", lambda t: heads(t, nkv))),
+            at.v_proj.register_forward_hook(out_hook(p + "attn.v", lambda t: heads(t, nkv))),
+            at.o_proj.register_forward_pre_hook(in_hook(p + "attn.heads", lambda t: heads(t, nh))),
+            at.o_proj.register_forward_hook(out_hook(p + "attn.out")),
+            layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "attn_residual")),
+            layer.post_attention_layernorm.register_forward_hook(out_hook(p + "ffn_norm")),
+            mlp.gate_proj.register_forward_hook(out_hook(p + "ffn.gate")),
+            mlp.up_proj.register_forward_hook(out_hook(p + "ffn.up")),
+            mlp.down_proj.register_forward_pre_hook(in_hook(p + "ffn.hidden")),
+            mlp.down_proj.register_forward_hook(out_hook(p + "ffn.out")),
+            layer.register_forward_hook(out_hook(p + "out")),
+        ]
+    hooks.append(m.norm.register_forward_hook(out_hook("norm.out")))
+    with torch.no_grad():
+        tok = torch.tensor(tokens)
+        out = model(tok, output_attentions=True, output_hidden_states=True)
+        # q and k after RoPE: transformers' own rotary embedding and apply_rotary_pos_emb on the captured projections
+        pos = torch.arange(T)[None].expand(B, T)
+        cos, sin = m.rotary_emb(taps["embed"], pos)
+        for i in range(cfg.num_hidden_layers):
+            q, k = modeling_llama.apply_rotary_pos_emb(taps.pop(f"layers.{i}._q"), taps.pop(f"layers.{i}._k"), cos, sin)
+            taps[f"layers.{i}.attn.q"], taps[f"layers.{i}.attn.k"] = q, k
+            taps[f"layers.{i}.attn.probs"] = out.attentions[i]
+        taps["logits"] = out.logits
+        # consistency with transformers' own outputs: hidden_states[i] is the input of layer i
+        for i in range(1, cfg.num_hidden_layers):
+            assert torch.equal(out.hidden_states[i], taps[f"layers.{i - 1}.out"])
+    for h in hooks:
+        h.remove()
+    return {k: v.detach().numpy().astype(np.float32) for k, v in taps.items()}
+
+
+def generate(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)                     # one thread: the same summation order on every run
+    manifest = {
+        "generator": "scripts/make_reference.py",
+        "generator_sha256": sha256(__file__),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__},
+        "torch_threads": 1,
+        "note": "random LlamaForCausalLM models (float32, eager attention); taps captured with forward hooks",
+        "configs": {},
+    }
+    for name, (changes, B, T, seed) in CONFIGS.items():
+        model = build_model(changes, seed)
+        model.save_pretrained(out_dir / name, safe_serialization=True)
+        tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (B, T)).astype(np.int64)
+        taps = capture(model, tokens)
+        np.savez_compressed(out_dir / f"{name}.npz", tokens=tokens, **taps)
+        files = [f"{name}.npz"] + sorted(f"{name}/{p.name}" for p in (out_dir / name).iterdir())
+        manifest["configs"][name] = {
+            "hf_config": {**json.loads((out_dir / name / "config.json").read_text()),
+                          "rope_theta": model.config.rope_parameters["rope_theta"]},   # v5 nests it
+            "seed": seed, "tokens_shape": [B, T], "n_taps": len(taps),
+            "sha256": {f: sha256(out_dir / f) for f in files},
+        }
+        print(f"{name:10s} B={B} T={T:3d} {len(taps):3d} taps  max|logit|={np.abs(taps['logits']).max():.2f}")
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(("grads", "sampling", "tinyworld")))
+    print(f"wrote {out_dir} ({size / 1e6:.2f} MB)")
+
+
+def check():
+    """Regenerate into a temp dir; every tensor must match the committed one (and the weights byte for byte)."""
+    committed = json.loads((OUT / "manifest.json").read_text())
+    bad = []
+    if committed["generator_sha256"] != sha256(__file__):
+        print("note: this script changed since the fixtures were written; comparing the outputs anyway")
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp))
+        for name in CONFIGS:
+            for f in sorted((Path(tmp) / name).iterdir()):
+                if f.name == "model.safetensors" and f.read_bytes() != (OUT / name / f.name).read_bytes():
+                    bad.append(f"{name}/{f.name}: weights differ")
+            new, old = np.load(Path(tmp) / f"{name}.npz"), np.load(OUT / f"{name}.npz")
+            if set(new.files) != set(old.files):
+                bad.append(f"{name}.npz: tap names differ: {sorted(set(new.files) ^ set(old.files))}")
+                continue
+            for k in new.files:
+                # Same library, same thread count: identical bits on one machine. Another CPU may pick other
+                # float32 kernels (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale.
+                a, b = new[k], old[k]
+                tol = 1e-5 * max(1.0, float(np.abs(b).max()))
+                if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
+                    bad.append(f"{name}.npz[{k}] differs")
+    if bad:
+        print("MISMATCH between regenerated and committed fixtures:\n  " + "\n  ".join(bad))
+        return 1
+    print("regenerated fixtures match the committed ones")
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare; exit 1 on mismatch")
+    args = ap.parse_args()
+    sys.exit(check() if args.check else generate(OUT))
