@@ -9,7 +9,10 @@ check of our NumPy forward. For each config below it
      under llama_ref's tap names (embed, layers.{i}.attn_norm, .attn.q/.k (after RoPE), .attn.v, .attn.probs,
      .attn.heads, .attn.out, .attn_residual, .ffn_norm, .ffn.gate, .ffn.up, .ffn.hidden, .ffn.out, .out,
      norm.out, logits), captured with forward hooks on transformers' own modules and its own RoPE function;
-  4. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
+  4. for the configs in GRAD_CONFIGS, trains the llm.c way: PyTorch autograd writes data/reference/grads_<name>.npz
+     with the cross-entropy loss and the gradient of every parameter, with and without a per-token loss mask, and
+     the parameters after a few torch.optim.AdamW steps (weight decay on matrices only, gradient clipping);
+  5. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
 
     python scripts/make_reference.py            # (re)write data/reference/
     python scripts/make_reference.py --check    # regenerate into a temp dir and compare with the committed files
@@ -46,6 +49,11 @@ CONFIGS = {
     "odd_seq":    (dict(num_key_value_heads=1), 1, 37, 6),            # odd length, multi-query (one k/v head)
     "batch":      (dict(num_key_value_heads=2), 3, 19, 7),
 }
+
+# Gradients (llama_ref/train.py is checked against these): name -> seed of the batch (tokens, targets, loss mask).
+GRAD_CONFIGS = {"mha": 101, "gqa": 102, "tied": 103, "odd_seq": 104}
+GRAD_BATCH = (2, 16)                       # (B, T) of the training batch
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, steps=3, grad_clip=1.0)
 
 
 def sha256(path):
@@ -132,6 +140,58 @@ def capture(model, tokens):
     return {k: v.detach().numpy().astype(np.float32) for k, v in taps.items()}
 
 
+def training_batch(vocab_size, seed):
+    """Seeded tokens, next-token targets and a loss mask (B, T); the mask keeps about 60% of the positions."""
+    rng = np.random.default_rng(seed)
+    B, T = GRAD_BATCH
+    tokens = rng.integers(0, vocab_size, (B, T)).astype(np.int64)
+    targets = rng.integers(0, vocab_size, (B, T)).astype(np.int64)
+    mask = rng.random((B, T)) < 0.6
+    mask[:, 0] = True
+    return tokens, targets, mask
+
+
+def masked_loss(model, tokens, targets, mask):
+    """Mean cross-entropy over the positions where mask is True (masked-out targets set to ignore_index=-100)."""
+    logits = model(torch.tensor(tokens)).logits                                      # (B, T, V)
+    labels = torch.tensor(np.where(mask, targets, -100))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+
+
+def gradients(changes, model_seed, batch_seed, record_step_grads=False):
+    """Loss and every parameter's gradient (with and without the mask), and parameters after AdamW steps."""
+    model = build_model(changes, model_seed).train()
+    tokens, targets, mask = training_batch(model.config.vocab_size, batch_seed)
+    out = {"tokens": tokens, "targets": targets, "mask": mask}
+    for tag, m in (("", mask), ("_nomask", np.ones_like(mask))):
+        model.zero_grad()
+        loss = masked_loss(model, tokens, targets, m)
+        loss.backward()
+        out["loss" + tag] = np.array(loss.item(), np.float64)
+        for n, p in model.named_parameters():      # a tied classifier is one parameter: its gradient has both uses
+            out[f"grad{tag}/{n}"] = p.grad.detach().numpy().astype(np.float32)
+    # AdamW: decay matrices, not the 1-D norm gains; clip the global gradient norm before each step
+    model.zero_grad()
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if p.dim() >= 2]
+    no_decay = [p for n, p in params.items() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ADAMW["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"])
+    for step in range(ADAMW["steps"]):
+        opt.zero_grad()
+        masked_loss(model, tokens, targets, mask).backward()
+        if record_step_grads:                  # so the optimizer alone can be checked on torch's own gradients
+            for n, p in model.named_parameters():
+                out[f"adamw_grad{step}/{n}"] = p.grad.detach().numpy().astype(np.float32)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ADAMW["grad_clip"])
+        opt.step()
+    for n, p in model.named_parameters():
+        out[f"adamw/{n}"] = p.detach().numpy().astype(np.float32)
+    return out
+
+
 def generate(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
@@ -159,6 +219,13 @@ def generate(out_dir: Path):
             "sha256": {f: sha256(out_dir / f) for f in files},
         }
         print(f"{name:10s} B={B} T={T:3d} {len(taps):3d} taps  max|logit|={np.abs(taps['logits']).max():.2f}")
+        if name in GRAD_CONFIGS:
+            g = gradients(changes, seed, GRAD_CONFIGS[name], record_step_grads=name == "gqa")
+            np.savez_compressed(out_dir / f"grads_{name}.npz", **g)
+            manifest["configs"][name]["grads"] = {"batch_seed": GRAD_CONFIGS[name], "batch": list(GRAD_BATCH),
+                                                  "adamw": ADAMW, "loss": float(g["loss"]),
+                                                  "sha256": sha256(out_dir / f"grads_{name}.npz")}
+            print(f"{'':10s} gradients: loss {float(g['loss']):.4f} (masked), {float(g['loss_nomask']):.4f} (all)")
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(("grads", "sampling", "tinyworld")))
     print(f"wrote {out_dir} ({size / 1e6:.2f} MB)")
@@ -176,17 +243,18 @@ def check():
             for f in sorted((Path(tmp) / name).iterdir()):
                 if f.name == "model.safetensors" and f.read_bytes() != (OUT / name / f.name).read_bytes():
                     bad.append(f"{name}/{f.name}: weights differ")
-            new, old = np.load(Path(tmp) / f"{name}.npz"), np.load(OUT / f"{name}.npz")
-            if set(new.files) != set(old.files):
-                bad.append(f"{name}.npz: tap names differ: {sorted(set(new.files) ^ set(old.files))}")
-                continue
-            for k in new.files:
-                # Same library, same thread count: identical bits on one machine. Another CPU may pick other
-                # float32 kernels (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale.
-                a, b = new[k], old[k]
-                tol = 1e-5 * max(1.0, float(np.abs(b).max()))
-                if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
-                    bad.append(f"{name}.npz[{k}] differs")
+            for f in [f"{name}.npz"] + ([f"grads_{name}.npz"] if name in GRAD_CONFIGS else []):
+                new, old = np.load(Path(tmp) / f), np.load(OUT / f)
+                if set(new.files) != set(old.files):
+                    bad.append(f"{f}: tensor names differ: {sorted(set(new.files) ^ set(old.files))}")
+                    continue
+                for k in new.files:
+                    # Same library, same thread count: identical bits on one machine. Another CPU may pick other
+                    # float32 kernels (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale.
+                    a, b = new[k], old[k]
+                    tol = 1e-5 * max(1.0, float(np.abs(b).max()))
+                    if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
+                        bad.append(f"{f}[{k}] differs")
     if bad:
         print("MISMATCH between regenerated and committed fixtures:\n  " + "\n  ".join(bad))
         return 1
