@@ -278,6 +278,86 @@ def _add_chat_command(sub) -> None:
 _EXTRA_COMMANDS.append(_add_chat_command)
 
 
+# ------------------------------------------------------------------------------------------------
+# inspect (issue 5: llama_ref/trace.py)
+
+def cmd_inspect(args) -> int:
+    """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
+    from . import trace as tr
+    import numpy as np
+    if args.save and Path(args.save).exists() and not args.force:
+        raise InputError(f"{args.save} exists; pass --force to replace it")
+    model = load_model(args.model)
+    patterns = args.tap or ["*"]
+    names = tr.match_taps(model.config, patterns)                 # a pattern matching nothing is an error
+    if args.prompt_ids is not None:
+        ids = parse_ids(args.prompt_ids)
+    else:
+        tok = find_tokenizer(args.model, args.tokenizer)
+        if tok is None:
+            raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH, "
+                                 "or give the prompt as ids with --prompt-ids 1,2,3")
+        if tok.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+                              f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+        ids = tok.encode(args.prompt, bos=True)
+    trace = tr.Trace(*patterns)
+    model.forward(np.asarray([ids], dtype=np.int64), trace=trace)  # (1, T): taps keep the batch axis
+    stats = {n: tr.summarize(trace[n], args.values) for n in names}
+    out = {"model": str(args.model or paths.DEFAULT_MODEL), "tokens": ids, "taps": stats}
+    if args.compare:
+        ref = tr.load_reference(args.compare)
+        if "tokens" in ref and np.asarray(ref["tokens"]).reshape(-1).tolist() != ids:
+            raise InputError(f"{args.compare} was made from tokens {np.asarray(ref['tokens']).reshape(-1).tolist()} "
+                             f"but this prompt is {ids}; run the same prompt (--prompt-ids)")
+        rows = tr.compare(trace, ref, names)
+        out["compare"] = [{k: (list(v) if isinstance(v, tuple) else None if isinstance(v, float) and not np.isfinite(v)
+                               else v) for k, v in r.items()} for r in rows]       # strict JSON: no Infinity/NaN
+    if args.save:
+        tr.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)})
+        out["saved"] = str(args.save)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"tokens ({len(ids)}): {ids}")
+    print(f"{'tap':28s} {'shape':>18s} {'mean':>11s} {'std':>10s} {'min':>11s} {'max':>11s}  first values")
+    for n, s in stats.items():
+        print(f"{n:28s} {'x'.join(map(str, s['shape'])):>18s} {s['mean']:11.4e} {s['std']:10.4e} "
+              f"{s['min']:11.4e} {s['max']:11.4e}  {' '.join(f'{v:.4g}' for v in s['first'])}")
+    if args.compare:
+        print(f"\nagainst {args.compare}:")
+        print(tr.format_table(rows))
+    if args.save:
+        print(f"saved {len(names)} taps and 'tokens' to {args.save}")
+    return 0
+
+
+def _add_inspect_command(sub) -> None:
+    i = sub.add_parser("inspect", help="print and save named activations (taps) for a prompt",
+                       description="Run one forward over the prompt and print shape, mean, std, min, max and the "
+                                   "first values of every tap matching --tap (fnmatch patterns on names like "
+                                   "embed, layers.0.attn.q, layers.3.attn.probs, norm.out, logits; see "
+                                   "DEVELOPING.md). --save writes them to an .npz keyed by tap name, plus 'tokens' "
+                                   "(1, T), so a port of Llama elsewhere can compare tensor by tensor.")
+    i.add_argument("--model", default=None, help="model path (default: the embedded model data/models/tinyworld)")
+    i.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with BOS)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,450,3290")
+    i.add_argument("--tap", action="append", metavar="PATTERN",
+                   help="tap name or fnmatch pattern, repeatable (default: every tap), e.g. 'layers.0.*'")
+    i.add_argument("--save", metavar="OUT.npz", help="write the matching taps and 'tokens' to this .npz")
+    i.add_argument("--force", action="store_true", help="replace --save if it exists")
+    i.add_argument("--compare", metavar="REF.npz",
+                   help="compare the taps with another .npz of the same names (max abs error per tap)")
+    i.add_argument("--values", type=int, default=4, help="how many leading values to show per tap (default: 4)")
+    i.add_argument("--json", action="store_true",
+                   help='print one JSON object {"model", "tokens", "taps": {name: {shape, mean, std, ...}}}')
+    i.set_defaults(func=cmd_inspect)
+
+_EXTRA_COMMANDS.append(_add_inspect_command)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -1,0 +1,216 @@
+"""Figures for the architecture chapters (02-05): attention heatmaps, RoPE, residual norms, histograms, logit lens.
+
+Every function takes NumPy arrays (usually what a `Trace` recorded) and returns a matplotlib `Figure`. None calls
+plt.show and none touches pyplot's global state: a notebook shows the figure where it displays it (the last
+expression of a cell, or `display(fig)`), and tests can build many without leaking figures. Nothing in the core
+modules imports this one.
+"""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _labels(labels, n):
+    """Tick labels: the given strings (token pieces) or positions 0..n-1."""
+    return [str(i) for i in range(n)] if labels is None else [str(s) for s in labels][:n]
+
+
+def _grid(n, ncols, size=(3.2, 3.0)):
+    """A figure with n axes on a grid of ncols columns; unused cells are switched off."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+
+def attention_heatmap(ax, probs, labels=None, title=None, query=None):
+    """Draw one head's attention (T, S) on ax: queries down, keys across; optionally outline one query row."""
+    T, S = probs.shape
+    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    kl = _labels(labels, S)
+    ql = kl[S - T:] if labels is not None else [str(i) for i in range(S - T, S)]
+    fs = 7 if S <= 48 else 5
+    if S <= 80:
+        ax.set_xticks(range(S), kl, rotation=90, fontsize=fs)
+        ax.set_yticks(range(T), ql, fontsize=fs)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if query is not None:
+        ax.axhline(query - 0.5, color="red", lw=1)
+        ax.axhline(query + 0.5, color="red", lw=1)
+    return im
+
+
+def attention_heatmaps(probs, labels=None, heads=None, layer=None, ncols=4, size=3.2) -> Figure:
+    """One heatmap per head of one layer and one sequence.
+
+    probs (nh, T, S) (a `layers.{i}.attn.probs` tap without its batch axis); labels: S token pieces for the axes;
+    heads: which heads to draw (default all). Row t is where query t looks; every row sums to 1.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise ValueError(f"attention_heatmaps wants probs (nh, T, S), got shape {probs.shape}; "
+                         "take one sequence of the tap: trace[name][0]")
+    heads = list(range(probs.shape[0])) if heads is None else list(heads)
+    fig, axes = _grid(len(heads), ncols, (size, size))
+    for ax, h in zip(axes, heads):
+        name = f"layer {layer}, head {h}" if layer is not None else f"head {h}"
+        im = attention_heatmap(ax, probs[h], labels, name)
+    fig.colorbar(im, ax=list(axes), shrink=0.6, label="attention weight")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE
+
+def _inv_freq(head_dim, theta):
+    """theta^(-2i/hs) for each pair i: the same angles per position as model.rope_freqs (float64)."""
+    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def rope_rotations(head_dim, theta=10000.0, positions=16, pairs=None) -> Figure:
+    """Where RoPE sends the vector (1, 0) of a few dimension pairs as the position grows.
+
+    Pair i turns by theta^(-2i/hs) radians per position: the first pair runs round the circle every ~6 tokens,
+    the last one barely moves. One panel per pair, a dot per position 0..positions-1 coloured by position.
+    """
+    n_pairs = head_dim // 2
+    pairs = [0, 1, n_pairs // 2, n_pairs - 1] if pairs is None else list(pairs)
+    pairs = sorted(set(p for p in pairs if 0 <= p < n_pairs))
+    inv = _inv_freq(head_dim, theta)
+    pos = np.arange(positions)
+    fig, axes = _grid(len(pairs), 4, (2.8, 2.9))
+    circle = np.linspace(0, 2 * np.pi, 200)
+    for ax, i in zip(axes, pairs):
+        ang = pos * inv[i]
+        ax.plot(np.cos(circle), np.sin(circle), color="lightgrey", lw=1)
+        sc = ax.scatter(np.cos(ang), np.sin(ang), c=pos, cmap="plasma", s=18, zorder=3)
+        ax.plot([0, np.cos(ang[-1])], [0, np.sin(ang[-1])], color="black", lw=1)
+        ax.set_aspect("equal")
+        ax.set_xlim(-1.2, 1.2)
+        ax.set_ylim(-1.2, 1.2)
+        ax.set_title(f"pair {i}: {inv[i]:.3g} rad/token", fontsize=9)
+        ax.set_xlabel(f"dim {2 * i} (Meta) / {i} (HF)", fontsize=8)
+        ax.set_ylabel(f"dim {2 * i + 1} (Meta) / {i + n_pairs} (HF)", fontsize=8)
+    fig.colorbar(sc, ax=list(axes), shrink=0.7, label="position")
+    return fig
+
+
+def rope_frequencies(head_dim, thetas=(10000.0,), max_pos=512) -> Figure:
+    """Left: the wavelength 2*pi/theta_i (tokens per full turn) of every pair, one line per rope_theta.
+    Right: cos(p * theta_i) for positions p < max_pos and every pair, for the first theta."""
+    thetas = list(thetas)
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    i = np.arange(head_dim // 2)
+    for th in thetas:
+        ax1.semilogy(i, 2 * np.pi / _inv_freq(head_dim, th), marker=".", label=f"rope_theta={th:g}")
+    ax1.axhline(max_pos, color="grey", ls="--", lw=1, label=f"{max_pos} tokens")
+    ax1.set_xlabel("pair index i")
+    ax1.set_ylabel("wavelength (tokens per turn)")
+    ax1.set_title(f"RoPE wavelengths, head size {head_dim}")
+    ax1.legend(fontsize=8)
+    ang = np.outer(np.arange(max_pos), _inv_freq(head_dim, thetas[0]))
+    im = ax2.imshow(np.cos(ang).T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    ax2.set_xlabel("position p")
+    ax2.set_ylabel("pair index i")
+    ax2.set_title(f"cos(p * theta_i), rope_theta={thetas[0]:g}")
+    fig.colorbar(im, ax=ax2, shrink=0.8)
+    return fig
+
+
+def rope_relative_scores(scores, title="q.k after RoPE") -> Figure:
+    """scores (P, P): the dot product of one q placed at position m (rows) with one k at position n (columns).
+
+    RoPE makes it a function of m - n only, so the picture is constant along every diagonal.
+    """
+    scores = np.asarray(scores)
+    fig = Figure(figsize=(4.6, 3.9), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(scores, cmap="RdBu_r", aspect="equal", interpolation="nearest")
+    ax.set_xlabel("key position n")
+    ax.set_ylabel("query position m")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# The residual stream and activations
+
+def residual_norms(norms, names=None, labels=None) -> Figure:
+    """The residual stream's L2 norm per token after each block.
+
+    norms (L+1, T): row 0 the embeddings, row i+1 after block i (see trace.residual_stream); labels: T token pieces.
+    Left: mean over tokens per layer, with the min-max band. Right: every (layer, token) as a heatmap.
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    L1, T = norms.shape
+    names = names or ["embed"] + [f"block {i}" for i in range(L1 - 1)]
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2])
+    x = np.arange(L1)
+    ax1.plot(x, norms.mean(1), marker="o", label="mean over tokens")
+    ax1.fill_between(x, norms.min(1), norms.max(1), alpha=0.25, label="min..max")
+    ax1.set_xticks(x, names, rotation=45, fontsize=8)
+    ax1.set_ylabel("||x||_2 per token")
+    ax1.set_title("residual stream norm by depth")
+    ax1.legend(fontsize=8)
+    im = ax2.imshow(norms, aspect="auto", cmap="magma", interpolation="nearest")
+    ax2.set_yticks(x, names, fontsize=8)
+    if T <= 80:
+        ax2.set_xticks(range(T), _labels(labels, T), rotation=90, fontsize=6)
+    ax2.set_xlabel("token")
+    ax2.set_title("norm per token and depth")
+    fig.colorbar(im, ax=ax2, shrink=0.8)
+    return fig
+
+
+def activation_histograms(tensors: dict, bins=80, ncols=3, log=True) -> Figure:
+    """One histogram per named tensor (e.g. trace.select("layers.0.*")), titled with its name, std and max |x|."""
+    names = list(tensors)
+    fig, axes = _grid(len(names), ncols, (3.8, 2.6))
+    for ax, name in zip(axes, names):
+        a = np.asarray(tensors[name], dtype=np.float64).ravel()
+        ax.hist(a, bins=bins, color="C0", log=log)
+        ax.set_title(f"{name}\nstd {a.std():.3g}, max|x| {np.abs(a).max():.3g}", fontsize=8)
+        ax.set_xlabel("value", fontsize=8)
+        ax.set_ylabel("count", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# The logit lens
+
+def logit_lens_grid(probs, pieces, layer_names=None, token_labels=None, title="logit lens") -> Figure:
+    """A grid with one row per depth and one column per position: the lens's top token and its probability.
+
+    probs (L+1, T) the probability of the top token, pieces (L+1, T) its text, layer_names the row labels,
+    token_labels the input token at each column (the lens predicts the token after it).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    L1, T = probs.shape
+    layer_names = layer_names or ["embed"] + [f"block {i}" for i in range(L1 - 1)]
+    fig = Figure(figsize=(max(6.0, 0.62 * T + 2), 0.45 * L1 + 1.6), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for r in range(L1):
+        for c in range(T):
+            ax.text(c, r, str(pieces[r][c]).replace("▁", "_")[:7], ha="center", va="center", fontsize=6.5,
+                    color="white" if probs[r, c] > 0.6 else "black")
+    ax.set_yticks(range(L1), layer_names, fontsize=8)
+    ax.set_xticks(range(T), _labels(token_labels, T), rotation=90, fontsize=7)
+    ax.set_xlabel("input token (the lens predicts the next one)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="probability of the top token")
+    return fig

@@ -1,0 +1,293 @@
+"""Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon.
+
+Each widget is a thin layer over a pure function that returns plain data, and tests call those directly:
+
+  attention_view(trace, layer, head, query)      -> where one query of one head looks      (attention_explorer)
+  generation_step(model, ids, k, temperature)    -> the k most likely next tokens           (generation_stepper)
+  rope_view(head_dim, theta, position, pair)     -> the angle and rotation of one pair      (rope_explorer)
+  rmsnorm_view(x, scale, eps)                    -> what RMSNorm does to a scaled vector    (rmsnorm_explorer)
+
+The builders return an ipywidgets container; a chapter displays it. Chapters 02-05 use them. Nothing in the core
+modules imports this one.
+"""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from .errors import InputError
+from .generate import sampling_probs
+from .model import rms_norm
+
+F32 = np.float32
+
+
+def _check_index(what, value, n, hint=""):
+    if not isinstance(value, (int, np.integer)) or not 0 <= value < n:
+        raise InputError(f"{what}={value!r} is out of range: choose 0..{n - 1}{hint}")
+    return int(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+
+def attention_view(trace, layer, head, query, labels=None, batch=0, top=5) -> dict:
+    """Where query `query` of head `head` in layer `layer` looks, from a trace that recorded attn.probs.
+
+    Returns {"matrix": (T, S) the head's attention, "row": (S,) the query's weights (sum 1, zero after the query),
+    "top": [(key position, label, weight)] the `top` largest, "query_label", "entropy" (nats)}.
+    """
+    tensors = trace.tensors if hasattr(trace, "tensors") else trace
+    name = f"layers.{layer}.attn.probs"
+    if name not in tensors:
+        have = sorted(int(n.split(".")[1]) for n in tensors if n.endswith(".attn.probs"))
+        raise InputError(f"the trace has no {name!r} (layers recorded: {have}); record it with "
+                         f"Trace('*.attn.probs')")
+    probs = tensors[name]                                        # (B, nh, T, S)
+    batch = _check_index("batch", batch, probs.shape[0])
+    head = _check_index("head", head, probs.shape[1])
+    query = _check_index("query", query, probs.shape[2])
+    matrix = probs[batch, head]                                  # (T, S)
+    T, S = matrix.shape
+    row = matrix[query]                                          # (S,)
+    labels = [str(i) for i in range(S)] if labels is None else [str(s) for s in labels]
+    order = np.argsort(-row, kind="stable")[:top]
+    p = row[row > 0].astype(np.float64)
+    return {"matrix": matrix, "row": row, "query_label": labels[S - T + query],
+            "top": [(int(i), labels[i], float(row[i])) for i in order],
+            "entropy": float(-(p * np.log(p)).sum())}
+
+
+def attention_explorer(trace, labels=None, batch=0):
+    """Sliders for layer, head and query token over a recorded trace; a heatmap with the query row marked and a
+    bar chart of where that query looks."""
+    import ipywidgets as W
+    from .plots import attention_heatmap
+    from matplotlib.figure import Figure
+    from IPython.display import display
+
+    tensors = trace.tensors if hasattr(trace, "tensors") else trace
+    layers = sorted(int(n.split(".")[1]) for n in tensors if n.endswith(".attn.probs"))
+    if not layers:
+        raise InputError("the trace recorded no attention: record it with Trace('*.attn.probs')")
+    _, nh, T, S = tensors[f"layers.{layers[0]}.attn.probs"].shape
+    layer = W.Dropdown(options=layers, value=layers[0], description="layer")
+    head = W.IntSlider(value=0, min=0, max=nh - 1, description="head")
+    query = W.IntSlider(value=T - 1, min=0, max=T - 1, description="query")
+    text = W.HTML()
+    out = W.Output()
+
+    def redraw(_=None):
+        v = attention_view(tensors, layer.value, head.value, query.value, labels, batch)
+        text.value = html.escape(f"query {v['query_label']!r} (position {query.value}) looks at: "
+                                 + ", ".join(f"{lab!r}@{i} {w:.2f}" for i, lab, w in v["top"])
+                                 + f"  (entropy {v['entropy']:.2f} nats)")
+        fig = Figure(figsize=(11, 3.6), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.4])
+        attention_heatmap(ax1, v["matrix"], labels, f"layer {layer.value}, head {head.value}", query.value)
+        ax2.bar(range(len(v["row"])), v["row"], color="C0")
+        ax2.set_xticks(range(S), [str(s) for s in (range(S) if labels is None else labels)], rotation=90, fontsize=7)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("attention weight")
+        ax2.set_title(f"query {v['query_label']!r}", fontsize=9)
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+
+    for w in (layer, head, query):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([layer, head, query]), text, out])
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation, one token at a time
+
+def generation_step(model, ids, k=5, temperature=1.0, top_p=None, tokenizer=None) -> dict:
+    """The k most likely next tokens after `ids` and their probabilities (temperature/top-p as in generate).
+
+    Returns {"ids": [k ids], "probs": [k probabilities], "pieces": [k strings or None], "greedy": argmax id}.
+    """
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k={k!r} must be a positive integer")
+    logits = model.forward(list(ids), last_only=True)               # (V,)
+    probs = sampling_probs(logits, temperature, None, top_p)        # (V,)
+    order = np.argsort(-probs, kind="stable")[:k]
+    pieces = [tokenizer.id_to_piece(int(i)) for i in order] if tokenizer is not None else [None] * len(order)
+    return {"ids": [int(i) for i in order], "probs": [float(probs[i]) for i in order], "pieces": pieces,
+            "greedy": int(np.argmax(logits))}
+
+
+def generation_stepper(model, tokenizer, prompt="Once upon a time", k=5, temperature=1.0):
+    """Build text one token at a time: the k most likely next tokens as buttons with their probabilities;
+    click one to append it (the first is the greedy choice). A temperature slider reshapes the distribution."""
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+    from IPython.display import display
+
+    state = {"ids": tokenizer.encode(prompt, bos=True)}
+    prompt_box = W.Text(value=prompt, description="prompt")
+    reset = W.Button(description="reset")
+    temp = W.FloatSlider(value=temperature, min=0.1, max=2.0, step=0.05, description="temperature")
+    buttons = [W.Button(layout=W.Layout(width="auto")) for _ in range(k)]
+    text = W.HTML()
+    out = W.Output()
+
+    def redraw():
+        v = generation_step(model, state["ids"], k, temp.value, tokenizer=tokenizer)
+        state["view"] = v
+        for b, piece, p in zip(buttons, v["pieces"], v["probs"]):
+            b.description = f"{piece!r} {p:.2f}"
+        text.value = (f"<pre>{html.escape(tokenizer.decode(state['ids']))}</pre>{len(state['ids'])} tokens; "
+                      f"next (greedy): {html.escape(repr(tokenizer.id_to_piece(v['greedy'])))}")
+        fig = Figure(figsize=(6, 2.4), layout="constrained")
+        ax = fig.subplots()
+        ax.barh(range(len(v["ids"]))[::-1], v["probs"], color="C0")
+        ax.set_yticks(range(len(v["ids"]))[::-1], [repr(s) for s in v["pieces"]], fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"probability (temperature {temp.value:.2f})")
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+
+    def choose(j):
+        if len(state["ids"]) < model.config.max_seq_len:
+            state["ids"].append(state["view"]["ids"][j])
+        redraw()
+
+    def on_reset(_=None):
+        state["ids"] = tokenizer.encode(prompt_box.value, bos=True)
+        redraw()
+
+    for j, b in enumerate(buttons):
+        b.on_click(lambda _, j=j: choose(j))
+    reset.on_click(on_reset)
+    temp.observe(lambda _: redraw(), names="value")
+    redraw()
+    box = W.VBox([W.HBox([prompt_box, reset, temp]), W.HBox(buttons), text, out])
+    box.state = state                        # the ids so far (tests and curious readers look here)
+    return box
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE
+
+def rope_view(head_dim, theta, position, pair) -> dict:
+    """Pair `pair` of a head of size head_dim at `position`: its frequency and the rotation RoPE applies.
+
+    Returns {"inv_freq": theta^(-2*pair/hs) radians per token, "angle": position * inv_freq, "turns": angle/2pi,
+    "wavelength": tokens per full turn, "cos", "sin", "rotated": where (1, 0) goes, "meta_dims", "hf_dims"}.
+    """
+    if not isinstance(head_dim, (int, np.integer)) or head_dim < 2 or head_dim % 2:
+        raise InputError(f"head_dim={head_dim!r} must be a positive even integer")
+    if not np.isfinite(theta) or theta <= 1:
+        raise InputError(f"theta={theta!r} must be a finite number > 1 (Llama 2 uses 10000)")
+    pair = _check_index("pair", pair, head_dim // 2)
+    if not isinstance(position, (int, np.integer)) or position < 0:
+        raise InputError(f"position={position!r} must be a non-negative integer")
+    inv = float(theta) ** (-2.0 * pair / head_dim)
+    angle = position * inv
+    c, s = float(np.cos(angle)), float(np.sin(angle))
+    return {"inv_freq": inv, "angle": angle, "turns": angle / (2 * np.pi), "wavelength": 2 * np.pi / inv,
+            "cos": c, "sin": s, "rotated": (c, s),
+            "meta_dims": (2 * pair, 2 * pair + 1), "hf_dims": (pair, pair + head_dim // 2)}
+
+
+def rope_explorer(head_dim=64, theta=10000.0, max_pos=512):
+    """Sliders for position, pair (frequency) and rope_theta: the pair's rotation on the unit circle, and
+    cos(p * theta_i) along the positions with the chosen one marked."""
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+    from IPython.display import display
+
+    position = W.IntSlider(value=10, min=0, max=max_pos - 1, description="position")
+    pair = W.IntSlider(value=0, min=0, max=head_dim // 2 - 1, description="pair i")
+    th = W.FloatLogSlider(value=theta, base=10, min=2, max=7, step=0.1, description="rope_theta")
+    text = W.HTML()
+    out = W.Output()
+
+    def redraw(_=None):
+        v = rope_view(head_dim, th.value, position.value, pair.value)
+        text.value = (f"pair {pair.value} = Meta dims {v['meta_dims']}, HF dims {v['hf_dims']}: "
+                      f"{v['inv_freq']:.4g} rad/token, one turn every {v['wavelength']:.1f} tokens; at position "
+                      f"{position.value} the angle is {v['angle']:.3f} rad = {v['turns']:.3f} turns")
+        fig = Figure(figsize=(10, 3.2), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2.2])
+        t = np.linspace(0, 2 * np.pi, 200)
+        ax1.plot(np.cos(t), np.sin(t), color="lightgrey")
+        ps = np.arange(position.value + 1)
+        ax1.scatter(np.cos(ps * v["inv_freq"]), np.sin(ps * v["inv_freq"]), c=ps, cmap="plasma", s=8)
+        ax1.annotate("", xy=v["rotated"], xytext=(0, 0), arrowprops={"arrowstyle": "->", "color": "red"})
+        ax1.set_aspect("equal")
+        ax1.set_title(f"(1, 0) rotated to position {position.value}", fontsize=9)
+        p = np.arange(max_pos)
+        ax2.plot(p, np.cos(p * v["inv_freq"]), lw=1)
+        ax2.axvline(position.value, color="red", lw=1)
+        ax2.set_xlabel("position")
+        ax2.set_ylabel("cos(p * theta_i)")
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+
+    for w in (position, pair, th):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([position, pair, th]), text, out])
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm
+
+def rmsnorm_view(x, scale=1.0, eps=1e-5, weight=None) -> dict:
+    """RMSNorm of scale * x (gain `weight`, default ones): the input RMS, the output, and the output RMS.
+
+    For RMS(x)^2 >> eps the output RMS is 1 (times the gain) whatever the scale; eps only shows when the input
+    is tiny, where it keeps the division finite and shrinks the output towards 0.
+    """
+    x = np.asarray(x, F32)
+    if x.ndim != 1 or x.size == 0:
+        raise InputError(f"x must be a non-empty vector (C,), got shape {x.shape}")
+    if not scale > 0 or not eps > 0:
+        raise InputError(f"scale={scale!r} and eps={eps!r} must be > 0")
+    w = np.ones_like(x) if weight is None else np.asarray(weight, F32)
+    xs = x * F32(scale)                                              # (C,)
+    out = rms_norm(xs, w, eps)                                       # (C,)
+    return {"rms_in": float(np.sqrt(np.mean(np.square(xs, dtype=np.float64)))),
+            "rms_out": float(np.sqrt(np.mean(np.square(out, dtype=np.float64)))), "out": out}
+
+
+def rmsnorm_explorer(x, eps=1e-5):
+    """Sliders for the input's scale and for eps (both log10): how large RMSNorm's output is, and the curve of
+    output RMS against input RMS for that eps."""
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+    from IPython.display import display
+
+    scale = W.FloatLogSlider(value=1.0, base=10, min=-5, max=2, step=0.25, description="scale")
+    e = W.FloatLogSlider(value=eps, base=10, min=-8, max=-1, step=0.5, description="eps")
+    text = W.HTML()
+    out = W.Output()
+    scales = np.logspace(-5, 2, 57)
+
+    def redraw(_=None):
+        v = rmsnorm_view(x, scale.value, e.value)
+        text.value = (f"input RMS {v['rms_in']:.3g} -> output RMS {v['rms_out']:.4f} "
+                      f"(sqrt(eps) = {np.sqrt(e.value):.2g})")
+        curve = [rmsnorm_view(x, s, e.value) for s in scales]
+        fig = Figure(figsize=(6, 3), layout="constrained")
+        ax = fig.subplots()
+        ax.semilogx([c["rms_in"] for c in curve], [c["rms_out"] for c in curve])
+        ax.scatter([v["rms_in"]], [v["rms_out"]], color="red", zorder=3)
+        ax.axvline(np.sqrt(e.value), color="grey", ls="--", lw=1)
+        ax.set_xlabel("RMS of the input")
+        ax.set_ylabel("RMS of RMSNorm's output")
+        ax.set_ylim(0, 1.1)
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+
+    for w in (scale, e):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([scale, e]), text, out])

@@ -1,0 +1,177 @@
+"""widgets.py: the pure functions behind the explorers, checked against independent computations, and that each
+widget builds and reacts to its knobs."""
+import numpy as np
+import pytest
+
+from llama_ref import paths, widgets
+from llama_ref.checkpoint import load_model
+from llama_ref.config import LlamaConfig
+from llama_ref.errors import InputError
+from llama_ref.model import Llama, apply_rope_meta, rope_freqs, weight_shapes
+from llama_ref.tokenizer import Tokenizer
+from llama_ref.trace import Trace
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    config, weights = load_model(paths.REFERENCE_DIR / "gqa")
+    ref = dict(np.load(paths.REFERENCE_DIR / "gqa.npz"))
+    trace = Trace("*.attn.probs")
+    Llama(config, weights).forward(ref["tokens"], trace=trace)
+    return Llama(config, weights), ref, trace
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A random model with the shipped tokenizer's vocabulary, for the generation stepper."""
+    tok = Tokenizer(paths.DEFAULT_TOKENIZER)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
+                      max_seq_len=64)
+    rng = np.random.default_rng(0)
+    w = {k: (np.ones(s) if len(s) == 1 else rng.standard_normal(s)).astype(np.float32)
+         for k, s in weight_shapes(cfg).items()}
+    return Llama(cfg, w), tok
+
+
+def _find(box, cls_name, description=None):
+    """The first widget of a class (and description) inside nested boxes."""
+    stack = [box]
+    while stack:
+        w = stack.pop(0)
+        if type(w).__name__ == cls_name and (description is None or getattr(w, "description", None) == description):
+            return w
+        stack.extend(getattr(w, "children", ()))
+    raise LookupError(f"no {cls_name} {description!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+
+def test_attention_view_matches_transformers_probs(gqa):
+    """The view is transformers' attention row (fixture), up to float32 rounding."""
+    _, ref, trace = gqa
+    v = widgets.attention_view(trace, layer=1, head=3, query=10)
+    want = ref["layers.1.attn.probs"][0, 3]                    # (T, S) from transformers
+    np.testing.assert_allclose(v["matrix"], want, atol=1e-5)
+    np.testing.assert_allclose(v["row"], want[10], atol=1e-5)
+    assert np.all(v["row"][11:] == 0) and v["row"].sum() == pytest.approx(1.0, abs=1e-5)
+    order = np.argsort(-want[10])[:5]
+    assert [i for i, _, _ in v["top"]] == list(order)
+    p = want[10][want[10] > 0].astype(np.float64)
+    assert v["entropy"] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-4)
+    labels = [f"tok{i}" for i in range(want.shape[1])]
+    v = widgets.attention_view(trace, 1, 3, 10, labels=labels)
+    assert v["query_label"] == "tok10" and v["top"][0][1] == f"tok{order[0]}"
+
+
+def test_attention_view_errors(gqa):
+    _, _, trace = gqa
+    with pytest.raises(InputError, match="head"):
+        widgets.attention_view(trace, 0, 4, 0)
+    with pytest.raises(InputError, match="query"):
+        widgets.attention_view(trace, 0, 0, 24)
+    with pytest.raises(InputError, match="layers recorded"):
+        widgets.attention_view(trace, 2, 0, 0)
+
+
+def test_attention_explorer_builds_and_follows_its_sliders(gqa):
+    _, _, trace = gqa
+    box = widgets.attention_explorer(trace)
+    text = _find(box, "HTML")
+    _find(box, "IntSlider", "head").value = 2
+    _find(box, "IntSlider", "query").value = 7
+    _find(box, "Dropdown", "layer").value = 1
+    v = widgets.attention_view(trace, 1, 2, 7)
+    assert "(position 7)" in text.value and f"@{v['top'][0][0]} {v['top'][0][2]:.2f}" in text.value
+    with pytest.raises(InputError, match="no attention"):
+        widgets.attention_explorer(Trace("logits"))
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+
+def test_generation_step_is_the_softmax_of_the_full_forward(tiny_lm):
+    model, tok = tiny_lm
+    ids = tok.encode("Once upon a time", bos=True)
+    for T in (1.0, 0.5):
+        v = widgets.generation_step(model, ids, k=4, temperature=T, tokenizer=tok)
+        z = model.forward(ids)[-1].astype(np.float64) / T            # full forward, last row, by hand
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        assert v["ids"] == list(np.argsort(-p)[:4]) and v["greedy"] == int(np.argmax(z))
+        np.testing.assert_allclose(v["probs"], np.sort(p)[::-1][:4], rtol=1e-4)
+        assert v["pieces"] == [tok.id_to_piece(i) for i in v["ids"]]
+    with pytest.raises(InputError, match="k=0"):
+        widgets.generation_step(model, ids, k=0)
+
+
+def test_generation_stepper_appends_the_chosen_token(tiny_lm):
+    model, tok = tiny_lm
+    box = widgets.generation_stepper(model, tok, prompt="Mia has", k=3)
+    start = tok.encode("Mia has", bos=True)
+    assert box.state["ids"] == start
+    first = widgets.generation_step(model, start, 3, 1.0, tokenizer=tok)
+    pick = list(box.children[1].children)                             # the row of top-k buttons
+    assert len(pick) == 3 and pick[1].description.startswith(repr(first["pieces"][1]))
+    pick[1].click()                                                   # take the second most likely
+    assert box.state["ids"] == start + [first["ids"][1]]
+    _find(box, "Text", "prompt").value = "Tom"
+    _find(box, "Button", "reset").click()
+    assert box.state["ids"] == tok.encode("Tom", bos=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE
+
+@pytest.mark.parametrize("head_dim, theta", [(16, 10000.0), (128, 10000.0), (64, 500000.0)])
+def test_rope_view_matches_the_model_tables_and_the_rotation(head_dim, theta):
+    cos, sin = rope_freqs(head_dim, 300, theta)                       # what the forward uses
+    for position, pair in [(0, 0), (1, 0), (37, 3), (299, head_dim // 2 - 1)]:
+        v = widgets.rope_view(head_dim, theta, position, pair)
+        assert v["cos"] == pytest.approx(cos[position, pair], abs=1e-6)
+        assert v["sin"] == pytest.approx(sin[position, pair], abs=1e-6)
+        x = np.zeros(head_dim, np.float32)
+        x[2 * pair] = 1.0                                             # (1, 0) in Meta's pair
+        r = apply_rope_meta(x[None], cos[position:position + 1], sin[position:position + 1])[0]
+        np.testing.assert_allclose(r[2 * pair:2 * pair + 2], v["rotated"], atol=1e-6)
+        assert v["wavelength"] * v["inv_freq"] == pytest.approx(2 * np.pi)
+        assert v["meta_dims"] == (2 * pair, 2 * pair + 1) and v["hf_dims"] == (pair, pair + head_dim // 2)
+
+
+def test_rope_view_errors():
+    with pytest.raises(InputError, match="pair"):
+        widgets.rope_view(16, 10000.0, 3, 8)
+    with pytest.raises(InputError, match="even"):
+        widgets.rope_view(15, 10000.0, 3, 0)
+    with pytest.raises(InputError, match="position"):
+        widgets.rope_view(16, 10000.0, -1, 0)
+
+
+def test_rope_explorer_builds_and_follows_its_sliders():
+    box = widgets.rope_explorer(head_dim=32, theta=10000.0, max_pos=64)
+    _find(box, "IntSlider", "pair i").value = 2
+    _find(box, "IntSlider", "position").value = 20
+    v = widgets.rope_view(32, 10000.0, 20, 2)
+    assert f"{v['angle']:.3f} rad" in _find(box, "HTML").value
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm
+
+def test_rmsnorm_view_follows_the_formula():
+    x = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    for scale, eps in [(1.0, 1e-5), (1e-3, 1e-5), (1e-4, 1e-2), (30.0, 1e-6)]:
+        v = widgets.rmsnorm_view(x, scale, eps)
+        r = np.sqrt(np.mean((x.astype(np.float64) * scale) ** 2))
+        assert v["rms_in"] == pytest.approx(r, rel=1e-5)
+        assert v["rms_out"] == pytest.approx(r / np.sqrt(r * r + eps), rel=1e-4)   # RMS of x/sqrt(ms+eps)
+    g = np.full(64, 2.0, np.float32)
+    assert widgets.rmsnorm_view(x, 1.0, 1e-6, weight=g)["rms_out"] == pytest.approx(2.0, rel=1e-4)
+    with pytest.raises(InputError):
+        widgets.rmsnorm_view(x, 0.0, 1e-5)
+
+
+def test_rmsnorm_explorer_builds():
+    box = widgets.rmsnorm_explorer(np.ones(8, np.float32))
+    _find(box, "FloatLogSlider", "scale").value = 1e-3
+    assert "input RMS 0.001" in _find(box, "HTML").value
