@@ -554,7 +554,7 @@ def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: n
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)
     t_start = time.time()
     bar = tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=not progress)
-    smooth = None
+    recent = []                                                   # raw losses since the last validation
     while step < s.steps:
         lr = lr_schedule(step, s.lr, s.warmup, s.steps, s.min_lr_ratio)
         x, y = random_windows(train_data, s.batch_size, s.seq_len, s.seed, step)
@@ -565,16 +565,18 @@ def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: n
         norm = clip_grad_norm(grads, s.grad_clip) if s.grad_clip else global_norm(grads)
         opt.step(params, grads, lr)
         step += 1
-        smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+        recent.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         row = {"step": step, "tokens": step * s.batch_size * s.seq_len, "lr": lr, "train_loss": loss,
                "grad_norm": norm, "time_s": time.time() - t0}
         out_of_time = ((s.time_budget_s is not None and time.time() - t_start > s.time_budget_s)
                        or (stop_after is not None and step >= stop_after))
         if val_data is not None and (step % s.eval_every == 0 or step == s.steps or out_of_time):
             row["val_loss"] = evaluate_loss(config, params, val_data, s.batch_size, s.seq_len, s.eval_batches)
-            log(f"step {step}: train loss {smooth:.4f}, val loss {row['val_loss']:.4f}, lr {lr:.2e}")
+            log(f"step {step}: train loss {np.mean(recent):.4f} (mean of the last {len(recent)} steps), "
+                f"val loss {row['val_loss']:.4f}, lr {lr:.2e}, {row['time_s'] / 60:.1f} min")
+            recent = []
         history.append(row)
         if out_dir is not None and (step % s.ckpt_every == 0 or step == s.steps or out_of_time):
             save_training_state(out_dir, config, params, opt, step, history, tokenizer_path)

@@ -1,0 +1,141 @@
+"""How good is a trained model? Losses against n-gram baselines, grammar of sampled text, answers to held-out questions.
+
+Chapter 07 prints these for the embedded model; `scripts/train_model.py` computes them with the same functions
+and writes them to the model's metrics.json and model card. Every score uses the synthetic world's own checkers
+(`corpus.is_grammatical`, `corpus.check_fact`), so nothing is judged by hand.
+
+    token_stream(split, tokenizer, n)          BOS + ids + EOS of the split's documents, concatenated
+    stream_loss(model, ids)                    mean next-token loss (nats) over non-overlapping windows
+    ngram_losses(train_ids, eval_ids, V)       unigram and bigram baselines with the same tokenizer
+    sample_continuations / grammar_report      200 samples at temperature 0.8 / top-p 0.9, share of grammatical sentences
+    qa_report                                  greedy answers to held-out questions, exact-match accuracy
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import corpus
+from .generate import generate_batch
+from .model import Llama
+
+F32 = np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+
+def token_stream(split: str, tokenizer, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """The first n_tokens of the split's document stream (corpus.iter_training_text), each document BOS ... EOS."""
+    from .train import tokenize_documents
+    return tokenize_documents(corpus.iter_training_text(split, seed=seed), tokenizer, n_tokens, progress=False)
+
+
+def stream_loss(model: Llama, ids: np.ndarray, seq_len: int = 512, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy (nats/token) over non-overlapping windows of `ids`, via the inference forward."""
+    from .train import sequential_windows
+    seq_len = min(seq_len, model.config.max_seq_len)
+    total, count = 0.0, 0
+    for x, y in sequential_windows(ids, batch_size, seq_len):
+        logits = model.forward(x)                                                     # (B, T, V)
+        z = logits - logits.max(axis=-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        total -= float(np.take_along_axis(logp, y[..., None], axis=-1).sum(dtype=np.float64))
+        count += y.size
+    return total / max(1, count)
+
+
+def ngram_losses(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int, k: float = 0.01) -> dict:
+    """Cross-entropy (nats/token) of count-based baselines fit on train_ids, scored on eval_ids.
+
+    unigram: p(b) = (c(b) + 1) / (N + V) (add-one); bigram: p(b | a) = (c(a, b) + k) / (c(a) + k V) (add-k, k=0.01).
+    A transformer that learned anything beyond word frequencies and word pairs must beat both.
+    """
+    V = vocab_size
+    tr = np.asarray(train_ids, np.int64)
+    ev = np.asarray(eval_ids, np.int64)
+    uni = np.bincount(tr, minlength=V).astype(np.float64)
+    p_uni = (uni + 1) / (uni.sum() + V)
+    pairs = np.bincount(tr[:-1] * V + tr[1:], minlength=V * V).reshape(V, V).astype(np.float64)
+    ctx = pairs.sum(axis=1)
+    a, b = ev[:-1], ev[1:]
+    p_bi = (pairs[a, b] + k) / (ctx[a] + k * V)
+    return {"unigram_loss": float(-np.mean(np.log(p_uni[b]))), "bigram_loss": float(-np.mean(np.log(p_bi)))}
+
+
+# ------------------------------------------------------------------------------------------------
+# sampled text: does it follow the world's grammar, and are its facts true?
+
+def story_prompts(n: int, split: str = "val", seed: int = 0) -> list[str]:
+    """The first sentence of n stories of the split ("Once upon a time, there was a kind boy named Tom.")."""
+    world = corpus.make_world()
+    stories = corpus.generate_stories(world, split, n, seed=seed)
+    return [corpus.split_sentences(s.text)[0] for s in stories]
+
+
+def sample_continuations(model: Llama, tokenizer, prompts: list[str], max_new_tokens: int = 96,
+                         temperature: float = 0.8, top_p: float | None = 0.9, seed: int = 0,
+                         batch_size: int = 25) -> list[str]:
+    """Continue each prompt (BOS + prompt) by sampling; returns the new text only (stops at EOS)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in chunk]
+        new = generate_batch(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                             seeds=[seed * 100003 + i + j for j in range(len(chunk))])
+        out += [tokenizer.decode([t for t in n if t != tokenizer.eos_id]) for n in new]
+    return out
+
+
+def complete_sentences(text: str) -> list[str]:
+    """The sentences of a generated text, without the last one if generation stopped in the middle of it."""
+    sents = corpus.split_sentences(text)
+    if sents and not sents[-1].rstrip().endswith((".", "!", "?")):
+        sents = sents[:-1]
+    return sents
+
+
+def grammar_report(texts: list[str], world=None) -> dict:
+    """Share of complete generated sentences the world's grammar accepts, and share of checkable facts that are true."""
+    world = world or corpus.make_world()
+    n = ok = n_facts = true_facts = 0
+    bad = []
+    for t in texts:
+        for s in complete_sentences(t):
+            n += 1
+            if corpus.is_grammatical(s):
+                ok += 1
+            elif len(bad) < 20:
+                bad.append(s)
+            f = corpus.check_fact(world, s)
+            if f is not None:
+                n_facts += 1
+                true_facts += bool(f)
+    return {"sentences": n, "grammar_valid_share": ok / max(1, n), "facts_stated": n_facts,
+            "fact_true_share": true_facts / max(1, n_facts), "ungrammatical_examples": bad}
+
+
+# ------------------------------------------------------------------------------------------------
+# answers to held-out questions
+
+def answer_questions(model: Llama, tokenizer, questions: list[str], max_new_tokens: int = 24,
+                     batch_size: int = 50) -> list[str]:
+    """Greedy answer of the base model to "User: <q>\\nAssistant:", up to the end of the line."""
+    out = []
+    for i in range(0, len(questions), batch_size):
+        ids = [[tokenizer.bos_id] + tokenizer.encode(f"User: {q}\nAssistant:") for q in questions[i:i + batch_size]]
+        new = generate_batch(model, ids, max_new_tokens, temperature=0.0)
+        out += [tokenizer.decode([t for t in n if t != tokenizer.eos_id]).split("\n")[0].strip() for n in new]
+    return out
+
+
+def qa_report(model: Llama, tokenizer, n: int = 200, split: str = "test", seed: int = 0) -> dict:
+    """Exact-match accuracy on n held-out questions (keys never asked in training dialogues; the facts are only
+    stated in training stories), and the share of answers that state a true fact at all."""
+    world = corpus.make_world()
+    pairs = corpus.qa_pairs(world, split, n, seed=seed)
+    answers = answer_questions(model, tokenizer, [q for q, _ in pairs])
+    exact = [" ".join(a.split()) == " ".join(ref.split()) for a, (_, ref) in zip(answers, pairs)]
+    facts = [corpus.check_fact(world, a) for a in answers]
+    wrong = [{"question": q, "expected": ref, "answer": a} for (q, ref), a, e in zip(pairs, answers, exact) if not e]
+    return {"qa_accuracy": float(np.mean(exact)), "qa_n": n, "qa_split": split,
+            "qa_answer_true_share": float(np.mean([f is True for f in facts])), "qa_wrong_examples": wrong[:20]}
