@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from .errors import InputError
+
 
 def _labels(labels, n):
     """Tick labels: the given strings (token pieces) or positions 0..n-1."""
@@ -58,7 +60,7 @@ def attention_heatmaps(probs, labels=None, heads=None, layer=None, ncols=4, size
     """
     probs = np.asarray(probs)
     if probs.ndim != 3:
-        raise ValueError(f"attention_heatmaps wants probs (nh, T, S), got shape {probs.shape}; "
+        raise InputError(f"attention_heatmaps wants probs (nh, T, S), got shape {probs.shape}; "
                          "take one sequence of the tap: trace[name][0]")
     heads = list(range(probs.shape[0])) if heads is None else list(heads)
     fig, axes = _grid(len(heads), ncols, (size, size))

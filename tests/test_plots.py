@@ -4,6 +4,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from llama_ref import paths, plots
+from llama_ref.errors import InputError
 from llama_ref.checkpoint import load_model
 from llama_ref.model import Llama
 from llama_ref.trace import Trace, logit_lens, residual_stream
@@ -47,7 +48,7 @@ def test_attention_heatmaps(traced):
     np.testing.assert_array_equal(ax.images[0].get_array(), probs[2])     # the picture is head 2's matrix
     sub = plots.attention_heatmaps(probs, heads=[3])
     assert [ax.get_title() for ax in _image_axes(sub)] == ["head 3"]
-    with pytest.raises(ValueError, match="nh, T, S"):
+    with pytest.raises(InputError, match="nh, T, S"):
         plots.attention_heatmaps(trace["layers.1.attn.probs"])        # batch axis left on
 
 
