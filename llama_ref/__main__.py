@@ -358,6 +358,28 @@ def _add_inspect_command(sub) -> None:
 _EXTRA_COMMANDS.append(_add_inspect_command)
 
 
+# ------------------------------------------------------------------------------------------------
+# train (issue 4: llama_ref/train.py, the recipe in llama_ref/tinyworld.py)
+
+def cmd_train(args) -> int:
+    """Train the embedded model's recipe (config, corpus, NumPy trainer) into --out, then measure it."""
+    from .tinyworld import run
+    return run(args)
+
+
+def _add_train_command(sub) -> None:
+    from .tinyworld import add_arguments
+    t = sub.add_parser("train", help="train a model with the NumPy trainer (the embedded model's recipe)",
+                       description="Train tinyworld (dim 256, 6 layers, GQA 8/4 heads, context 512) from scratch on "
+                                   "freshly generated corpus text with llama_ref.train, checkpointing atomically "
+                                   "(--resume continues exactly), then write metrics.json, loss_curve.csv and a model "
+                                   "card. The shipped model was made with the defaults (`make model`).")
+    add_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+_EXTRA_COMMANDS.append(_add_train_command)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

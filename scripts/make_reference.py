@@ -12,7 +12,10 @@ check of our NumPy forward. For each config below it
   4. for the configs in GRAD_CONFIGS, trains the llm.c way: PyTorch autograd writes data/reference/grads_<name>.npz
      with the cross-entropy loss and the gradient of every parameter, with and without a per-token loss mask, and
      the parameters after a few torch.optim.AdamW steps (weight decay on matrices only, gradient clipping);
-  5. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
+  5. when the embedded model data/models/tinyworld/ exists: loads it with LlamaForCausalLM.from_pretrained, tokenizes
+     real text with sentencepiece and writes data/reference/tinyworld.npz (logits, every layer's output, attention
+     probabilities, final norm), so the trained model is checked too;
+  6. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
 
     python scripts/make_reference.py            # (re)write data/reference/
     python scripts/make_reference.py --check    # regenerate into a temp dir and compare with the committed files
@@ -192,6 +195,38 @@ def gradients(changes, model_seed, batch_seed, record_step_grads=False):
     return out
 
 
+EMBEDDED = REPO / "data" / "models" / "tinyworld"
+EMBEDDED_TEXT = [                               # written out here, not taken from llama_ref: two texts of the world
+    "Once upon a time, there was a brave girl named Mia. Mia had a pet cat. The cat liked to eat fish. "
+    "One day, Mia went to the park with her friend Tom.",
+    "User: What does a cow say?\nAssistant: A cow says moo.\nUser: How many legs does a bird have?\n"
+    "Assistant: A bird has two legs.",
+]
+EMBEDDED_TAPS = ("embed", "norm.out", "logits")
+
+
+def embedded_model_fixture(out_dir: Path):
+    """Transformers runs the shipped model on real text; returns (arrays, manifest entry) or None if not trained."""
+    if not (EMBEDDED / "config.json").exists():
+        print("data/models/tinyworld does not exist yet (make model): no embedded-model fixture")
+        return None
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(EMBEDDED / "tokenizer.model"))
+    rows = [[sp.bos_id()] + sp.encode(t) for t in EMBEDDED_TEXT]
+    T = min(len(r) for r in rows)
+    tokens = np.array([r[:T] for r in rows], np.int64)                     # (2, T): same length, no padding
+    model = transformers.LlamaForCausalLM.from_pretrained(EMBEDDED, attn_implementation="eager").eval()
+    taps = capture(model, tokens)
+    keep = {k: v for k, v in taps.items()
+            if k in EMBEDDED_TAPS or k.endswith((".out", ".attn.probs")) and not k.endswith((".attn.out", ".ffn.out"))}
+    np.savez_compressed(out_dir / "tinyworld.npz", tokens=tokens, **keep)
+    entry = {"model_dir": "data/models/tinyworld", "texts": EMBEDDED_TEXT, "tokens_shape": list(tokens.shape),
+             "model_sha256": sha256(EMBEDDED / "model.safetensors"), "taps": sorted(keep),
+             "sha256": sha256(out_dir / "tinyworld.npz")}
+    print(f"tinyworld  B=2 T={T} {len(keep)} taps  max|logit|={np.abs(keep['logits']).max():.2f}")
+    return entry
+
+
 def generate(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
@@ -226,6 +261,9 @@ def generate(out_dir: Path):
                                                   "adamw": ADAMW, "loss": float(g["loss"]),
                                                   "sha256": sha256(out_dir / f"grads_{name}.npz")}
             print(f"{'':10s} gradients: loss {float(g['loss']):.4f} (masked), {float(g['loss_nomask']):.4f} (all)")
+    embedded = embedded_model_fixture(out_dir)
+    if embedded is not None:
+        manifest["embedded_model"] = embedded
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(("grads", "sampling", "tinyworld")))
     print(f"wrote {out_dir} ({size / 1e6:.2f} MB)")
@@ -255,6 +293,14 @@ def check():
                     tol = 1e-5 * max(1.0, float(np.abs(b).max()))
                     if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
                         bad.append(f"{f}[{k}] differs")
+        if (OUT / "tinyworld.npz").exists():
+            if not (Path(tmp) / "tinyworld.npz").exists():
+                bad.append("tinyworld.npz: committed, but the embedded model is missing")
+            else:
+                new, old = np.load(Path(tmp) / "tinyworld.npz"), np.load(OUT / "tinyworld.npz")
+                for k in old.files:
+                    if k not in new.files or np.abs(new[k].astype(np.float64) - old[k]).max() > 1e-5 * max(1.0, float(np.abs(old[k]).max())):
+                        bad.append(f"tinyworld.npz[{k}] differs")
     if bad:
         print("MISMATCH between regenerated and committed fixtures:\n  " + "\n  ".join(bad))
         return 1

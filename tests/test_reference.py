@@ -95,3 +95,25 @@ def test_fixtures_regenerate():
     script = paths.REPO_DIR / "scripts" / "make_reference.py"
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_embedded_model_matches_transformers_on_real_text():
+    """The shipped model (data/models/tinyworld), run by transformers on two real texts (scripts/make_reference.py):
+    logits, every layer's output, every attention map and the final norm. Same tolerances as above: the model is
+    deeper (6 layers) and its activations larger than the random fixtures', so errors are taken relative to scale."""
+    fixture = paths.REFERENCE_DIR / "tinyworld.npz"
+    if not fixture.exists():
+        pytest.skip("no embedded-model fixture yet: train the model (make model), then make reference")
+    entry = MANIFEST["embedded_model"]
+    import hashlib
+    assert hashlib.sha256((paths.DEFAULT_MODEL / "model.safetensors").read_bytes()).hexdigest() == entry["model_sha256"], \
+        "the embedded model changed since its fixture was written: run make reference"
+    ref = dict(np.load(fixture))
+    config, weights = load_model(paths.DEFAULT_MODEL)
+    trace = Trace(*[k for k in ref if k != "tokens"])
+    logits = Llama(config, weights).forward(ref["tokens"], trace=trace)
+    rows = compare(trace, {k: v for k, v in ref.items() if k != "tokens"})
+    assert len(rows) == len(ref) - 1 and not [r for r in rows if "missing" in r], format_table(rows)
+    assert np.abs(logits.astype(np.float64) - ref["logits"]).max() <= LOGITS_ATOL
+    bad = [r for r in rows if r["max_rel_err"] > TAP_RTOL]
+    assert not bad, format_table(bad)

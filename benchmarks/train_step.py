@@ -1,0 +1,134 @@
+"""One training step, ours (llama_ref/train.py, NumPy) vs PyTorch eager (transformers' LlamaForCausalLM), one process.
+
+Same config (the embedded model's shape: dim 256, 6 layers, 8/4 heads, hidden 688, vocab 1024), same weights, same
+batch of tokens, same thread count. A step is forward + backward + gradient clipping + AdamW; both sides compute the
+same loss (checked). transformers is run with its eager attention and with PyTorch's fused SDPA attention.
+
+    python benchmarks/train_step.py [--threads 2] [--batch 8] [--seq-len 512] [--steps 5] [--readme]
+
+Prints a markdown table of tokens/s and ratios; `--readme` writes it into README.md between the BENCH-TRAIN markers.
+Needs the [reference] extra (torch==2.13.0, transformers).
+"""
+import argparse
+import os
+import sys
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both BLAS libraries (default: all cores)")
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--seq-len", type=int, default=512)
+ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median is reported)")
+ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+args = ap.parse_args()
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # before numpy/torch load BLAS
+    os.environ[var] = str(args.threads)
+
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+try:
+    import torch
+    import transformers
+except ImportError:
+    sys.exit("benchmarks/train_step.py needs torch and transformers: `make reference-env` "
+             "(installs torch==2.13.0 first, then transformers)")
+
+from llama_ref import train  # noqa: E402
+from llama_ref.config import LlamaConfig  # noqa: E402
+from llama_ref.model import rope_freqs  # noqa: E402
+
+torch.set_num_threads(args.threads)
+cfg = LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_size=1024,
+                  max_seq_len=max(512, args.seq_len))
+B, T = args.batch, args.seq_len
+rng = np.random.default_rng(0)
+tokens = rng.integers(3, cfg.vocab_size, (B, T + 1))
+x, y = tokens[:, :-1], tokens[:, 1:]
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def make_hf(attn):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    hf_cfg._attn_implementation = attn
+    return transformers.LlamaForCausalLM(hf_cfg).train()
+
+
+def median_step_time(step, n):
+    step()                                              # warm-up (allocations, thread pools)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --- ours -------------------------------------------------------------------------------------------
+hf0 = make_hf("eager")
+params = {k: v.detach().numpy().copy() for k, v in hf0.state_dict().items()}
+opt = train.AdamW(params, betas=ADAMW["betas"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+rope = rope_freqs(cfg.head_dim, T, cfg.rope_theta)
+losses = {}
+
+
+def step_ours():
+    loss, grads = train.forward_backward(cfg, params, x, y, rope=rope)
+    train.clip_grad_norm(grads, 1.0)
+    opt.step(params, grads, ADAMW["lr"])
+    losses.setdefault("ours", loss)
+
+
+# --- PyTorch eager ----------------------------------------------------------------------------------
+def torch_stepper(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    o = torch.optim.AdamW([{"params": decay, "weight_decay": ADAMW["weight_decay"]},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=ADAMW["lr"], betas=ADAMW["betas"], eps=ADAMW["eps"])
+    xt, yt = torch.tensor(x), torch.tensor(y)
+
+    def step():
+        o.zero_grad(set_to_none=True)
+        logits = model(xt).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        o.step()
+        losses.setdefault(model.config._attn_implementation, loss.item())
+    return step
+
+
+t_ours = median_step_time(step_ours, args.steps)
+t_eager = median_step_time(torch_stepper(hf0), args.steps)
+t_sdpa = median_step_time(torch_stepper(make_hf("sdpa")), args.steps)
+same_loss = abs(losses["ours"] - losses["eager"]) < 1e-4 and abs(losses["ours"] - losses["sdpa"]) < 1e-4
+
+ntok = B * T
+table = [f"| training step (forward + backward + AdamW), embedded-model shape (4.9M params), batch {B} x {T}, "
+         f"float32, {args.threads} threads | tokens/s | llama_ref / this |",
+         "|---|---:|---:|",
+         f"| llama_ref (NumPy, `llama_ref/train.py`) | {ntok / t_ours:,.0f} | 1.00x |",
+         f"| PyTorch eager, transformers eager attention | {ntok / t_eager:,.0f} | **{t_eager / t_ours:.2f}x** |",
+         f"| PyTorch eager, transformers SDPA attention | {ntok / t_sdpa:,.0f} | **{t_sdpa / t_ours:.2f}x** |"]
+notes = (f"\nfirst-step loss: ours {losses['ours']:.6f}, eager {losses['eager']:.6f}, sdpa {losses['sdpa']:.6f} "
+         f"(agree to 1e-4: {same_loss}). numpy {np.__version__}, torch {torch.__version__}, transformers "
+         f"{transformers.__version__}, {platform.machine()}, {os.cpu_count()} cores.")
+text = "\n".join(table) + "\n" + notes
+print(text)
+
+if args.readme:
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    s = readme.read_text()
+    block = "<!-- BENCH-TRAIN -->\n" + text + "\n<!-- /BENCH-TRAIN -->"
+    if "<!-- BENCH-TRAIN -->" in s:
+        s = re.sub(r"<!-- BENCH-TRAIN -->.*<!-- /BENCH-TRAIN -->", block, s, flags=re.S)
+    else:
+        s = s.replace("<!-- /BENCH-FORWARD -->", "<!-- /BENCH-FORWARD -->\n\n" + block)
+    readme.write_text(s)
+    print(f"wrote the table into {readme}")
