@@ -1,6 +1,6 @@
 """One training step, ours (llama_ref/train.py, NumPy) vs PyTorch eager (transformers' LlamaForCausalLM), one process.
 
-Same config (the embedded model's shape: dim 256, 6 layers, 8/4 heads, hidden 688, vocab 1024), same weights, same
+Same config (the embedded model's shape: dim 256, 6 layers, 8/4 heads, hidden 768, vocab 1024), same weights, same
 batch of tokens, same thread count. A step is forward + backward + gradient clipping + AdamW; both sides compute the
 same loss (checked). transformers is run with its eager attention and with PyTorch's fused SDPA attention.
 
@@ -43,7 +43,7 @@ from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.model import rope_freqs  # noqa: E402
 
 torch.set_num_threads(args.threads)
-cfg = LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_size=1024,
+cfg = LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=768, vocab_size=1024,
                   max_seq_len=max(512, args.seq_len))
 B, T = args.batch, args.seq_len
 rng = np.random.default_rng(0)
@@ -110,7 +110,7 @@ t_sdpa = median_step_time(torch_stepper(make_hf("sdpa")), args.steps)
 same_loss = abs(losses["ours"] - losses["eager"]) < 1e-4 and abs(losses["ours"] - losses["sdpa"]) < 1e-4
 
 ntok = B * T
-table = [f"| training step (forward + backward + AdamW), embedded-model shape (4.9M params), batch {B} x {T}, "
+table = [f"| training step (forward + backward + AdamW), embedded-model shape (5.2M params), batch {B} x {T}, "
          f"float32, {args.threads} threads | tokens/s | llama_ref / this |",
          "|---|---:|---:|",
          f"| llama_ref (NumPy, `llama_ref/train.py`) | {ntok / t_ours:,.0f} | 1.00x |",

@@ -41,9 +41,11 @@ def log(msg):
 
 
 def model_config(vocab_size: int) -> LlamaConfig:
-    """4.9M parameters: dim 256, 6 layers, 8 query heads sharing 4 key/value heads (GQA, as Llama 2 70B), SwiGLU
-    hidden 688 (about 8/3 dim, rounded to a multiple of 16, as Llama), untied classifier (as Llama 2), context 512."""
-    return LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_size=vocab_size,
+    """5.2M parameters: dim 256, 6 layers, 8 query heads sharing 4 key/value heads (GQA, as Llama 2 70B), untied
+    classifier (as Llama 2), context 512. SwiGLU hidden 768: Llama's rule, 8/3 dim rounded up to a multiple of 256
+    (Meta's `multiple_of`), which also keeps every matrix row a multiple of 32, 64 and 128, so Q8_0, Q4_0 and W4A16
+    with any group size quantize every weight (688, the bare 8/3 dim, would leave down_proj unquantizable)."""
+    return LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=768, vocab_size=vocab_size,
                        max_seq_len=512, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
 
 

@@ -107,7 +107,11 @@ def write(arrays: dict) -> None:
 
 
 def check(arrays: dict) -> int:
-    """Compare freshly computed fixtures with the stored ones; exit 1 on any difference beyond 1e-7."""
+    """Compare freshly computed fixtures with the stored ones; exit 1 on a difference.
+
+    The set of kept tokens (probs > 0) must be identical; probabilities may differ by float32 rounding, because
+    torch's vectorized exp differs between CPUs (AVX2 vs AVX-512): measured 2.4e-7 absolute, 6e-7 relative between
+    two x86_64 machines, so allow 1e-5 relative (+1e-7 absolute)."""
     if not NPZ.exists():
         print(f"{NPZ} is missing: run without --check to write it", file=sys.stderr)
         return 1
@@ -115,7 +119,7 @@ def check(arrays: dict) -> int:
     ok = True
     for name, a in arrays.items():
         b = stored[name]
-        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-7):
+        if a.shape != b.shape or not np.array_equal(a > 0, b > 0) or not np.allclose(a, b, rtol=1e-5, atol=1e-7):
             print(f"MISMATCH {name}: shapes {a.shape} vs {b.shape}", file=sys.stderr)
             ok = False
     manifest = json.loads(MANIFEST.read_text())

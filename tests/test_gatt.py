@@ -209,3 +209,22 @@ def test_batched_chats_equal_single_chats(model, tok):
     batched = run_chats(model, tok, ev, max_new_tokens=5, batch_size=2)
     single = [run_chat(model, tok, ins, qs, max_new_tokens=5) for ins, qs in ev]
     assert [r.dialog for r in batched] == [r.dialog for r in single]
+
+
+def test_make_gatt_tiny_runs_end_to_end(tmp_path):
+    """scripts/make_gatt.py --tiny: baseline SFT, rejection sampling, GAtt fine-tune and evaluation on a tiny random
+    model; both checkpoints load and gatt_eval.json has the contract's keys, adherence as fractions per turn."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from llama_ref.checkpoint import load_model
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_gatt.py"
+    r = subprocess.run([sys.executable, str(script), "--tiny", "--out-dir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in ("tinyworld-chat", "tinyworld-gatt"):
+        load_model(tmp_path / name)
+    ev = json.loads((tmp_path / "tinyworld-gatt" / "gatt_eval.json").read_text())
+    assert ev["turns"] == list(range(1, len(ev["baseline"]) + 1)) and len(ev["gatt"]) == len(ev["turns"])
+    assert all(0.0 <= x <= 1.0 for x in ev["baseline"] + ev["gatt"]) and ev["n_dialogues"] >= 1
