@@ -69,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--readme", action="store_true", help="write the table into README.md between the BENCH-QUANT markers")
     args = ap.parse_args(argv)
 
     model_path = Path(args.model)
@@ -103,6 +104,17 @@ def main(argv=None):
                                                          "docs": args.docs, "seq_len": seq_len, "positions": n_pos,
                                                          "rows": rows}, indent=1) + "\n")
     plot(rows, out / "quant_accuracy.png", title)
+    if args.readme:
+        import re
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        text = readme.read_text()
+        block = "<!-- BENCH-QUANT -->\n" + table + "\n" + goals + "\n<!-- /BENCH-QUANT -->"
+        if "<!-- BENCH-QUANT -->" in text:
+            text = re.sub(r"<!-- BENCH-QUANT -->.*<!-- /BENCH-QUANT -->", lambda m: block, text, flags=re.S)
+        else:
+            text = text.replace("## Developing", block + "\n\n## Developing")
+        readme.write_text(text)
+        print(f"wrote the table into {readme}")
     return 0
 
 
