@@ -363,13 +363,14 @@ def adherence(runs: list[ChatRun]) -> dict:
     return out
 
 
-def system_attention(model, tokenizer, dialog) -> np.ndarray:
+def system_attention(model, tokenizer, dialog, per_head: bool = False) -> np.ndarray:
     """Share of attention mass that the reply tokens put on the system-message tokens, per layer and per turn.
 
     One forward over the finished dialogue, recording `layers.{i}.attn.probs`. For turn k the queries are the
     positions that PREDICT its reply tokens (each assistant token's previous position); the share is the
     probability mass on key positions labelled "system", averaged over heads and those queries.
-    Returns (n_layers, n_turns) float; NaN for a turn that does not fit the context window.
+    Returns (n_layers, n_turns) float, or (n_layers, n_heads, n_turns) with per_head (the mean over heads hides
+    the few heads that carry an instruction); NaN for a turn that does not fit the context window.
     """
     from .trace import Trace
     enc = encode_dialog(dialog, tokenizer, final="assistant")
@@ -381,7 +382,7 @@ def system_attention(model, tokenizer, dialog) -> np.ndarray:
     turns = np.array(enc.turns[:T])
     is_sys = roles == SYSTEM                                              # (T,) keys
     L = model.config.n_layers
-    out = np.full((L, enc.n_turns), np.nan)
+    out = np.full((L, model.config.n_heads, enc.n_turns), np.nan)
     for k in range(enc.n_turns):
         targets = np.nonzero((roles == ASSISTANT) & (turns == k))[0]
         q = targets[targets >= 1] - 1                                      # positions that predict them
@@ -389,8 +390,8 @@ def system_attention(model, tokenizer, dialog) -> np.ndarray:
             continue
         for i in range(L):
             p = trace[f"layers.{i}.attn.probs"][0]                         # (nh, T, T)
-            out[i, k] = float(p[:, q][:, :, is_sys].sum(-1).mean())
-    return out
+            out[i, :, k] = p[:, q][:, :, is_sys].sum(-1).mean(-1)            # (nh,)
+    return out if per_head else out.mean(axis=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -192,6 +192,10 @@ def test_run_chat_adherence_and_attention(model, tok):
     q = np.nonzero((roles == ASSISTANT) & (turns == 0))[0] - 1
     p = tr["layers.0.attn.probs"][0][:, q][:, :, roles == SYSTEM].sum(-1).mean()
     assert att[0, 0] == pytest.approx(p)
+    heads = system_attention(model, tok, runs[0].dialog, per_head=True)          # (layers, heads, turns)
+    assert heads.shape == (2, model.config.n_heads, 3)
+    assert heads[0, :, 0] == pytest.approx(tr["layers.0.attn.probs"][0][:, q][:, :, roles == SYSTEM].sum(-1).mean(-1))
+    np.testing.assert_allclose(heads.mean(axis=1), att, rtol=1e-6)
 
 
 def test_run_chat_survives_the_context_window(tok):
