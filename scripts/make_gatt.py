@@ -1,12 +1,13 @@
 """`make gatt`: chat SFT baseline -> Ghost Attention data by rejection sampling -> GAtt fine-tune -> evaluation.
 
-    python scripts/make_gatt.py                       # the real run from data/models/tinyworld (<= ~60 min, 2 cores)
+    python scripts/make_gatt.py                       # the real run from data/models/tinyworld (~15 min on 2 cores;
+                                                      # --time-budget-min caps it, default 60)
     python scripts/make_gatt.py --tiny --out-dir /tmp/g   # a tiny random model, a handful of steps: proves the code
 
 Writes
     data/models/tinyworld-chat/   the baseline: ordinary SFT (multi-turn dialogues without a system message,
-                                  instructions only in single-turn examples); metrics.json
-    data/models/tinyworld-gatt/   baseline + GAtt fine-tune; metrics.json, gatt_samples.json (accepted dialogues and
+                                  instructions only in single-turn examples); metrics.json, README.md (model card)
+    data/models/tinyworld-gatt/   baseline + GAtt fine-tune; metrics.json, README.md, gatt_samples.json (accepted dialogues and
                                   rejected samples), gatt_eval.json (written by the evaluation below):
         {"turns": [1..8], "baseline": [...], "gatt": [...], "n_dialogues": N, "per_family": ..., "attention": ...,
          "dropped": ..., "failures": ...}   adherence as fractions, attention as (layers, turns) shares.
@@ -60,6 +61,42 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def _shown_path(p) -> str:
+    """A path relative to the repository when it is inside it (metrics.json should not record this machine's paths)."""
+    p = Path(p).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def write_model_cards(base_dir: Path, gatt_dir: Path) -> None:
+    """README.md beside each chat model, built from the metrics.json and gatt_eval.json this script wrote."""
+    sft = json.loads((base_dir / "metrics.json").read_text())
+    gm = json.loads((gatt_dir / "metrics.json").read_text())
+    ev = json.loads((gatt_dir / "gatt_eval.json").read_text())
+    samp = ev["sampling"]
+    pct = lambda xs: " | ".join("-" if x is None else f"{100 * x:.0f}%" for x in xs)
+    table = ("| turn | " + " | ".join(str(t) for t in ev["turns"]) + " |\n|---|" + "---:|" * len(ev["turns"]) + "\n"
+             f"| baseline (tinyworld-chat) | {pct(ev['baseline'])} |\n| GAtt (tinyworld-gatt) | {pct(ev['gatt'])} |\n")
+    common = (f"Made by `make gatt` (`scripts/make_gatt.py`) from `{sft.get('from', 'data/models/tinyworld')}`, with the "
+              f"NumPy trainer (`llama_ref/train.py`). Same architecture and tokenizer as the base model. Chat format: "
+              f"Llama 2's (`llama_ref/chat.py`).\n\n"
+              f"Instruction adherence per turn on {ev['n_dialogues']} held-out dialogues ({ev['eval']['split']}), "
+              f"{ev['eval']['decoding']} decoding, the instruction only in the system message "
+              f"(`tinyworld-gatt/gatt_eval.json`, chapter 08):\n\n{table}")
+    (base_dir / "README.md").write_text(
+        "# tinyworld-chat: the SFT baseline\n\n"
+        f"Ordinary supervised fine-tuning: {sft['n_examples']} examples (multi-turn corpus dialogues without a system "
+        f"message, and single-turn examples with an instruction), {sft['steps']} steps at lr {sft['lr']}, loss on "
+        f"assistant tokens only ({sft['target_tokens']:,} target tokens), {sft['time_s'] / 60:.1f} min. "
+        f"Final training loss {sft['final_loss']:.4f}.\n\n" + common)
+    (gatt_dir / "README.md").write_text(
+        "# tinyworld-gatt: Ghost Attention (Llama 2 paper, sec. 3.3)\n\n"
+        f"Fine-tuned from tinyworld-chat on {gm['n_gatt_examples']} GAtt examples rejection-sampled from it "
+        f"({samp['dialogues']} training dialogues, {samp['accepted_replies']} replies accepted, "
+        f"{samp['rejected_samples']} rejected) mixed with {gm['n_sft_mixed']} ordinary SFT examples: {gm['steps']} "
+        f"steps at lr {gm['lr']}, {gm['time_s'] / 60:.1f} min. The instruction is only in the system message and the "
+        f"loss only on the last reply of each example.\n\n" + common)
+
+
 def tiny_base(tok, seed=0):
     """A tiny random model for --tiny runs and tests."""
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
@@ -111,23 +148,29 @@ def main(argv=None) -> int:
     ap.add_argument("--sft-steps", type=int, default=2000,
                     help="600 steps at 3e-4 left the baseline unable to map a style to its sound even at turn 1")
     ap.add_argument("--sft-lr", type=float, default=1e-3)
-    ap.add_argument("--gatt-dialogues", type=int, default=300, help="dialogues to sample for GAtt")
-    ap.add_argument("--gatt-min-turns", type=int, default=2)
+    ap.add_argument("--gatt-dialogues", type=int, default=400, help="dialogues to sample for GAtt")
+    ap.add_argument("--gatt-min-turns", type=int, default=8,
+                    help="sample 8-turn dialogues: late turns are what GAtt must teach")
     ap.add_argument("--gatt-max-turns", type=int, default=8)
-    ap.add_argument("--gatt-steps", type=int, default=300)
-    ap.add_argument("--gatt-lr", type=float, default=2e-4)
+    ap.add_argument("--gatt-steps", type=int, default=700)
+    ap.add_argument("--gatt-lr", type=float, default=5e-4)
     ap.add_argument("--gatt-mix", type=float, default=0.3, help="share of ordinary SFT examples mixed into the GAtt fine-tune")
     ap.add_argument("--max-tries", type=int, default=4, help="samples per turn before a dialogue is cut")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sample-batch", type=int, default=16, help="dialogues decoded together when sampling/evaluating")
-    ap.add_argument("--eval-dialogues", type=int, default=60)
+    ap.add_argument("--eval-dialogues", type=int, default=100)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--time-budget-min", type=float, default=60.0,
                     help="soft budget: training stages stop early and sampling stops when their share is used")
     ap.add_argument("--reuse-baseline", action="store_true", help="start from an existing tinyworld-chat")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cards-only", action="store_true",
+                    help="only (re)write the README.md model cards from the metrics already in --out-dir")
     args = ap.parse_args(argv)
+    if args.cards_only:
+        write_model_cards(Path(args.out_dir) / "tinyworld-chat", Path(args.out_dir) / "tinyworld-gatt")
+        return 0
 
     t_start = time.time()
     budget = args.time_budget_min * 60
@@ -163,7 +206,7 @@ def main(argv=None) -> int:
         weights, sft_metrics = finetune(config, weights, sft_data, args.sft_steps, args.batch_size, args.sft_lr,
                                         args.seed, 0.35 * budget, "sft")
         sft_metrics.update({"stage": "baseline SFT", "n_examples": len(sft_data), "time_s": time.time() - t0,
-                            "from": "tiny random" if args.tiny else str(args.base)})
+                            "from": "tiny random" if args.tiny else _shown_path(args.base)})
         save_model(base_dir, config, weights, tokenizer_path=tok_path)
         write_json(base_dir / "metrics.json", sft_metrics)
         log(f"baseline saved to {base_dir}")
@@ -247,6 +290,7 @@ def main(argv=None) -> int:
         "sampling": sampling, "tiny": args.tiny, "total_time_s": time.time() - t_start,
     }
     write_json(gatt_dir / "gatt_eval.json", out)
+    write_model_cards(base_dir, gatt_dir)
     log(f"wrote {gatt_dir / 'gatt_eval.json'} in {time.time() - t_start:.0f} s total")
     return 0
 

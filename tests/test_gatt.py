@@ -229,6 +229,7 @@ def test_make_gatt_tiny_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for name in ("tinyworld-chat", "tinyworld-gatt"):
         load_model(tmp_path / name)
+        assert "Instruction adherence per turn" in (tmp_path / name / "README.md").read_text()   # the model card
     ev = json.loads((tmp_path / "tinyworld-gatt" / "gatt_eval.json").read_text())
     assert ev["turns"] == list(range(1, len(ev["baseline"]) + 1)) and len(ev["gatt"]) == len(ev["turns"])
     assert all(0.0 <= x <= 1.0 for x in ev["baseline"] + ev["gatt"]) and ev["n_dialogues"] >= 1
