@@ -115,40 +115,44 @@ def rope_backward(dy, cos, sin):
 def attention_forward(q, k, v):
     """q (B, nh, T, hs), k and v (B, nkv, T, hs) -> out (B, nh, T, hs).
 
-    Query head h reads key/value head h // rep (rep = nh/nkv); q is viewed as (B, nkv, rep, T, hs) so k and v
-    are never copied rep times. The causal mask adds -inf above the diagonal, so those probabilities are exactly 0.
+    Query head h reads key/value head h // rep (rep = nh/nkv). The rep query heads of a group are stacked along the
+    rows, q as (B, nkv, rep*T, hs), so one matmul per group serves them all and k, v are never copied rep times.
+    The causal mask adds -inf above the diagonal, so those probabilities are exactly 0.
     """
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
     scale = F32(1.0 / math.sqrt(hs))
-    qg = q.reshape(B, nkv, rep, T, hs)
-    scores = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale + causal_mask(T, T)           # (B, nkv, rep, T, T)
+    qs = q.reshape(B, nkv, rep * T, hs) * scale                 # (B, nkv, rep*T, hs); scaled here, not the T x T scores
+    scores = (qs @ k.swapaxes(-1, -2)).reshape(B, nkv, rep, T, T)                         # (B, nkv, rep, T, T)
+    scores += causal_mask(T, T)
     scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
+    probs = np.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = probs @ v[:, :, None]                                                           # (B, nkv, rep, T, hs)
-    return out.reshape(B, nh, T, hs), (qg, k, v, probs, scale)
+    probs = probs.reshape(B, nkv, rep * T, T)                                             # (B, nkv, rep*T, T)
+    out = probs @ v                                                                       # (B, nkv, rep*T, hs)
+    return out.reshape(B, nh, T, hs), (qs, k, v, probs, scale)
 
 
 def attention_backward(dout, cache):
     """Backward of out = softmax(q k^T * scale + mask) v, for each group of rep query heads sharing one k/v head.
 
-        dv = P^T dout            summed over the rep heads that read this v
+        dv = P^T dout            summed over the rep heads that read this v (the stacked rows do the sum)
         dP = dout v^T
         dS = P * (dP - sum_j dP_j P_j)          softmax backward (row by row); masked entries have P = 0
-        dq = dS k * scale,  dk = dS^T q * scale  (dk summed over the rep heads)
+        dq = dS k * scale,  dk = dS^T (q * scale)  (dk summed over the rep heads, again by the stacked rows)
     """
-    qg, k, v, probs, scale = cache
-    B, nkv, rep, T, hs = qg.shape
-    do = dout.reshape(B, nkv, rep, T, hs)                                                 # (B, nkv, rep, T, hs)
-    dv = np.sum(probs.swapaxes(-1, -2) @ do, axis=2)                                      # (B, nkv, T, hs)
-    dp = do @ v[:, :, None].swapaxes(-1, -2)                                              # (B, nkv, rep, T, T)
-    ds = probs * (dp - np.sum(dp * probs, axis=-1, keepdims=True))                        # (B, nkv, rep, T, T)
-    ds *= scale
-    dq = ds @ k[:, :, None]                                                               # (B, nkv, rep, T, hs)
-    dk = np.sum(ds.swapaxes(-1, -2) @ qg, axis=2)                                         # (B, nkv, T, hs)
-    return dq.reshape(B, nkv * rep, T, hs), dk, dv
+    qs, k, v, probs, scale = cache
+    B, nkv, RT, hs = qs.shape
+    T = k.shape[2]
+    do = dout.reshape(B, nkv, RT, hs)                                                     # (B, nkv, rep*T, hs)
+    dv = probs.swapaxes(-1, -2) @ do                                                      # (B, nkv, T, hs)
+    ds = do @ v.swapaxes(-1, -2)                                                          # dP (B, nkv, rep*T, T)
+    ds -= np.sum(ds * probs, axis=-1, keepdims=True)
+    ds *= probs                                                                           # dS
+    dq = (ds @ k) * scale                                                                 # (B, nkv, rep*T, hs)
+    dk = ds.swapaxes(-1, -2) @ qs                                                         # (B, nkv, T, hs)
+    return dq.reshape(B, nkv * (RT // T), T, hs), dk, dv
 
 
 # ------------------------------------------------------------------------------------------------
