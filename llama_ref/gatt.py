@@ -363,6 +363,36 @@ def adherence(runs: list[ChatRun]) -> dict:
     return out
 
 
+def eval_references(n: int, seed: int = 0, n_turns: int = 8) -> list[list[str]]:
+    """The corpus' own answers to the questions of eval_dialogues(n, seed, n_turns), dialogue by dialogue."""
+    dialogs = corpus_dialogues("test", n, seed=seed + 77, min_turns=n_turns, max_turns=n_turns)
+    return [[m["content"] for m in d if m["role"] == "assistant"][:n_turns] for d in dialogs]
+
+
+_DECORATIONS = re.compile(r"^I am [A-Z][a-z]+\.\s*|\s*(?<!\S)I love [a-z]+\.(?=\s|$)|\s*(?:"
+                          + "|".join(re.escape(v) for v in sorted(set(SOUNDS.values()))) + r")$")
+
+
+def strip_instruction(reply: str) -> str:
+    """The answer inside a reply: any persona sentence ("I am Tom."), hobby sentence ("I love kites.") and closing
+    sound ("Moo!") removed, whether or not they are the instructed ones (answer quality, apart from adherence)."""
+    prev, r = None, reply.strip()
+    while prev != r:                                           # the sound may sit after the hobby sentence
+        prev, r = r, _DECORATIONS.sub("", r).strip()
+    return " ".join(r.split())
+
+
+def answer_accuracy(runs: list[ChatRun], references: list[list[str]]) -> list[float]:
+    """Per turn: share of replies whose answer (strip_instruction) is exactly the corpus' answer. Does following an
+    instruction cost the content? Turns after a wrong answer still count: the model carries its own history."""
+    n_turns = max(len(r.obeyed) for r in runs)
+    out = []
+    for k in range(n_turns):
+        pairs = [(r.dialog[2 + 2 * k]["content"], ref[k]) for r, ref in zip(runs, references) if len(r.obeyed) > k]
+        out.append(float(np.mean([strip_instruction(a) == " ".join(b.split()) for a, b in pairs])))
+    return out
+
+
 def system_attention(model, tokenizer, dialog, per_head: bool = False) -> np.ndarray:
     """Share of attention mass that the reply tokens put on the system-message tokens, per layer and per turn.
 

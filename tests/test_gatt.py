@@ -233,3 +233,29 @@ def test_make_gatt_tiny_runs_end_to_end(tmp_path):
     ev = json.loads((tmp_path / "tinyworld-gatt" / "gatt_eval.json").read_text())
     assert ev["turns"] == list(range(1, len(ev["baseline"]) + 1)) and len(ev["gatt"]) == len(ev["turns"])
     assert all(0.0 <= x <= 1.0 for x in ev["baseline"] + ev["gatt"]) and ev["n_dialogues"] >= 1
+
+
+def test_strip_instruction_recovers_the_answer_of_every_obedient_reply():
+    from llama_ref.gatt import strip_instruction
+    rng = random.Random(3)
+    answers = ["Ben has a dog.", "Hello! What would you like to know?", "Lily is younger than Anna.", "No, it is not."]
+    for _ in range(200):
+        ins, a = random_instruction(rng, rng.choice(["train", "test"])), rng.choice(answers)
+        assert strip_instruction(ins.apply(a)) == a
+    # decorations that are not the instructed ones are removed too; the answer's own words are not
+    assert strip_instruction("I am Tim. Ben's pet is a cat. I love dolls. Buzz!") == "Ben's pet is a cat."
+    assert strip_instruction("A cow says moo.") == "A cow says moo."
+
+
+def test_answer_accuracy_compares_the_stripped_reply_with_the_corpus_answer():
+    from llama_ref.gatt import ChatRun, answer_accuracy, eval_dialogues, eval_references
+    items, refs = eval_dialogues(3, seed=5, n_turns=4), eval_references(3, seed=5, n_turns=4)
+    assert [len(r) for r in refs] == [4, 4, 4]
+    runs = []
+    for (ins, qs), ref in zip(items, refs):
+        dialog = [{"role": "system", "content": ins.text}]
+        for k, (q, a) in enumerate(zip(qs, ref)):
+            reply = ins.apply(a) if k != 1 else "I am Tom. Something else entirely."     # turn 2 is always wrong
+            dialog += [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]
+        runs.append(ChatRun(ins, dialog, [True] * 4, [{}] * 4, [0] * 4))
+    assert answer_accuracy(runs, refs) == [1.0, 0.0, 1.0, 1.0]
