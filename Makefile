@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Jupyter refuses to start as root (containers often run as root) unless told; LAB_ARGS adds your own flags,
+# e.g. make lab LAB_ARGS="--no-browser --ip 0.0.0.0 --port 8888"
+LAB_ARGS ?=
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/00_overview.ipynb
+	$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) notebooks/00_overview.ipynb
 
 NBVAL := --nbval --nbval-current-env --sanitize-with notebooks/nbval_sanitize.cfg
 
