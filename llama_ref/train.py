@@ -112,47 +112,60 @@ def rope_backward(dy, cos, sin):
 # ------------------------------------------------------------------------------------------------
 # Causal attention with grouped-query heads
 
-def attention_forward(q, k, v):
+ATTENTION_BLOCK = 128      # queries per block: small score matrices that stay in cache, masked work mostly skipped
+
+
+def attention_forward(q, k, v, block: int = ATTENTION_BLOCK):
     """q (B, nh, T, hs), k and v (B, nkv, T, hs) -> out (B, nh, T, hs).
 
-    Query head h reads key/value head h // rep (rep = nh/nkv). The rep query heads of a group are stacked along the
-    rows, q as (B, nkv, rep*T, hs), so one matmul per group serves them all and k, v are never copied rep times.
-    The causal mask adds -inf above the diagonal, so those probabilities are exactly 0.
+    Query head h reads key/value head h // rep (rep = nh/nkv): q is viewed as (B, nkv, rep, T, hs), so k and v are
+    broadcast over the rep heads of their group, never copied. Like llm.c's loop over t2 <= t, the causal structure
+    saves work: queries are taken `block` at a time, and a block ending at position t1 is scored against keys
+    0..t1-1 only. The causal mask inside the block adds -inf above the diagonal, so those probabilities are exactly 0.
     """
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
     scale = F32(1.0 / math.sqrt(hs))
-    qs = q.reshape(B, nkv, rep * T, hs) * scale                 # (B, nkv, rep*T, hs); scaled here, not the T x T scores
-    scores = (qs @ k.swapaxes(-1, -2)).reshape(B, nkv, rep, T, T)                         # (B, nkv, rep, T, T)
-    scores += causal_mask(T, T)
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores, out=scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    probs = probs.reshape(B, nkv, rep * T, T)                                             # (B, nkv, rep*T, T)
-    out = probs @ v                                                                       # (B, nkv, rep*T, hs)
-    return out.reshape(B, nh, T, hs), (qs, k, v, probs, scale)
+    qs = q.reshape(B, nkv, rep, T, hs) * scale                  # (B, nkv, rep, T, hs); scaled here, not the scores
+    out = np.empty_like(qs)
+    probs = []                                                                            # one entry per block
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)                                                           # keys 0..t1-1
+        scores = qs[:, :, :, t0:t1] @ k[:, :, None, :t1].swapaxes(-1, -2)                # (B, nkv, rep, Tb, t1)
+        scores += causal_mask(t1 - t0, t1)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores, out=scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[:, :, :, t0:t1] = p @ v[:, :, None, :t1]                                      # (B, nkv, rep, Tb, hs)
+        probs.append(p)
+    return out.reshape(B, nh, T, hs), (qs, k, v, probs, scale, block)
 
 
 def attention_backward(dout, cache):
-    """Backward of out = softmax(q k^T * scale + mask) v, for each group of rep query heads sharing one k/v head.
+    """Backward of out = softmax(q k^T * scale + mask) v, block by block of queries as in the forward.
 
-        dv = P^T dout            summed over the rep heads that read this v (the stacked rows do the sum)
+        dv = P^T dout            summed over the rep heads that read this v
         dP = dout v^T
         dS = P * (dP - sum_j dP_j P_j)          softmax backward (row by row); masked entries have P = 0
-        dq = dS k * scale,  dk = dS^T (q * scale)  (dk summed over the rep heads, again by the stacked rows)
+        dq = dS k * scale,  dk = dS^T (q * scale)  (dk summed over the rep heads)
+    A block of queries only touched keys 0..t1-1, so it adds to dk and dv there only.
     """
-    qs, k, v, probs, scale = cache
-    B, nkv, RT, hs = qs.shape
-    T = k.shape[2]
-    do = dout.reshape(B, nkv, RT, hs)                                                     # (B, nkv, rep*T, hs)
-    dv = probs.swapaxes(-1, -2) @ do                                                      # (B, nkv, T, hs)
-    ds = do @ v.swapaxes(-1, -2)                                                          # dP (B, nkv, rep*T, T)
-    ds -= np.sum(ds * probs, axis=-1, keepdims=True)
-    ds *= probs                                                                           # dS
-    dq = (ds @ k) * scale                                                                 # (B, nkv, rep*T, hs)
-    dk = ds.swapaxes(-1, -2) @ qs                                                         # (B, nkv, T, hs)
-    return dq.reshape(B, nkv * (RT // T), T, hs), dk, dv
+    qs, k, v, probs, scale, block = cache
+    B, nkv, rep, T, hs = qs.shape
+    do = dout.reshape(B, nkv, rep, T, hs)                                                 # (B, nkv, rep, T, hs)
+    dq = np.empty_like(qs)
+    dk, dv = np.zeros_like(k), np.zeros_like(v)                                           # (B, nkv, T, hs)
+    for t0, p in zip(range(0, T, block), probs):
+        t1 = min(T, t0 + block)
+        dob = do[:, :, :, t0:t1]                                                          # (B, nkv, rep, Tb, hs)
+        dv[:, :, :t1] += np.sum(p.swapaxes(-1, -2) @ dob, axis=2)
+        ds = dob @ v[:, :, None, :t1].swapaxes(-1, -2)                                    # dP (B, nkv, rep, Tb, t1)
+        ds -= np.sum(ds * p, axis=-1, keepdims=True)
+        ds *= p                                                                           # dS
+        dq[:, :, :, t0:t1] = (ds @ k[:, :, None, :t1]) * scale
+        dk[:, :, :t1] += np.sum(ds.swapaxes(-1, -2) @ qs[:, :, :, t0:t1], axis=2)
+    return dq.reshape(B, nkv * rep, T, hs), dk, dv
 
 
 # ------------------------------------------------------------------------------------------------

@@ -168,15 +168,34 @@ def test_rope_backward_finite_differences(f64):
     assert np.allclose(dx, numerical_grad(lambda: np.sum(train.rope_forward(x, cos, sin) * dy), x), atol=1e-7)
 
 
-@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (4, 1)])
-def test_attention_backward_finite_differences(f64, nh, nkv):
+@pytest.mark.parametrize("nh,nkv,block", [(4, 4, 128), (4, 2, 128), (4, 1, 128), (4, 2, 2), (4, 1, 3)])
+def test_attention_backward_finite_differences(f64, nh, nkv, block):
+    """block < T: several query blocks, the last one ragged (T = 5), each against only the keys it may see."""
     q, k, v = f64.standard_normal((2, nh, 5, 6)), f64.standard_normal((2, nkv, 5, 6)), f64.standard_normal((2, nkv, 5, 6))
     dy = f64.standard_normal((2, nh, 5, 6))
-    out, cache = train.attention_forward(q, k, v)
+    out, cache = train.attention_forward(q, k, v, block=block)
     dq, dk, dv = train.attention_backward(dy, cache)
-    f = lambda: np.sum(train.attention_forward(q, k, v)[0] * dy)
+    f = lambda: np.sum(train.attention_forward(q, k, v, block=block)[0] * dy)
     for got, x in ((dq, q), (dk, k), (dv, v)):
         assert np.allclose(got, numerical_grad(f, x), atol=1e-6)
+
+
+def test_attention_blocks_equal_one_block_and_the_inference_attention():
+    """The blocked causal attention (float32, T = 300: blocks of 128, 128, 44) equals model.attention's full masked
+    softmax, and its gradients equal the single-block computation, to float32 rounding (1e-5 of scale)."""
+    from llama_ref.model import attention, causal_mask
+    rng = np.random.default_rng(0)
+    B, nh, nkv, T, hs = 2, 4, 2, 300, 16
+    q = rng.standard_normal((B, nh, T, hs), dtype=np.float32)
+    k, v = (rng.standard_normal((B, nkv, T, hs), dtype=np.float32) for _ in range(2))
+    dy = rng.standard_normal((B, nh, T, hs), dtype=np.float32)
+    out, cache = train.attention_forward(q, k, v)
+    assert len(cache[3]) == 3 and out.dtype == np.float32
+    full = attention(q, k, v, causal_mask(T, T))[0]
+    assert np.abs(out - full).max() <= 1e-5 * np.abs(full).max()
+    one, cache1 = train.attention_forward(q, k, v, block=T)
+    for a, b in zip(train.attention_backward(dy, cache), train.attention_backward(dy, cache1)):
+        assert a.dtype == np.float32 and np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def test_swiglu_backward_finite_differences(f64):
