@@ -11,7 +11,6 @@ Needs the [reference] extra (torch==2.13.0, transformers).
 """
 import argparse
 import os
-import sys
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both BLAS libraries (default: all cores)")
@@ -20,23 +19,15 @@ ap.add_argument("--decode-tokens", type=int, default=128)
 ap.add_argument("--repeats", type=int, default=5, help="prefill repeats (median is reported)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # before numpy/torch load BLAS
-    os.environ[var] = str(args.threads)
+from _bench import import_reference, median_time, pin_threads, write_readme_block  # noqa: E402
+pin_threads(args.threads)                                                  # before numpy/torch load BLAS
 
 import platform  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-try:
-    import torch
-    import transformers
-except ImportError:
-    sys.exit("benchmarks/forward.py needs torch and transformers: `make reference-env` "
-             "(installs torch==2.13.0 first, then transformers)")
+torch, transformers = import_reference("forward.py")
 
 from llama_ref.config import PRESETS  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
@@ -54,16 +45,6 @@ ours = Llama(cfg, weights)
 rng = np.random.default_rng(0)
 prompt = rng.integers(3, cfg.vocab_size, args.prompt_len)
 prompt_t = torch.tensor(prompt[None])
-
-
-def median_time(fn, repeats):
-    fn()                                           # warm-up (allocations, BLAS threads)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # --- prefill ---------------------------------------------------------------------------------------
@@ -124,9 +105,4 @@ text = "\n".join(table) + "\n" + notes
 print(text)
 
 if args.readme:
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    s = readme.read_text()
-    s = re.sub(r"<!-- BENCH-FORWARD -->.*<!-- /BENCH-FORWARD -->",
-               "<!-- BENCH-FORWARD -->\n" + text + "\n<!-- /BENCH-FORWARD -->", s, flags=re.S)
-    readme.write_text(s)
-    print(f"wrote the table into {readme}")
+    write_readme_block("BENCH-FORWARD", text)

@@ -105,16 +105,8 @@ def main(argv=None):
                                                          "rows": rows}, indent=1) + "\n")
     plot(rows, out / "quant_accuracy.png", title)
     if args.readme:
-        import re
-        readme = Path(__file__).resolve().parent.parent / "README.md"
-        text = readme.read_text()
-        block = "<!-- BENCH-QUANT -->\n" + table + "\n" + goals + "\n<!-- /BENCH-QUANT -->"
-        if "<!-- BENCH-QUANT -->" in text:
-            text = re.sub(r"<!-- BENCH-QUANT -->.*<!-- /BENCH-QUANT -->", lambda m: block, text, flags=re.S)
-        else:
-            text = text.replace("## Developing", block + "\n\n## Developing")
-        readme.write_text(text)
-        print(f"wrote the table into {readme}")
+        from _bench import write_readme_block
+        write_readme_block("BENCH-QUANT", table + "\n" + goals, anchor="## Developing", after=False)
     return 0
 
 

@@ -11,7 +11,6 @@ Needs the [reference] extra (torch==2.13.0, transformers).
 """
 import argparse
 import os
-import sys
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both BLAS libraries (default: all cores)")
@@ -20,23 +19,14 @@ ap.add_argument("--seq-len", type=int, default=512)
 ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median is reported)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # before numpy/torch load BLAS
-    os.environ[var] = str(args.threads)
+from _bench import import_reference, median_time, pin_threads, write_readme_block  # noqa: E402
+pin_threads(args.threads)                                                  # before numpy/torch load BLAS
 
 import platform  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-try:
-    import torch
-    import transformers
-except ImportError:
-    sys.exit("benchmarks/train_step.py needs torch and transformers: `make reference-env` "
-             "(installs torch==2.13.0 first, then transformers)")
+torch, transformers = import_reference("train_step.py")
 
 from llama_ref import train  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
@@ -57,16 +47,6 @@ def make_hf(attn):
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
     hf_cfg._attn_implementation = attn
     return transformers.LlamaForCausalLM(hf_cfg).train()
-
-
-def median_step_time(step, n):
-    step()                                              # warm-up (allocations, thread pools)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # --- ours -------------------------------------------------------------------------------------------
@@ -104,9 +84,9 @@ def torch_stepper(model):
     return step
 
 
-t_ours = median_step_time(step_ours, args.steps)
-t_eager = median_step_time(torch_stepper(hf0), args.steps)
-t_sdpa = median_step_time(torch_stepper(make_hf("sdpa")), args.steps)
+t_ours = median_time(step_ours, args.steps)
+t_eager = median_time(torch_stepper(hf0), args.steps)
+t_sdpa = median_time(torch_stepper(make_hf("sdpa")), args.steps)
 same_loss = abs(losses["ours"] - losses["eager"]) < 1e-4 and abs(losses["ours"] - losses["sdpa"]) < 1e-4
 
 ntok = B * T
@@ -123,12 +103,4 @@ text = "\n".join(table) + "\n" + notes
 print(text)
 
 if args.readme:
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    s = readme.read_text()
-    block = "<!-- BENCH-TRAIN -->\n" + text + "\n<!-- /BENCH-TRAIN -->"
-    if "<!-- BENCH-TRAIN -->" in s:
-        s = re.sub(r"<!-- BENCH-TRAIN -->.*<!-- /BENCH-TRAIN -->", block, s, flags=re.S)
-    else:
-        s = s.replace("<!-- /BENCH-FORWARD -->", "<!-- /BENCH-FORWARD -->\n\n" + block)
-    readme.write_text(s)
-    print(f"wrote the table into {readme}")
+    write_readme_block("BENCH-TRAIN", text, anchor="<!-- /BENCH-FORWARD -->")
