@@ -139,7 +139,7 @@ def attention_forward(q, k, v, block: int = ATTENTION_BLOCK):
         p /= p.sum(axis=-1, keepdims=True)
         out[:, :, :, t0:t1] = p @ v[:, :, None, :t1]                                      # (B, nkv, rep, Tb, hs)
         probs.append(p)
-    return out.reshape(B, nh, T, hs), (qs, k, v, probs, scale, block)
+    return out.reshape(B, nh, T, hs), (qs, k, v, probs, scale)
 
 
 def attention_backward(dout, cache):
@@ -149,15 +149,16 @@ def attention_backward(dout, cache):
         dP = dout v^T
         dS = P * (dP - sum_j dP_j P_j)          softmax backward (row by row); masked entries have P = 0
         dq = dS k * scale,  dk = dS^T (q * scale)  (dk summed over the rep heads)
-    A block of queries only touched keys 0..t1-1, so it adds to dk and dv there only.
+    A block of queries only touched keys 0..t1-1, so it adds to dk and dv there only; each block's probabilities
+    (Tb, t1) say where it sits: queries t1-Tb..t1-1.
     """
-    qs, k, v, probs, scale, block = cache
+    qs, k, v, probs, scale = cache
     B, nkv, rep, T, hs = qs.shape
     do = dout.reshape(B, nkv, rep, T, hs)                                                 # (B, nkv, rep, T, hs)
     dq = np.empty_like(qs)
     dk, dv = np.zeros_like(k), np.zeros_like(v)                                           # (B, nkv, T, hs)
-    for t0, p in zip(range(0, T, block), probs):
-        t1 = min(T, t0 + block)
+    for p in probs:
+        t0, t1 = p.shape[-1] - p.shape[-2], p.shape[-1]
         dob = do[:, :, :, t0:t1]                                                          # (B, nkv, rep, Tb, hs)
         dv[:, :, :t1] += np.sum(p.swapaxes(-1, -2) @ dob, axis=2)
         ds = dob @ v[:, :, None, :t1].swapaxes(-1, -2)                                    # dP (B, nkv, rep, Tb, t1)
@@ -514,7 +515,8 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file via a temp file and os.replace: a crash never leaves half a file (metrics, cards, state)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -531,7 +533,7 @@ def save_training_state(out_dir: Path, config: LlamaConfig, params: dict, opt: A
     state_dir.mkdir(exist_ok=True)
     _atomic_savez(state_dir / "optimizer.npz", {**opt.state(), "step": np.array(step),
                                                 **{f"p/{k}": v for k, v in params.items()}})
-    _write_text(state_dir / "history.json", json.dumps(history))
+    write_text_atomic(state_dir / "history.json", json.dumps(history))
     save_model(out_dir, config, params, tokenizer_path=tokenizer_path)
 
 
