@@ -49,12 +49,6 @@ def model_config(vocab_size: int) -> LlamaConfig:
                        max_seq_len=512, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_loss_curve(out: Path, history: list) -> None:
     tmp = out / "loss_curve.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -194,8 +188,8 @@ def run(args) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}",
         "generator": "llama_ref/tinyworld.py (make model)",
     })
-    _write(out / "metrics.json", json.dumps(m, indent=1, default=float) + "\n")
-    _write(out / "README.md", model_card(config, m, s))
+    train.write_text_atomic(out / "metrics.json", json.dumps(m, indent=1, default=float) + "\n")
+    train.write_text_atomic(out / "README.md", model_card(config, m, s))
     log(f"wrote {out}/metrics.json and README.md")
     return 0
 

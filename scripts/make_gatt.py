@@ -34,10 +34,8 @@ from llama_ref.checkpoint import load_model, save_model              # noqa: E40
 from llama_ref.config import LlamaConfig                             # noqa: E402
 from llama_ref.model import Llama, weight_shapes                     # noqa: E402
 from llama_ref.tokenizer import Tokenizer                            # noqa: E402
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+from llama_ref.tinyworld import log                                   # noqa: E402
+from llama_ref.train import write_text_atomic                        # noqa: E402
 
 
 def _jsonable(x):
@@ -56,9 +54,7 @@ def _jsonable(x):
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=1) + "\n")
 
 
 def _shown_path(p) -> str:
@@ -82,13 +78,13 @@ def write_model_cards(base_dir: Path, gatt_dir: Path) -> None:
               f"Instruction adherence per turn on {ev['n_dialogues']} held-out dialogues ({ev['eval']['split']}), "
               f"{ev['eval']['decoding']} decoding, the instruction only in the system message "
               f"(`tinyworld-gatt/gatt_eval.json`, chapter 08):\n\n{table}")
-    (base_dir / "README.md").write_text(
+    write_text_atomic(base_dir / "README.md",
         "# tinyworld-chat: the SFT baseline\n\n"
         f"Ordinary supervised fine-tuning: {sft['n_examples']} examples (multi-turn corpus dialogues without a system "
         f"message, and single-turn examples with an instruction), {sft['steps']} steps at lr {sft['lr']}, loss on "
         f"assistant tokens only ({sft['target_tokens']:,} target tokens), {sft['time_s'] / 60:.1f} min. "
         f"Final training loss {sft['final_loss']:.4f}.\n\n" + common)
-    (gatt_dir / "README.md").write_text(
+    write_text_atomic(gatt_dir / "README.md",
         "# tinyworld-gatt: Ghost Attention (Llama 2 paper, sec. 3.3)\n\n"
         f"Fine-tuned from tinyworld-chat on {gm['n_gatt_examples']} GAtt examples rejection-sampled from it "
         f"({samp['dialogues']} training dialogues, {samp['accepted_replies']} replies accepted, "
