@@ -303,9 +303,13 @@ def gatt_examples(sampled: SampledDialogue, tokenizer, max_len: int | None = Non
 def eval_dialogues(n: int, seed: int = 0, n_turns: int = 8) -> list[tuple[Instruction, list[str]]]:
     """Held-out evaluation set: test-split questions (n_turns of them) and test-split instruction combinations."""
     rng = random.Random(f"gatt-eval-{seed}")
-    dialogs = corpus_dialogues("test", n, seed=seed + 77, min_turns=n_turns, max_turns=n_turns)
     return [(random_instruction(rng, "test"), [m["content"] for m in d if m["role"] == "user"][:n_turns])
-            for d in dialogs]
+            for d in _eval_corpus_dialogues(n, seed, n_turns)]
+
+
+def _eval_corpus_dialogues(n: int, seed: int, n_turns: int) -> list[list[dict]]:
+    """The test-split dialogues behind eval_dialogues and eval_references (one definition keeps them paired)."""
+    return corpus_dialogues("test", n, seed=seed + 77, min_turns=n_turns, max_turns=n_turns)
 
 
 @dataclass
@@ -365,8 +369,8 @@ def adherence(runs: list[ChatRun]) -> dict:
 
 def eval_references(n: int, seed: int = 0, n_turns: int = 8) -> list[list[str]]:
     """The corpus' own answers to the questions of eval_dialogues(n, seed, n_turns), dialogue by dialogue."""
-    dialogs = corpus_dialogues("test", n, seed=seed + 77, min_turns=n_turns, max_turns=n_turns)
-    return [[m["content"] for m in d if m["role"] == "assistant"][:n_turns] for d in dialogs]
+    return [[m["content"] for m in d if m["role"] == "assistant"][:n_turns]
+            for d in _eval_corpus_dialogues(n, seed, n_turns)]
 
 
 _DECORATIONS = re.compile(r"^I am [A-Z][a-z]+\.\s*|\s*(?<!\S)I love [a-z]+\.(?=\s|$)|\s*(?:"
