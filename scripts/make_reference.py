@@ -269,6 +269,23 @@ def generate(out_dir: Path):
     print(f"wrote {out_dir} ({size / 1e6:.2f} MB)")
 
 
+def compare_npz(new_path: Path, old_path: Path, bad: list) -> None:
+    """Append to `bad` every tensor of the committed `old_path` that the regenerated `new_path` does not reproduce.
+
+    Same library, same thread count: identical bits on one machine. Another CPU may pick other float32 kernels
+    (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale."""
+    f = old_path.name
+    new, old = np.load(new_path), np.load(old_path)
+    if set(new.files) != set(old.files):
+        bad.append(f"{f}: tensor names differ: {sorted(set(new.files) ^ set(old.files))}")
+        return
+    for k in new.files:
+        a, b = new[k], old[k]
+        tol = 1e-5 * max(1.0, float(np.abs(b).max()))
+        if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
+            bad.append(f"{f}[{k}] differs")
+
+
 def check():
     """Regenerate into a temp dir; every tensor must match the committed one (and the weights byte for byte)."""
     committed = json.loads((OUT / "manifest.json").read_text())
@@ -282,25 +299,12 @@ def check():
                 if f.name == "model.safetensors" and f.read_bytes() != (OUT / name / f.name).read_bytes():
                     bad.append(f"{name}/{f.name}: weights differ")
             for f in [f"{name}.npz"] + ([f"grads_{name}.npz"] if name in GRAD_CONFIGS else []):
-                new, old = np.load(Path(tmp) / f), np.load(OUT / f)
-                if set(new.files) != set(old.files):
-                    bad.append(f"{f}: tensor names differ: {sorted(set(new.files) ^ set(old.files))}")
-                    continue
-                for k in new.files:
-                    # Same library, same thread count: identical bits on one machine. Another CPU may pick other
-                    # float32 kernels (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale.
-                    a, b = new[k], old[k]
-                    tol = 1e-5 * max(1.0, float(np.abs(b).max()))
-                    if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
-                        bad.append(f"{f}[{k}] differs")
+                compare_npz(Path(tmp) / f, OUT / f, bad)
         if (OUT / "tinyworld.npz").exists():
             if not (Path(tmp) / "tinyworld.npz").exists():
                 bad.append("tinyworld.npz: committed, but the embedded model is missing")
             else:
-                new, old = np.load(Path(tmp) / "tinyworld.npz"), np.load(OUT / "tinyworld.npz")
-                for k in old.files:
-                    if k not in new.files or np.abs(new[k].astype(np.float64) - old[k]).max() > 1e-5 * max(1.0, float(np.abs(old[k]).max())):
-                        bad.append(f"tinyworld.npz[{k}] differs")
+                compare_npz(Path(tmp) / "tinyworld.npz", OUT / "tinyworld.npz", bad)
     if bad:
         print("MISMATCH between regenerated and committed fixtures:\n  " + "\n  ".join(bad))
         return 1
