@@ -5,7 +5,7 @@ validation perplexity. One table (markdown) and one plot (bits per weight vs KL)
 
 Validation text: the first --docs documents of the corpus' val split (llama_ref.corpus), encoded with the model's
 tokenizer. File sizes are measured by writing each file: GGUF for f32/f16/q8_0/q4_0 (with the tokenizer), our
-quantized directory format (model.safetensors) for w4a16 and int8. Goals (issue 7): Q8_0 top-1 agreement >= 99% and
+quantized directory format (model.safetensors) for w4a16 and int8. Goals: Q8_0 top-1 agreement >= 99% and
 perplexity within 1% of float32; the 4-bit schemes are reported as they are.
 Writes DIR/quant_accuracy.md, .json and .png (default DIR: benchmarks/results).
 """

@@ -155,7 +155,7 @@ _EXTRA_COMMANDS: list = []
 
 
 # ------------------------------------------------------------------------------------------------
-# quantize / export (issue 7: llama_ref/quant.py, llama_ref/gguf_io.py)
+# quantize / export (llama_ref/quant.py, llama_ref/gguf_io.py)
 
 def _load_weights_any(path):
     """(config, weights) from anything --model accepts, including our quantized directories."""
@@ -257,7 +257,7 @@ _EXTRA_COMMANDS.append(_add_quant_commands)
 
 
 # ------------------------------------------------------------------------------------------------
-# chat (issue 6: llama_ref/chat.py)
+# chat (llama_ref/chat.py)
 
 def cmd_chat(args) -> int:
     """Llama 2 chat format: --format-only prints prompt ids; JSON dialogue on stdin -> one answer; TTY -> a chat."""
@@ -279,7 +279,7 @@ _EXTRA_COMMANDS.append(_add_chat_command)
 
 
 # ------------------------------------------------------------------------------------------------
-# inspect (issue 5: llama_ref/trace.py)
+# inspect (llama_ref/trace.py)
 
 def cmd_inspect(args) -> int:
     """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
@@ -359,7 +359,7 @@ _EXTRA_COMMANDS.append(_add_inspect_command)
 
 
 # ------------------------------------------------------------------------------------------------
-# train (issue 4: llama_ref/train.py, the recipe in llama_ref/tinyworld.py)
+# train (llama_ref/train.py, the recipe in llama_ref/tinyworld.py)
 
 def cmd_train(args) -> int:
     """Train the embedded model's recipe (config, corpus, NumPy trainer) into --out, then measure it."""

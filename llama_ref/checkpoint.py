@@ -756,13 +756,7 @@ def load_model(path, check_finite=True, check_memory=True):
 
 def _load_gguf(path):
     """Dispatch to gguf_io.load_gguf(path) -> (config, weights), the quantization chapter's loader."""
-    try:
-        from .gguf_io import load_gguf
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.gguf_io":
-            raise
-        raise CheckpointError(f"{path}: GGUF support lands with the quantization issue (llama_ref.gguf_io); for now "
-                              "convert the model to an HF directory or a llama2.c .bin") from None
+    from .gguf_io import load_gguf
     return load_gguf(path)
 
 

@@ -12,6 +12,6 @@ TOKENIZER_DIR = DATA_DIR / "tokenizer"
 DEFAULT_TOKENIZER = TOKENIZER_DIR / "tokenizer.model"
 MODELS_DIR = DATA_DIR / "models"
 DEFAULT_MODEL = MODELS_DIR / "tinyworld"          # the embedded model trained by llama_ref.train
-CHAT_BASELINE_MODEL = MODELS_DIR / "tinyworld-chat"  # SFT baseline (issue: chat + Ghost Attention)
+CHAT_BASELINE_MODEL = MODELS_DIR / "tinyworld-chat"  # SFT baseline (chapter 08: chat + Ghost Attention)
 CHAT_GATT_MODEL = MODELS_DIR / "tinyworld-gatt"      # SFT + Ghost Attention
 REFERENCE_DIR = DATA_DIR / "reference"

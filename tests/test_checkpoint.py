@@ -474,12 +474,8 @@ def test_load_model_dispatch_errors(tmp_path):
 
 
 def test_gguf_dispatch(tmp_path, monkeypatch):
-    import importlib.util
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(20))
-    if importlib.util.find_spec("llama_ref.gguf_io") is None:
-        with pytest.raises(CheckpointError, match="GGUF support lands with the quantization issue"):
-            load_model(f)
     import sys
     import types
     fake = types.ModuleType("llama_ref.gguf_io")

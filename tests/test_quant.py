@@ -314,7 +314,7 @@ def test_requantizing_same_format_keeps_bytes(model):
 
 
 def test_bytes_identical_on_the_embedded_model():
-    """The issue asks for byte identity on the model's weights too: the embedded model, when it has been trained."""
+    """Byte identity on a trained model's weights too (the embedded model, when it has been trained)."""
     from llama_ref import paths
     from llama_ref.checkpoint import load_model
     if not (paths.DEFAULT_MODEL / "config.json").exists():
