@@ -1,9 +1,11 @@
-"""What the benchmark scripts share: thread pinning, the reference import, median timing, the README tables.
+"""What the benchmark scripts share: thread pinning, the reference import, median timing, the machine line, the
+README tables.
 
 Imported as `from _bench import ...` by `python benchmarks/<name>.py` (the script's folder is on sys.path).
 It imports nothing heavy, so `pin_threads` can run before numpy or torch loads its BLAS.
 """
 import os
+import platform
 import re
 import statistics
 import sys
@@ -39,6 +41,47 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ('AMD EPYC 7B13', 'Intel(R) Xeon(R) Platinum 8481C'), or the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def simd_level() -> str:
+    """The widest vector instructions the CPU has: what decides which BLAS kernels run (AMX noted where present)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(next(l for l in text.splitlines() if l.startswith(("flags", "Features"))).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "SIMD unknown"
+    level = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "AVX" if "avx" in flags
+             else "NEON" if {"asimd", "neon"} & flags else "SSE" if "sse2" in flags else "SIMD unknown")
+    return level + (" + AMX" if "amx_tile" in flags else "")
+
+
+def blas_libraries() -> str:
+    """Every BLAS loaded in this process with its kernel family (threadpoolctl), e.g. 'openblas 0.3.31 Haswell'."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS unknown (pip install threadpoolctl)"
+    libs = [f"{d['internal_api']} {d.get('version') or ''} {d.get('architecture') or ''}".replace("  ", " ").strip()
+            for d in threadpool_info() if d["user_api"] == "blas"]
+    return ", ".join(dict.fromkeys(libs)) or "no BLAS loaded"
+
+
+def machine_line(threads) -> str:
+    """CPU model, SIMD level, BLAS library and kernel family, threads: the line every benchmark table carries.
+    Call it after numpy (and torch) are imported, so their BLAS libraries are loaded."""
+    return (f"{cpu_model()}, {simd_level()}, {os.cpu_count()} cores; BLAS: {blas_libraries()}; "
+            f"{threads} threads; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
 
 
 def write_readme_block(name: str, text: str, anchor: str | None = None, after: bool = True) -> None:

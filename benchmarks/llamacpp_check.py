@@ -8,8 +8,17 @@ llama.cpp with an F32 KV cache, and evaluated on the same tokens; printed: max |
 logit, top-1 agreement and KL. F32 must agree to float32 rounding (that checks names, metadata, the Meta q/k layout and
 the shapes). For F16/Q8_0/Q4_0, llama.cpp also rounds the *activations* (to f16, or to Q8_0 blocks for the integer dot
 product), so the gap is of the size of the quantization error itself.
+
+Intel CPUs with AMX (Sapphire Rapids and later): a llama-cpp-python built natively there crashes with a segmentation
+fault in llama.cpp's AMX matmul (ggml_backend_amx_mul_mat, upstream bug ggml-org/llama.cpp#20824). Each file runs in
+a child process, so the crash is reported with the fix instead of killing this script. The fix is a build without AMX:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF" \\
+        pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36
 """
 import argparse
+import signal
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -17,36 +26,82 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_ref import paths, quant as Q, gguf_io as G
-from llama_ref.checkpoint import load_model
-from llama_ref.model import Llama
+AMX_ADVICE = """llama.cpp died of {what} while evaluating {name}.
+On Intel CPUs with AMX a natively built llama-cpp-python crashes in llama.cpp's AMX matmul (ggml_backend_amx_mul_mat,
+upstream bug ggml-org/llama.cpp#20824){amx}. Rebuild it without AMX (--no-cache-dir, or pip reuses the old wheel):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF" \\
+        pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36"""
+
+
+class LlamaCppCrashed(RuntimeError):
+    """llama.cpp's process ended by a signal (a crash inside the C++ library), not by a Python error."""
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def llamacpp_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
+    """(T, V) float32 logits of llama.cpp on `tokens`, computed in a child process (see `worker`)."""
+    out = gguf_path.with_suffix(".logits.npy")
+    cmd = [sys.executable, __file__, "--worker", str(gguf_path), str(out), ",".join(map(str, tokens))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:                                              # killed by a signal: a crash in C++
+        sig = -proc.returncode
+        what = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        amx = "; this CPU has AMX" if cpu_has_amx() else ""
+        raise LlamaCppCrashed(AMX_ADVICE.format(what=what, name=gguf_path.name, amx=amx))
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp failed on {gguf_path.name}:\n{proc.stderr.strip()[-2000:]}")
+    return np.load(out)
+
+
+def worker(gguf_path: str, out: str, tokens: str) -> int:
+    """Child process: load the GGUF in llama.cpp with an F32 KV cache, evaluate, save all logits."""
+    from llama_cpp import Llama as LlamaCpp
+    ids = [int(t) for t in tokens.split(",")]
+    n = len(ids)
+    llm = LlamaCpp(model_path=gguf_path, n_ctx=max(64, n), n_batch=max(64, n), logits_all=True, verbose=False,
+                   type_k=0, type_v=0)                                       # GGML_TYPE_F32 KV cache
+    llm.eval(ids)
+    np.save(out, np.array(llm.scores[:n], dtype=np.float32))
+    return 0
 
 
 def main(argv=None):
+    from llama_ref import paths, quant as Q, gguf_io as G
+    from llama_ref.checkpoint import load_model
+    from llama_ref.model import Llama
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(paths.DEFAULT_MODEL))
     ap.add_argument("--tokens", type=int, default=48)
     args = ap.parse_args(argv)
     try:
-        from llama_cpp import Llama as LlamaCpp
+        import llama_cpp  # noqa: F401
     except ImportError:
-        sys.exit("needs llama-cpp-python: pip install llama-cpp-python==0.3.36")
+        sys.exit("needs llama-cpp-python: pip install llama-cpp-python==0.3.36 (on Intel CPUs with AMX see --help)")
     src = Path(args.model)
     config, weights = load_model(src)
     model = Llama(config, weights)
     tok = src / "tokenizer.model" if (src / "tokenizer.model").exists() else paths.DEFAULT_TOKENIZER
     n = min(args.tokens, config.max_seq_len)
-    tokens = [config.bos_id] + list(np.random.default_rng(0).integers(3, config.vocab_size, n - 1))
+    tokens = [config.bos_id] + [int(t) for t in np.random.default_rng(0).integers(3, config.vocab_size, n - 1)]
     print("| GGUF type | max abs diff / max abs logit | top-1 agreement | KL(ours ‖ llama.cpp) |")
     print("|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for ft in ("f32", "f16", "q8_0", "q4_0"):
             path = G.save_gguf(Path(tmp) / f"m-{ft}.gguf", config, model, tok, ft)
-            llm = LlamaCpp(model_path=str(path), n_ctx=max(64, n), n_batch=max(64, n), logits_all=True, verbose=False,
-                           type_k=0, type_v=0)                                   # GGML_TYPE_F32 KV cache
-            llm.eval(tokens)
-            theirs = np.array(llm.scores[:n], dtype=np.float32)
+            try:
+                theirs = llamacpp_logits(path, tokens)
+            except LlamaCppCrashed as e:
+                print(f"\n{e}", file=sys.stderr)
+                return 2
             if ft == "f32":
                 ours = model.forward(tokens)
             elif ft == "f16":
@@ -55,9 +110,10 @@ def main(argv=None):
                 ours = Q.quantize_model(model, ft).forward(tokens)
             r = Q.compare_logits(ours, theirs)
             print(f"| {ft} | {np.abs(theirs - ours).max() / np.abs(ours).max():.2e} | {100 * r['top1']:.1f}% | {r['kl']:.2e} |")
-            del llm
     return 0
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        sys.exit(worker(*sys.argv[2:]))
     sys.exit(main())

@@ -19,10 +19,9 @@ ap.add_argument("--seq-len", type=int, default=512)
 ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median is reported)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
-from _bench import import_reference, median_time, pin_threads, write_readme_block  # noqa: E402
+from _bench import import_reference, machine_line, median_time, pin_threads, write_readme_block  # noqa: E402
 pin_threads(args.threads)                                                  # before numpy/torch load BLAS
 
-import platform  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -98,7 +97,7 @@ table = [f"| training step (forward + backward + AdamW), embedded-model shape (5
          f"| PyTorch eager, transformers SDPA attention | {ntok / t_sdpa:,.0f} | **{t_sdpa / t_ours:.2f}x** |"]
 notes = (f"\nfirst-step loss: ours {losses['ours']:.6f}, eager {losses['eager']:.6f}, sdpa {losses['sdpa']:.6f} "
          f"(agree to 1e-4: {same_loss}). numpy {np.__version__}, torch {torch.__version__}, transformers "
-         f"{transformers.__version__}, {platform.machine()}, {os.cpu_count()} cores.")
+         f"{transformers.__version__}.\nMachine: {machine_line(args.threads)}.")
 text = "\n".join(table) + "\n" + notes
 print(text)
 
