@@ -273,7 +273,11 @@ def compare_npz(new_path: Path, old_path: Path, bad: list) -> None:
     """Append to `bad` every tensor of the committed `old_path` that the regenerated `new_path` does not reproduce.
 
     Same library, same thread count: identical bits on one machine. Another CPU may pick other float32 kernels
-    (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale."""
+    (AVX2 vs AVX-512), so allow 1e-5 of the tensor's scale. Parameters after AdamW steps (`adamw/...`) get one
+    more allowance: Adam divides each gradient by its own running rms, so an element whose gradient is float32
+    noise (|g| ~ 1e-9) takes a step set by that noise, and another CPU's noise moves it differently. Up to 0.1% of
+    such elements may differ by up to 1e-3 of the scale (measured across CPUs: 1-2 of 4096-11264, at most 8.4e-5);
+    a wrong optimizer moves every element."""
     f = old_path.name
     new, old = np.load(new_path), np.load(old_path)
     if set(new.files) != set(old.files):
@@ -281,9 +285,16 @@ def compare_npz(new_path: Path, old_path: Path, bad: list) -> None:
         return
     for k in new.files:
         a, b = new[k], old[k]
-        tol = 1e-5 * max(1.0, float(np.abs(b).max()))
-        if a.shape != b.shape or np.abs(a.astype(np.float64) - b).max() > tol:
-            bad.append(f"{f}[{k}] differs")
+        scale = max(1.0, float(np.abs(b).max()))
+        if a.shape != b.shape:
+            bad.append(f"{f}[{k}] differs in shape: {a.shape} vs {b.shape}")
+            continue
+        diff = np.abs(a.astype(np.float64) - b)
+        off = diff > 1e-5 * scale
+        if k.startswith("adamw/") and off.mean() <= 1e-3 and diff.max() <= 1e-3 * scale:
+            continue
+        if off.any():
+            bad.append(f"{f}[{k}] differs ({int(off.sum())} of {off.size} elements, max {diff.max():.1e})")
 
 
 def check():
