@@ -25,12 +25,10 @@ from . import paths
 # shared helpers
 
 def load_model(path):
-    """A Llama from an HF directory, a llama2.c .bin or a .gguf (memory-mapped, validated)."""
-    from .checkpoint import load_model as load_checkpoint
-    from .model import Llama
-    path = Path(path) if path else paths.DEFAULT_MODEL
-    config, weights = load_checkpoint(path, check_finite=False)   # Llama checks NaN/Inf while it packs
-    return Llama(config, weights)
+    """A Llama from an HF directory, a llama2.c .bin, a .gguf or a directory written by `quantize` (memory-mapped,
+    validated). Quantized weights stay quantized (quant.build_llama), so a Q8_0 GGUF is not expanded to float32."""
+    from . import quant
+    return quant.build_llama(*_load_weights_any(path))
 
 
 def find_tokenizer(model_path, tokenizer_path=None, impl="sentencepiece"):
@@ -44,11 +42,16 @@ def find_tokenizer(model_path, tokenizer_path=None, impl="sentencepiece"):
     return Tokenizer(path, impl=impl)
 
 
-def parse_ids(text: str) -> list[int]:
+def parse_ids(text: str, vocab_size: int | None = None) -> list[int]:
+    """--prompt-ids "1,450,3290" -> [1, 450, 3290], each checked against the model's vocabulary."""
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise InputError(f"--prompt-ids must be comma-separated integers like 1,450,3290; got {text!r}") from None
+    bad = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
+    if bad:
+        raise InputError(f"prompt token id {bad[0]} is out of range: the model's vocabulary has ids 0..{vocab_size - 1}")
+    return ids
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,7 +67,7 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
                           f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
     if args.prompt_ids is not None:
-        prompt_ids = parse_ids(args.prompt_ids)
+        prompt_ids = parse_ids(args.prompt_ids, model.config.vocab_size)
     else:
         if tok is None:
             raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH, "
@@ -81,7 +84,7 @@ def cmd_generate(args) -> int:
                "prefill_tok_s": result.prefill_tok_s, "decode_tok_s": result.decode_tok_s,
                "n_prompt": len(result.prompt_ids), "n_decode": result.n_decode}
         if tok is not None:
-            out["text"] = tok.decode(result.ids)
+            out["text"] = tok.decode(prompt_ids + result.ids)[len(tok.decode(prompt_ids)):]   # the continuation
         print(json.dumps(out))
         return 0
     if tok is None:
@@ -89,10 +92,10 @@ def cmd_generate(args) -> int:
             print(t, end=" ", flush=True)
         print()
     else:
-        print(tok.decode(prompt_ids), end="", flush=True)
-        printed = ""
-        for _ in steps:                                  # decode the whole tail each time: pieces join correctly
-            text = tok.decode(result.ids)
+        printed = tok.decode(prompt_ids)
+        print(printed, end="", flush=True)
+        for _ in steps:          # decode prompt + reply each time: a piece's leading space survives, bytes join up
+            text = tok.decode(prompt_ids + result.ids)
             print(text[len(printed):], end="", flush=True)
             printed = text
         print()
@@ -167,6 +170,14 @@ def _load_weights_any(path):
     return load_checkpoint(path)
 
 
+def _check_tokenizer(tok):
+    """A --tokenizer path is loaded (TokenizerError for a missing, directory or corrupt file) before any work."""
+    if isinstance(tok, Path):
+        from .tokenizer import Tokenizer
+        Tokenizer(tok)
+    return tok
+
+
 def _tokenizer_for(model_path, tokenizer):
     """--tokenizer, else tokenizer.model beside the model directory, else the vocabulary inside a source .gguf."""
     if tokenizer:
@@ -180,20 +191,21 @@ def _tokenizer_for(model_path, tokenizer):
     return None
 
 
-def _check_out(out, force):
-    if Path(out).exists() and not force:
-        raise InputError(f"{out} exists; pass --force to replace it")
+def _check_out(out, force, kind="file"):
+    from .files import check_output
+    check_output(out, force=force, kind=kind)
 
 
 def cmd_quantize(args) -> int:
     """Quantize every matmul weight; write GGUF (q8_0/q4_0, --out *.gguf) or our quantized directory format."""
     import math
     from . import quant, gguf_io
-    _check_out(args.out, args.force)
-    config, weights = _load_weights_any(args.model)
+    args.scheme = args.scheme.lower()
     policy = quant.parse_scheme(args.scheme)
+    _check_out(args.out, args.force, "file" if str(args.out).endswith(".gguf") else "dir")
+    tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer))
+    config, weights = _load_weights_any(args.model)
     qweights = quant.quantize_weights(config, weights, args.scheme)
-    tok = _tokenizer_for(args.model, args.tokenizer)
     if str(args.out).endswith(".gguf"):
         if args.scheme not in ("q8_0", "q4_0"):
             raise InputError(f"GGUF has no type for {args.scheme}; write it as a directory (an --out without .gguf) "
@@ -216,15 +228,13 @@ def cmd_export(args) -> int:
     from . import quant, gguf_io
     from .checkpoint import save_llama2c
     _check_out(args.out, args.force)
+    tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer)) if args.format != "llama2c" else None
     config, weights = _load_weights_any(args.model)
     if args.format == "llama2c":
         floats = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
-        if Path(args.out).exists():
-            Path(args.out).unlink()
-        save_llama2c(args.out, config, floats)
+        save_llama2c(args.out, config, floats, force=args.force)        # the old file stays until the new one is whole
     else:
-        gguf_io.save_gguf(args.out, config, weights, _tokenizer_for(args.model, args.tokenizer),
-                          args.format.removeprefix("gguf-"), force=args.force)
+        gguf_io.save_gguf(args.out, config, weights, tok, args.format.removeprefix("gguf-"), force=args.force)
     print(json.dumps({"out": str(args.out), "format": args.format}) if args.json else f"wrote {args.out} ({args.format})")
     return 0
 
@@ -285,13 +295,13 @@ def cmd_inspect(args) -> int:
     """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
     from . import trace as tr
     import numpy as np
-    if args.save and Path(args.save).exists() and not args.force:
-        raise InputError(f"{args.save} exists; pass --force to replace it")
+    if args.save:
+        _check_out(args.save, args.force)
     model = load_model(args.model)
     patterns = args.tap or ["*"]
     names = tr.match_taps(model.config, patterns)                 # a pattern matching nothing is an error
     if args.prompt_ids is not None:
-        ids = parse_ids(args.prompt_ids)
+        ids = parse_ids(args.prompt_ids, model.config.vocab_size)
     else:
         tok = find_tokenizer(args.model, args.tokenizer)
         if tok is None:
@@ -314,7 +324,8 @@ def cmd_inspect(args) -> int:
         out["compare"] = [{k: (list(v) if isinstance(v, tuple) else None if isinstance(v, float) and not np.isfinite(v)
                                else v) for k, v in r.items()} for r in rows]       # strict JSON: no Infinity/NaN
     if args.save:
-        tr.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)})
+        tr.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)},
+                    force=args.force)
         out["saved"] = str(args.save)
     if args.json:
         print(json.dumps(out))

@@ -27,6 +27,7 @@ message and the last user message alone do not fit, ContextLengthError. policy="
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -260,11 +261,21 @@ def reply(model, tokenizer, dialog, max_new_tokens=64, temperature=0.0, top_k=No
 # ------------------------------------------------------------------------------------------------
 # command line: python -m llama_ref chat
 
+def _read_stdin() -> str:
+    """All of standard input as text; invalid UTF-8 is a ChatFormatError, not a UnicodeDecodeError traceback."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatFormatError(f"stdin is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); give the "
+                              "dialogue as UTF-8 JSON") from None
+
+
 def _read_dialog_json(text: str):
     import json
     try:
         dialog = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise ChatFormatError(f"stdin is not valid JSON ({e}); give a dialogue like "
                               '[{"role": "user", "content": "What pet does Mia have?"}]') from None
     if isinstance(dialog, dict) and "messages" in dialog:     # {"messages": [...]} is accepted too
@@ -284,7 +295,6 @@ def default_chat_model():
 def main_chat(args, load_model, find_tokenizer) -> int:
     """`python -m llama_ref chat`: --format-only prints prompt ids; stdin JSON -> one answer; a TTY -> a chat."""
     import json
-    import sys
     from pathlib import Path
     from .errors import InputError, TokenizerError
     from .paths import DEFAULT_TOKENIZER
@@ -297,7 +307,7 @@ def main_chat(args, load_model, find_tokenizer) -> int:
             tok = Tokenizer(Path(args.model) / "tokenizer.model")
         else:
             tok = Tokenizer(DEFAULT_TOKENIZER)
-        dialog = _read_dialog_json(sys.stdin.read())
+        dialog = _read_dialog_json(_read_stdin())
         if args.system is not None:
             if isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) and dialog[0].get("role") == "system":
                 raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
@@ -325,7 +335,7 @@ def main_chat(args, load_model, find_tokenizer) -> int:
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
 
     if not sys.stdin.isatty():                                   # scripting: one dialogue in, one answer out
-        dialog = _read_dialog_json(sys.stdin.read())
+        dialog = _read_dialog_json(_read_stdin())
         if system and isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) \
                 and dialog[0].get("role") == "system":
             raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
@@ -345,6 +355,9 @@ def main_chat(args, load_model, find_tokenizer) -> int:
     while True:
         try:
             line = input("you> ")
+        except UnicodeDecodeError:
+            print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+            continue
         except EOFError:
             break
         if line.strip() in ("", "/quit"):

@@ -29,13 +29,14 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .config import LlamaConfig
-from .errors import CheckpointError, ConfigError, NonFiniteWeightsError, ShapeMismatchError, TokenizerError
+from .config import LlamaConfig, config_from_fields
+from .errors import (CheckpointError, ConfigError, NonFiniteWeightsError, OutputError, ShapeMismatchError,
+                     TokenizerError)
+from .files import _fsync_dir, atomic_file, check_output, publish, temp_dir_beside
 from .model import permute_qk_hf_to_meta, permute_qk_meta_to_hf, rope_freqs, weight_shapes
 
 F32 = np.float32
@@ -106,9 +107,9 @@ def read_safetensors_header(path):
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid UTF-8 JSON ({e}); the file is corrupt "
-                              f"or not safetensors; {fix}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: bad JSON, or a 5000-digit number
+        raise CheckpointError(f"{path}: the safetensors header is not valid UTF-8 JSON ({type(e).__name__}: "
+                              f"{str(e)[:200]}); the file is corrupt or not safetensors; {fix}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}; "
                               f"{fix}")
@@ -126,7 +127,7 @@ def read_safetensors_header(path):
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise CheckpointError(f"{where}: header entry must have dtype, shape and data_offsets, got {info!r}; {fix}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise CheckpointError(f"{where} has dtype {dtype!r}; llama_ref reads {', '.join(ST_DTYPES)}: convert the "
                                   "checkpoint to float32/float16/bfloat16 (quantized models: use GGUF)")
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
@@ -186,14 +187,8 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None):
     tensors are float32 (transformers needs `{"format": "pt"}` in __metadata__, which is the default here).
     Tensors are written in dict order, one at a time, straight from their memory (no concatenated copy).
     """
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_file(path) as tmp:
         _write_safetensors(tmp, tensors, metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_safetensors(path, tensors, metadata=None, dtype=None):
@@ -253,6 +248,7 @@ def check_weights(config: LlamaConfig, weights: dict, source=None, check_finite=
     `source` (a path) is named in messages.
     """
     src = f" in {source}" if source else ""
+    check_layer_count(config, weights, src)
     expected = weight_shapes(config)
     missing = [n for n in expected if n not in weights]
     extra = [n for n in weights if n not in expected and not is_ignored(n, config)]
@@ -269,6 +265,18 @@ def check_weights(config: LlamaConfig, weights: dict, source=None, check_finite=
                 f"weights disagree; use the config.json the weights were saved with (or fix its sizes)")
         if check_finite and isinstance(weights[name], np.ndarray):
             check_finite_array(name, weights[name], src)
+        elif check_finite and hasattr(weights[name], "_dequantize_rows"):      # a quantized matrix
+            check_finite_quantized(name, weights[name], src)
+
+
+def check_layer_count(config: LlamaConfig, names, src="") -> None:
+    """A config that claims far more layers than the weights hold (2^40 from a corrupt header) is refused here, before
+    anything enumerates one entry per layer (a near miss gets check_weights' detailed message instead)."""
+    held = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"(?:model\.layers|blk)\.(\d+)\.", n))),
+                   default=-1)
+    if config.n_layers > held + 100_000:
+        raise CheckpointError(f"the config says {config.n_layers} layers but the weights{src} hold {held}: the config "
+                              "and the weights disagree (num_hidden_layers / block_count / the llama2.c header)")
 
 
 def check_finite_array(name, a, src="", chunk=1 << 22):
@@ -285,6 +293,20 @@ def check_finite_array(name, a, src="", chunk=1 << 22):
             raise NonFiniteWeightsError(
                 f"tensor {name!r}{src} holds {bad} NaN/Inf values (first at index {tuple(map(int, first))}); the "
                 "checkpoint is corrupt or was saved after training diverged: re-export it from a good copy")
+
+
+def check_finite_quantized(name, w, src="", tile_floats=1 << 22):
+    """NaN/Inf in a quantized matrix (a NaN or Inf fp16 scale, say), found on its dequantized values a tile of rows at
+    a time, so a 7B tensor is never expanded whole."""
+    rows, cols = w.shape
+    step = max(1, tile_floats // max(cols, 1))
+    for r0 in range(0, rows, step):
+        tile = w._dequantize_rows(slice(r0, min(r0 + step, rows)))
+        if not np.isfinite(tile).all():
+            r, c = np.unravel_index(int(np.argmin(np.isfinite(tile))), tile.shape)
+            raise NonFiniteWeightsError(
+                f"tensor {name!r}{src} holds NaN/Inf after dequantization (first at index ({r0 + r}, {c})); the "
+                "checkpoint is corrupt: re-export it from a good copy")
 
 
 def _missing_message(config, missing, present, src):
@@ -365,6 +387,10 @@ def load_hf_dir(path, check_finite=True, check_memory=True):
         raise CheckpointError(f"{path} has no {CONFIG_NAME}; an HF model directory needs config.json next to "
                               "model.safetensors (save one with llama_ref.checkpoint.save_model)")
     config = LlamaConfig.load(path / CONFIG_NAME)
+    from .quant import is_quantized_dir
+    if is_quantized_dir(path):
+        raise CheckpointError(f"{path} was written by `python -m llama_ref quantize` (its weights are quantized): load "
+                              "it with llama_ref.quant.load_quantized(path); every CLI command takes it as --model")
     if check_memory:
         check_ram(config, str(path))
     if (path / SAFETENSORS_NAME).is_file():
@@ -475,8 +501,8 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
         raise TokenizerError(f"tokenizer {tokenizer_path} does not exist; pass the tokenizer.model the model was "
                              "trained with, or tokenizer_path=None")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+    check_output(path, force=True, kind="dir")
+    tmp = temp_dir_beside(path)
     try:
         tensors = {n: weights[n] for n in weight_shapes(config)}              # HF order, lm_head only if untied
         weight_files = _write_weights(tmp, tensors, max_shard_bytes)
@@ -492,7 +518,7 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
             else:
                 shutil.copyfile(content, tmp / name)
         config.save(tmp / CONFIG_NAME)
-        _fsync_dir(tmp)
+        publish(tmp)
 
         if not path.exists():
             os.rename(tmp, path)                                               # the whole directory, atomically
@@ -508,6 +534,8 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
                 old.unlink()
         _fsync_dir(path)
         return path
+    except OSError as e:
+        raise OutputError(f"cannot write the model directory {path} ({e.strerror or e})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -580,6 +608,8 @@ def _llama2c_layout(config, version, shared):
 def read_llama2c_header(path):
     """(config, version, shared_classifier, data_offset) from a llama2.c .bin header, validated."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file; give a llama2.c .bin")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(256)
@@ -608,13 +638,16 @@ def read_llama2c_header(path):
         version, dims, offset = 0, struct.unpack("<7i", head[:28]), 28
         shared = dims[5] > 0                                     # negative vocab_size: unshared classifier
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = dims
+    fields = {"dim": ("dim", dim), "hidden_dim": ("hidden_dim", hidden_dim), "n_layers": ("n_layers", n_layers),
+              "n_heads": ("n_heads", n_heads), "n_kv_heads": ("n_kv_heads", n_kv_heads),
+              "vocab_size": ("vocab_size", abs(vocab_size)), "max_seq_len": ("seq_len", seq_len),
+              "rope_theta": ("rope_theta", LLAMA2C_THETA), "norm_eps": ("norm_eps", LLAMA2C_EPS),
+              "tie_embeddings": ("shared classifier", shared), "bos_id": ("bos", 1), "eos_id": ("eos", 2)}
     try:
-        config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                             hidden_dim=hidden_dim, vocab_size=abs(vocab_size), max_seq_len=seq_len,
-                             rope_theta=LLAMA2C_THETA, norm_eps=LLAMA2C_EPS, tie_embeddings=shared)
+        config = config_from_fields(fields, f"{path} (llama2.c header {dims})")
     except ConfigError as e:
-        raise CheckpointError(f"{path}: the llama2.c header {dims} does not describe a Llama model ({e}); the file is "
-                              "corrupt or not a llama2.c checkpoint") from None
+        raise CheckpointError(f"{e}: the header does not describe a Llama model; the file is corrupt or not a "
+                              "llama2.c checkpoint") from None
     return config, version, shared, offset
 
 
@@ -665,7 +698,7 @@ def load_llama2c(path, check_finite=True, check_memory=True):
     return config, w
 
 
-def save_llama2c(path, config: LlamaConfig, weights: dict, version=0):
+def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True):
     """Write HF-named weights as a llama2.c .bin (version 0, what run.c reads, or 1), atomically.
 
     q/k rows go back to Meta's pair layout (permute_qk_hf_to_meta). The classifier is written as shared when
@@ -673,7 +706,7 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0):
     The format cannot store rope_theta, norm_eps, bos/eos: run.c assumes theta 10000, eps 1e-5 (BOS 1, EOS 2), so a
     config with another theta or eps is refused rather than silently changed.
     """
-    path = Path(path)
+    path = check_output(path, force=force)
     if version not in (0, 1):
         raise CheckpointError(f"llama2.c version {version!r} is not written by llama_ref; use version=0 (run.c) or 1")
     if config.rope_theta != LLAMA2C_THETA or config.norm_eps != LLAMA2C_EPS:
@@ -705,8 +738,7 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0):
         "wcls": [weights.get("lm_head.weight")],
     }
     dims = (config.dim, config.hidden_dim, L, nh, nkv, config.vocab_size, config.max_seq_len)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_file(path, force=force) as tmp:
         with open(tmp, "wb") as f:
             if version == 0:
                 f.write(struct.pack("<7i", *dims[:5], dims[5] if shared else -dims[5], dims[6]))
@@ -716,12 +748,6 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0):
             for name, _ in _llama2c_layout(config, version, shared):
                 for a in parts[name]:                                          # one layer at a time
                     f.write(memoryview(np.ascontiguousarray(a, dtype="<f4").reshape(-1)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -742,10 +768,16 @@ def load_model(path, check_finite=True, check_memory=True):
                               "a llama2.c .bin or a .gguf file")
     if path.is_dir():
         return load_hf_dir(path, check_finite, check_memory)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    if not path.is_file():                                   # a FIFO would block for ever on its first read
+        raise CheckpointError(f"{path} is not a regular file or directory (a pipe, socket or device?); give an HF "
+                              "model directory, a llama2.c .bin or a .gguf file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
     if path.suffix == ".gguf" or magic == b"GGUF":
-        return _load_gguf(path)
+        return _load_gguf(path, check_finite)
     if path.suffix == ".safetensors" or path.name == INDEX_NAME:
         return load_hf_dir(path.parent, check_finite, check_memory)
     if path.suffix == ".bin":
@@ -754,10 +786,10 @@ def load_model(path, check_finite=True, check_memory=True):
                           ".bin or a .gguf file")
 
 
-def _load_gguf(path):
+def _load_gguf(path, check_finite=True):
     """Dispatch to gguf_io.load_gguf(path) -> (config, weights), the quantization chapter's loader."""
     from .gguf_io import load_gguf
-    return load_gguf(path)
+    return load_gguf(path, check_finite)
 
 
 # ================================================================================================
@@ -767,23 +799,4 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _tmp_name(path: Path) -> Path:
-    """A fresh temporary file name beside `path` (same filesystem, so os.replace is a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    os.close(fd)
-    return Path(name)
 
-
-def _fsync_dir(d: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

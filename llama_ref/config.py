@@ -8,9 +8,12 @@ HF Llama checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -33,6 +36,10 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("rope_theta", "norm_eps"):                     # ints are fine here; store them as floats
+            v = getattr(self, name)
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
         self.validate()
 
     # derived sizes -------------------------------------------------------------------------------
@@ -53,23 +60,31 @@ class LlamaConfig:
         return V * C + self.n_layers * per_layer + C + (0 if self.tie_embeddings else V * C)
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first field that cannot describe a Llama model."""
+        """Raise ConfigError naming the first field that cannot describe a Llama model: types first (an int is an
+        int, never a bool, a string or 64.9; floats are finite; tie_embeddings is a bool), then ranges, then how
+        the fields fit together."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ConfigError(f"config field {name}={v!r} must be a positive integer")
+        for name in ("rope_theta", "norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, float) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"config field {name}={v!r} must be a finite number > 0")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"config field tie_embeddings={self.tie_embeddings!r} must be true or false")
+        for name in ("bos_id", "eos_id"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v < self.vocab_size:
+                raise ConfigError(f"config field {name}={v!r} must be a token id in [0, vocab_size={self.vocab_size})")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                               "the head size dim/n_heads must be an integer")
         if self.head_dim % 2:
             raise ConfigError(f"head size dim/n_heads={self.head_dim} must be even for RoPE (it rotates pairs)")
-        if self.n_heads % self.n_kv_heads:
+        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
                               "grouped-query attention needs equal-sized groups")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta={self.rope_theta!r} must be > 0")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps={self.norm_eps!r} must be > 0")
 
     def replace(self, **changes) -> "LlamaConfig":
         return replace(self, **changes)
@@ -104,50 +119,66 @@ class LlamaConfig:
         }
 
     @classmethod
-    def from_hf(cls, d: dict) -> "LlamaConfig":
-        """Read an HF Llama config dict; refuse the features this implementation does not have."""
+    def from_hf(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        """Read an HF Llama config dict: every field checked for its JSON type, then the config validated.
+        Refuses the features this implementation does not have (other architectures, biases, RoPE scaling)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} must hold a JSON object, got {type(d).__name__}")
         if d.get("model_type", "llama") != "llama":
-            raise ConfigError(f"model_type={d.get('model_type')!r}: only Llama ('llama') configs are supported")
+            raise ConfigError(f"{source}: model_type={d.get('model_type')!r}: only Llama ('llama') configs are "
+                              "supported")
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"hidden_act={act!r}: Llama's SwiGLU uses 'silu'")
+            raise ConfigError(f"{source}: hidden_act={act!r}: Llama's SwiGLU uses 'silu'")
         if d.get("attention_bias") or d.get("mlp_bias"):
-            raise ConfigError("attention_bias/mlp_bias=True is not Llama 2; these checkpoints are not supported")
-        scaling = d.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            raise ConfigError(f"rope_scaling={scaling!r} is not supported (Llama 2 uses plain RoPE)")
+            raise ConfigError(f"{source}: attention_bias/mlp_bias=True is not Llama 2; these checkpoints are not "
+                              "supported")
         rope_theta = d.get("rope_theta")
-        if rope_theta is None:  # transformers 5 may nest it under rope_parameters
-            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        try:
-            cfg = cls(
-                dim=int(d["hidden_size"]),
-                n_layers=int(d["num_hidden_layers"]),
-                n_heads=int(d["num_attention_heads"]),
-                n_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-                hidden_dim=int(d["intermediate_size"]),
-                vocab_size=int(d["vocab_size"]),
-                max_seq_len=int(d.get("max_position_embeddings", 2048)),
-                rope_theta=float(rope_theta),
-                norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-                bos_id=_first_int(d.get("bos_token_id"), 1),
-                eos_id=_first_int(d.get("eos_token_id"), 2),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the field {e.args[0]!r} that a Llama config must have") from None
+        for key in ("rope_scaling", "rope_parameters"):            # transformers 4 / transformers 5 spelling
+            scaling = d.get(key)
+            if scaling is None:
+                continue
+            if not isinstance(scaling, dict):
+                raise ConfigError(f"{source}: {key}={scaling!r} must be an object like {{\"rope_type\": \"default\"}} "
+                                  "or null")
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in (None, "default"):
+                raise ConfigError(f"{source}: {key} asks for RoPE scaling of type {kind!r}, which llama_ref does not "
+                                  "implement (Llama 2 uses plain RoPE); running it without would give wrong outputs")
+            if key == "rope_parameters" and rope_theta is None:
+                rope_theta = scaling.get("rope_theta")
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):                                   # generation may stop at several ids; the first
+            eos = eos[0] if eos else None
+        fields = {
+            "dim": ("hidden_size", d.get("hidden_size")),
+            "n_layers": ("num_hidden_layers", d.get("num_hidden_layers")),
+            "n_heads": ("num_attention_heads", d.get("num_attention_heads")),
+            "n_kv_heads": ("num_key_value_heads", d.get("num_key_value_heads", d.get("num_attention_heads"))),
+            "hidden_dim": ("intermediate_size", d.get("intermediate_size")),
+            "vocab_size": ("vocab_size", d.get("vocab_size")),
+            "max_seq_len": ("max_position_embeddings", d.get("max_position_embeddings", 2048)),
+            "rope_theta": ("rope_theta", 10000.0 if rope_theta is None else rope_theta),
+            "norm_eps": ("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
+            "tie_embeddings": ("tie_word_embeddings", d.get("tie_word_embeddings", False)),
+            "bos_id": ("bos_token_id", 1 if d.get("bos_token_id") is None else d.get("bos_token_id")),
+            "eos_id": ("eos_token_id", 2 if eos is None else eos),
+        }
+        for name in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
+            key, value = fields[name]
+            if key not in d:
+                raise ConfigError(f"{source} lacks the field {key!r} that a Llama config must have")
+        cfg = config_from_fields(fields, source)
         hd = d.get("head_dim")
-        if hd is not None and int(hd) != cfg.head_dim:
-            raise ConfigError(f"head_dim={hd} differs from hidden_size/num_attention_heads={cfg.head_dim}; "
+        if hd is not None and (not _is_int(hd) or hd != cfg.head_dim):
+            raise ConfigError(f"{source}: head_dim={hd!r} differs from hidden_size/num_attention_heads={cfg.head_dim}; "
                               "Llama 2 requires them equal")
         return cfg
 
     def save(self, path: str | os.PathLike) -> None:
         """Write config.json (HF format) atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
-        os.replace(tmp, path)
+        from .files import write_text
+        write_text(path, json.dumps(self.to_hf(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LlamaConfig":
@@ -157,24 +188,53 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path} does not exist; an HF model directory needs a config.json")
+        if not path.is_file():
+            raise ConfigError(f"{path} is not a regular file; an HF model directory needs a config.json file")
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-create it or copy it from the model's source")
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_hf(d)
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:   # ValueError: JSON, or a 5000-digit number
+            raise ConfigError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); re-create it or copy "
+                              "it from the model's source") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+        return cls.from_hf(d, source=str(path))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _first_int(v, default: int) -> int:
-    if v is None:
-        return default
-    if isinstance(v, list):
-        return int(v[0]) if v else default
-    return int(v)
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+_KINDS = {"dim": "int", "n_layers": "int", "n_heads": "int", "n_kv_heads": "int", "hidden_dim": "int",
+          "vocab_size": "int", "max_seq_len": "int", "rope_theta": "float", "norm_eps": "float",
+          "tie_embeddings": "bool", "bos_id": "int", "eos_id": "int"}
+
+
+def config_from_fields(fields: dict, source: str) -> LlamaConfig:
+    """The one typed parser: {our field: (the source's name for it, raw value)} -> a validated LlamaConfig.
+
+    HF config.json, GGUF metadata and llama2.c headers all come through here, so every source gets the same
+    checks and messages that name the source's own key: an int must be an int (not a bool, a string or 64.9), a
+    float a finite number, a bool a JSON true/false. Nothing is allocated before this returns.
+    """
+    values = {}
+    for name, (key, v) in fields.items():
+        kind = _KINDS[name]
+        if kind == "int" and not _is_int(v):
+            raise ConfigError(f"{source}: {key}={v!r} must be an integer"
+                              + (" (a whole number, not a string or a fraction)" if v is not None else ""))
+        if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                                or not math.isfinite(v)):
+            raise ConfigError(f"{source}: {key}={v!r} must be a finite number")
+        if kind == "bool" and not isinstance(v, (bool, np.bool_)):
+            raise ConfigError(f"{source}: {key}={v!r} must be true or false (a JSON boolean, not a string)")
+        values[name] = int(v) if kind == "int" else float(v) if kind == "float" else bool(v)
+    try:
+        return LlamaConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # Presets: shapes of well-known models (weights are never downloaded; these are for shapes and maths)

@@ -48,3 +48,7 @@ class QuantizationError(LlamaRefError, ValueError):
 
 class ChatFormatError(LlamaRefError, ValueError):
     """A dialogue does not follow the Llama 2 chat rules (roles, special markers)."""
+
+
+class OutputError(LlamaRefError):
+    """An output cannot be written where it was asked for (a directory, no permission, exists without --force)."""

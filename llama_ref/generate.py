@@ -27,10 +27,16 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+MAX_TEMPERATURE = 100.0       # above this, logits spread over ~10 nats differ by < 10%: uniform noise
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed=0) -> None:
     """Raise SamplingError for settings that do not define a distribution (or a reproducible draw)."""
     if not _is_number(temperature) or not np.isfinite(temperature) or temperature < 0:
         raise SamplingError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+    if temperature > MAX_TEMPERATURE:
+        raise SamplingError(f"temperature={temperature!r} is above {MAX_TEMPERATURE:g}: every token becomes about "
+                            "equally likely and the text is noise; use 0 (greedy) to ~2")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0):
         raise SamplingError(f"top_k={top_k!r} must be a non-negative integer (0 or None disables it)")
     if top_p is not None and (not _is_number(top_p) or not np.isfinite(top_p) or not 0.0 < top_p <= 1.0):
@@ -59,7 +65,10 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
         probs = np.zeros_like(logits)
         probs[int(np.argmax(logits))] = 1.0
         return probs
-    z = logits / F32(temperature)                          # (V,)
+    # shift by the max first, in float64: a tiny temperature (1e-40) then sends every other token to -inf instead of
+    # overflowing float32 into inf - inf = NaN. Same distribution: softmax does not see a constant shift.
+    with np.errstate(over="ignore"):                       # -1e40 -> -inf in float32 is what we want
+        z = ((logits.astype(np.float64) - float(np.max(logits))) / temperature).astype(F32)   # (V,)
     if top_k:
         k = min(int(top_k), z.size)
         kth = np.partition(z, -k)[-k]                      # the k-th largest value
@@ -122,9 +131,26 @@ def generate(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k
     return result
 
 
+def check_memory(model: Llama, batch_size: int, length: int) -> None:
+    """Refuse, before anything is allocated, a generation whose KV cache and RoPE tables for `length` positions
+    (float32) would not fit in the RAM this machine has available. The cache grows as tokens come, so this is
+    the worst case of the request, not what is taken up front."""
+    from .checkpoint import available_ram_bytes
+    cfg = model.config
+    need = 2 * cfg.n_layers * batch_size * cfg.n_kv_heads * cfg.head_dim * length * 4 + length * cfg.head_dim * 4
+    have = available_ram_bytes()
+    if have is not None and need > have:
+        gib = 1024 ** 3
+        raise ContextLengthError(f"{length:,} positions need a {need / gib:.1f} GiB KV cache (batch {batch_size}), "
+                                 f"more than the {have / gib:.1f} GiB available; ask for fewer tokens")
+
+
 def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=0,
            stop_at_eos=True, keep_logits=False, result: GenerationResult | None = None) -> Iterator[int]:
-    """Yield new token ids as they are chosen; timings and ids are filled into `result` if given."""
+    """Yield new token ids as they are chosen; timings and ids are filled into `result` if given.
+
+    Every setting is checked when stream() is called, not at the first token, so a caller that prints the prompt
+    first never prints it before an error."""
     check_sampling(temperature, top_k, top_p, seed)
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
@@ -140,8 +166,14 @@ def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=N
         raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
                                  f"{len(prompt_ids) + max_new_tokens} exceeds the context window of {limit} tokens; "
                                  "shorten the prompt or ask for fewer tokens")
+    check_memory(model, 1, len(prompt_ids) + max_new_tokens)
     result = result if result is not None else GenerationResult([], [], "length", 0.0, 0.0)
     result.prompt_ids = prompt_ids
+    return _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, keep_logits, result)
+
+
+def _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, keep_logits, result):
+    """The generator behind stream(): prefill, then one decode step per token asked for."""
     if max_new_tokens == 0:
         return
     rng = np.random.default_rng(seed)
@@ -189,7 +221,7 @@ def _forward_padded(model: Llama, tokens, start_pos, cache, key_ok):
     B, T = tokens.shape
     S = start_pos + T
     nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    cos, sin = model.cos[start_pos:S], model.sin[start_pos:S]
+    cos, sin = (t[start_pos:S] for t in model.rope(S))                          # (T, hs/2)
     q_pos = np.arange(start_pos, S)[:, None]                                    # (T, 1)
     k_pos = np.arange(S)[None, :]                                               # (1, S)
     allowed = (k_pos <= q_pos)[None] & (key_ok[:, None, :S] | (k_pos == q_pos)[None])   # (B, T, S)
@@ -225,6 +257,7 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
     if P + max_new_tokens > model.config.max_seq_len:
         raise ContextLengthError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                                  f"context window of {model.config.max_seq_len} tokens")
+    check_memory(model, B, P + max_new_tokens)
     seeds = list(range(B)) if seeds is None else list(seeds)
     rngs = [np.random.default_rng(s) for s in seeds]
     tokens = np.zeros((B, P), np.int64)

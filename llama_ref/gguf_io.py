@@ -21,14 +21,14 @@ multiple of 32 is written as F16, as convert_hf_to_gguf.py does.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .config import LlamaConfig
-from .errors import CheckpointError, QuantizationError
+from .config import LlamaConfig, config_from_fields
+from .errors import CheckpointError, ConfigError, LlamaRefError, QuantizationError
+from .files import atomic_file, check_output
 from .model import Llama, permute_qk_hf_to_meta, permute_qk_meta_to_hf
 from . import quant
 
@@ -100,9 +100,9 @@ def _is_k(name):
 
 def sentencepiece_vocab(tokenizer_path):
     """(pieces, scores, token types) of a SentencePiece .model, with gguf.TokenType codes."""
-    import sentencepiece as spm
     from gguf import TokenType
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    from .tokenizer import _load_sentencepiece
+    sp = _load_sentencepiece(Path(tokenizer_path))                   # TokenizerError for a missing or corrupt file
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         pieces.append(sp.id_to_piece(i))
@@ -126,8 +126,7 @@ class GGUFVocab(tuple):
 
 def read_gguf_vocab(path) -> GGUFVocab | None:
     """The SentencePiece vocabulary stored in a GGUF (tokenizer.ggml.*), or None if it has none."""
-    from gguf import GGUFReader
-    r = GGUFReader(str(path))
+    r = _open_gguf(path)
     if r.get_field("tokenizer.ggml.tokens") is None or _field(r, "tokenizer.ggml.model") != "llama":
         return None
     return GGUFVocab((r.get_field("tokenizer.ggml.tokens").contents(), r.get_field("tokenizer.ggml.scores").contents(),
@@ -182,12 +181,24 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
         raise QuantizationError(f"GGUF file type {file_type!r}: choose one of {', '.join(FILE_TYPES)}")
     if file_type in ("f32", "f16"):
         weights = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
-    path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"{path} exists; pass force=True (--force) to replace it")
+    path = check_output(path, force=force)
     tensors = _gguf_tensors(config, weights, file_type)
+    vocab = None
+    if tokenizer_path is not None:
+        vocab = tokenizer_path if isinstance(tokenizer_path, GGUFVocab) else sentencepiece_vocab(tokenizer_path)
+        if len(vocab[0]) != config.vocab_size:
+            raise CheckpointError(f"the tokenizer {tokenizer_path} has {len(vocab[0])} pieces but the model's "
+                                  f"vocab_size is {config.vocab_size}; pass the tokenizer it was trained with")
+    else:
+        warnings.warn("GGUF written without a tokenizer: llama.cpp will refuse it; pass tokenizer_path")
+    with atomic_file(path, force=force) as tmp:
+        _write_gguf(tmp, config, tensors, vocab, file_type, name)
+    return path
 
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+
+def _write_gguf(tmp, config, tensors, vocab, file_type, name):
+    """The GGUF itself, written by gguf-py's GGUFWriter to `tmp` (save_gguf renames it into place)."""
+    import gguf
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_name(name)
     w.add_context_length(config.max_seq_len)
@@ -203,14 +214,8 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     w.add_file_type(FILE_TYPES[file_type])
     if file_type in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if tokenizer_path is not None:
-        if isinstance(tokenizer_path, GGUFVocab):
-            pieces, scores, types, unk_id = tokenizer_path
-        else:
-            pieces, scores, types, unk_id = sentencepiece_vocab(tokenizer_path)
-        if len(pieces) != config.vocab_size:
-            raise CheckpointError(f"the tokenizer {tokenizer_path} has {len(pieces)} pieces but the model's "
-                                  f"vocab_size is {config.vocab_size}; pass the tokenizer it was trained with")
+    if vocab is not None:
+        pieces, scores, types, unk_id = vocab
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(pieces)
@@ -221,21 +226,14 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
         w.add_unk_token_id(unk_id if unk_id >= 0 else 0)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-    else:
-        warnings.warn("GGUF written without a tokenizer: llama.cpp will refuse it; pass tokenizer_path")
     for gname, arr, raw in tensors:
         w.add_tensor(gname, arr, raw_dtype=raw)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
     finally:
         w.close()
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,84 +246,128 @@ def _field(reader, key, default=None):
 
 def _f32_value(v) -> float:
     """GGUF stores these floats as float32: 1e-5 comes back as 9.99999974e-06. Take the shortest decimal that
-    rounds to the same float32 (numpy's str), so the config equals the one that was written."""
+    rounds to the same float32 (numpy's str), so the config equals the one that was written. Anything that is not
+    a real number is returned as it is, for the config parser to refuse by name."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return v
     return float(str(np.float32(v)))
 
 
-def gguf_config(reader) -> LlamaConfig:
-    """LlamaConfig from a GGUF's llama.* keys (vocab size from llama.vocab_size, the token list or token_embd)."""
+def gguf_config(reader, source="the GGUF") -> LlamaConfig:
+    """LlamaConfig from a GGUF's llama.* keys (vocab size from llama.vocab_size, the token list or token_embd),
+    through the same typed parser as config.json: a string, a fraction or a zero where a count belongs is an error."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"GGUF architecture is {arch!r}; llama_ref runs only 'llama' (Llama 2) models")
+        raise CheckpointError(f"{source}: GGUF architecture is {arch!r}; llama_ref runs only 'llama' (Llama 2) models")
     a = "llama."
-    try:
-        n_heads = int(_field(reader, a + "attention.head_count"))
-        dim = int(_field(reader, a + "embedding_length"))
-        vocab = _field(reader, a + "vocab_size")
-        if vocab is None:
-            toks = reader.get_field("tokenizer.ggml.tokens")
-            vocab = len(toks.data) if toks is not None else None
-        names = {t.name: t for t in reader.tensors}
-        if vocab is None:
-            vocab = int(names["token_embd.weight"].shape[1])
-        rope_dims = _field(reader, a + "rope.dimension_count")
-        if rope_dims is not None and int(rope_dims) != dim // n_heads:
-            raise CheckpointError(f"llama.rope.dimension_count={rope_dims} differs from the head size "
-                                  f"{dim // n_heads}: partial RoPE is not Llama 2")
-        return LlamaConfig(
-            dim=dim,
-            n_layers=int(_field(reader, a + "block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_heads)),
-            hidden_dim=int(_field(reader, a + "feed_forward_length")),
-            vocab_size=int(vocab),
-            max_seq_len=int(_field(reader, a + "context_length", 2048)),
-            rope_theta=_f32_value(_field(reader, a + "rope.freq_base", 10000.0)),
-            norm_eps=_f32_value(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings="output.weight" not in names,
-            bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-            eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-        )
-    except TypeError:
-        raise CheckpointError("the GGUF lacks a llama.* hyper-parameter (embedding_length, block_count, "
-                              "attention.head_count, feed_forward_length); was it written for Llama?") from None
+    names = {t.name: t for t in reader.tensors}
+    vocab = _field(reader, a + "vocab_size")
+    if vocab is None:
+        toks = reader.get_field("tokenizer.ggml.tokens")
+        vocab = len(toks.data) if toks is not None else None
+    if vocab is None and "token_embd.weight" in names:
+        vocab = int(names["token_embd.weight"].shape[1])
+    n_heads = _field(reader, a + "attention.head_count")
+    fields = {
+        "dim": (a + "embedding_length", _field(reader, a + "embedding_length")),
+        "n_layers": (a + "block_count", _field(reader, a + "block_count")),
+        "n_heads": (a + "attention.head_count", n_heads),
+        "n_kv_heads": (a + "attention.head_count_kv", _field(reader, a + "attention.head_count_kv", n_heads)),
+        "hidden_dim": (a + "feed_forward_length", _field(reader, a + "feed_forward_length")),
+        "vocab_size": (a + "vocab_size", vocab),
+        "max_seq_len": (a + "context_length", _field(reader, a + "context_length", 2048)),
+        "rope_theta": (a + "rope.freq_base", _f32_value(_field(reader, a + "rope.freq_base", 10000.0))),
+        "norm_eps": (a + "attention.layer_norm_rms_epsilon",
+                     _f32_value(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5))),
+        "tie_embeddings": ("output.weight", "output.weight" not in names),
+        "bos_id": ("tokenizer.ggml.bos_token_id", _field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        "eos_id": ("tokenizer.ggml.eos_token_id", _field(reader, "tokenizer.ggml.eos_token_id", 2)),
+    }
+    for name in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
+        if fields[name][1] is None:
+            raise CheckpointError(f"{source} lacks {fields[name][0]}, a hyper-parameter every Llama GGUF has; was it "
+                                  "written for Llama?")
+    config = config_from_fields(fields, f"{source} (GGUF metadata)")
+    rope_dims = _field(reader, a + "rope.dimension_count")
+    if rope_dims is not None and rope_dims != config.head_dim:
+        raise CheckpointError(f"{source}: llama.rope.dimension_count={rope_dims!r} differs from the head size "
+                              f"{config.head_dim}: partial RoPE is not Llama 2")
+    return config
 
 
-def load_gguf(path) -> tuple[LlamaConfig, dict]:
-    """(config, HF-named weights) from a .gguf, memory-mapped. F32/F16/BF16 tensors become float arrays, Q8_0/Q4_0
-    tensors become quant.Q8_0Matrix/Q4_0Matrix over the mapped bytes (they run quantized: quant.build_llama)."""
-    from gguf import GGUFReader, GGMLQuantizationType as GT
-    from gguf.quants import dequantize
+def _open_gguf(path):
+    """A GGUFReader over `path`, or CheckpointError: gguf-py trusts the file, so whatever it raises on a truncated
+    or lying file (IndexError, ValueError, struct errors, a count of 2^40) means "not a readable GGUF"."""
+    from gguf import GGUFReader
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give the path of a .gguf file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a .gguf file")
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
+        raise CheckpointError(f"{path} is not a regular file (a pipe or a device?); give a .gguf file")
     try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from None
-    config = gguf_config(reader)
+        return GGUFReader(str(path))
+    except (Exception, MemoryError) as e:                          # noqa: BLE001 - third-party parser on bad bytes
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:200]}); it is "
+                              "truncated or corrupt: re-download or re-export it") from None
+
+
+def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
+    """(config, HF-named weights) from a .gguf, memory-mapped and validated like every format: the config through
+    the typed parser, every tensor the config requires present with its shape, no tensor of another model, and
+    (check_finite) no NaN/Inf, checked tile by tile on the dequantized values of quantized tensors.
+    F32/F16/BF16 tensors become float arrays, Q8_0/Q4_0 tensors quant.Q8_0Matrix/Q4_0Matrix over the mapped bytes
+    (they run quantized: quant.build_llama)."""
+    from gguf import GGMLQuantizationType as GT
+    from gguf.quants import dequantize
+    from .checkpoint import check_weights
+    path = Path(path)
+    reader = _open_gguf(path)
+    try:
+        config = gguf_config(reader, str(path))
+        tensors = list(reader.tensors)
+    except (CheckpointError, ConfigError):
+        raise
+    except (Exception, MemoryError) as e:                          # noqa: BLE001 - metadata of the wrong GGUF type
+        raise CheckpointError(f"{path}: unreadable GGUF metadata ({type(e).__name__}: {str(e)[:200]})") from None
     weights = {}
-    for t in reader.tensors:
+    for t in tensors:
         name = gguf_to_hf_name(t.name)
         if name is None:
-            raise CheckpointError(f"GGUF tensor {t.name!r} is not part of a Llama 2 model; llama_ref cannot run it")
-        if t.tensor_type == GT.F32:
-            w = t.data
-        elif t.tensor_type in (GT.F16, GT.BF16):
-            w = dequantize(t.data, t.tensor_type).astype(F32)
-        elif t.tensor_type == GT.Q8_0:
-            w = quant.Q8_0Matrix(t.data, (int(t.shape[1]), int(t.shape[0])))
-        elif t.tensor_type == GT.Q4_0:
-            w = quant.Q4_0Matrix(t.data, (int(t.shape[1]), int(t.shape[0])))
-        else:
-            raise CheckpointError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which llama_ref does not "
-                                  "run; re-quantize the model with q8_0 or q4_0 (llama-quantize ... Q8_0), or "
-                                  "export it as F16/F32")
-        if _is_q(name):
-            w = _permute_rows(w, config.n_heads, permute_qk_meta_to_hf)
-        elif _is_k(name):
-            w = _permute_rows(w, config.n_kv_heads, permute_qk_meta_to_hf)
+            raise CheckpointError(f"{path}: GGUF tensor {t.name!r} is not part of a Llama 2 model; llama_ref cannot "
+                                  "run it")
+        shape = tuple(int(x) for x in reversed(t.shape))                   # GGUF lists dims fastest-first
+        try:
+            if t.tensor_type == GT.F32:
+                w = t.data
+            elif t.tensor_type in (GT.F16, GT.BF16):
+                w = dequantize(t.data, t.tensor_type).astype(F32)
+            elif t.tensor_type == GT.Q8_0:
+                w = quant.Q8_0Matrix(t.data, shape)
+            elif t.tensor_type == GT.Q4_0:
+                w = quant.Q4_0Matrix(t.data, shape)
+            else:
+                raise CheckpointError(f"{path}: GGUF tensor {t.name!r} has type {t.tensor_type.name}, which llama_ref "
+                                      "does not run; re-quantize the model with q8_0 or q4_0 (llama-quantize ... "
+                                      "Q8_0), or export it as F16/F32")
+            stored = w.data if isinstance(w, quant.QuantizedMatrix) else w
+            rows_ok = (len(shape) == 2 and np.shape(stored)[0] == shape[0] if isinstance(w, quant.QuantizedMatrix)
+                       else tuple(np.shape(w)) == shape)
+            if not rows_ok:
+                raise CheckpointError(f"{path}: GGUF tensor {t.name!r} says shape {shape} but holds data of shape "
+                                      f"{np.shape(stored)}; the file is corrupt")
+            if _is_q(name):
+                w = _permute_rows(w, config.n_heads, permute_qk_meta_to_hf)
+            elif _is_k(name):
+                w = _permute_rows(w, config.n_kv_heads, permute_qk_meta_to_hf)
+        except LlamaRefError:
+            raise
+        except (Exception, MemoryError) as e:                      # noqa: BLE001 - a tensor gguf-py cannot map
+            raise CheckpointError(f"{path}: GGUF tensor {t.name!r} cannot be read ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); the file is truncated or corrupt") from None
         weights[name] = w
+    check_weights(config, weights, source=path, check_finite=check_finite)
     return config, weights
 
 
@@ -336,8 +378,7 @@ def load_gguf_model(path) -> Llama:
 
 def gguf_summary(path) -> dict:
     """Metadata and tensor types of a GGUF as plain Python (for chapters and tests): {"kv": {...}, "tensors": {...}}."""
-    from gguf import GGUFReader
-    r = GGUFReader(str(path))
+    r = _open_gguf(path)
     kv = {}
     for k, f in r.fields.items():
         if k.startswith("GGUF.") or k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):

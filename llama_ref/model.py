@@ -118,29 +118,46 @@ def attention(q, k, v, mask=None):
 
 
 class KVCache:
-    """Keys and values of every position seen so far, per layer: k[l], v[l] are (B, nkv, max_len, hs).
+    """Keys and values of every position seen so far, per layer: k[l], v[l] are (B, nkv, capacity, hs).
 
     Decoding one token then costs one new key/value per layer instead of recomputing the whole prefix.
-    `length` is how many positions are filled. np.zeros does not touch memory until it is written.
+    `length` is how many positions are filled; `max_len` how many it may ever hold. The arrays start small and
+    double when a write needs more room (up to max_len), so a model that declares a huge context only pays for the
+    positions it uses.
     """
 
     def __init__(self, config: LlamaConfig, batch_size=1, max_len=None):
         self.max_len = max_len or config.max_seq_len
-        shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
-        self.k = [np.zeros(shape, F32) for _ in range(config.n_layers)]
-        self.v = [np.zeros(shape, F32) for _ in range(config.n_layers)]
+        self.shape = (batch_size, config.n_kv_heads, config.head_dim)             # (B, nkv, hs) around the time axis
+        capacity = min(self.max_len, 256)
+        self.k = [self._zeros(capacity) for _ in range(config.n_layers)]
+        self.v = [self._zeros(capacity) for _ in range(config.n_layers)]
         self.batch_size = batch_size
         self.length = 0
+
+    def _zeros(self, capacity):
+        B, nkv, hs = self.shape
+        return np.zeros((B, nkv, capacity, hs), F32)
 
     def update(self, layer, start_pos, k, v):
         """Write new k, v (B, nkv, T, hs) at [start_pos, start_pos+T); return all keys/values up to there."""
         end = start_pos + k.shape[2]
+        if end > self.k[layer].shape[2]:                                           # grow by doubling
+            capacity = min(self.max_len, max(end, 2 * self.k[layer].shape[2]))
+            for store in (self.k, self.v):
+                grown = self._zeros(capacity)
+                grown[:, :, :store[layer].shape[2]] = store[layer]
+                store[layer] = grown
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def nbytes(self):
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+    def nbytes(self, length=None):
+        """Bytes held now, or (length given) the bytes a cache holding `length` positions takes."""
+        if length is None:
+            return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        B, nkv, hs = self.shape
+        return 2 * len(self.k) * B * nkv * length * hs * 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,7 +232,24 @@ class Llama:
                 raise ShapeMismatchError(f"weight {name!r} has shape {tuple(weights[name].shape)} but the config "
                                          f"requires {shape}: config.json and the weights disagree")
         self.params = self._pack(weights)
-        self.cos, self.sin = rope_freqs(config.head_dim, config.max_seq_len, config.rope_theta)
+        self._cos = self._sin = np.zeros((0, config.head_dim // 2), F32)
+
+    def rope(self, end):
+        """cos, sin (end, hs/2) for positions [0, end). Built on first use and grown by doubling (up to
+        max_seq_len), so a config may declare a context of 2^40 tokens and only the positions used cost memory."""
+        if end > self._cos.shape[0]:
+            n = min(self.config.max_seq_len, max(end, 2 * self._cos.shape[0], 256))
+            self._cos, self._sin = rope_freqs(self.config.head_dim, n, self.config.rope_theta)
+        return self._cos[:end], self._sin[:end]
+
+    @property
+    def cos(self):
+        """The cos table for the whole context (chapters slice it; builds max_seq_len rows)."""
+        return self.rope(self.config.max_seq_len)[0]
+
+    @property
+    def sin(self):
+        return self.rope(self.config.max_seq_len)[1]
 
     def _pack(self, w):
         cfg = self.config
@@ -261,7 +295,7 @@ class Llama:
         cfg, P = self.config, self.params
         B, T = tokens.shape
         S = start_pos + T
-        cos, sin = self.cos[start_pos:S], self.sin[start_pos:S]                 # (T, hs/2)
+        cos, sin = (t[start_pos:S] for t in self.rope(S))                      # (T, hs/2)
         mask = causal_mask(T, S) if T > 1 else None                             # one new token may see everything
 
         x = tap(trace, "embed", P["embed"][tokens].astype(F32, copy=False))   # (B, T, C)

@@ -172,9 +172,9 @@ class OnDeviceLlama:
         self.norm = np.asarray(model.weights["model.norm.weight"], F32)
         head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
         self.lm_head = linear_to_conv(_float(model.weights[head]))              # (V, C, 1, 1)
-        self.cos, self.sin = model.cos, model.sin                                # tables the host slices
         self.prompt_len = prompt_len or min(cfg.max_seq_len, 64)
         self.context = context or cfg.max_seq_len
+        self.cos, self.sin = model.rope(self.context)                           # tables the host slices
         if n_parts < 1 or n_parts > cfg.n_layers:
             raise InputError(f"n_parts={n_parts} must be between 1 and n_layers={cfg.n_layers}")
         bounds = np.linspace(0, cfg.n_layers, n_parts + 1).round().astype(int)   # layers split evenly

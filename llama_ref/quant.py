@@ -21,18 +21,16 @@ stored as q + 8 for q in [-8, 7], plus fp16 scales (out, in/g): 4 + 16/g bits/we
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import CheckpointError, QuantizationError
-from .model import Llama, _as_f32, rope_freqs, weight_shapes
-from .errors import ShapeMismatchError
+from .errors import CheckpointError, LlamaRefError, QuantizationError, ShapeMismatchError
+from .files import atomic_dir, check_output
+from .model import Llama, _as_f32, weight_shapes
 
 F32 = np.float32
 QK = 32                                    # GGUF's block size for Q8_0 and Q4_0
@@ -418,6 +416,9 @@ def parse_scheme(scheme: str) -> dict:
     if s in ("int8-channel", "int8-tensor"):
         return {"layers": s, "embed": "int8-channel", "head": "int8-channel", "act_bits": None}
     m = re.fullmatch(r"w4a(16|8)-g(\d+)", s)
+    if m and (int(m.group(2)) < 2 or int(m.group(2)) % 2):
+        raise QuantizationError(f"scheme {scheme!r}: the group size must be an even number >= 2 (two 4-bit values share "
+                                "a byte); Llama layers use 32, 64 or 128")
     if m:
         return {"layers": f"w4-g{m.group(2)}", "embed": "int8-channel", "head": "int8-channel",
                 "act_bits": int(m.group(1))}
@@ -512,7 +513,7 @@ def build_llama(config: LlamaConfig, weights: dict) -> Llama:
     head_name = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
     head = embed if config.tie_embeddings and isinstance(embed, QuantizedMatrix) else matmul_weight(head_name)
     model.params = {"embed": embed, "layers": layers, "norm": vector("model.norm.weight"), "lm_head": head}
-    model.cos, model.sin = rope_freqs(config.head_dim, config.max_seq_len, config.rope_theta)
+    model._cos = model._sin = np.zeros((0, config.head_dim // 2), F32)          # RoPE tables: built on first use
     return model
 
 
@@ -582,9 +583,7 @@ QUANT_FORMAT = "llama_ref-quant-v1"
 def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=False) -> Path:
     """Write a quantized model as a directory (format above); atomic: built in a temp dir, then renamed."""
     from safetensors.numpy import save_file
-    path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"{path} exists; pass force=True (--force) to replace it")
+    path = check_output(path, force=force, kind="dir")
     tensors, kinds = {}, {}
     for name, w in model.weights.items():
         if isinstance(w, QuantizedMatrix):
@@ -596,64 +595,115 @@ def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=F
     policy = parse_scheme(scheme)
     cfg = model.config.to_hf()
     cfg["quantization"] = {"format": QUANT_FORMAT, "scheme": scheme, "act_bits": policy["act_bits"], "tensors": kinds}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, force=force) as tmp:                             # the old directory stays until the end
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": QUANT_FORMAT, "scheme": scheme})
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
 def is_quantized_dir(path) -> bool:
     p = Path(path) / "config.json"
     try:
-        return p.is_file() and "quantization" in json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        d = json.loads(p.read_text())
+        return p.is_file() and isinstance(d, dict) and "quantization" in d
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
 
 
-def load_quantized_weights(path) -> tuple[LlamaConfig, dict]:
-    """Read a directory written by save_quantized -> (config, weights with QuantizedMatrix objects), memory-mapped."""
+# What each kind of quantized matrix stores: part name -> (dtype, shape from (out, in)).
+def _quant_parts(kind, out_dim, in_dim):
+    if kind == "q8_0":
+        return {"blocks": (np.uint8, (out_dim, in_dim // QK * 34))}
+    if kind == "q4_0":
+        return {"blocks": (np.uint8, (out_dim, in_dim // QK * Q4_0_BLOCK_BYTES))}
+    if kind == "int8-channel":
+        return {"qweight": (np.int8, (out_dim, in_dim)), "scales": (np.float32, (out_dim, 1))}
+    if kind == "int8-tensor":
+        return {"qweight": (np.int8, (out_dim, in_dim)), "scales": (np.float32, (1, 1))}
+    m = re.fullmatch(r"w4-g(\d+)", kind or "")
+    if m and int(m.group(1)) > 0 and in_dim % int(m.group(1)) == 0:
+        return {"qweight": (np.uint8, (out_dim, in_dim // 2)), "scales": (np.float16, (out_dim, in_dim // int(m.group(1))))}
+    return None
+
+
+def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
+    """Read a directory written by save_quantized -> (config, weights with QuantizedMatrix objects), memory-mapped.
+
+    Validated like every checkpoint: the config through the typed parser, every tensor the config requires present
+    with the dtype and shape its kind stores, no tensor of another model (a config saying 2 layers over a file of 6
+    is refused), and no NaN/Inf (scales included)."""
     from safetensors import safe_open
+    from .checkpoint import check_weights
     path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    q = cfg.get("quantization") or {}
-    if q.get("format") != QUANT_FORMAT:
-        raise CheckpointError(f"{path}/config.json has no llama_ref quantization block (format {QUANT_FORMAT!r})")
-    config = LlamaConfig.from_hf(cfg)
+    fix = "re-create it with `python -m llama_ref quantize`"
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}/config.json cannot be read ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    q = cfg.get("quantization") if isinstance(cfg, dict) else None
+    if not isinstance(q, dict) or q.get("format") != QUANT_FORMAT or not isinstance(q.get("tensors"), dict):
+        raise CheckpointError(f"{path}/config.json has no llama_ref quantization block (format {QUANT_FORMAT!r} with a "
+                              f"'tensors' map); {fix}")
+    config = LlamaConfig.from_hf(cfg, source=f"{path}/config.json")
+    from .checkpoint import check_layer_count
+    if q["tensors"]:                                                     # before anything enumerates the layers
+        check_layer_count(config, [n for n in q["tensors"] if isinstance(n, str)], f" of {path}")
     act_bits = q.get("act_bits")
+    if act_bits not in (None, 8, 16):
+        raise CheckpointError(f"{path}/config.json: quantization act_bits={act_bits!r} must be null, 8 or 16; {fix}")
+    shapes = weight_shapes(config)
+    wanted = {}                                                          # stored tensor name -> (dtype, shape)
+    for name, shape in shapes.items():
+        kind = q["tensors"].get(name)
+        if kind is None:
+            wanted[name] = (None, shape)
+            continue
+        parts = _quant_parts(kind, *shape) if isinstance(kind, str) else None
+        if parts is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has quantization kind {kind!r}, which llama_ref cannot "
+                                  f"read for shape {shape}; {fix}")
+        wanted.update({f"{name}.{part}": spec for part, spec in parts.items()})
+    stray = sorted(set(q["tensors"]) - set(shapes))
+    if stray:
+        raise CheckpointError(f"{path}/config.json lists quantized tensors the config has no place for ({stray[:3]}); "
+                              f"config and weights disagree; {fix}")
+    file = path / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            names = set(f.keys())
+            missing = sorted(set(wanted) - names)
+            extra = sorted(names - set(wanted))
+            if missing:
+                raise CheckpointError(f"{file} lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]!r}; "
+                                      f"{fix}")
+            if extra:
+                raise CheckpointError(f"{file} holds {len(extra)} tensor(s) the config has no place for, e.g. "
+                                      f"{extra[0]!r} (does config.json say too few layers?); {fix}")
+            stored = {n: f.get_tensor(n) for n in wanted}
+    except LlamaRefError:
+        raise
+    except Exception as e:                                           # noqa: BLE001 - the safetensors library's errors
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    for n, (dtype, shape) in wanted.items():
+        a = stored[n]
+        if tuple(a.shape) != shape or (dtype is not None and a.dtype != dtype):
+            raise CheckpointError(f"{file}: tensor {n!r} is {a.dtype} {tuple(a.shape)}, expected "
+                                  f"{np.dtype(dtype or F32)} {shape}; {fix}")
     weights = {}
-    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
-        names = set(f.keys())
-        for name in weight_shapes(config):
-            kind = q["tensors"].get(name)
-            act = act_bits if name != "model.embed_tokens.weight" or config.tie_embeddings else None
-            if kind is None:
-                weights[name] = f.get_tensor(name)
-            elif kind in ("q8_0", "q4_0"):
-                shape = weight_shapes(config)[name]
-                cls = Q8_0Matrix if kind == "q8_0" else Q4_0Matrix
-                weights[name] = cls(f.get_tensor(name + ".blocks"), shape)
-            elif kind.startswith("int8"):
-                weights[name] = Int8Matrix(f.get_tensor(name + ".qweight"), f.get_tensor(name + ".scales"), act)
-            elif kind.startswith("w4-g"):
-                weights[name] = W4Matrix(f.get_tensor(name + ".qweight"), f.get_tensor(name + ".scales"), act)
-            else:
-                raise CheckpointError(f"tensor {name!r} has unknown quantization kind {kind!r}")
-            if kind is not None and name + ".blocks" not in names and name + ".qweight" not in names:
-                raise CheckpointError(f"{path}: tensor {name!r} is missing")
+    for name in shapes:
+        kind = q["tensors"].get(name)
+        act = act_bits if name != "model.embed_tokens.weight" or config.tie_embeddings else None
+        if kind is None:
+            weights[name] = stored[name]
+        elif kind in ("q8_0", "q4_0"):
+            weights[name] = (Q8_0Matrix if kind == "q8_0" else Q4_0Matrix)(stored[name + ".blocks"], shapes[name])
+        elif kind.startswith("int8"):
+            weights[name] = Int8Matrix(stored[name + ".qweight"], stored[name + ".scales"], act)
+        else:
+            weights[name] = W4Matrix(stored[name + ".qweight"], stored[name + ".scales"], act)
+    check_weights(config, weights, source=path, check_finite=check_finite)
     return config, weights
 
 

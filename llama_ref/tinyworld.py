@@ -32,6 +32,7 @@ import numpy as np
 from . import corpus, evaluate, paths, train
 from .checkpoint import load_model
 from .config import LlamaConfig
+from .files import atomic_file, write_text
 from .model import Llama
 from .tokenizer import Tokenizer
 
@@ -50,14 +51,12 @@ def model_config(vocab_size: int) -> LlamaConfig:
 
 
 def write_loss_curve(out: Path, history: list) -> None:
-    tmp = out / "loss_curve.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(out / "loss_curve.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "tokens", "lr", "train_loss", "val_loss", "grad_norm", "time_s"])
         for r in history:
             w.writerow([r["step"], r["tokens"], f"{r['lr']:.6g}", f"{r['train_loss']:.5f}",
                         f"{r['val_loss']:.5f}" if "val_loss" in r else "", f"{r['grad_norm']:.4f}", f"{r['time_s']:.1f}"])
-    os.replace(tmp, out / "loss_curve.csv")
 
 
 def measure(model: Llama, tok: Tokenizer, train_ids: np.ndarray, n_eval_tokens: int, n_samples: int, n_qa: int) -> dict:
@@ -188,8 +187,8 @@ def run(args) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}",
         "generator": "llama_ref/tinyworld.py (make model)",
     })
-    train.write_text_atomic(out / "metrics.json", json.dumps(m, indent=1, default=float) + "\n")
-    train.write_text_atomic(out / "README.md", model_card(config, m, s))
+    write_text(out / "metrics.json", json.dumps(m, indent=1, default=float) + "\n")
+    write_text(out / "README.md", model_card(config, m, s))
     log(f"wrote {out}/metrics.json and README.md")
     return 0
 

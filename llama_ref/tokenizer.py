@@ -146,10 +146,18 @@ def parse_model_proto(data: bytes) -> dict:
 
 def _read_model_file(path) -> bytes:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise TokenizerError(f"tokenizer model {path} is a directory; pass the path of a SentencePiece .model file "
+                             f"(e.g. {path / 'tokenizer.model'})")
+    if not path.exists():
         raise TokenizerError(f"tokenizer model {path} not found: pass the path of a SentencePiece .model file, "
                              f"or run `python scripts/train_tokenizer.py` to make ours")
-    return path.read_bytes()
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer model {path} is not a regular file (a pipe or a device?)")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer model {path} ({e.strerror or e})") from None
 
 
 def _corrupt(path, why) -> TokenizerError:
@@ -162,7 +170,7 @@ def load_model_proto(path) -> dict:
     data = _read_model_file(path)
     try:
         return parse_model_proto(data)
-    except (_ProtoError, UnicodeDecodeError, struct.error) as e:
+    except (_ProtoError, UnicodeDecodeError, struct.error, TypeError, ValueError, IndexError, RecursionError) as e:
         raise _corrupt(path, e) from None
 
 
@@ -391,6 +399,17 @@ def _decode_utf8_bytes(data: bytes) -> str:
 # ------------------------------------------------------------------------------------------------
 # the Tokenizer the package uses: either implementation behind one interface
 
+def check_unicode(text: str, what="the text") -> str:
+    """Refuse text that is not valid Unicode (lone surrogates: what Python makes of invalid UTF-8 bytes on a command
+    line, or of a broken \\ud800 escape in JSON), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{what} is not valid Unicode: character {e.start} is {text[e.start]!r}, a lone surrogate "
+                             "(invalid UTF-8 bytes?); pass UTF-8 text") from None
+    return text
+
+
 class Tokenizer:
     """`encode(text, bos, eos) -> ids`, `decode(ids) -> text`, backed by sentencepiece or by BPETokenizer."""
 
@@ -398,7 +417,12 @@ class Tokenizer:
         self.path = Path(path) if path is not None else DEFAULT_TOKENIZER
         self.impl = impl
         if impl == "python":
-            self._bpe = BPETokenizer(self.path)
+            try:
+                self._bpe = BPETokenizer(self.path)
+            except TokenizerError:
+                raise
+            except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError, RecursionError) as e:
+                raise _corrupt(self.path, e) from None
             self.vocab_size = self._bpe.vocab_size
             self.bos_id, self.eos_id, self.unk_id = self._bpe.bos_id, self._bpe.eos_id, self._bpe.unk_id
         elif impl == "sentencepiece":
@@ -411,6 +435,7 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        check_unicode(text)
         if self.impl == "python":
             return self._bpe.encode(text, bos, eos)
         if (bos and self.bos_id < 0) or (eos and self.eos_id < 0):
@@ -442,7 +467,7 @@ def _load_sentencepiece(path: Path):
     data = _read_model_file(path)
     try:
         parse_model_proto(data)       # the library's own error for garbage is an opaque RuntimeError
-    except (_ProtoError, UnicodeDecodeError, struct.error) as e:
+    except (_ProtoError, UnicodeDecodeError, struct.error, TypeError, ValueError, IndexError, RecursionError) as e:
         raise _corrupt(path, e) from None
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor()

@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .files import save_npz  # noqa: F401  (the .npz writer: inspect --save, chapters)
 from .errors import InputError, LlamaRefError
 
 
@@ -144,9 +145,18 @@ def load_reference(reference: str | os.PathLike | Mapping) -> Mapping:
     if isinstance(reference, Mapping) or hasattr(reference, "files"):
         return reference
     path = Path(reference)
+    how = "give an .npz written by np.savez with tap names as keys (e.g. by `python -m llama_ref inspect --save`)"
+    if path.is_dir():
+        raise InputError(f"reference {path} is a directory; {how}")
+    if not path.exists():
+        raise InputError(f"reference file {path} does not exist; {how}")
     if not path.is_file():
-        raise InputError(f"reference file {path} does not exist; give an .npz written by np.savez with tap names as "
-                         "keys (e.g. by `python -m llama_ref inspect --save`)")
+        raise InputError(f"reference {path} is not a regular file (a pipe or a device?); {how}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":                                  # an .npz is a zip archive of .npy files
+        what = "a single .npy array" if magic == b"\x93NUM" else "not an .npz file (an .npz is a zip of .npy arrays)"
+        raise InputError(f"reference {path} is {what}; {how}")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -266,20 +276,3 @@ def summarize(x: np.ndarray, n_values: int = 4) -> dict:
              "min": float(f.min()), "max": float(f.max()), "abs_max": float(np.abs(f).max()),
              "first": [float(v) for v in f.reshape(-1)[:n_values]]}
     return stats
-
-
-def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
-    """np.savez to `path` atomically: a temp file in the same directory, then os.replace (never half a file)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"cannot save to {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError, LlamaRefError
+from .files import save_npz, write_text
 from .model import apply_rope_hf, causal_mask, rope_freqs, weight_shapes
 
 F32 = np.float32
@@ -509,19 +510,6 @@ class TrainSettings:
             raise TrainingError(f"warmup={self.warmup} must be between 0 and steps={self.steps}")
 
 
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file via a temp file and os.replace: a crash never leaves half a file (metrics, cards, state)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_training_state(out_dir: Path, config: LlamaConfig, params: dict, opt: AdamW, step: int, history: list,
                         tokenizer_path=None) -> None:
     """The model (an HF dir, written atomically by save_model) plus optimizer moments and history for resume.
@@ -531,9 +519,9 @@ def save_training_state(out_dir: Path, config: LlamaConfig, params: dict, opt: A
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir = out_dir.parent / (out_dir.name + ".train-state")
     state_dir.mkdir(exist_ok=True)
-    _atomic_savez(state_dir / "optimizer.npz", {**opt.state(), "step": np.array(step),
+    save_npz(state_dir / "optimizer.npz", {**opt.state(), "step": np.array(step),
                                                 **{f"p/{k}": v for k, v in params.items()}})
-    write_text_atomic(state_dir / "history.json", json.dumps(history))
+    write_text(state_dir / "history.json", json.dumps(history))
     save_model(out_dir, config, params, tokenizer_path=tokenizer_path)
 
 

@@ -35,7 +35,7 @@ from llama_ref.config import LlamaConfig                             # noqa: E40
 from llama_ref.model import Llama, weight_shapes                     # noqa: E402
 from llama_ref.tokenizer import Tokenizer                            # noqa: E402
 from llama_ref.tinyworld import log                                   # noqa: E402
-from llama_ref.train import write_text_atomic                        # noqa: E402
+from llama_ref.files import write_text as write_text_atomic            # noqa: E402
 
 
 def _jsonable(x):

@@ -78,3 +78,17 @@ def test_bad_ids_and_paths(model_dir, tmp_path):
 def test_help_explains():
     r = run("generate", "--help")
     assert r.returncode == 0 and "--prompt-ids" in r.stdout and "prefill" in r.stdout.lower()
+
+
+def test_the_space_between_prompt_and_reply_survives():
+    """SentencePiece drops a leading space when a piece is decoded alone; streamed text and --json decode the
+    continuation together with the prompt, so 'Once upon' + '▁a' prints 'Once upon a', not 'Once upona'."""
+    import json
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "llama_ref", "generate", "--prompt", "Once upon", "--max-new-tokens", "3",
+            "--temperature", "0"]
+    streamed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    as_json = json.loads(subprocess.run(args + ["--json"], capture_output=True, text=True, timeout=120).stdout)
+    assert streamed.stdout.startswith("Once upon ") and as_json["text"].startswith(" ")
+    assert streamed.stdout.rstrip("\n") == "Once upon" + as_json["text"]

@@ -84,7 +84,9 @@ def test_a_different_model_shows_up_in_the_comparison(tmp_path):
     (("--prompt-ids", "1,x"), "comma-separated"),
     (("--prompt", "hello"), "--tokenizer"),                   # the fixture model has no tokenizer beside it
     (("--compare", "/nonexistent/ref.npz"), "does not exist"),
-    (("--save", "/nonexistent/dir/out.npz"), "does not exist"),
+    (("--save", "/dev/null/dir/out.npz"), "not a directory"),             # a parent that is a file
+    (("--save", "/proc/out.npz"), "cannot write"),
+    (("--save", "/"), "is a directory"),
 ])
 def test_errors_are_one_line(args, message):
     base = {"--prompt-ids": "1,2,3", "--tap": "logits"}

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as GT, GGUFReader  # noqa: E402
 
 from llama_ref import gguf_io as G, quant as Q  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
-from llama_ref.errors import CheckpointError, QuantizationError  # noqa: E402
+from llama_ref.errors import CheckpointError, OutputError, QuantizationError  # noqa: E402
 from llama_ref.model import Llama, weight_shapes  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:GGUF written without a tokenizer")
@@ -195,7 +195,7 @@ def test_unsupported_types_and_architectures(tmp_path):
 
 def test_refuses_overwrite_and_bad_types(model, tmp_path):
     path = G.save_gguf(tmp_path / "m.gguf", CFG, model, None, "q8_0")
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         G.save_gguf(path, CFG, model, None, "q8_0")
     G.save_gguf(path, CFG, model, None, "q4_0", force=True)
     assert GGUFReader(str(path)).get_field("general.file_type").contents() == 2

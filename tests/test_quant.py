@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as GT  # noqa: E402
 
 from llama_ref import quant as Q  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
-from llama_ref.errors import QuantizationError, ShapeMismatchError, CheckpointError  # noqa: E402
+from llama_ref.errors import QuantizationError, ShapeMismatchError, CheckpointError, OutputError  # noqa: E402
 from llama_ref.model import Llama, weight_shapes  # noqa: E402
 
 CFG = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=96, max_seq_len=48)
@@ -300,10 +300,12 @@ def test_save_load_quantized_dir(model, tmp_path, scheme):
     tokens = np.arange(10) % CFG.vocab_size
     np.testing.assert_array_equal(back.forward(tokens), qm.forward(tokens))
     assert Q.held_nbytes(back) == Q.held_nbytes(qm)
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         Q.save_quantized(out, qm, scheme)
+    (tmp_path / "m.old").write_text("a file of the user's that happens to be called m.old")
     Q.save_quantized(out, qm, scheme, force=True)
-    assert not list(tmp_path.glob("m.tmp-*")) and not (tmp_path / "m.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.old"]       # no temporary left, m.old untouched
+    assert (tmp_path / "m.old").read_text().startswith("a file of the user's")
 
 
 def test_requantizing_same_format_keeps_bytes(model):

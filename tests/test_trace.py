@@ -12,7 +12,7 @@ import pytest
 from llama_ref import paths
 from llama_ref.checkpoint import load_model
 from llama_ref.config import LlamaConfig
-from llama_ref.errors import InputError
+from llama_ref.errors import InputError, OutputError
 from llama_ref.model import Llama, weight_shapes
 from llama_ref.trace import (Trace, ablate_heads, compare, compare_table, format_table, forward_patched,
                              load_reference, logit_lens, match_taps, residual_stream, save_npz, summarize, tap_names)
@@ -105,8 +105,13 @@ def test_load_reference_errors(tmp_path):
         load_reference(tmp_path / "nope.npz")
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip file at all")
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="not an .npz file"):
         load_reference(junk)
+    with pytest.raises(InputError, match="is a directory"):
+        load_reference(tmp_path)
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(InputError, match="single .npy array"):
+        load_reference(tmp_path / "one.npy")
     pickled = tmp_path / "obj.npz"
     np.savez(pickled, a=np.array([{"x": 1}], dtype=object))
     with pytest.raises(InputError, match="cannot read"):
@@ -214,10 +219,12 @@ def test_save_npz_round_trip_and_atomic(tmp_path, monkeypatch):
         f.write(b"half a file")
         raise OSError("disk full")
     monkeypatch.setattr(np, "savez", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full"):
         save_npz(out, {"x": np.zeros(3)})
     assert out.read_bytes() == before                       # the old file is untouched
     assert os.listdir(tmp_path) == ["taps.npz"]             # and no temp file is left behind
     monkeypatch.undo()
-    with pytest.raises(InputError, match="does not exist"):
-        save_npz(tmp_path / "no" / "dir.npz", arrays)
+    save_npz(tmp_path / "new" / "dir.npz", arrays)          # missing parents are created, as for every output
+    assert load_reference(tmp_path / "new" / "dir.npz").keys() == arrays.keys()
+    with pytest.raises(OutputError, match="is a directory"):
+        save_npz(tmp_path / "new", arrays)
