@@ -4,12 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv lab test test-fast test-any-cpu reference reference-env model gatt bench corpus tokenizer clean-venv
+.PHONY: help venv lab test test-fast test-any-cpu fuzz reference reference-env model gatt bench corpus tokenizer clean-venv
 
 help:
 	@echo "make lab        create .venv if missing, install, open JupyterLab on notebooks/00_overview.ipynb"
 	@echo "make test       the same set-up, then every test including pytest --nbval over all notebooks"
 	@echo "make test-any-cpu  the notebooks under OpenBLAS Haswell/SkylakeX kernels at 1 and 2 threads (other CPUs' rounding)"
+	@echo "make fuzz       the fuzz suite with 2000 examples per property (make test runs 60)"
 	@echo "make reference  regenerate reference fixtures with transformers (installs torch==2.13.0 + transformers)"
 	@echo "make model      train the embedded model data/models/tinyworld from scratch (79 min on 2 cores)"
 	@echo "make gatt       chat SFT baseline + Ghost Attention fine-tune + evaluation"
@@ -44,6 +45,12 @@ test-fast: $(STAMP)
 # 2 threads. On a CPU without AVX-512 the script runs Sandybridge kernels in SkylakeX's place and says so.
 test-any-cpu: $(STAMP)
 	$(BIN)/python scripts/test_any_cpu.py
+
+# Every file a user gives us, mutated: loads must succeed or raise a LlamaRefError (tests/test_fuzz.py). make test runs
+# each property with 60 examples; this runs many more (FUZZ_EXAMPLES=...), same derandomized choices, so reruns agree.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	LLAMA_REF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -s
 
 # torch must be installed first and exactly as 2.13.0 (a local CPU wheel); anything else pulls CUDA.
 reference-env: $(STAMP)
