@@ -714,6 +714,9 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True
                               f"{config.norm_eps}; run.c hard-codes {LLAMA2C_THETA:g} / {LLAMA2C_EPS:g}: save this "
                               "model as an HF directory (save_model) or GGUF instead")
     check_weights(config, weights, source="the weights to save")
+    if max(config.dim, config.hidden_dim, config.vocab_size, config.max_seq_len) >= 2 ** 31:
+        raise CheckpointError(f"a llama2.c header holds 32-bit signed numbers; max_seq_len={config.max_seq_len:,} (or "
+                              "another size) does not fit: lower it in the config before exporting")
     L, nh, nkv = config.n_layers, config.n_heads, config.n_kv_heads
     shared = config.tie_embeddings
 

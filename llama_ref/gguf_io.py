@@ -182,6 +182,12 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     if file_type in ("f32", "f16"):
         weights = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
     path = check_output(path, force=force)
+    too_big = {k: v for k, v in (("context_length", config.max_seq_len), ("embedding_length", config.dim),
+                                 ("block_count", config.n_layers), ("feed_forward_length", config.hidden_dim),
+                                 ("vocab_size", config.vocab_size)) if v >= 2 ** 32}
+    if too_big:
+        raise CheckpointError(f"GGUF stores llama.{next(iter(too_big))} as a 32-bit number and "
+                              f"{next(iter(too_big.values())):,} does not fit; lower it in the config before exporting")
     tensors = _gguf_tensors(config, weights, file_type)
     vocab = None
     if tokenizer_path is not None:

@@ -79,11 +79,17 @@ def test_config_fields_of_the_wrong_type(model_dir, tmp_path, changes, message):
 
 
 def test_a_huge_context_costs_only_what_is_used(model_dir, tmp_path):
-    """max_position_embeddings 2^40: RoPE tables and the KV cache grow with the positions used, not up front."""
+    """max_position_embeddings 2^40: RoPE tables and the KV cache grow with the positions used, not up front; the
+    formats with 32-bit header fields refuse to store it instead of crashing in struct.pack."""
     d = with_config(model_dir, tmp_path, max_position_embeddings=2 ** 40)
     r = generate(d, "--json")
     assert r.returncode == 0, r.stderr.decode()
     assert len(json.loads(r.stdout)["ids"]) == 2
+    assert_error(cli("generate", "--model", d, "--prompt-ids", "1", "--max-new-tokens", str(10 ** 11)),
+                 "KV cache")
+    assert_error(cli("export", "--model", d, "--format", "gguf-f32", "--out", tmp_path / "x.gguf"), "32-bit")
+    assert_error(cli("export", "--model", d, "--format", "llama2c", "--out", tmp_path / "x.bin"), "32-bit")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.bin").exists()
 
 
 def test_hostile_safetensors_headers(model_dir, tmp_path):
