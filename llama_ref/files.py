@@ -83,6 +83,21 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM while a temporary is created and its name recorded, so an interruption cannot land between
+    the two and leave a file nobody will delete; the signal is delivered right after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _os_error(path, e: OSError) -> OutputError:
     return OutputError(f"cannot write {path} ({e.strerror or e}); check the path, free space and permissions")
 
@@ -94,13 +109,12 @@ def atomic_file(path, force=True):
     path = check_output(path, force=force, kind="file")
     _make_parent(path)
     with _sigterm_as_exit():
+        tmp = None
         try:
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as e:
-            raise _os_error(path, e) from None
-        os.close(fd)
-        tmp = Path(name)
-        try:
+            with _signals_held():
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.close(fd)
+                tmp = Path(name)
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -110,8 +124,9 @@ def atomic_file(path, force=True):
         except OSError as e:
             raise _os_error(path, e) from None
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -122,25 +137,25 @@ def atomic_dir(path, force=True):
     path = check_output(path, force=force, kind="dir")
     _make_parent(path)
     with _sigterm_as_exit():
+        tmp = aside = None
         try:
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        except OSError as e:
-            raise _os_error(path, e) from None
-        aside = None
-        try:
+            with _signals_held():
+                tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
             yield tmp
             publish(tmp)
-            if path.exists():
-                aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-                os.replace(path, aside / "old")                  # a name inside our own fresh directory: no collision
-            os.replace(tmp, path)
+            with _signals_held():                                 # the swap: two renames, not interrupted between
+                if path.exists():
+                    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+                    os.replace(path, aside / "old")              # a name inside our own fresh directory: no collision
+                os.replace(tmp, path)
             _fsync_dir(path.parent)
         except OSError as e:
             if aside is not None and (aside / "old").exists() and not path.exists():
                 os.replace(aside / "old", path)                  # put the old one back
             raise _os_error(path, e) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
 
