@@ -293,7 +293,7 @@ _EXTRA_COMMANDS.append(_add_chat_command)
 
 def cmd_inspect(args) -> int:
     """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
-    from . import trace as tr
+    from . import inspect as ins, trace as tr
     import numpy as np
     if args.save:
         _check_out(args.save, args.force)
@@ -313,18 +313,18 @@ def cmd_inspect(args) -> int:
         ids = tok.encode(args.prompt, bos=True)
     trace = tr.Trace(*patterns)
     model.forward(np.asarray([ids], dtype=np.int64), trace=trace)  # (1, T): taps keep the batch axis
-    stats = {n: tr.summarize(trace[n], args.values) for n in names}
+    stats = {n: ins.summarize(trace[n], args.values) for n in names}
     out = {"model": str(args.model or paths.DEFAULT_MODEL), "tokens": ids, "taps": stats}
     if args.compare:
-        ref = tr.load_reference(args.compare)
+        ref = ins.load_reference(args.compare)
         if "tokens" in ref and np.asarray(ref["tokens"]).reshape(-1).tolist() != ids:
             raise InputError(f"{args.compare} was made from tokens {np.asarray(ref['tokens']).reshape(-1).tolist()} "
                              f"but this prompt is {ids}; run the same prompt (--prompt-ids)")
-        rows = tr.compare(trace, ref, names)
+        rows = ins.compare(trace, ref, names)
         out["compare"] = [{k: (list(v) if isinstance(v, tuple) else None if isinstance(v, float) and not np.isfinite(v)
                                else v) for k, v in r.items()} for r in rows]       # strict JSON: no Infinity/NaN
     if args.save:
-        tr.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)},
+        ins.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)},
                     force=args.force)
         out["saved"] = str(args.save)
     if args.json:
@@ -337,7 +337,7 @@ def cmd_inspect(args) -> int:
               f"{s['min']:11.4e} {s['max']:11.4e}  {' '.join(f'{v:.4g}' for v in s['first'])}")
     if args.compare:
         print(f"\nagainst {args.compare}:")
-        print(tr.format_table(rows))
+        print(ins.format_table(rows))
     if args.save:
         print(f"saved {len(names)} taps and 'tokens' to {args.save}")
     return 0

@@ -29,6 +29,7 @@ import numpy as np
 from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, ConfigError, LlamaRefError, QuantizationError
 from .files import atomic_file, check_output
+from .weights import check_weights
 from .model import Llama, permute_qk_hf_to_meta, permute_qk_meta_to_hf
 from . import quant
 
@@ -174,7 +175,6 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     tokenizer_path: the SentencePiece .model (llama.cpp needs the vocabulary; without it the file is written
     with a warning and only our loader can run it), or a GGUFVocab read from another GGUF (read_gguf_vocab).
     """
-    import gguf
     if isinstance(weights, Llama):
         weights = weights.weights
     if file_type not in FILE_TYPES:
@@ -327,7 +327,6 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     (they run quantized: quant.build_llama)."""
     from gguf import GGMLQuantizationType as GT
     from gguf.quants import dequantize
-    from .checkpoint import check_weights
     path = Path(path)
     reader = _open_gguf(path)
     try:

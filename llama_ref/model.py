@@ -292,7 +292,7 @@ class Llama:
         Returns float32 logits (T, V) or (B, T, V); with last_only, only the last position's (V,) or (B, V).
         """
         tokens, squeeze = self._check_tokens(tokens, start_pos, cache)
-        cfg, P = self.config, self.params
+        P = self.params
         B, T = tokens.shape
         S = start_pos + T
         cos, sin = (t[start_pos:S] for t in self.rope(S))                      # (T, hs/2)
@@ -305,8 +305,7 @@ class Llama:
             cache.length = S
         if last_only:
             x = x[:, -1:]
-        x = tap(trace, "norm.out", rms_norm(x, P["norm"], cfg.norm_eps))       # (B, T, C)
-        logits = tap(trace, "logits", linear(x, P["lm_head"]))                  # (B, T, V)
+        logits = self.head(x, trace)                                            # (B, T, V)
         if last_only:
             logits = logits[:, 0]
         return logits[0] if squeeze else logits
@@ -342,6 +341,12 @@ class Llama:
         hidden = tap(trace, name + "ffn.hidden", swiglu(gate, up))                           # (B, T, H)
         ffn_out = tap(trace, name + "ffn.out", linear(hidden, layer["w_down"]))              # (B, T, C)
         return tap(trace, name + "out", h + ffn_out)
+
+    def head(self, x, trace: Trace | None = None):
+        """The final RMSNorm and the classifier: residual stream (..., C) -> logits (..., V). forward ends with it;
+        the logit lens (inspect.logit_lens) applies it to the stream after every block."""
+        x = tap(trace, "norm.out", rms_norm(x, self.params["norm"], self.config.norm_eps))    # (..., C)
+        return tap(trace, "logits", linear(x, self.params["lm_head"]))                       # (..., V)
 
     __call__ = forward
 

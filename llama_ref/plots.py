@@ -152,7 +152,7 @@ def rope_relative_scores(scores, title="q.k after RoPE") -> Figure:
 def residual_norms(norms, names=None, labels=None) -> Figure:
     """The residual stream's L2 norm per token after each block.
 
-    norms (L+1, T): row 0 the embeddings, row i+1 after block i (see trace.residual_stream); labels: T token pieces.
+    norms (L+1, T): row 0 the embeddings, row i+1 after block i (see inspect.residual_stream); labels: T token pieces.
     Left: mean over tokens per layer, with the min-max band. Right: every (layer, token) as a heatmap.
     """
     norms = np.asarray(norms, dtype=np.float64)

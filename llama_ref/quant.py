@@ -30,6 +30,7 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError, ShapeMismatchError
 from .files import atomic_dir, check_output
+from .weights import check_layer_count, check_weights
 from .model import Llama, _as_f32, weight_shapes
 
 F32 = np.float32
@@ -635,7 +636,6 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     with the dtype and shape its kind stores, no tensor of another model (a config saying 2 layers over a file of 6
     is refused), and no NaN/Inf (scales included)."""
     from safetensors import safe_open
-    from .checkpoint import check_weights
     path = Path(path)
     fix = "re-create it with `python -m llama_ref quantize`"
     try:
@@ -647,7 +647,6 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         raise CheckpointError(f"{path}/config.json has no llama_ref quantization block (format {QUANT_FORMAT!r} with a "
                               f"'tensors' map); {fix}")
     config = LlamaConfig.from_hf(cfg, source=f"{path}/config.json")
-    from .checkpoint import check_layer_count
     if q["tensors"]:                                                     # before anything enumerates the layers
         check_layer_count(config, [n for n in q["tensors"] if isinstance(n, str)], f" of {path}")
     act_bits = q.get("act_bits")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llama_ref import checkpoint as ck
+from llama_ref import weights as weights_mod
 from llama_ref.checkpoint import (bf16_to_f32, check_weights, estimate_float32_bytes, load_llama2c, load_model,
                                   read_safetensors, save_llama2c, save_model, save_safetensors)
 from llama_ref.config import PRESETS, LlamaConfig
@@ -325,8 +326,8 @@ def test_finite_check_works_in_chunks(monkeypatch):
     a = np.ones(1000, np.float16)
     a[999] = np.nan
     with pytest.raises(NonFiniteWeightsError, match="1 NaN/Inf values \\(first at index \\(999,\\)\\)"):
-        ck.check_finite_array("x", a, chunk=64)
-    ck.check_finite_array("x", np.ones((7, 9), np.float32), chunk=5)
+        weights_mod.check_finite_array("x", a, chunk=64)
+    weights_mod.check_finite_array("x", np.ones((7, 9), np.float32), chunk=5)
 
 
 def test_untied_config_without_lm_head(tmp_path):

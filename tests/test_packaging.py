@@ -53,3 +53,29 @@ def test_no_torch_in_the_package():
 def test_every_module_opens_with_a_docstring():
     for f in (REPO / "llama_ref").glob("*.py"):
         assert f.read_text().lstrip().startswith('"""'), f"{f.name} lacks its opening docstring"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """module -> the package modules it imports, at the top or inside functions (relative or absolute)."""
+    import ast
+    graph = {}
+    for f in (REPO / "llama_ref").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llama_ref."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("llama_ref."))
+        graph[f.stem] = deps - {f.stem}
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _package_imports()
+
+    def reaches(a, b, seen):
+        return any(n == b or (n not in seen and not seen.add(n) and reaches(n, b, seen)) for n in graph.get(a, ()))
+    cycles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a, set())})
+    assert not cycles, f"import cycles in llama_ref: {cycles}"

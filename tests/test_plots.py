@@ -7,7 +7,8 @@ from llama_ref import paths, plots
 from llama_ref.errors import InputError
 from llama_ref.checkpoint import load_model
 from llama_ref.model import Llama
-from llama_ref.trace import Trace, logit_lens, residual_stream
+from llama_ref.inspect import logit_lens, residual_stream
+from llama_ref.trace import Trace
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import pytest
 from llama_ref import paths
 from llama_ref.checkpoint import load_model
 from llama_ref.model import Llama
-from llama_ref.trace import Trace, compare, format_table
+from llama_ref.inspect import compare, format_table
+from llama_ref.trace import Trace
 
 MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 NAMES = list(MANIFEST["configs"])

@@ -14,8 +14,9 @@ from llama_ref.checkpoint import load_model
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError, OutputError
 from llama_ref.model import Llama, weight_shapes
-from llama_ref.trace import (Trace, ablate_heads, compare, compare_table, format_table, forward_patched,
-                             load_reference, logit_lens, match_taps, residual_stream, save_npz, summarize, tap_names)
+from llama_ref.inspect import (ablate_heads, compare, compare_table, format_table, forward_patched, load_reference,
+                               logit_lens, residual_stream, save_npz, summarize)
+from llama_ref.trace import Trace, match_taps, tap_names
 
 CFG = LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=50, max_seq_len=32)
 GQA = paths.REFERENCE_DIR / "gqa"

@@ -1,0 +1,168 @@
+"""Looking at taps: compare them with a reference, read the residual stream through the logit lens, ablate heads,
+summarize and save them.
+
+Chapter 00 compares every tap with transformers'; chapter 05 reads the logit lens and ablates a head;
+`python -m llama_ref inspect` prints and saves taps for someone comparing another engine with this one. The taps
+themselves are recorded by trace.py (Trace, tap, tap names); the .npz writer is files.save_npz.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .errors import InputError
+from .files import save_npz  # noqa: F401  (taps are saved with the package's one atomic writer)
+from .trace import Trace
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablation: patch a tap while the forward runs
+
+def ablate_heads(layer: int, heads: list[int] | int) -> dict[str, Callable]:
+    """A patch that zeroes the output of the given heads in one layer (pass as Trace(patches=...)).
+
+    Zeroing `attn.heads` (before o_proj) removes exactly that head's contribution to the residual stream.
+    """
+    heads = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+
+    def zero(x):  # x: (B, nh, T, hs)
+        bad = [h for h in heads if not 0 <= h < x.shape[1]]
+        if bad:
+            raise InputError(f"cannot ablate head(s) {bad} of layer {layer}: the model has heads 0..{x.shape[1] - 1}")
+        x[:, heads] = 0.0
+        return x
+    return {f"layers.{layer}.attn.heads": zero}
+
+
+def forward_patched(model, tokens, patches: dict[str, Callable], *patterns: str, start_pos=0):
+    """model.forward(tokens) with patches applied; returns (logits, trace recording `patterns`).
+
+    Raises InputError if a patch named a tap the forward never reached, so an ablation can never silently do
+    nothing. With no patterns, nothing is recorded.
+    """
+    trace = Trace(*(patterns or ("",)), patches=patches)    # "" matches no tap name: patch, record nothing
+    logits = model.forward(tokens, start_pos=start_pos, trace=trace)
+    unused = trace.unused_patches()
+    if unused:
+        raise InputError(f"patch(es) for {unused} never ran: no such tap in this model; tap names are listed by "
+                         "trace.tap_names(model.config)")
+    return logits, trace
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparing with a reference
+
+def load_reference(reference: str | os.PathLike | Mapping) -> Mapping:
+    """A reference as a mapping name -> array: an .npz path (ours, `inspect --save`, or another engine's) or a mapping."""
+    if isinstance(reference, Mapping) or hasattr(reference, "files"):
+        return reference
+    path = Path(reference)
+    how = "give an .npz written by np.savez with tap names as keys (e.g. by `python -m llama_ref inspect --save`)"
+    if path.is_dir():
+        raise InputError(f"reference {path} is a directory; {how}")
+    if not path.exists():
+        raise InputError(f"reference file {path} does not exist; {how}")
+    if not path.is_file():
+        raise InputError(f"reference {path} is not a regular file (a pipe or a device?); {how}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":                                  # an .npz is a zip archive of .npy files
+        what = "a single .npy array" if magic == b"\x93NUM" else "not an .npz file (an .npz is a zip of .npy arrays)"
+        raise InputError(f"reference {path} is {what}; {how}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:   # not a zip, truncated, pickled objects...
+        raise InputError(f"cannot read {path} as an .npz of arrays ({type(e).__name__}: {e}); "
+                         "write it with np.savez(path, **{tap_name: array})") from None
+
+
+def compare(trace: Trace | dict, reference: str | os.PathLike | Mapping, names: list[str] | None = None) -> list[dict]:
+    """Per-tap comparison with a reference (.npz path, np.load result or dict): shape, max abs error, max rel error.
+
+    Returns rows {"tap", "shape", "max_abs_err", "max_rel_err", "ref_scale"} in the trace's order. A tap present
+    on one side only is reported with max_abs_err=inf, so a missing tap never passes silently.
+    """
+    reference = load_reference(reference)
+    ours = trace.tensors if isinstance(trace, Trace) else trace
+    names = names if names is not None else [n for n in ours] + [n for n in reference if n not in ours and n != "tokens"]
+    rows = []
+    for n in names:
+        if n not in ours or n not in reference:
+            rows.append({"tap": n, "shape": None, "max_abs_err": float("inf"), "max_rel_err": float("inf"),
+                         "ref_scale": float("nan"), "missing": "ours" if n not in ours else "reference"})
+            continue
+        a = np.asarray(ours[n], dtype=np.float64)
+        b = np.asarray(reference[n], dtype=np.float64)
+        if a.shape != b.shape:
+            rows.append({"tap": n, "shape": a.shape, "max_abs_err": float("inf"), "max_rel_err": float("inf"),
+                         "ref_scale": float("nan"), "missing": f"shape {a.shape} vs reference {b.shape}"})
+            continue
+        err = np.abs(a - b)
+        scale = float(np.abs(b).max()) if b.size else 0.0
+        rows.append({"tap": n, "shape": a.shape, "max_abs_err": float(err.max()) if err.size else 0.0,
+                     "max_rel_err": float(err.max() / scale) if scale > 0 else 0.0, "ref_scale": scale})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The comparison rows as an aligned text table (tap, shape, max abs error, error / max |ref|)."""
+    lines = [f"{'tap':32s} {'shape':>20s} {'max abs err':>12s} {'rel to max':>11s}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) if r["shape"] else r.get("missing", "-")
+        lines.append(f"{r['tap']:32s} {shape:>20s} {r['max_abs_err']:12.3e} {r['max_rel_err']:11.3e}")
+    return "\n".join(lines)
+
+
+
+def compare_table(trace: Trace | dict, reference: str | os.PathLike | Mapping, names: list[str] | None = None) -> str:
+    """compare() printed by format_table(): the one-liner a chapter or a port's test prints."""
+    return format_table(compare(trace, reference, names))
+
+
+# ------------------------------------------------------------------------------------------------
+# The residual stream and the logit lens
+
+def residual_stream(trace: Trace | dict, n_layers: int | None = None) -> tuple[list[str], np.ndarray]:
+    """The residual stream before block 0 and after every block: (names, x (L+1, B, T, C)).
+
+    names are "embed", "layers.0.out", ..., the taps HF calls hidden_states[0..L]. Record them with
+    Trace("embed", "layers.*.out").
+    """
+    tensors = trace.tensors if isinstance(trace, Trace) else trace
+    if n_layers is None:
+        n_layers = sum(1 for n in tensors if re.fullmatch(r"layers\.\d+\.out", n))
+    names = ["embed"] + [f"layers.{i}.out" for i in range(n_layers)]
+    missing = [n for n in names if n not in tensors]
+    if missing or n_layers == 0:
+        raise InputError(f"the trace lacks the residual-stream taps {missing or names[1:2]}; record them with "
+                         'Trace("embed", "layers.*.out")')
+    return names, np.stack([tensors[n] for n in names])
+
+
+def logit_lens(model, trace: Trace | dict) -> tuple[list[str], np.ndarray]:
+    """The logit lens: the final RMSNorm and the classifier applied to the residual stream after every block.
+
+    Returns (names, logits (L+1, B, T, V)) float32. Row L is exactly the model's logits; row i < L is what the
+    model would predict if the blocks after i were skipped, which shows at which depth a prediction forms.
+    """
+    names, x = residual_stream(trace, model.config.n_layers)                             # (L+1, B, T, C)
+    return names, model.head(x)                                                          # (L+1, B, T, V)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inspecting taps: summary statistics and an atomic .npz (the `inspect` command)
+
+def summarize(x: np.ndarray, n_values: int = 4) -> dict:
+    """Shape, dtype and statistics (in float64) of a tensor, plus its first n_values entries (flattened)."""
+    a = np.asarray(x)
+    f = a.astype(np.float64, copy=False)
+    stats = {"shape": list(a.shape), "dtype": str(a.dtype), "mean": float(f.mean()), "std": float(f.std()),
+             "min": float(f.min()), "max": float(f.max()), "abs_max": float(np.abs(f).max()),
+             "first": [float(v) for v in f.reshape(-1)[:n_values]]}
+    return stats

@@ -1,0 +1,136 @@
+"""What a Llama checkpoint must hold, and checking that it does: one place for every format.
+
+Every loader (HF directories and llama2.c files in checkpoint.py, GGUF in gguf_io.py, quantized directories in
+quant.py) ends with `check_weights(config, weights)`: exactly the tensors the config describes (weight_shapes, with
+HF names), with the config's shapes, and no NaN/Inf, float or quantized. Chapter 00 shows the tensor table.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import CheckpointError, NonFiniteWeightsError, ShapeMismatchError
+from .model import weight_shapes
+
+IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")   # RoPE tables old transformers versions saved; we recompute
+
+# which config fields each shape comes from, for messages
+_SHAPE_WHY = {
+    "embed_tokens": "(vocab_size, hidden_size)", "lm_head": "(vocab_size, hidden_size)",
+    "q_proj": "(num_attention_heads*head_dim, hidden_size)", "k_proj": "(num_key_value_heads*head_dim, hidden_size)",
+    "v_proj": "(num_key_value_heads*head_dim, hidden_size)", "o_proj": "(hidden_size, num_attention_heads*head_dim)",
+    "gate_proj": "(intermediate_size, hidden_size)", "up_proj": "(intermediate_size, hidden_size)",
+    "down_proj": "(hidden_size, intermediate_size)", "norm": "(hidden_size,)", "layernorm": "(hidden_size,)",
+}
+
+
+def is_ignored(name: str, config: LlamaConfig) -> bool:
+    """Tensors a checkpoint may carry that we drop on load: rotary_emb.inv_freq, and lm_head when tied."""
+    return bool(IGNORED.search(name)) or (config.tie_embeddings and name == "lm_head.weight")
+
+
+def check_weights(config: LlamaConfig, weights: dict, source=None, check_finite=True) -> None:
+    """Raise unless `weights` is exactly the set of tensors `config` describes, with the right shapes, all finite.
+
+    - every expected name present (lm_head.weight only when the config is untied);
+    - no unexpected tensors: a tensor we would not use means the checkpoint is not the model we implement (biases,
+      a different architecture, a wrong n_layers), and silently dropping it would give wrong outputs. Exceptions:
+      `*.rotary_emb.inv_freq`, and `lm_head.weight` when tied (transformers ignores it too);
+    - shapes equal to the config's (ShapeMismatchError);
+    - no NaN/Inf (NonFiniteWeightsError), scanned in chunks so a memmap is never materialised whole.
+    `source` (a path) is named in messages.
+    """
+    src = f" in {source}" if source else ""
+    check_layer_count(config, weights, src)
+    expected = weight_shapes(config)
+    missing = [n for n in expected if n not in weights]
+    extra = [n for n in weights if n not in expected and not is_ignored(n, config)]
+    if missing:
+        raise CheckpointError(_missing_message(config, missing, list(weights), src))
+    if extra:
+        raise CheckpointError(_extra_message(config, extra, src))
+    for name, shape in expected.items():
+        got = tuple(getattr(weights[name], "shape", ()))
+        if got != shape:
+            why = next((v for k, v in _SHAPE_WHY.items() if k in name), "")
+            raise ShapeMismatchError(
+                f"tensor {name!r}{src} has shape {got} but config.json requires {shape} {why}: config.json and the "
+                f"weights disagree; use the config.json the weights were saved with (or fix its sizes)")
+        if check_finite and isinstance(weights[name], np.ndarray):
+            check_finite_array(name, weights[name], src)
+        elif check_finite and hasattr(weights[name], "_dequantize_rows"):      # a quantized matrix
+            check_finite_quantized(name, weights[name], src)
+
+
+def check_layer_count(config: LlamaConfig, names, src="") -> None:
+    """A config that claims far more layers than the weights hold (2^40 from a corrupt header) is refused here, before
+    anything enumerates one entry per layer (a near miss gets check_weights' detailed message instead)."""
+    held = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"(?:model\.layers|blk)\.(\d+)\.", n))),
+                   default=-1)
+    if config.n_layers > held + 100_000:
+        raise CheckpointError(f"the config says {config.n_layers} layers but the weights{src} hold {held}: the config "
+                              "and the weights disagree (num_hidden_layers / block_count / the llama2.c header)")
+
+
+def check_finite_array(name, a, src="", chunk=1 << 22):
+    """Raise NonFiniteWeightsError if `a` holds NaN/Inf. Scans 4M elements at a time, in a's own dtype."""
+    if not (np.issubdtype(a.dtype, np.floating)):
+        raise CheckpointError(f"tensor {name!r}{src} has dtype {a.dtype}; weights must be floating point")
+    flat = a.reshape(-1)                                                       # a view for contiguous arrays
+    for start in range(0, flat.size, chunk):
+        ok = np.isfinite(flat[start:start + chunk])
+        if not ok.all():
+            first = np.unravel_index(start + int(np.argmin(ok)), a.shape)
+            bad = sum(int(np.size(c) - np.count_nonzero(np.isfinite(c)))
+                      for c in (flat[s:s + chunk] for s in range(start, flat.size, chunk)))
+            raise NonFiniteWeightsError(
+                f"tensor {name!r}{src} holds {bad} NaN/Inf values (first at index {tuple(map(int, first))}); the "
+                "checkpoint is corrupt or was saved after training diverged: re-export it from a good copy")
+
+
+def check_finite_quantized(name, w, src="", tile_floats=1 << 22):
+    """NaN/Inf in a quantized matrix (a NaN or Inf fp16 scale, say), found on its dequantized values a tile of rows at
+    a time, so a 7B tensor is never expanded whole."""
+    rows, cols = w.shape
+    step = max(1, tile_floats // max(cols, 1))
+    for r0 in range(0, rows, step):
+        tile = w._dequantize_rows(slice(r0, min(r0 + step, rows)))
+        if not np.isfinite(tile).all():
+            r, c = np.unravel_index(int(np.argmin(np.isfinite(tile))), tile.shape)
+            raise NonFiniteWeightsError(
+                f"tensor {name!r}{src} holds NaN/Inf after dequantization (first at index ({r0 + r}, {c})); the "
+                "checkpoint is corrupt: re-export it from a good copy")
+
+
+def _missing_message(config, missing, present, src):
+    if missing == ["lm_head.weight"]:
+        return (f"tensor 'lm_head.weight' is missing{src} but config.json says the classifier is untied "
+                "(tie_word_embeddings=false); if the model shares its classifier with the token embedding, set "
+                "\"tie_word_embeddings\": true in config.json, otherwise the checkpoint is incomplete")
+    hint = ""
+    if any(n.startswith(("tok_embeddings", "layers.")) for n in present):
+        hint = (" The names look like Meta's original checkpoint format: convert it to HF format first with "
+                "transformers' convert_llama_weights_to_hf.py.")
+    elif any(n.startswith(("token_embd", "blk.")) for n in present):
+        hint = " The names look like GGUF: load the .gguf file itself."
+    else:
+        layers = {int(m.group(1)) for n in present if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+        if layers and max(layers) + 1 < config.n_layers:
+            hint = (f" The weights hold {max(layers) + 1} layers but config.json says num_hidden_layers="
+                    f"{config.n_layers}: fix config.json.")
+    shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"{len(missing)} tensor(s) the config requires are missing{src}: {shown}.{hint}"
+
+
+def _extra_message(config, extra, src):
+    shown = ", ".join(repr(n) for n in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+    layers = {int(m.group(1)) for n in extra if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if layers and min(layers) >= config.n_layers:
+        hint = (f"the weights hold {max(layers) + 1} layers but config.json says num_hidden_layers={config.n_layers}: "
+                "fix config.json")
+    else:
+        hint = ("llama_ref implements Llama 2 exactly (no biases, no extra modules), so this is probably a different "
+                "architecture; ignoring these tensors would give wrong outputs")
+    return f"{len(extra)} unexpected tensor(s){src}: {shown}; {hint}"
