@@ -208,38 +208,15 @@ def _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, s
 # ------------------------------------------------------------------------------------------------
 # Many prompts at once: left padding + a key mask
 
-def _forward_padded(model: Llama, tokens, start_pos, cache, key_ok):
-    """Llama.forward for a left-padded batch: tokens (B, T), key_ok (B, S) False at padding positions.
-
-    Same blocks as Llama.block, plus a per-row key mask so no real token attends to padding. RoPE scores depend only
-    on the distance between positions, so a row shifted right by its padding gives the same logits as alone (up to
-    float rounding). A padding query may see itself, so its row never is all -inf (which would put NaN in the cache).
-    Returns the last position's logits (B, V).
-    """
-    from .model import apply_rope_hf, attention, linear, rms_norm, swiglu
-    cfg, P = model.config, model.params
-    B, T = tokens.shape
-    S = start_pos + T
-    nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    cos, sin = (t[start_pos:S] for t in model.rope(S))                          # (T, hs/2)
+def padded_mask(key_ok, start_pos, S):
+    """The additive attention mask (B, 1, 1, T, S) of a left-padded batch: causal, and no query sees a padding key
+    (key_ok (B, >=S) is False there). A padding query may see itself, so no row is all -inf (NaN in the cache).
+    RoPE depends only on the distance between positions, so a row shifted right by its padding gives the same
+    logits as alone (up to float rounding)."""
     q_pos = np.arange(start_pos, S)[:, None]                                    # (T, 1)
     k_pos = np.arange(S)[None, :]                                               # (1, S)
     allowed = (k_pos <= q_pos)[None] & (key_ok[:, None, :S] | (k_pos == q_pos)[None])   # (B, T, S)
-    mask = np.where(allowed, F32(0.0), F32(-np.inf))[:, None, None]             # (B, 1, 1, T, S)
-    x = P["embed"][tokens].astype(F32, copy=False)                              # (B, T, C)
-    for i, layer in enumerate(P["layers"]):
-        xn = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q = apply_rope_hf(linear(xn, layer["wq"]).reshape(B, T, nh, hs).transpose(0, 2, 1, 3), cos, sin)
-        k = apply_rope_hf(linear(xn, layer["wk"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3), cos, sin)
-        v = linear(xn, layer["wv"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)
-        k, v = cache.update(i, start_pos, k, v)
-        heads, _ = attention(q, k, v, mask)
-        h = x + linear(heads.transpose(0, 2, 1, 3).reshape(B, T, nh * hs), layer["wo"])
-        hn = rms_norm(h, layer["ffn_norm"], cfg.norm_eps)
-        x = h + linear(swiglu(linear(hn, layer["w_gate"]), linear(hn, layer["w_up"])), layer["w_down"])
-    cache.length = S
-    x = rms_norm(x[:, -1], P["norm"], cfg.norm_eps)                            # (B, C)
-    return linear(x, P["lm_head"])                                              # (B, V)
+    return np.where(allowed, F32(0.0), F32(-np.inf))[:, None, None]             # (B, 1, 1, T, S)
 
 
 def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seeds=None,
@@ -270,7 +247,7 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
     done = np.zeros(B, bool)
     if max_new_tokens == 0:
         return out
-    logits = _forward_padded(model, tokens, 0, cache, key_ok)                  # prefill (B, V)
+    logits = model.forward(tokens, 0, cache, last_only=True, mask=padded_mask(key_ok, 0, P))    # prefill (B, V)
     for step in range(max_new_tokens):
         nxt = np.zeros(B, np.int64)
         for b in range(B):
@@ -282,5 +259,6 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
                 done[b] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        logits = _forward_padded(model, nxt[:, None], P + step, cache, key_ok)  # decode: one token per row
+        logits = model.forward(nxt[:, None], P + step, cache, last_only=True,                   # decode: one per row
+                               mask=padded_mask(key_ok, P + step, P + step + 1))
     return out

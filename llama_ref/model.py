@@ -285,18 +285,22 @@ class Llama:
 
     # --------------------------------------------------------------------------------------------
     def forward(self, tokens, start_pos=0, cache: KVCache | None = None, trace: Trace | None = None,
-                last_only=False):
+                last_only=False, mask=None):
         """Logits for `tokens` (T,) or (B, T) placed at positions start_pos.. start_pos+T-1.
 
         With a cache, keys/values of earlier positions come from it and the new ones are written into it.
-        Returns float32 logits (T, V) or (B, T, V); with last_only, only the last position's (V,) or (B, V).
+        Returns float32 logits (T, V) or (B, T, V); with last_only, only the last position's (V,) or (B, V)
+        (then the norm.out and logits taps are (B, C) and (B, V)).
+        mask: an additive (B, 1, 1, T, S) array (0 where a query may see a key, -inf where not) used instead of the
+        causal mask: generate_batch hides each row's left padding with it.
         """
         tokens, squeeze = self._check_tokens(tokens, start_pos, cache)
         P = self.params
         B, T = tokens.shape
         S = start_pos + T
         cos, sin = (t[start_pos:S] for t in self.rope(S))                      # (T, hs/2)
-        mask = causal_mask(T, S) if T > 1 else None                             # one new token may see everything
+        if mask is None:
+            mask = causal_mask(T, S) if T > 1 else None                         # one new token may see everything
 
         x = tap(trace, "embed", P["embed"][tokens].astype(F32, copy=False))   # (B, T, C)
         for i, layer in enumerate(P["layers"]):
@@ -304,10 +308,8 @@ class Llama:
         if cache is not None:
             cache.length = S
         if last_only:
-            x = x[:, -1:]
-        logits = self.head(x, trace)                                            # (B, T, V)
-        if last_only:
-            logits = logits[:, 0]
+            x = x[:, -1]                                                        # (B, C): classify the last only
+        logits = self.head(x, trace)                                            # (B, T, V) or (B, V)
         return logits[0] if squeeze else logits
 
     def block(self, i, layer, x, start_pos, cos, sin, mask, cache, trace):

@@ -224,3 +224,17 @@ def test_tied_embeddings_use_the_embedding_as_classifier():
     w = random_weights(cfg)
     m = Llama(cfg, w)
     np.testing.assert_array_equal(m.params["lm_head"], w["model.embed_tokens.weight"].T)
+
+
+def test_a_mask_replaces_the_causal_one(model):
+    """forward(mask=) takes an additive (B, 1, 1, T, S) mask instead of the causal one: the causal mask itself gives
+    the same logits, and hiding the first key from the later queries changes theirs but not the first row's."""
+    tokens = np.array([[1, 5, 9, 3], [2, 4, 6, 8]])
+    T = tokens.shape[1]
+    causal = np.broadcast_to(causal_mask(T, T), (2, 1, 1, T, T))
+    np.testing.assert_array_equal(model.forward(tokens, mask=causal), model.forward(tokens))
+    hidden = causal.copy()
+    hidden[:, :, :, 1:, 0] = -np.inf                                   # later queries may not see position 0
+    out = model.forward(tokens, mask=hidden)
+    np.testing.assert_array_equal(out[:, 0], model.forward(tokens)[:, 0])
+    assert np.abs(out[:, 1:] - model.forward(tokens)[:, 1:]).max() > 1e-3
