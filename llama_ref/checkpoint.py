@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig, config_from_fields
-from .errors import CheckpointError, ConfigError, OutputError, TokenizerError
+from .errors import CheckpointError, ConfigError, TokenizerError
 from .files import _fsync_dir, atomic_file, check_output, publish, temp_dir_beside
 from .model import permute_qk_hf_to_meta, permute_qk_meta_to_hf, rope_freqs, weight_shapes
 from .weights import check_weights, is_ignored  # noqa: F401  (check_weights: part of this module's API)
@@ -377,8 +377,7 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
                              "trained with, or tokenizer_path=None")
 
     check_output(path, force=True, kind="dir")
-    tmp = temp_dir_beside(path)
-    try:
+    with temp_dir_beside(path) as tmp:
         tensors = {n: weights[n] for n in weight_shapes(config)}              # HF order, lm_head only if untied
         weight_files = _write_weights(tmp, tensors, max_shard_bytes)
         gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
@@ -409,11 +408,6 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
                 old.unlink()
         _fsync_dir(path)
         return path
-    except OSError as e:
-        raise OutputError(f"cannot write the model directory {path} ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_weights(dir_, tensors, max_shard_bytes):

@@ -135,40 +135,44 @@ def atomic_dir(path, force=True):
     is renamed aside to a temporary name, the new one renamed in, the old one deleted); on any error or
     interruption the temporary directory is deleted and `path` is as it was."""
     path = check_output(path, force=force, kind="dir")
-    _make_parent(path)
-    with _sigterm_as_exit():
-        tmp = aside = None
+    with temp_dir_beside(path) as tmp:
+        yield tmp
+        publish(tmp)
+        aside = None
         try:
-            with _signals_held():
-                tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-            yield tmp
-            publish(tmp)
             with _signals_held():                                 # the swap: two renames, not interrupted between
                 if path.exists():
                     aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
                     os.replace(path, aside / "old")              # a name inside our own fresh directory: no collision
                 os.replace(tmp, path)
             _fsync_dir(path.parent)
-        except OSError as e:
+        except OSError:
             if aside is not None and (aside / "old").exists() and not path.exists():
                 os.replace(aside / "old", path)                  # put the old one back
-            raise _os_error(path, e) from None
+            raise
         finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
 
 
-def temp_dir_beside(path) -> Path:
-    """A fresh temporary directory next to `path` (for writers that move files into an existing directory one by
-    one, like checkpoint.save_model). The caller deletes it; permissions are fixed by `publish`."""
+@contextlib.contextmanager
+def temp_dir_beside(path):
+    """Yield a fresh temporary directory next to `path`, deleted when the block ends, however it ends (an
+    exception, SIGINT, SIGTERM). atomic_dir swaps it in whole; checkpoint.save_model moves its files into an
+    existing directory one by one (call `publish` first). An OSError inside becomes an OutputError."""
     path = Path(path)
     _make_parent(path)
-    try:
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise _os_error(path, e) from None
+    with _sigterm_as_exit():
+        tmp = None
+        try:
+            with _signals_held():
+                tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            yield tmp
+        except OSError as e:
+            raise _os_error(path, e) from None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(tmp: Path) -> None:
@@ -195,12 +199,6 @@ def save_npz(path, arrays, force=True) -> Path:
     with atomic_file(path, force=force) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    return Path(path)
-
-
-def write_bytes(path, data: bytes, force=True) -> Path:
-    with atomic_file(path, force=force) as tmp:
-        tmp.write_bytes(data)
     return Path(path)
 
 
