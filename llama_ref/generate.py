@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ContextLengthError, InputError, SamplingError
-from .model import Llama, softmax
+from .model import Llama, kv_cache_bytes, softmax
 
 F32 = np.float32
 
@@ -136,8 +136,7 @@ def check_memory(model: Llama, batch_size: int, length: int) -> None:
     (float32) would not fit in the RAM this machine has available. The cache grows as tokens come, so this is
     the worst case of the request, not what is taken up front."""
     from .checkpoint import available_ram_bytes
-    cfg = model.config
-    need = 2 * cfg.n_layers * batch_size * cfg.n_kv_heads * cfg.head_dim * length * 4 + length * cfg.head_dim * 4
+    need = kv_cache_bytes(model.config, batch_size, length) + length * model.config.head_dim * 4   # + cos/sin
     have = available_ram_bytes()
     if have is not None and need > have:
         gib = 1024 ** 3

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig, config_from_fields
-from .errors import CheckpointError, ConfigError, LlamaRefError, QuantizationError
+from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .files import atomic_file, check_output
 from .weights import check_weights
 from .model import Llama, permute_qk_hf_to_meta, permute_qk_meta_to_hf
@@ -332,7 +332,7 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     try:
         config = gguf_config(reader, str(path))
         tensors = list(reader.tensors)
-    except (CheckpointError, ConfigError):
+    except LlamaRefError:
         raise
     except (Exception, MemoryError) as e:                          # noqa: BLE001 - metadata of the wrong GGUF type
         raise CheckpointError(f"{path}: unreadable GGUF metadata ({type(e).__name__}: {str(e)[:200]})") from None
@@ -356,12 +356,11 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
                 raise CheckpointError(f"{path}: GGUF tensor {t.name!r} has type {t.tensor_type.name}, which llama_ref "
                                       "does not run; re-quantize the model with q8_0 or q4_0 (llama-quantize ... "
                                       "Q8_0), or export it as F16/F32")
-            stored = w.data if isinstance(w, quant.QuantizedMatrix) else w
-            rows_ok = (len(shape) == 2 and np.shape(stored)[0] == shape[0] if isinstance(w, quant.QuantizedMatrix)
-                       else tuple(np.shape(w)) == shape)
-            if not rows_ok:
-                raise CheckpointError(f"{path}: GGUF tensor {t.name!r} says shape {shape} but holds data of shape "
-                                      f"{np.shape(stored)}; the file is corrupt")
+            if isinstance(w, quant.QuantizedMatrix):             # float shapes are checked by check_weights
+                blocks = quant.stored_parts(w.kind, *shape)["blocks"][1]
+                if w.data.shape != blocks:
+                    raise CheckpointError(f"{path}: GGUF tensor {t.name!r} says shape {shape} ({blocks} bytes of "
+                                          f"blocks) but holds {w.data.shape}; the file is corrupt")
             if _is_q(name):
                 w = _permute_rows(w, config.n_heads, permute_qk_meta_to_hf)
             elif _is_k(name):

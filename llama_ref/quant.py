@@ -614,7 +614,7 @@ def is_quantized_dir(path) -> bool:
 
 
 # What each kind of quantized matrix stores: part name -> (dtype, shape from (out, in)).
-def _quant_parts(kind, out_dim, in_dim):
+def stored_parts(kind, out_dim, in_dim):
     if kind == "q8_0":
         return {"blocks": (np.uint8, (out_dim, in_dim // QK * 34))}
     if kind == "q4_0":
@@ -659,7 +659,7 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         if kind is None:
             wanted[name] = (None, shape)
             continue
-        parts = _quant_parts(kind, *shape) if isinstance(kind, str) else None
+        parts = stored_parts(kind, *shape) if isinstance(kind, str) else None
         if parts is None:
             raise CheckpointError(f"{path}: tensor {name!r} has quantization kind {kind!r}, which llama_ref cannot "
                                   f"read for shape {shape}; {fix}")

@@ -419,8 +419,6 @@ class Tokenizer:
         if impl == "python":
             try:
                 self._bpe = BPETokenizer(self.path)
-            except TokenizerError:
-                raise
             except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError, RecursionError) as e:
                 raise _corrupt(self.path, e) from None
             self.vocab_size = self._bpe.vocab_size
