@@ -74,7 +74,7 @@ def worker(gguf_path: str, out: str, tokens: str) -> int:
 
 def main(argv=None):
     from llama_ref import paths, quant as Q, gguf_io as G
-    from llama_ref.checkpoint import load_model
+    from llama_ref.loader import read_checkpoint
     from llama_ref.model import Llama
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +86,7 @@ def main(argv=None):
     except ImportError:
         sys.exit("needs llama-cpp-python: pip install llama-cpp-python==0.3.36 (on Intel CPUs with AMX see --help)")
     src = Path(args.model)
-    config, weights = load_model(src)
+    config, weights = read_checkpoint(src)
     model = Llama(config, weights)
     tok = src / "tokenizer.model" if (src / "tokenizer.model").exists() else paths.DEFAULT_TOKENIZER
     n = min(args.tokens, config.max_seq_len)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_ref import paths, quant as Q, gguf_io as G
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     model_path = Path(args.model)
     if not model_path.exists():
         sys.exit(f"{model_path} does not exist (the embedded model is trained by llama_ref.train); pass --model")
-    config, weights = load_model(model_path)
+    config, weights = read_checkpoint(model_path)
     model = Llama(config, weights)
     tok = Path(args.tokenizer) if args.tokenizer else (model_path / "tokenizer.model" if (model_path / "tokenizer.model").exists()
                                                         else paths.DEFAULT_TOKENIZER)

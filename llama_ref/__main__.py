@@ -17,29 +17,45 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LlamaRefError, InputError, TokenizerError, ConfigError
-from . import paths
+from .errors import ChatFormatError, ConfigError, InputError, LlamaRefError, TokenizerError
+from . import paths, tinyworld
+from .loader import find_tokenizer, load, read_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------
 # shared helpers
 
-def load_model(path):
-    """A Llama from an HF directory, a llama2.c .bin, a .gguf or a directory written by `quantize` (memory-mapped,
-    validated). Quantized weights stay quantized (quant.build_llama), so a Q8_0 GGUF is not expanded to float32."""
-    from . import quant
-    return quant.build_llama(*_load_weights_any(path))
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+
+def load_model(args, n_tokens=None):
+    """The one loader (llama_ref.load) with the command's --pack/--memory-budget. The plan it chose is kept as
+    model.memory (--json reports it; say_plan prints it once the inputs are known to be good)."""
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2 ** 30)
+    return load(args.model, pack=args.pack, memory_budget=budget, n_tokens=n_tokens)
 
 
-def find_tokenizer(model_path, tokenizer_path=None, impl="sentencepiece"):
-    """The tokenizer named on the command line, else the one shipped beside the model, else None."""
-    model_path = Path(model_path) if model_path else paths.DEFAULT_MODEL
-    beside = model_path / "tokenizer.model"
-    path = tokenizer_path or (beside if model_path.is_dir() and beside.exists() else None)
-    if path is None:
-        return None
-    from .tokenizer import Tokenizer
-    return Tokenizer(path, impl=impl)
+def say_plan(args, model) -> None:
+    """One stderr line: which path the loader took and the memory it expects (not with --json: that reports it)."""
+    if not getattr(args, "json", False):
+        print(f"[{model.source}: {model.memory}]", file=sys.stderr)
+
+
+def model_tokenizer(args, model):
+    """--tokenizer, else the one beside the model or inside its .gguf; checked against the model's vocabulary."""
+    tok = find_tokenizer(args.model, args.tokenizer)
+    if tok is not None and tok.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+                          f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    return tok
+
+
+def prompt_token_bound(args) -> int:
+    """At most how many tokens the prompt becomes, known before the model is loaded (for the memory plan): ids as
+    given, or one per UTF-8 byte plus BOS (SentencePiece with byte fallback never makes more)."""
+    if getattr(args, "prompt_ids", None) is not None:
+        return max(1, len(parse_ids(args.prompt_ids)))
+    return len((args.prompt or "").encode("utf-8", "replace")) + 2
 
 
 def parse_ids(text: str, vocab_size: int | None = None) -> list[int]:
@@ -52,122 +68,6 @@ def parse_ids(text: str, vocab_size: int | None = None) -> list[int]:
     if bad:
         raise InputError(f"prompt token id {bad[0]} is out of range: the model's vocabulary has ids 0..{vocab_size - 1}")
     return ids
-
-
-# ------------------------------------------------------------------------------------------------
-# commands
-
-def cmd_generate(args) -> int:
-    """Encode the prompt, prefill, decode; print text (streamed) or one JSON object."""
-    from .generate import check_sampling, stream, GenerationResult
-    check_sampling(args.temperature, args.top_k, args.top_p)
-    model = load_model(args.model)
-    tok = find_tokenizer(args.model, args.tokenizer)
-    if tok is not None and tok.vocab_size != model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
-                          f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
-    if args.prompt_ids is not None:
-        prompt_ids = parse_ids(args.prompt_ids, model.config.vocab_size)
-    else:
-        if tok is None:
-            raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH, "
-                                 "or give the prompt as ids with --prompt-ids 1,2,3")
-        prompt_ids = tok.encode(args.prompt, bos=True)
-    result = GenerationResult([], [], "length", 0.0, 0.0)
-    steps = stream(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                   stop_at_eos=not args.no_stop, result=result)
-    if args.json:
-        for _ in steps:
-            pass
-        out = {"prompt_ids": result.prompt_ids, "ids": result.ids, "stop_reason": result.stop_reason,
-               "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-               "prefill_tok_s": result.prefill_tok_s, "decode_tok_s": result.decode_tok_s,
-               "n_prompt": len(result.prompt_ids), "n_decode": result.n_decode}
-        if tok is not None:
-            out["text"] = tok.decode(prompt_ids + result.ids)[len(tok.decode(prompt_ids)):]   # the continuation
-        print(json.dumps(out))
-        return 0
-    if tok is None:
-        for t in steps:
-            print(t, end=" ", flush=True)
-        print()
-    else:
-        printed = tok.decode(prompt_ids)
-        print(printed, end="", flush=True)
-        for _ in steps:          # decode prompt + reply each time: a piece's leading space survives, bytes join up
-            text = tok.decode(prompt_ids + result.ids)
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-        print()
-    print(f"[prefill {len(result.prompt_ids)} tokens: {result.prefill_tok_s:.1f} tok/s, time to first token "
-          f"{result.prefill_s * 1000:.1f} ms | decode {result.n_decode} tokens: {result.decode_tok_s:.1f} tok/s | "
-          f"stop: {result.stop_reason}]", file=sys.stderr)
-    return 0
-
-
-def cmd_tokenize(args) -> int:
-    from .tokenizer import main_tokenize
-    return main_tokenize(args)
-
-
-# ------------------------------------------------------------------------------------------------
-# the parser
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llama_ref", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="command")
-
-    g = sub.add_parser("generate", help="continue a prompt with a model",
-                       description="Continue a prompt. --model takes an HF directory (config.json + model.safetensors), "
-                                   "a llama2.c .bin or a .gguf; default: the embedded model data/models/tinyworld. "
-                                   "Prefill (the prompt) and decode (new tokens) are timed separately.")
-    g.add_argument("--model", default=None, help="model path (default: %(default)s -> data/models/tinyworld)")
-    g.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (encoded with BOS)")
-    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,450,3290 (no tokenizer needed)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (default: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-stop", action="store_true", help="do not stop at EOS")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON object: prompt_ids, ids, text, prefill_tok_s, decode_tok_s, ...")
-    g.set_defaults(func=cmd_generate)
-
-    t = sub.add_parser("tokenize", help="show ids and pieces of a text",
-                       description="Encode text with a Llama-2-family SentencePiece model (default: ours).")
-    t.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: data/tokenizer/tokenizer.model)")
-    t.add_argument("--impl", choices=["python", "sentencepiece"], default="sentencepiece",
-                   help="pure-Python BPE or the sentencepiece library (same ids)")
-    t.add_argument("--bos", action="store_true", help="prepend BOS")
-    t.add_argument("--eos", action="store_true", help="append EOS")
-    t.add_argument("--text", required=True)
-    t.add_argument("--json", action="store_true", help='print {"ids": [...], "pieces": [...]}')
-    t.set_defaults(func=cmd_tokenize)
-
-    # further commands (inspect, chat, quantize, export, train) register here:
-    for register in _EXTRA_COMMANDS:
-        register(sub)
-    return p
-
-
-_EXTRA_COMMANDS: list = []
-
-
-# ------------------------------------------------------------------------------------------------
-# quantize / export (llama_ref/quant.py, llama_ref/gguf_io.py)
-
-def _load_weights_any(path):
-    """(config, weights) from anything --model accepts, including our quantized directories."""
-    from . import quant
-    from .checkpoint import load_model as load_checkpoint
-    path = Path(path) if path else paths.DEFAULT_MODEL
-    if path.is_dir() and quant.is_quantized_dir(path):
-        return quant.load_quantized_weights(path)
-    return load_checkpoint(path)
 
 
 def _check_tokenizer(tok):
@@ -196,15 +96,228 @@ def _check_out(out, force, kind="file"):
     check_output(out, force=force, kind=kind)
 
 
+# ------------------------------------------------------------------------------------------------
+# commands: each parses nothing itself and calls the library
+
+def cmd_generate(args) -> int:
+    """Encode the prompt, prefill, decode; print text (streamed) or one JSON object."""
+    from .generate import check_sampling, stream, GenerationResult
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    model = load_model(args, prompt_token_bound(args) + max(0, args.max_new_tokens))
+    tok = model_tokenizer(args, model)
+    if args.prompt_ids is not None:
+        prompt_ids = parse_ids(args.prompt_ids, model.config.vocab_size)
+    else:
+        if tok is None:
+            raise TokenizerError("this model has no tokenizer (no tokenizer.model beside it, no vocabulary in the "
+                                 "GGUF): pass --tokenizer PATH, or give the prompt as ids with --prompt-ids 1,2,3")
+        prompt_ids = tok.encode(args.prompt, bos=True)
+    result = GenerationResult([], [], "length", 0.0, 0.0)
+    steps = stream(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                   stop_at_eos=not args.no_stop, result=result)
+    say_plan(args, model)
+    if args.json:
+        for _ in steps:
+            pass
+        out = {"prompt_ids": result.prompt_ids, "ids": result.ids, "stop_reason": result.stop_reason,
+               "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+               "prefill_tok_s": result.prefill_tok_s, "decode_tok_s": result.decode_tok_s,
+               "n_prompt": len(result.prompt_ids), "n_decode": result.n_decode, "memory": model.memory.to_json()}
+        if tok is not None:
+            out["text"] = tok.decode(prompt_ids + result.ids)[len(tok.decode(prompt_ids)):]   # the continuation
+        print(json.dumps(out))
+        return 0
+    if tok is None:
+        for t in steps:
+            print(t, end=" ", flush=True)
+        print()
+    else:
+        printed = tok.decode(prompt_ids)
+        print(printed, end="", flush=True)
+        for _ in steps:          # decode prompt + reply each time: a piece's leading space survives, bytes join up
+            text = tok.decode(prompt_ids + result.ids)
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+        print()
+    print(f"[prefill {len(result.prompt_ids)} tokens: {result.prefill_tok_s:.1f} tok/s, time to first token "
+          f"{result.prefill_s * 1000:.1f} ms | decode {result.n_decode} tokens: {result.decode_tok_s:.1f} tok/s | "
+          f"stop: {result.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    """Print the ids and pieces of --text (one JSON object with --json)."""
+    from .tokenizer import Tokenizer
+    tok = Tokenizer(args.tokenizer or paths.DEFAULT_TOKENIZER, impl=args.impl)
+    ids = tok.encode(args.text, bos=args.bos, eos=args.eos)
+    pieces = tok.pieces(ids)
+    if args.json:
+        print(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
+    else:
+        print(f"{len(ids)} tokens ({tok.impl}, {tok.path.name}, vocab {tok.vocab_size})")
+        width = max([len(str(i)) for i in ids] + [2])
+        for i, p in zip(ids, pieces):
+            print(f"{i:>{width}}  {p!r}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
+    from . import inspect as ins, trace as tr
+    import numpy as np
+    if args.save:
+        _check_out(args.save, args.force)
+    model = load_model(args, prompt_token_bound(args))
+    patterns = args.tap or ["*"]
+    names = tr.match_taps(model.config, patterns)                 # a pattern matching nothing is an error
+    if args.prompt_ids is not None:
+        ids = parse_ids(args.prompt_ids, model.config.vocab_size)
+    else:
+        tok = model_tokenizer(args, model)
+        if tok is None:
+            raise TokenizerError("this model has no tokenizer (no tokenizer.model beside it, no vocabulary in the "
+                                 "GGUF): pass --tokenizer PATH, or give the prompt as ids with --prompt-ids 1,2,3")
+        ids = tok.encode(args.prompt, bos=True)
+    if args.compare:                                               # a bad reference is refused before the forward
+        ref = ins.load_reference(args.compare)
+        if "tokens" in ref and np.asarray(ref["tokens"]).reshape(-1).tolist() != ids:
+            raise InputError(f"{args.compare} was made from tokens {np.asarray(ref['tokens']).reshape(-1).tolist()} "
+                             f"but this prompt is {ids}; run the same prompt (--prompt-ids)")
+    trace = tr.Trace(*patterns)
+    model.forward(np.asarray([ids], dtype=np.int64), trace=trace)  # (1, T): taps keep the batch axis
+    stats = {n: ins.summarize(trace[n], args.values) for n in names}
+    out = {"model": str(model.source), "tokens": ids, "taps": stats, "memory": model.memory.to_json()}
+    if args.compare:
+        rows = ins.compare(trace, ref, names)
+        out["compare"] = [{k: (list(v) if isinstance(v, tuple) else None if isinstance(v, float) and not np.isfinite(v)
+                               else v) for k, v in r.items()} for r in rows]       # strict JSON: no Infinity/NaN
+    if args.save:
+        ins.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)},
+                    force=args.force)
+        out["saved"] = str(args.save)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"model {model.source}: {model.memory}")
+    print(f"tokens ({len(ids)}): {ids}")
+    print(f"{'tap':28s} {'shape':>18s} {'mean':>11s} {'std':>10s} {'min':>11s} {'max':>11s}  first values")
+    for n, s in stats.items():
+        print(f"{n:28s} {'x'.join(map(str, s['shape'])):>18s} {s['mean']:11.4e} {s['std']:10.4e} "
+              f"{s['min']:11.4e} {s['max']:11.4e}  {' '.join(f'{v:.4g}' for v in s['first'])}")
+    if args.compare:
+        print(f"\nagainst {args.compare}:")
+        print(ins.format_table(rows))
+    if args.save:
+        print(f"saved {len(names)} taps and 'tokens' to {args.save}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """`python -m llama_ref chat`: --format-only prints prompt ids; stdin JSON -> one answer; a TTY -> a chat."""
+    from .chat import default_chat_model, format_dialog, read_dialog_json, read_stdin, reply
+    from .generate import check_sampling
+    from .tokenizer import Tokenizer
+
+    if args.format_only:
+        if args.tokenizer:
+            tok = Tokenizer(args.tokenizer)
+        elif args.model and (Path(args.model) / "tokenizer.model").exists():
+            tok = Tokenizer(Path(args.model) / "tokenizer.model")
+        else:
+            tok = Tokenizer(paths.DEFAULT_TOKENIZER)
+        dialog = read_dialog_json(read_stdin())
+        if args.system is not None:
+            if isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) and dialog[0].get("role") == "system":
+                raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
+            if isinstance(dialog, list):
+                dialog = [{"role": "system", "content": args.system}] + dialog
+        ids = format_dialog(dialog, tok)
+        if args.json:
+            print(json.dumps({"ids": ids, "pieces": tok.pieces(ids), "n_tokens": len(ids)}))
+        else:
+            print(" ".join(str(i) for i in ids))
+        return 0
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    args.model = args.model or default_chat_model()
+    if args.model is None:
+        raise InputError("no chat model found (data/models/tinyworld-gatt or tinyworld-chat): build them with "
+                         "`make gatt`, or pass --model PATH")
+    model_path = args.model
+    model = load_model(args)
+    tok = model_tokenizer(args, model)
+    if tok is None:
+        raise TokenizerError("this model has no tokenizer (none beside it, no vocabulary in the GGUF): pass "
+                             "--tokenizer PATH")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, policy=args.policy)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+
+    if not sys.stdin.isatty():                                   # scripting: one dialogue in, one answer out
+        dialog = read_dialog_json(read_stdin())
+        if system and isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) \
+                and dialog[0].get("role") == "system":
+            raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
+        dialog = system + list(dialog) if system and isinstance(dialog, list) else dialog
+        text, res, dropped = reply(model, tok, dialog, seed=args.seed, **kw)
+        if args.json:
+            print(json.dumps({"role": "assistant", "content": text, "ids": res.ids, "prompt_ids": res.prompt_ids,
+                              "stop_reason": res.stop_reason, "dropped_pairs": dropped,
+                              "prefill_s": res.prefill_s, "decode_s": res.decode_s, "n_decode": res.n_decode}))
+        else:
+            print(text)
+        return 0
+
+    print(f"chatting with {model_path} (empty line or /quit ends, /reset starts over)", file=sys.stderr)
+    dialog = list(system)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except UnicodeDecodeError:
+            print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+            continue
+        except EOFError:
+            break
+        if line.strip() in ("", "/quit"):
+            break
+        if line.strip() == "/reset":
+            dialog, turn = list(system), 0
+            continue
+        dialog.append({"role": "user", "content": line})
+        shown, got = "", []
+        print("assistant> ", end="", flush=True)
+
+        def show(t):
+            nonlocal shown
+            got.append(t)
+            text = tok.decode([i for i in got if i != tok.eos_id]).lstrip()
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        try:
+            text, res, dropped = reply(model, tok, dialog, seed=args.seed + turn, on_token=show, **kw)
+        except ChatFormatError:
+            dialog.pop()
+            raise
+        print()
+        if dropped:
+            print(f"[the oldest {dropped} exchange(s) no longer fit the {model.config.max_seq_len}-token window "
+                  "and were dropped; the system message is kept]", file=sys.stderr)
+        dialog.append({"role": "assistant", "content": text})
+        turn += 1
+    return 0
+
+
 def cmd_quantize(args) -> int:
     """Quantize every matmul weight; write GGUF (q8_0/q4_0, --out *.gguf) or our quantized directory format."""
     import math
     from . import quant, gguf_io
+    from .model import Llama
     args.scheme = args.scheme.lower()
     policy = quant.parse_scheme(args.scheme)
     _check_out(args.out, args.force, "file" if str(args.out).endswith(".gguf") else "dir")
     tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer))
-    config, weights = _load_weights_any(args.model)
+    config, weights = read_checkpoint(args.model)
     qweights = quant.quantize_weights(config, weights, args.scheme)
     if str(args.out).endswith(".gguf"):
         if args.scheme not in ("q8_0", "q4_0"):
@@ -212,8 +325,7 @@ def cmd_quantize(args) -> int:
                              "or choose --scheme q8_0 / q4_0")
         gguf_io.save_gguf(args.out, config, qweights, tok, args.scheme, force=args.force)
     else:
-        model = quant.build_llama(config, qweights)
-        quant.save_quantized(args.out, model, args.scheme, tokenizer_path=tok, force=args.force)
+        quant.save_quantized(args.out, Llama(config, qweights), args.scheme, tokenizer_path=tok, force=args.force)
     n = sum(math.prod(w.shape) for w in qweights.values())
     held = sum(w.nbytes for w in qweights.values())
     summary = {"out": str(args.out), "scheme": args.scheme, "policy": policy, "bytes": held,
@@ -229,7 +341,7 @@ def cmd_export(args) -> int:
     from .checkpoint import save_llama2c
     _check_out(args.out, args.force)
     tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer)) if args.format != "llama2c" else None
-    config, weights = _load_weights_any(args.model)
+    config, weights = read_checkpoint(args.model)
     if args.format == "llama2c":
         floats = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
         save_llama2c(args.out, config, floats, force=args.force)        # the old file stays until the new one is whole
@@ -239,111 +351,60 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _add_quant_commands(sub) -> None:
-    q = sub.add_parser("quantize", help="write a quantized copy of a model",
-                       description="Quantize every matmul weight of a model (norms stay float32; the classifier is "
-                                   "8-bit in 4-bit schemes; see llama_ref/quant.py). --out NAME.gguf writes GGUF "
-                                   "(q8_0, q4_0: llama.cpp runs it); any other --out is a directory in llama_ref's "
-                                   "quantized format (config.json with a 'quantization' block + model.safetensors).")
-    q.add_argument("--model", default=None, help="HF directory, llama2.c .bin, .gguf or quantized directory")
-    q.add_argument("--scheme", required=True, help="q8_0 | q4_0 | w4a16-g32 | w4a16-g64 | w4a16-g128 | int8-channel")
-    q.add_argument("--out", required=True)
-    q.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
-    q.add_argument("--force", action="store_true", help="replace --out if it exists")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_quantize)
-    e = sub.add_parser("export", help="write a model as GGUF or llama2.c .bin",
-                       description="Export a model: GGUF with llama.cpp's names, Llama metadata and the tokenizer, or "
-                                   "a llama2.c .bin (float32, what run.c reads).")
-    e.add_argument("--model", default=None)
-    e.add_argument("--format", required=True, choices=["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "llama2c"])
-    e.add_argument("--out", required=True)
-    e.add_argument("--tokenizer", default=None)
-    e.add_argument("--force", action="store_true")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=cmd_export)
-
-_EXTRA_COMMANDS.append(_add_quant_commands)
+def cmd_train(args) -> int:
+    """Train the embedded model's recipe (config, corpus, NumPy trainer) into --out, then measure it."""
+    return tinyworld.run(args)
 
 
 # ------------------------------------------------------------------------------------------------
-# chat (llama_ref/chat.py)
+# the parser
 
-def cmd_chat(args) -> int:
-    """Llama 2 chat format: --format-only prints prompt ids; JSON dialogue on stdin -> one answer; TTY -> a chat."""
-    from .chat import main_chat
-    return main_chat(args, load_model, find_tokenizer)
-
-
-def _add_chat_command(sub) -> None:
-    from .chat import add_chat_arguments
-    c = sub.add_parser("chat", help="talk to a chat model in the Llama 2 chat format",
-                       description="Chat in Meta's Llama 2 format ([INST], <<SYS>>). Interactive when stdin is a "
-                                   "terminal; otherwise reads a dialogue as JSON (a list of {\"role\", \"content\"}, "
-                                   "last message the user's) and prints the answer. --format-only prints the prompt "
-                                   "token ids without a model.")
-    add_chat_arguments(c)
-    c.set_defaults(func=cmd_chat)
-
-_EXTRA_COMMANDS.append(_add_chat_command)
+def add_load_arguments(p) -> None:
+    """--pack and --memory-budget: how the one loader may hold the weights (see llama_ref/loader.py)."""
+    p.add_argument("--pack", choices=["auto", "always", "never"], default="auto",
+                   help="pack float weights as float32 copies (fastest; needs 4 bytes per weight) or keep every "
+                        "weight as stored, memory-mapped, expanding one tile per matmul; auto decides by "
+                        "--memory-budget (default: %(default)s)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="GiB the packed copies may take (default: half of the memory available)")
 
 
-# ------------------------------------------------------------------------------------------------
-# inspect (llama_ref/trace.py)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama_ref", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
-def cmd_inspect(args) -> int:
-    """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
-    from . import inspect as ins, trace as tr
-    import numpy as np
-    if args.save:
-        _check_out(args.save, args.force)
-    model = load_model(args.model)
-    patterns = args.tap or ["*"]
-    names = tr.match_taps(model.config, patterns)                 # a pattern matching nothing is an error
-    if args.prompt_ids is not None:
-        ids = parse_ids(args.prompt_ids, model.config.vocab_size)
-    else:
-        tok = find_tokenizer(args.model, args.tokenizer)
-        if tok is None:
-            raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH, "
-                                 "or give the prompt as ids with --prompt-ids 1,2,3")
-        if tok.vocab_size != model.config.vocab_size:
-            raise ConfigError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
-                              f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
-        ids = tok.encode(args.prompt, bos=True)
-    trace = tr.Trace(*patterns)
-    model.forward(np.asarray([ids], dtype=np.int64), trace=trace)  # (1, T): taps keep the batch axis
-    stats = {n: ins.summarize(trace[n], args.values) for n in names}
-    out = {"model": str(args.model or paths.DEFAULT_MODEL), "tokens": ids, "taps": stats}
-    if args.compare:
-        ref = ins.load_reference(args.compare)
-        if "tokens" in ref and np.asarray(ref["tokens"]).reshape(-1).tolist() != ids:
-            raise InputError(f"{args.compare} was made from tokens {np.asarray(ref['tokens']).reshape(-1).tolist()} "
-                             f"but this prompt is {ids}; run the same prompt (--prompt-ids)")
-        rows = ins.compare(trace, ref, names)
-        out["compare"] = [{k: (list(v) if isinstance(v, tuple) else None if isinstance(v, float) and not np.isfinite(v)
-                               else v) for k, v in r.items()} for r in rows]       # strict JSON: no Infinity/NaN
-    if args.save:
-        ins.save_npz(args.save, {**{n: trace[n] for n in names}, "tokens": np.asarray([ids], dtype=np.int64)},
-                    force=args.force)
-        out["saved"] = str(args.save)
-    if args.json:
-        print(json.dumps(out))
-        return 0
-    print(f"tokens ({len(ids)}): {ids}")
-    print(f"{'tap':28s} {'shape':>18s} {'mean':>11s} {'std':>10s} {'min':>11s} {'max':>11s}  first values")
-    for n, s in stats.items():
-        print(f"{n:28s} {'x'.join(map(str, s['shape'])):>18s} {s['mean']:11.4e} {s['std']:10.4e} "
-              f"{s['min']:11.4e} {s['max']:11.4e}  {' '.join(f'{v:.4g}' for v in s['first'])}")
-    if args.compare:
-        print(f"\nagainst {args.compare}:")
-        print(ins.format_table(rows))
-    if args.save:
-        print(f"saved {len(names)} taps and 'tokens' to {args.save}")
-    return 0
+    g = sub.add_parser("generate", help="continue a prompt with a model",
+                       description="Continue a prompt. --model takes an HF directory (config.json + model.safetensors), "
+                                   "a llama2.c .bin or a .gguf; default: the embedded model data/models/tinyworld. "
+                                   "Prefill (the prompt) and decode (new tokens) are timed separately.")
+    g.add_argument("--model", default=None, help="model path (default: %(default)s -> data/models/tinyworld)")
+    g.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with BOS)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,450,3290 (no tokenizer needed)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (default: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-stop", action="store_true", help="do not stop at EOS")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: prompt_ids, ids, text, prefill_tok_s, decode_tok_s, ...")
+    add_load_arguments(g)
+    g.set_defaults(func=cmd_generate)
 
+    t = sub.add_parser("tokenize", help="show ids and pieces of a text",
+                       description="Encode text with a Llama-2-family SentencePiece model (default: ours).")
+    t.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: data/tokenizer/tokenizer.model)")
+    t.add_argument("--impl", choices=["python", "sentencepiece"], default="sentencepiece",
+                   help="pure-Python BPE or the sentencepiece library (same ids)")
+    t.add_argument("--bos", action="store_true", help="prepend BOS")
+    t.add_argument("--eos", action="store_true", help="append EOS")
+    t.add_argument("--text", required=True)
+    t.add_argument("--json", action="store_true", help='print {"ids": [...], "pieces": [...]}')
+    t.set_defaults(func=cmd_tokenize)
 
-def _add_inspect_command(sub) -> None:
     i = sub.add_parser("inspect", help="print and save named activations (taps) for a prompt",
                        description="Run one forward over the prompt and print shape, mean, std, min, max and the "
                                    "first values of every tap matching --tap (fnmatch patterns on names like "
@@ -364,31 +425,64 @@ def _add_inspect_command(sub) -> None:
     i.add_argument("--values", type=int, default=4, help="how many leading values to show per tap (default: 4)")
     i.add_argument("--json", action="store_true",
                    help='print one JSON object {"model", "tokens", "taps": {name: {shape, mean, std, ...}}}')
+    add_load_arguments(i)
     i.set_defaults(func=cmd_inspect)
 
-_EXTRA_COMMANDS.append(_add_inspect_command)
+    c = sub.add_parser("chat", help="talk to a chat model in the Llama 2 chat format",
+                       description="Chat in Meta's Llama 2 format ([INST], <<SYS>>). Interactive when stdin is a "
+                                   "terminal; otherwise reads a dialogue as JSON (a list of {\"role\", \"content\"}, "
+                                   "last message the user's) and prints the answer. --format-only prints the prompt "
+                                   "token ids without a model.")
+    c.add_argument("--model", default=None, help="chat model (default: data/models/tinyworld-gatt, else tinyworld-chat)")
+    c.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: beside the model; "
+                   "with --format-only: data/tokenizer/tokenizer.model). Any Llama-2-family tokenizer works.")
+    c.add_argument("--system", default=None, help="system message (merged into the first user message)")
+    c.add_argument("--format-only", action="store_true",
+                   help="read a dialogue (JSON list of {role, content}) on stdin, print its prompt ids, run no model")
+    c.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: %(default)s, Meta's)")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1] (default: %(default)s, Meta's)")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--policy", choices=["drop_oldest", "error"], default="drop_oldest",
+                   help="a chat longer than the context window: drop the oldest exchanges keeping the system "
+                        "message (default), or stop with an error")
+    add_load_arguments(c)
+    c.set_defaults(func=cmd_chat)
 
+    q = sub.add_parser("quantize", help="write a quantized copy of a model",
+                       description="Quantize every matmul weight of a model (norms stay float32; the classifier is "
+                                   "8-bit in 4-bit schemes; see llama_ref/quant.py). --out NAME.gguf writes GGUF "
+                                   "(q8_0, q4_0: llama.cpp runs it); any other --out is a directory in llama_ref's "
+                                   "quantized format (config.json with a 'quantization' block + model.safetensors).")
+    q.add_argument("--model", default=None, help="HF directory, llama2.c .bin, .gguf or quantized directory")
+    q.add_argument("--scheme", required=True, help="q8_0 | q4_0 | w4a16-g32 | w4a16-g64 | w4a16-g128 | int8-channel")
+    q.add_argument("--out", required=True)
+    q.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: tokenizer.model beside the model)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quantize)
 
-# ------------------------------------------------------------------------------------------------
-# train (llama_ref/train.py, the recipe in llama_ref/tinyworld.py)
+    e = sub.add_parser("export", help="write a model as GGUF or llama2.c .bin",
+                       description="Export a model: GGUF with llama.cpp's names, Llama metadata and the tokenizer, or "
+                                   "a llama2.c .bin (float32, what run.c reads).")
+    e.add_argument("--model", default=None)
+    e.add_argument("--format", required=True, choices=["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "llama2c"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--force", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)
 
-def cmd_train(args) -> int:
-    """Train the embedded model's recipe (config, corpus, NumPy trainer) into --out, then measure it."""
-    from .tinyworld import run
-    return run(args)
-
-
-def _add_train_command(sub) -> None:
-    from .tinyworld import add_arguments
     t = sub.add_parser("train", help="train a model with the NumPy trainer (the embedded model's recipe)",
                        description="Train tinyworld (dim 256, 6 layers, GQA 8/4 heads, context 512) from scratch on "
                                    "freshly generated corpus text with llama_ref.train, checkpointing atomically "
                                    "(--resume continues exactly), then write metrics.json, loss_curve.csv and a model "
                                    "card. The shipped model was made with the defaults (`make model`).")
-    add_arguments(t)
+    tinyworld.add_arguments(t)
     t.set_defaults(func=cmd_train)
-
-_EXTRA_COMMANDS.append(_add_train_command)
+    return p
 
 
 def main(argv=None) -> int:

@@ -261,7 +261,7 @@ def reply(model, tokenizer, dialog, max_new_tokens=64, temperature=0.0, top_k=No
 # ------------------------------------------------------------------------------------------------
 # command line: python -m llama_ref chat
 
-def _read_stdin() -> str:
+def read_stdin() -> str:
     """All of standard input as text; invalid UTF-8 is a ChatFormatError, not a UnicodeDecodeError traceback."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
     try:
@@ -271,7 +271,7 @@ def _read_stdin() -> str:
                               "dialogue as UTF-8 JSON") from None
 
 
-def _read_dialog_json(text: str):
+def read_dialog_json(text: str):
     import json
     try:
         dialog = json.loads(text)
@@ -290,118 +290,3 @@ def default_chat_model():
         if (p / "config.json").exists():
             return p
     return None
-
-
-def main_chat(args, load_model, find_tokenizer) -> int:
-    """`python -m llama_ref chat`: --format-only prints prompt ids; stdin JSON -> one answer; a TTY -> a chat."""
-    import json
-    from pathlib import Path
-    from .errors import InputError, TokenizerError
-    from .paths import DEFAULT_TOKENIZER
-    from .tokenizer import Tokenizer
-
-    if args.format_only:
-        if args.tokenizer:
-            tok = Tokenizer(args.tokenizer)
-        elif args.model and (Path(args.model) / "tokenizer.model").exists():
-            tok = Tokenizer(Path(args.model) / "tokenizer.model")
-        else:
-            tok = Tokenizer(DEFAULT_TOKENIZER)
-        dialog = _read_dialog_json(_read_stdin())
-        if args.system is not None:
-            if isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) and dialog[0].get("role") == "system":
-                raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
-            if isinstance(dialog, list):
-                dialog = [{"role": "system", "content": args.system}] + dialog
-        ids = format_dialog(dialog, tok)
-        if args.json:
-            print(json.dumps({"ids": ids, "pieces": tok.pieces(ids), "n_tokens": len(ids)}))
-        else:
-            print(" ".join(str(i) for i in ids))
-        return 0
-
-    check = __import__("llama_ref.generate", fromlist=["check_sampling"]).check_sampling
-    check(args.temperature, args.top_k, args.top_p, args.seed)
-    model_path = args.model or default_chat_model()
-    if model_path is None:
-        raise InputError("no chat model found (data/models/tinyworld-gatt or tinyworld-chat): build them with "
-                         "`make gatt`, or pass --model PATH")
-    model = load_model(model_path)
-    tok = find_tokenizer(model_path, args.tokenizer)
-    if tok is None:
-        raise TokenizerError("this model has no tokenizer.model beside it: pass --tokenizer PATH")
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, policy=args.policy)
-    system = [{"role": "system", "content": args.system}] if args.system is not None else []
-
-    if not sys.stdin.isatty():                                   # scripting: one dialogue in, one answer out
-        dialog = _read_dialog_json(_read_stdin())
-        if system and isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) \
-                and dialog[0].get("role") == "system":
-            raise ChatFormatError("the dialogue on stdin already has a system message: drop --system or that message")
-        dialog = system + list(dialog) if system and isinstance(dialog, list) else dialog
-        text, res, dropped = reply(model, tok, dialog, seed=args.seed, **kw)
-        if args.json:
-            print(json.dumps({"role": "assistant", "content": text, "ids": res.ids, "prompt_ids": res.prompt_ids,
-                              "stop_reason": res.stop_reason, "dropped_pairs": dropped,
-                              "prefill_s": res.prefill_s, "decode_s": res.decode_s, "n_decode": res.n_decode}))
-        else:
-            print(text)
-        return 0
-
-    print(f"chatting with {model_path} (empty line or /quit ends, /reset starts over)", file=sys.stderr)
-    dialog = list(system)
-    turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except UnicodeDecodeError:
-            print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
-            continue
-        except EOFError:
-            break
-        if line.strip() in ("", "/quit"):
-            break
-        if line.strip() == "/reset":
-            dialog, turn = list(system), 0
-            continue
-        dialog.append({"role": "user", "content": line})
-        shown, got = "", []
-        print("assistant> ", end="", flush=True)
-
-        def show(t):
-            nonlocal shown
-            got.append(t)
-            text = tok.decode([i for i in got if i != tok.eos_id]).lstrip()
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        try:
-            text, res, dropped = reply(model, tok, dialog, seed=args.seed + turn, on_token=show, **kw)
-        except ChatFormatError:
-            dialog.pop()
-            raise
-        print()
-        if dropped:
-            print(f"[the oldest {dropped} exchange(s) no longer fit the {model.config.max_seq_len}-token window "
-                  "and were dropped; the system message is kept]", file=sys.stderr)
-        dialog.append({"role": "assistant", "content": text})
-        turn += 1
-    return 0
-
-
-def add_chat_arguments(c) -> None:
-    c.add_argument("--model", default=None, help="chat model (default: data/models/tinyworld-gatt, else tinyworld-chat)")
-    c.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: beside the model; "
-                   "with --format-only: data/tokenizer/tokenizer.model). Any Llama-2-family tokenizer works.")
-    c.add_argument("--system", default=None, help="system message (merged into the first user message)")
-    c.add_argument("--format-only", action="store_true",
-                   help="read a dialogue (JSON list of {role, content}) on stdin, print its prompt ids, run no model")
-    c.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    c.add_argument("--max-new-tokens", type=int, default=64)
-    c.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: %(default)s, Meta's)")
-    c.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1] (default: %(default)s, Meta's)")
-    c.add_argument("--top-k", type=int, default=None)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--policy", choices=["drop_oldest", "error"], default="drop_oldest",
-                   help="a chat longer than the context window: drop the oldest exchanges keeping the system "
-                        "message (default), or stop with an error")

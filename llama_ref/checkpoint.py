@@ -1,20 +1,20 @@
 """Checkpoints: load and save model weights, memory-mapped and validated.
 
-Chapter 01 (the model on disk) reads this file. Three formats come in, one goes out:
+Chapter 00 (the model on disk) reads this file. Two formats come in and go out here:
 
   HF directory   config.json + model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
                  -> load_hf_dir / save_model. What we write loads in transformers' LlamaForCausalLM.from_pretrained.
   llama2.c .bin  a 28-byte int32 header + raw float32 arrays in Meta's layout (version 0), or the 256-byte
                  "ak42" header (version 1) -> load_llama2c / save_llama2c.
-  GGUF           dispatched to llama_ref.gguf_io.load_gguf (the quantization chapter).
 
-`load_model(path) -> (LlamaConfig, weights)` picks the format from what `path` is. The weights are the flat dict of
-DEVELOPING.md: Hugging Face names and layouts (q/k rows in rotate-half order).
+GGUF is gguf_io.py's; `loader.read_checkpoint(path)` picks the reader from what `path` is, and `llama_ref.load(path)`
+makes the model. The weights are the flat dict of DEVELOPING.md: Hugging Face names and layouts (q/k rows in
+rotate-half order).
 
 Memory: the safetensors reader is our own. It parses the JSON header and returns np.memmap views straight into
 the file, so nothing is read until it is used and a 7B checkpoint is never held in RAM twice (the OS page cache
-*is* the array). float32 and float16 tensors are zero-copy views; bfloat16 (NumPy has no such dtype) and float64
-are converted to float32 copies, which is what the model packs them to anyway.
+*is* the array). float32 and float16 tensors are zero-copy views, bfloat16 matrices BFloat16Matrix views of the
+bits (NumPy has no bfloat16); float64 becomes float32 copies.
 
 Writes are atomic: a file is written complete under a temporary name beside its destination, then renamed over it
 with os.replace. We never write into an existing file, so arrays still memory-mapped from an old checkpoint stay
@@ -36,7 +36,8 @@ import numpy as np
 from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, ConfigError, TokenizerError
 from .files import _fsync_dir, atomic_file, check_output, publish, temp_dir_beside
-from .model import permute_qk_hf_to_meta, permute_qk_meta_to_hf, rope_freqs, weight_shapes
+from .matrices import BFloat16Matrix, Float32Matrix, bf16_to_f32
+from .model import permute_qk_hf_to_meta, qk_rows_meta_to_hf, rope_freqs, weight_shapes
 from .weights import check_weights, is_ignored  # noqa: F401  (check_weights: part of this module's API)
 
 F32 = np.float32
@@ -67,19 +68,10 @@ ST_DTYPES = {
     "F64": (np.dtype("<f8"), 8),
     "F32": (np.dtype("<f4"), 4),
     "F16": (np.dtype("<f2"), 2),
-    "BF16": (np.dtype("<u2"), 2),   # raw bits; converted to float32 by bf16_to_f32
+    "BF16": (np.dtype("<u2"), 2),   # raw bits: a BFloat16Matrix (matrices.py) or, 1-D, a float32 copy
 }
 NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
 MAX_HEADER_BYTES = 100_000_000      # the safetensors library refuses larger headers too
-
-
-def bf16_to_f32(bits):
-    """bfloat16 bit patterns (uint16) -> float32 values.
-
-    bfloat16 is the top half of a float32 (1 sign, 8 exponent, 7 mantissa bits), so shifting the 16 bits into the
-    high half of a uint32 and reinterpreting gives the exact value. This allocates the float32 result (a copy).
-    """
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(F32)
 
 
 def read_safetensors_header(path):
@@ -167,7 +159,8 @@ def read_safetensors(path):
     """Memory-map a safetensors file. Returns (tensors, metadata).
 
     F32/F16/F64 tensors are read-only np.memmap views into the file (no copy, nothing read until used);
-    BF16 tensors are converted to float32 copies. Use load_model for a whole model (it converts F64 too).
+    BF16 matrices are matrices.BFloat16Matrix over the mapped bits (NumPy has no bfloat16), BF16 vectors float32
+    copies. Use loader.read_checkpoint for a whole model (it converts F64 to float32 too).
     """
     path = Path(path)
     header, metadata, data_start, size = read_safetensors_header(path)
@@ -176,7 +169,9 @@ def read_safetensors(path):
     for name, (dtype, shape, (begin, end)) in header.items():
         raw = mm[data_start + begin: data_start + end]                         # (nbytes,) uint8 view
         a = raw.view(ST_DTYPES[dtype][0]).reshape(shape)                       # still a view of the file
-        out[name] = bf16_to_f32(a) if dtype == "BF16" else a
+        if dtype == "BF16":
+            a = BFloat16Matrix(a) if a.ndim == 2 else bf16_to_f32(a)
+        out[name] = a
     return out, metadata
 
 
@@ -217,41 +212,9 @@ def _write_safetensors(path, tensors, metadata=None, dtype=None):
 
 
 # ================================================================================================
-# Memory
-
-def estimate_float32_bytes(config: LlamaConfig) -> int:
-    """Bytes the weights take once packed as float32: n_params * 4, plus the (C, V) classifier copy that
-    Llama packs from a tied embedding (the KV cache comes on top, see KVCache)."""
-    tied_copy = config.vocab_size * config.dim if config.tie_embeddings else 0
-    return (config.n_params() + tied_copy) * 4
-
-
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (RAM the kernel can hand out without swapping), or None off Linux."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024                         # the file says kB (KiB)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_ram(config: LlamaConfig, source="the model") -> None:
-    """Refuse to load a model whose float32 weights cannot fit in the RAM this machine has available."""
-    need, have = estimate_float32_bytes(config), available_ram_bytes()
-    if have is not None and need > have:
-        gib = 1024 ** 3
-        raise CheckpointError(f"{source} needs ~{need / gib:.1f} GiB as float32 ({config.n_params():,} parameters), "
-                              f"this machine has {have / gib:.1f} GiB available; use a quantized GGUF or a smaller "
-                              "model (or pass check_memory=False to try anyway)")
-
-
-# ================================================================================================
 # HF model directories
 
-def load_hf_dir(path, check_finite=True, check_memory=True):
+def load_hf_dir(path, check_finite=True):
     """Load config.json + model.safetensors (or the shards of model.safetensors.index.json) from a directory.
 
     Like transformers, a single model.safetensors wins over an index when both are present. Returns (config,
@@ -262,12 +225,6 @@ def load_hf_dir(path, check_finite=True, check_memory=True):
         raise CheckpointError(f"{path} has no {CONFIG_NAME}; an HF model directory needs config.json next to "
                               "model.safetensors (save one with llama_ref.checkpoint.save_model)")
     config = LlamaConfig.load(path / CONFIG_NAME)
-    from .quant import is_quantized_dir
-    if is_quantized_dir(path):
-        raise CheckpointError(f"{path} was written by `python -m llama_ref quantize` (its weights are quantized): load "
-                              "it with llama_ref.quant.load_quantized(path); every CLI command takes it as --model")
-    if check_memory:
-        check_ram(config, str(path))
     if (path / SAFETENSORS_NAME).is_file():
         weights, sources = _load_single(path / SAFETENSORS_NAME)
     elif (path / INDEX_NAME).is_file():
@@ -334,7 +291,7 @@ def _to_model_dtype(a):
     np.array, not a.astype: astype on a memmap returns an in-RAM copy still typed np.memmap, which would lie.
     Values beyond float32's range become inf, which the finiteness check then reports.
     """
-    if a.dtype == np.float64:
+    if isinstance(a, np.ndarray) and a.dtype == np.float64:
         with np.errstate(over="ignore"):
             return np.array(a, dtype=F32)
     return a
@@ -520,11 +477,11 @@ def read_llama2c_header(path):
     return config, version, shared, offset
 
 
-def load_llama2c(path, check_finite=True, check_memory=True):
+def load_llama2c(path, check_finite=True):
     """Load a llama2.c .bin (version 0 or 1) as (config, HF-named weights), memory-mapped.
 
-    Every tensor is a view into the file except q and k, whose rows are permuted from Meta's pair layout to HF's
-    rotate-half layout (permute_qk_meta_to_hf makes a contiguous copy of those two per layer).
+    Every tensor is a view into the file; q and k are presented in HF's rotate-half row order by a RowPermuted view
+    of Meta's pair layout (no copy).
     The file size must match the header exactly: a truncated download is caught here, not as garbage logits.
     """
     path = Path(path)
@@ -538,8 +495,6 @@ def load_llama2c(path, check_finite=True, check_memory=True):
                               f"vocab_size={config.vocab_size}, seq_len={config.max_seq_len}, "
                               f"{'shared' if shared else 'unshared'} classifier) implies {expected} bytes but the "
                               f"file has {actual}: it is {what}; re-download or re-export it")
-    if check_memory:
-        check_ram(config, str(path))
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     t, pos = {}, offset
     for name, shape in layout:
@@ -547,13 +502,14 @@ def load_llama2c(path, check_finite=True, check_memory=True):
         t[name] = mm[pos:pos + n].view("<f4").reshape(shape)                   # view into the file
         pos += n
 
-    nh, nkv = config.n_heads, config.n_kv_heads
+    q_rows = qk_rows_meta_to_hf(config.n_heads * config.head_dim, config.n_heads)
+    k_rows = qk_rows_meta_to_hf(config.n_kv_heads * config.head_dim, config.n_kv_heads)
     w = {"model.embed_tokens.weight": t["token_embedding"]}
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = t["rms_att"][i]
-        w[p + "self_attn.q_proj.weight"] = permute_qk_meta_to_hf(t["wq"][i], nh)
-        w[p + "self_attn.k_proj.weight"] = permute_qk_meta_to_hf(t["wk"][i], nkv)
+        w[p + "self_attn.q_proj.weight"] = Float32Matrix(t["wq"][i]).take_rows(q_rows)
+        w[p + "self_attn.k_proj.weight"] = Float32Matrix(t["wk"][i]).take_rows(k_rows)
         w[p + "self_attn.v_proj.weight"] = t["wv"][i]
         w[p + "self_attn.o_proj.weight"] = t["wo"][i]
         w[p + "post_attention_layernorm.weight"] = t["rms_ffn"][i]
@@ -621,47 +577,6 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True
                 for a in parts[name]:                                          # one layer at a time
                     f.write(memoryview(np.ascontiguousarray(a, dtype="<f4").reshape(-1)).cast("B"))
     return path
-
-
-# ================================================================================================
-# One entry point
-
-def load_model(path, check_finite=True, check_memory=True):
-    """(LlamaConfig, weights) from an HF directory, a llama2.c .bin or a .gguf file, memory-mapped and validated.
-
-    HF directory (or a model.safetensors / index.json inside one): load_hf_dir. `.bin`: load_llama2c.
-    `.gguf` (or a file starting with b"GGUF"): llama_ref.gguf_io.load_gguf, which owns GGUF (quantized weights).
-    check_finite scans every weight for NaN/Inf; check_memory refuses models whose float32 weights exceed
-    MemAvailable.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; give an HF model directory (config.json + model.safetensors), "
-                              "a llama2.c .bin or a .gguf file")
-    if path.is_dir():
-        return load_hf_dir(path, check_finite, check_memory)
-    if not path.is_file():                                   # a FIFO would block for ever on its first read
-        raise CheckpointError(f"{path} is not a regular file or directory (a pipe, socket or device?); give an HF "
-                              "model directory, a llama2.c .bin or a .gguf file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
-    if path.suffix == ".gguf" or magic == b"GGUF":
-        return _load_gguf(path, check_finite)
-    if path.suffix == ".safetensors" or path.name == INDEX_NAME:
-        return load_hf_dir(path.parent, check_finite, check_memory)
-    if path.suffix == ".bin":
-        return load_llama2c(path, check_finite, check_memory)
-    raise CheckpointError(f"{path}: unknown checkpoint format; llama_ref loads an HF model directory, a llama2.c "
-                          ".bin or a .gguf file")
-
-
-def _load_gguf(path, check_finite=True):
-    """Dispatch to gguf_io.load_gguf(path) -> (config, weights), the quantization chapter's loader."""
-    from .gguf_io import load_gguf
-    return load_gguf(path, check_finite)
 
 
 # ================================================================================================

@@ -26,6 +26,10 @@ class NonFiniteWeightsError(CheckpointError, ValueError):
     """A weight tensor holds NaN or Inf."""
 
 
+class MemoryBudgetError(CheckpointError):
+    """A model (with the tokens asked for) cannot fit in the memory this machine has available."""
+
+
 class TokenizerError(LlamaRefError):
     """A tokenizer model is missing or corrupt, or text/ids cannot be handled by it."""
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ContextLengthError, InputError, SamplingError
+from .loader import available_ram_bytes
 from .model import Llama, kv_cache_bytes, softmax
 
 F32 = np.float32
@@ -135,7 +136,6 @@ def check_memory(model: Llama, batch_size: int, length: int) -> None:
     """Refuse, before anything is allocated, a generation whose KV cache and RoPE tables for `length` positions
     (float32) would not fit in the RAM this machine has available. The cache grows as tokens come, so this is
     the worst case of the request, not what is taken up front."""
-    from .checkpoint import available_ram_bytes
     need = kv_cache_bytes(model.config, batch_size, length) + length * model.config.head_dim * 4   # + cos/sin
     have = available_ram_bytes()
     if have is not None and need > have:

@@ -30,7 +30,8 @@ from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .files import atomic_file, check_output
 from .weights import check_weights
-from .model import Llama, permute_qk_hf_to_meta, permute_qk_meta_to_hf
+from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32
+from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf
 from . import quant
 
 F32 = np.float32
@@ -79,13 +80,17 @@ def gguf_to_hf_name(name: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # q/k permutation on float or quantized rows
 
-def _permute_rows(w, n_heads, fn):
-    """Apply a q/k row permutation to a float (out, in) array or to a Q8_0/Q4_0 matrix's byte rows."""
-    if isinstance(w, (quant.Q8_0Matrix, quant.Q4_0Matrix)):
-        return type(w)(fn(w.data, n_heads), w.shape)
-    if isinstance(w, quant.QuantizedMatrix):
+def _rows_in_meta_order(w, n_heads):
+    """A q/k weight (HF rotate-half rows) with its rows in Meta's pair order, as GGUF stores them: a float array is
+    permuted, a Q8_0/Q4_0 matrix gets its byte rows permuted (rows of blocks are independent: no dequantization)."""
+    if not isinstance(w, StoredMatrix):
+        return permute_qk_hf_to_meta(np.asarray(w), n_heads)
+    w = w.take_rows(qk_rows_hf_to_meta(w.shape[0], n_heads))      # a view, or the file's own matrix back
+    if isinstance(w, RowPermuted) and isinstance(w.inner, (quant.Q8_0Matrix, quant.Q4_0Matrix)):
+        w = type(w.inner)(np.ascontiguousarray(w.inner.data[w.perm]), w.shape)
+    if isinstance(w, quant.QuantizedMatrix) and not isinstance(w, (quant.Q8_0Matrix, quant.Q4_0Matrix)):
         raise QuantizationError(f"{w.kind} matrices cannot go into a GGUF file; use q8_0, q4_0, f16 or f32")
-    return fn(np.asarray(w), n_heads)
+    return w
 
 
 def _is_q(name):
@@ -125,6 +130,12 @@ class GGUFVocab(tuple):
     """(pieces, scores, types, unk_id) taken from a GGUF file, to carry a vocabulary over into a new GGUF."""
 
 
+def special_ids(path) -> tuple[int, int]:
+    """(BOS, EOS) token ids a GGUF names (Llama 2's 1 and 2 when it does not)."""
+    r = _open_gguf(path)
+    return int(_field(r, "tokenizer.ggml.bos_token_id", 1)), int(_field(r, "tokenizer.ggml.eos_token_id", 2))
+
+
 def read_gguf_vocab(path) -> GGUFVocab | None:
     """The SentencePiece vocabulary stored in a GGUF (tokenizer.ggml.*), or None if it has none."""
     r = _open_gguf(path)
@@ -147,9 +158,9 @@ def _gguf_tensors(config: LlamaConfig, weights: dict, file_type: str):
     for name in weights:
         w = weights[name]
         if _is_q(name):
-            w = _permute_rows(w, config.n_heads, permute_qk_hf_to_meta)
+            w = _rows_in_meta_order(w, config.n_heads)
         elif _is_k(name):
-            w = _permute_rows(w, config.n_kv_heads, permute_qk_hf_to_meta)
+            w = _rows_in_meta_order(w, config.n_kv_heads)
         gname = hf_to_gguf_name(name)
         if isinstance(w, quant.Q8_0Matrix):
             out.append((gname, np.ascontiguousarray(w.data), GT.Q8_0))
@@ -319,14 +330,85 @@ def _open_gguf(path):
                               "truncated or corrupt: re-download or re-export it") from None
 
 
+class GGUFMatrix(quant.QuantizedMatrix):
+    """A GGUF tensor of any block type, as stored: raw rows (out, bytes per row), expanded by the type's decoder.
+
+    Q4_K and Q6_K (llama.cpp's Q4_K_M mix) use quant.py's vectorised decoders; every other type gguf-py's NumPy ones
+    (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, the IQ types, ...)."""
+
+    def __init__(self, data, shape, ggml_type):
+        self.data, self.shape, self.ggml_type = data, tuple(shape), ggml_type
+        self.kind = ggml_type.name.lower()
+
+    def _dequantize_rows(self, rows):
+        raw = self.data[rows]
+        decode = _OUR_DECODERS.get(self.ggml_type.name)
+        if decode is not None:
+            return decode(raw)
+        from gguf.quants import dequantize
+        with np.errstate(all="ignore"):                    # inf/NaN scales are reported by the finiteness check
+            return dequantize(raw, self.ggml_type).reshape(*raw.shape[:-1], self.shape[1])
+
+    def arrays(self):
+        return {"blocks": self.data}
+
+
+_OUR_DECODERS = {"Q4_K": quant.dequantize_q4_k, "Q6_K": quant.dequantize_q6_k,
+                 "Q8_0": quant.dequantize_q8_0, "Q4_0": quant.dequantize_q4_0}
+
+
+def gguf_type_readable(ggml_type) -> bool:
+    """Whether llama_ref can expand this GGUF tensor type: ours, or one gguf-py dequantizes (tried on one zero block)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+    if ggml_type.name in ("F32", "F16", "BF16") or ggml_type.name in _OUR_DECODERS:
+        return True
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    if block == 1:                                         # integer types (I8..I64), F64: not weights of a Llama
+        return False
+    try:
+        with np.errstate(all="ignore"):
+            dequantize(np.zeros((1, size), np.uint8), ggml_type)
+        return True
+    except (NotImplementedError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _gguf_weight(path, t, shape):
+    """One GGUF tensor as our weight: F32 as its mapped array, F16/BF16 matrices as float16/bfloat16 stored matrices
+    (1-D ones as float32 copies), Q8_0/Q4_0 as quant.py's matrices, any other type as a GGUFMatrix."""
+    from gguf import GGMLQuantizationType as GT
+    from gguf.constants import GGML_QUANT_SIZES
+    tt = t.tensor_type
+    if tt == GT.F32:
+        return t.data
+    if tt == GT.F16:
+        return Float16Matrix(t.data) if t.data.ndim == 2 else t.data.astype(F32)
+    if tt == GT.BF16:
+        bits = t.data.view(np.uint16)
+        return BFloat16Matrix(bits) if bits.ndim == 2 else bf16_to_f32(bits)
+    if not gguf_type_readable(tt) or len(shape) != 2:
+        raise CheckpointError(f"{path}: GGUF tensor {t.name!r} has type {tt.name}, which neither llama_ref nor gguf-py "
+                              "can dequantize; re-quantize the model to a common type (llama-quantize ... Q4_K_M or "
+                              "Q8_0), or export it as F16")
+    block, size = GGML_QUANT_SIZES[tt]
+    blocks = (shape[0], shape[1] // block * size)
+    if shape[1] % block or tuple(t.data.shape) != blocks:
+        raise CheckpointError(f"{path}: GGUF tensor {t.name!r} says shape {shape} ({blocks} bytes of {tt.name} "
+                              f"blocks) but holds {tuple(t.data.shape)}; the file is corrupt")
+    if tt == GT.Q8_0:
+        return quant.Q8_0Matrix(t.data, shape)
+    if tt == GT.Q4_0:
+        return quant.Q4_0Matrix(t.data, shape)
+    return GGUFMatrix(t.data, shape, tt)
+
+
 def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     """(config, HF-named weights) from a .gguf, memory-mapped and validated like every format: the config through
     the typed parser, every tensor the config requires present with its shape, no tensor of another model, and
     (check_finite) no NaN/Inf, checked tile by tile on the dequantized values of quantized tensors.
-    F32/F16/BF16 tensors become float arrays, Q8_0/Q4_0 tensors quant.Q8_0Matrix/Q4_0Matrix over the mapped bytes
-    (they run quantized: quant.build_llama)."""
-    from gguf import GGMLQuantizationType as GT
-    from gguf.quants import dequantize
+    Nothing is copied: matrices stay in the file's type (see _gguf_weight) and q/k rows are presented in HF order by
+    a RowPermuted view. A type that cannot be read is refused before anything is expanded."""
     path = Path(path)
     reader = _open_gguf(path)
     try:
@@ -344,27 +426,10 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
                                   "run it")
         shape = tuple(int(x) for x in reversed(t.shape))                   # GGUF lists dims fastest-first
         try:
-            if t.tensor_type == GT.F32:
-                w = t.data
-            elif t.tensor_type in (GT.F16, GT.BF16):
-                w = dequantize(t.data, t.tensor_type).astype(F32)
-            elif t.tensor_type == GT.Q8_0:
-                w = quant.Q8_0Matrix(t.data, shape)
-            elif t.tensor_type == GT.Q4_0:
-                w = quant.Q4_0Matrix(t.data, shape)
-            else:
-                raise CheckpointError(f"{path}: GGUF tensor {t.name!r} has type {t.tensor_type.name}, which llama_ref "
-                                      "does not run; re-quantize the model with q8_0 or q4_0 (llama-quantize ... "
-                                      "Q8_0), or export it as F16/F32")
-            if isinstance(w, quant.QuantizedMatrix):             # float shapes are checked by check_weights
-                blocks = quant.stored_parts(w.kind, *shape)["blocks"][1]
-                if w.data.shape != blocks:
-                    raise CheckpointError(f"{path}: GGUF tensor {t.name!r} says shape {shape} ({blocks} bytes of "
-                                          f"blocks) but holds {w.data.shape}; the file is corrupt")
-            if _is_q(name):
-                w = _permute_rows(w, config.n_heads, permute_qk_meta_to_hf)
-            elif _is_k(name):
-                w = _permute_rows(w, config.n_kv_heads, permute_qk_meta_to_hf)
+            w = _gguf_weight(path, t, shape)
+            if (_is_q(name) or _is_k(name)) and len(shape) == 2:
+                heads = config.n_heads if _is_q(name) else config.n_kv_heads
+                w = as_stored(w).take_rows(qk_rows_meta_to_hf(shape[0], heads)) if shape[0] % heads == 0 else w
         except LlamaRefError:
             raise
         except (Exception, MemoryError) as e:                      # noqa: BLE001 - a tensor gguf-py cannot map
@@ -373,11 +438,6 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         weights[name] = w
     check_weights(config, weights, source=path, check_finite=check_finite)
     return config, weights
-
-
-def load_gguf_model(path) -> Llama:
-    """A Llama that runs the GGUF's tensors as they are stored (quantized tensors stay quantized)."""
-    return quant.build_llama(*load_gguf(path))
 
 
 def gguf_summary(path) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ContextLengthError, InputError, NonFiniteWeightsError, ShapeMismatchError, CheckpointError
+from .matrices import as_stored
 from .trace import Trace, tap
 
 F32 = np.float32
@@ -79,6 +80,17 @@ def permute_qk_hf_to_meta(w, n_heads):
     rows, cols = w.shape
     hs = rows // n_heads
     return np.ascontiguousarray(w.reshape(n_heads, 2, hs // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def qk_rows_meta_to_hf(n_rows, n_heads):
+    """The row order permute_qk_meta_to_hf produces, as indices: w_hf = w_meta[perm]. Stored matrices are reordered
+    with it lazily (matrices.RowPermuted), so a memory-mapped q/k is never copied."""
+    return permute_qk_meta_to_hf(np.arange(n_rows)[:, None], n_heads)[:, 0]
+
+
+def qk_rows_hf_to_meta(n_rows, n_heads):
+    """Indices of permute_qk_hf_to_meta: w_meta = w_hf[perm]."""
+    return permute_qk_hf_to_meta(np.arange(n_rows)[:, None], n_heads)[:, 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +189,7 @@ def swiglu(gate, up):
 
 
 def linear(x, w):
-    """x @ W for a packed (in, out) weight; quantized weights bring their own matmul."""
+    """x @ W for a packed (in, out) weight; stored weights (matrices.py, quant.py) bring their own matmul."""
     return x @ w if isinstance(w, np.ndarray) else w.matmul(x)
 
 
@@ -219,9 +231,15 @@ def _as_f32(name, w, transpose=False):
 
 
 class Llama:
-    """A Llama 2 model: config + weights (HF names, HF layout), packed once for a fast float32 forward."""
+    """A Llama 2 model: config + weights (HF names, HF layout), ready for a float32 forward.
 
-    def __init__(self, config: LlamaConfig, weights: dict):
+    A weight may be a float array or any stored matrix (matrices.py: float16/bfloat16 memory maps, quantized blocks):
+    anything with `.matmul(x) -> x @ W.T` is used as it is. pack=True (the fast path for models that fit) turns the
+    float ones into contiguous (in, out) float32 copies once; pack=False keeps every weight as stored, expanded one
+    tile per matmul, so a 7B model runs in the memory its file takes. Quantized weights always stay quantized.
+    """
+
+    def __init__(self, config: LlamaConfig, weights: dict, pack: bool = True):
         self.config = config
         self.weights = weights
         expected = weight_shapes(config)
@@ -233,7 +251,8 @@ class Llama:
             if tuple(weights[name].shape) != shape:
                 raise ShapeMismatchError(f"weight {name!r} has shape {tuple(weights[name].shape)} but the config "
                                          f"requires {shape}: config.json and the weights disagree")
-        self.params = self._pack(weights)
+        self.packed = pack
+        self.params = self._pack(weights, pack)
         self._cos = self._sin = np.zeros((0, config.head_dim // 2), F32)
 
     def rope(self, end):
@@ -253,33 +272,46 @@ class Llama:
     def sin(self):
         return self.rope(self.config.max_seq_len)[1]
 
-    def _pack(self, w):
+    def _pack(self, w, pack):
         cfg = self.config
-        embed = np.asarray(w["model.embed_tokens.weight"])
-        if embed.dtype != F32:
+
+        def matrix(name):                      # (in, out) float32 copy, or the stored matrix used as it is
+            m = w[name]
+            if pack and not getattr(m, "quantized", False):
+                return _as_f32(name, m, transpose=True)
+            return as_stored(m)
+
+        embed = w["model.embed_tokens.weight"]                                     # (V, C): rows are looked up
+        if isinstance(embed, np.ndarray) and embed.dtype == F32:
+            if pack and not np.isfinite(embed).all():
+                _as_f32("model.embed_tokens.weight", embed)  # raises with a count of the bad values
+        elif pack and not getattr(embed, "quantized", False):
             embed = _as_f32("model.embed_tokens.weight", embed)
-        elif not np.isfinite(embed).all():
-            _as_f32("model.embed_tokens.weight", embed)  # raises with a count of the bad values
+        else:
+            embed = as_stored(embed)
         layers = []
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
             layers.append({
                 "attn_norm": _as_f32(p + "input_layernorm.weight", w[p + "input_layernorm.weight"]),
-                "wq": _as_f32(p + "self_attn.q_proj.weight", w[p + "self_attn.q_proj.weight"], transpose=True),
-                "wk": _as_f32(p + "self_attn.k_proj.weight", w[p + "self_attn.k_proj.weight"], transpose=True),
-                "wv": _as_f32(p + "self_attn.v_proj.weight", w[p + "self_attn.v_proj.weight"], transpose=True),
-                "wo": _as_f32(p + "self_attn.o_proj.weight", w[p + "self_attn.o_proj.weight"], transpose=True),
+                "wq": matrix(p + "self_attn.q_proj.weight"),
+                "wk": matrix(p + "self_attn.k_proj.weight"),
+                "wv": matrix(p + "self_attn.v_proj.weight"),
+                "wo": matrix(p + "self_attn.o_proj.weight"),
                 "ffn_norm": _as_f32(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"]),
-                "w_gate": _as_f32(p + "mlp.gate_proj.weight", w[p + "mlp.gate_proj.weight"], transpose=True),
-                "w_up": _as_f32(p + "mlp.up_proj.weight", w[p + "mlp.up_proj.weight"], transpose=True),
-                "w_down": _as_f32(p + "mlp.down_proj.weight", w[p + "mlp.down_proj.weight"], transpose=True),
+                "w_gate": matrix(p + "mlp.gate_proj.weight"),
+                "w_up": matrix(p + "mlp.up_proj.weight"),
+                "w_down": matrix(p + "mlp.down_proj.weight"),
             })
-        head_name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+        if cfg.tie_embeddings and not isinstance(embed, np.ndarray) and not (pack and not embed.quantized):
+            head = embed                                                           # one stored table, two uses
+        else:
+            head = matrix("model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight")
         return {
             "embed": embed,                                                            # (V, C)
             "layers": layers,
             "norm": _as_f32("model.norm.weight", w["model.norm.weight"]),              # (C,)
-            "lm_head": _as_f32(head_name, w[head_name], transpose=True),              # (C, V)
+            "lm_head": head,                                                           # (C, V) packed, or stored
         }
 
     def new_cache(self, batch_size=1, max_len=None) -> KVCache:

@@ -31,6 +31,7 @@ from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError, ShapeMismatchError
 from .files import atomic_dir, check_output
 from .weights import check_layer_count, check_weights
+from .matrices import StoredMatrix
 from .model import Llama, _as_f32, weight_shapes
 
 F32 = np.float32
@@ -109,14 +110,15 @@ def q8_0_split(data):
     """Q8_0 bytes (..., nb*34) -> (d float32 (..., nb, 1), q int8 (..., nb, 32))."""
     b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q8_0_BLOCK_BYTES)
     d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)  # (..., nb, 1)
-    q = np.ascontiguousarray(b[..., 2:]).view(np.int8)                  # (..., nb, 32)
-    return d, q
+    return d, b[..., 2:].view(np.int8)                                  # (..., nb, 32), a view of the bytes
 
 
 def dequantize_q8_0(data):
-    """Q8_0 bytes (..., nb*34) -> float32 (..., nb*32): w = d * q."""
+    """Q8_0 bytes (..., nb*34) -> float32 (..., nb*32): w = d * q (one pass, straight into the output)."""
     d, q = q8_0_split(data)
-    return (q.astype(F32) * d).reshape(*data.shape[:-1], -1)
+    out = np.empty(q.shape, F32)
+    np.multiply(q, d, out=out)
+    return out.reshape(*data.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,14 +148,67 @@ def q4_0_split(data):
     b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q4_0_BLOCK_BYTES)
     d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)
     nib = b[..., 2:]
-    q = np.concatenate([nib & np.uint8(0x0F), nib >> np.uint8(4)], axis=-1).astype(np.int8) - np.int8(8)
+    q = np.concatenate([nib & np.uint8(0x0F), nib >> np.uint8(4)], axis=-1).view(np.int8) - np.int8(8)
     return d, q
 
 
 def dequantize_q4_0(data):
-    """Q4_0 bytes (..., nb*18) -> float32 (..., nb*32): w = d * (q - 8)."""
-    d, q = q4_0_split(data)
-    return (q.astype(F32) * d).reshape(*data.shape[:-1], -1)
+    """Q4_0 bytes (..., nb*18) -> float32 (..., nb*32): w = d * (q - 8), each half of a block written in place."""
+    b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q4_0_BLOCK_BYTES)
+    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)  # (..., nb, 1)
+    nib = b[..., 2:]                                                    # (..., nb, 16)
+    out = np.empty((*b.shape[:-1], QK), F32)
+    np.multiply((nib & np.uint8(0x0F)).view(np.int8) - np.int8(8), d, out=out[..., :QK // 2])   # elements 0..15
+    np.multiply((nib >> np.uint8(4)).view(np.int8) - np.int8(8), d, out=out[..., QK // 2:])    # elements 16..31
+    return out.reshape(*data.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF K-quants (read only): super-blocks of 256 weights in 8 or 16 sub-blocks, each with its own small scale.
+# llama.cpp's Q4_K_M files (the most downloaded GGUF of every Llama 2) are Q4_K with some tensors in Q6_K.
+#   Q4_K  144 bytes = fp16 d | fp16 dmin | 12 bytes: eight 6-bit scales and eight 6-bit mins | 128 bytes of nibbles
+#         w = d * scale_j * q - dmin * min_j, q in [0, 15]; 64 weights per 32 bytes: low nibbles are sub-block 2i,
+#         high nibbles sub-block 2i+1                                                            4.5 bits/weight
+#   Q6_K  210 bytes = 128 bytes low 4 bits | 64 bytes high 2 bits | 16 int8 scales | fp16 d
+#         w = d * scale_j * (q - 32), q in [0, 63], 16 sub-blocks of 16                         6.56 bits/weight
+# (ggml-quants.c dequantize_row_q4_K / _q6_K.) gguf-py decodes every other type; these two are ours because the
+# Q4_K_M mix is the common case and a vectorised decode over whole tiles is what decode speed rests on.
+
+QK_K = 256
+Q4_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES = 144, 210
+
+
+def dequantize_q4_k(data):
+    """Q4_K bytes (..., nb*144) -> float32 (..., nb*256)."""
+    b = np.asarray(data, np.uint8).reshape(-1, Q4_K_BLOCK_BYTES)        # (NB, 144)
+    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16).astype(F32)  # (NB, 1)
+    dmin = np.ascontiguousarray(b[:, 2:4]).view(np.float16).astype(F32)
+    s = b[:, 4:16]                                                      # (NB, 12) packed 6-bit scales and mins
+    sc = np.concatenate([s[:, 0:4] & np.uint8(63), (s[:, 8:12] & np.uint8(15)) | ((s[:, 0:4] >> np.uint8(6)) << np.uint8(4))], 1)
+    mn = np.concatenate([s[:, 4:8] & np.uint8(63), (s[:, 8:12] >> np.uint8(4)) | ((s[:, 4:8] >> np.uint8(6)) << np.uint8(4))], 1)
+    qs = b[:, 16:].reshape(-1, 4, 1, 32)                                # (NB, 4 pairs, 1, 32)
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=2).reshape(-1, 8, 32)   # (NB, 8 sub-blocks, 32)
+    scale = (d * sc.astype(F32))[:, :, None]                            # (NB, 8, 1)
+    offset = (dmin * mn.astype(F32))[:, :, None]
+    out = np.empty(q.shape, F32)
+    np.multiply(q, scale, out=out)
+    out -= offset
+    return out.reshape(*data.shape[:-1], -1)
+
+
+def dequantize_q6_k(data):
+    """Q6_K bytes (..., nb*210) -> float32 (..., nb*256)."""
+    b = np.asarray(data, np.uint8).reshape(-1, Q6_K_BLOCK_BYTES)        # (NB, 210)
+    ql = b[:, 0:128].reshape(-1, 2, 2, 32)                              # (NB, half, 32-chunk, l)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)                            # (NB, half, 1, l)
+    sc = b[:, 192:208].view(np.int8).reshape(-1, 2, 4, 2, 1)            # (NB, half, k, l // 16, 1)
+    d = np.ascontiguousarray(b[:, 208:210]).view(np.float16).astype(F32).reshape(-1, 1, 1, 1, 1)
+    low = np.concatenate([ql & np.uint8(15), ql >> np.uint8(4)], axis=2)            # (NB, 2, 4, 32): k = 0..3
+    high = (qh >> (np.arange(4, dtype=np.uint8) * np.uint8(2))[None, None, :, None]) & np.uint8(3)   # (NB, 2, 4, 32)
+    q = (low | (high << np.uint8(4))).view(np.int8) - np.int8(32)       # (NB, 2, 4, 32) in [-32, 31]
+    out = np.empty((q.shape[0], 2, 4, 2, 16), F32)
+    np.multiply(q.reshape(-1, 2, 4, 2, 16), d * sc.astype(F32), out=out)
+    return out.reshape(*data.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,60 +296,23 @@ def matmul_q8_0_int(x, w_bytes):
 # ------------------------------------------------------------------------------------------------
 # Quantized matrices: what a model holds instead of a float32 (out, in) weight
 
-class QuantizedMatrix:
+class QuantizedMatrix(StoredMatrix):
     """An (out, in) weight held quantized; `.matmul(x) = x @ W.T` dequantizes a tile of rows at a time.
 
     The forward (model.linear) calls .matmul; the embedding lookup calls [ids]. Only the quantized bytes are
-    held: a matmul dequantizes `TILE_FLOATS` floats (4 MB) at a time, uses them and drops them. That costs a
-    dequantization per call (measured in chapter 09), the price of never keeping a float32 copy.
+    held: a matmul dequantizes `matrices.TILE_FLOATS` floats (4 MB) at a time, uses them and drops them (the tile
+    loop is matrices.StoredMatrix's, shared with float16/bfloat16 weights). That costs a dequantization per call
+    (measured in chapter 09), the price of never keeping a float32 copy.
     Subclasses define `_dequantize_rows(rows)` and the arrays they hold (`arrays()`).
     """
-    kind = "?"
-    TILE_FLOATS = 1 << 20
     act_bits = None                       # 8 or 16: activations are quantized per token before the matmul
 
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays().values())
-
-    @property
-    def ndim(self):
-        return 2
-
-    def dequantize(self):
-        """The float32 (out, in) matrix this stands for (a new array; the object does not keep it)."""
-        return self._dequantize_rows(slice(None))
-
-    def __array__(self, dtype=None, copy=None):
-        """np.asarray(qm) expands to float32: lets code that only knows arrays (e.g. Llama()) still work."""
-        w = self.dequantize()
-        return w if dtype is None else w.astype(dtype)
-
-    def __getitem__(self, ids):
-        """Embedding lookup: rows `ids` (any int array shape) -> float32 (*ids.shape, in)."""
-        ids = np.asarray(ids)
-        return self._dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
-
     def matmul(self, x):
-        """x (..., in) -> x @ W.T (..., out), one tile of rows of W dequantized at a time."""
+        """x (..., in) -> x @ W.T (..., out); with act_bits, x is first rounded the way a W4A16/W8A8 engine sends it."""
         x = np.asarray(x, F32)
         if self.act_bits:
             x = fake_quantize_activations(x, self.act_bits)
-        out_dim, in_dim = self.shape
-        x2 = x.reshape(-1, in_dim)                                       # (N, in)
-        out = np.empty((x2.shape[0], out_dim), F32)
-        step = max(1, self.TILE_FLOATS // in_dim)
-        for r0 in range(0, out_dim, step):
-            tile = self._dequantize_rows(slice(r0, min(r0 + step, out_dim)))   # (rows, in) float32, transient
-            out[:, r0:r0 + tile.shape[0]] = x2 @ tile.T
-        return out.reshape(*x.shape[:-1], out_dim)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(shape={self.shape}, {self.bits_per_weight:.3g} bits/weight)"
+        return super().matmul(x)
 
 
 class Q8_0Matrix(QuantizedMatrix):
@@ -428,8 +446,6 @@ def parse_scheme(scheme: str) -> dict:
 
 
 SCHEMES = ["q8_0", "q4_0", "w4a16-g32", "w4a16-g64", "w4a16-g128", "int8-channel"]
-_MATMULS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def tensor_format(name: str, config: LlamaConfig, policy: dict) -> str | None:
@@ -470,58 +486,11 @@ def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_sha
     return out
 
 
-def build_llama(config: LlamaConfig, weights: dict) -> Llama:
-    """A Llama whose params hold quantized matrices as they are (Llama() would expand them to float32).
-
-    Same validation and packing as Llama.__init__: floats are packed as (in, out) float32 copies, quantized
-    matrices are used in place (their .matmul computes x @ W.T from the (out, in) layout they hold).
-    """
-    if not any(isinstance(w, QuantizedMatrix) for w in weights.values()):
-        return Llama(config, weights)
-    for name, shape in weight_shapes(config).items():
-        if name not in weights:
-            raise CheckpointError(f"weight {name!r} is missing from the checkpoint")
-        if tuple(weights[name].shape) != shape:
-            raise ShapeMismatchError(f"weight {name!r} has shape {tuple(weights[name].shape)} but the config "
-                                     f"requires {shape}: config and weights disagree")
-
-    def matmul_weight(name):
-        w = weights[name]
-        return w if isinstance(w, QuantizedMatrix) else _as_f32(name, w, transpose=True)   # (in, out)
-
-    def vector(name):
-        return _as_f32(name, weights[name])
-
-    model = Llama.__new__(Llama)
-    model.config, model.weights = config, weights
-    layers = []
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}."
-        layers.append({
-            "attn_norm": vector(p + "input_layernorm.weight"),
-            "wq": matmul_weight(p + "self_attn.q_proj.weight"),
-            "wk": matmul_weight(p + "self_attn.k_proj.weight"),
-            "wv": matmul_weight(p + "self_attn.v_proj.weight"),
-            "wo": matmul_weight(p + "self_attn.o_proj.weight"),
-            "ffn_norm": vector(p + "post_attention_layernorm.weight"),
-            "w_gate": matmul_weight(p + "mlp.gate_proj.weight"),
-            "w_up": matmul_weight(p + "mlp.up_proj.weight"),
-            "w_down": matmul_weight(p + "mlp.down_proj.weight"),
-        })
-    embed = weights["model.embed_tokens.weight"]
-    if not isinstance(embed, QuantizedMatrix):
-        embed = _as_f32("model.embed_tokens.weight", embed)
-    head_name = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
-    head = embed if config.tie_embeddings and isinstance(embed, QuantizedMatrix) else matmul_weight(head_name)
-    model.params = {"embed": embed, "layers": layers, "norm": vector("model.norm.weight"), "lm_head": head}
-    model._cos = model._sin = np.zeros((0, config.head_dim // 2), F32)          # RoPE tables: built on first use
-    return model
-
-
 def set_integer_dot(model: Llama, on=True) -> Llama:
     """Make every Q8_0 matrix of a model multiply the way llama.cpp's CPU backend does: activations quantized to
     Q8_0, int8 x int8 -> int32 per block (matmul_q8_0_int). Slow in NumPy; for comparisons."""
     for w in model.weights.values():
+        w = getattr(w, "inner", w)                           # q/k of a GGUF: a RowPermuted view of its Q8_0 rows
         if isinstance(w, Q8_0Matrix):
             w.int_dot = on
     return model
@@ -535,7 +504,7 @@ def quantize_model(model_or_weights, scheme: str, config: LlamaConfig | None = N
         if config is None:
             raise QuantizationError("quantize_model(weights, scheme) needs config=LlamaConfig(...) with a weights dict")
         weights = model_or_weights
-    return build_llama(config, quantize_weights(config, weights, scheme, on_bad_shape))
+    return Llama(config, quantize_weights(config, weights, scheme, on_bad_shape))
 
 
 def held_nbytes(model: Llama) -> int:
@@ -704,10 +673,6 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
             weights[name] = W4Matrix(stored[name + ".qweight"], stored[name + ".scales"], act)
     check_weights(config, weights, source=path, check_finite=check_finite)
     return config, weights
-
-
-def load_quantized(path) -> Llama:
-    return build_llama(*load_quantized_weights(path))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corpus, evaluate, paths, train
-from .checkpoint import load_model
+from .loader import read_checkpoint
 from .config import LlamaConfig
 from .files import atomic_file, write_text
 from .model import Llama
@@ -158,7 +158,7 @@ def run(args) -> int:
     log(f"training stream: {len(train_ids):,} tokens in {time.time() - t0:.1f} s")
 
     if args.eval_only:
-        config, weights = load_model(out)
+        config, weights = read_checkpoint(out)
         metrics_prev = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
         history = []
     else:

@@ -27,7 +27,6 @@ turns runs of byte pieces back into UTF-8 (an invalid byte becomes U+FFFD) and d
 from __future__ import annotations
 
 import heapq
-import json
 import re
 import struct
 from pathlib import Path
@@ -144,6 +143,40 @@ def parse_model_proto(data: bytes) -> dict:
     }
 
 
+def _key(number: int, wire: int) -> bytes:
+    return _varint_bytes(number << 3 | wire)
+
+
+def _varint_bytes(v: int) -> bytes:
+    v &= (1 << 64) - 1                                         # a negative int32 as 64-bit two's complement
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _key(number, 2) + _varint_bytes(len(payload)) + payload
+
+
+def proto_from_vocab(pieces, scores, types, unk_id=0, bos_id=1, eos_id=2, add_dummy_prefix=True) -> bytes:
+    """A SentencePiece BPE ModelProto (the bytes of a .model file) for a vocabulary given as lists: what a GGUF file
+    carries in tokenizer.ggml.tokens/scores/token_type (its types are SentencePiece's: 1 normal ... 6 byte).
+    Normalization is Llama 2's: identity, dummy prefix, spaces kept; byte fallback when the 256 byte pieces are there."""
+    body = bytearray()
+    for piece, score, kind in zip(pieces, scores, types):
+        sp = _length_delimited(1, piece.encode("utf-8")) + _key(2, 5) + struct.pack("<f", float(score))
+        body += _length_delimited(1, sp + _key(3, 0) + _varint_bytes(int(kind)))
+    byte_fallback = sum(1 for t in types if int(t) == BYTE) == 256
+    trainer = b"".join(_key(n, 0) + _varint_bytes(v) for n, v in (
+        (3, 2), (4, len(pieces)), (35, int(byte_fallback)), (40, unk_id), (41, bos_id), (42, eos_id), (43, -1)))
+    normalizer = (_length_delimited(1, b"identity") + _key(3, 0) + _varint_bytes(int(add_dummy_prefix))
+                  + _key(4, 0) + _varint_bytes(0) + _key(5, 0) + _varint_bytes(1))
+    return bytes(body + _length_delimited(2, trainer) + _length_delimited(3, normalizer))
+
+
 def _read_model_file(path) -> bytes:
     path = Path(path)
     if path.is_dir():
@@ -167,7 +200,10 @@ def _corrupt(path, why) -> TokenizerError:
 
 def load_model_proto(path) -> dict:
     """Read and parse a .model file; TokenizerError if it is missing or is not a SentencePiece model."""
-    data = _read_model_file(path)
+    return _parse_or_refuse(path, _read_model_file(path))
+
+
+def _parse_or_refuse(path, data: bytes) -> dict:
     try:
         return parse_model_proto(data)
     except (_ProtoError, UnicodeDecodeError, struct.error, TypeError, ValueError, IndexError, RecursionError) as e:
@@ -180,9 +216,9 @@ def load_model_proto(path) -> dict:
 class BPETokenizer:
     """SentencePiece BPE encoding and decoding in plain Python, reading the same .model file."""
 
-    def __init__(self, path=DEFAULT_TOKENIZER):
+    def __init__(self, path=DEFAULT_TOKENIZER, data: bytes | None = None):
         self.path = Path(path)
-        m = load_model_proto(self.path)
+        m = load_model_proto(self.path) if data is None else _parse_or_refuse(self.path, data)
         if m["model_type"] != "bpe":
             raise TokenizerError(f"{self.path} is a SentencePiece {m['model_type']} model; the pure-Python "
                                  f"tokenizer implements BPE (Llama 2's): use impl='sentencepiece'")
@@ -413,18 +449,20 @@ def check_unicode(text: str, what="the text") -> str:
 class Tokenizer:
     """`encode(text, bos, eos) -> ids`, `decode(ids) -> text`, backed by sentencepiece or by BPETokenizer."""
 
-    def __init__(self, path=DEFAULT_TOKENIZER, impl: str = "sentencepiece"):
+    def __init__(self, path=DEFAULT_TOKENIZER, impl: str = "sentencepiece", data: bytes | None = None):
+        """path: a SentencePiece .model; or data: the bytes of one (e.g. proto_from_vocab of a GGUF's vocabulary),
+        with path only naming it in messages."""
         self.path = Path(path) if path is not None else DEFAULT_TOKENIZER
         self.impl = impl
         if impl == "python":
             try:
-                self._bpe = BPETokenizer(self.path)
+                self._bpe = BPETokenizer(self.path, data)
             except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError, RecursionError) as e:
                 raise _corrupt(self.path, e) from None
             self.vocab_size = self._bpe.vocab_size
             self.bos_id, self.eos_id, self.unk_id = self._bpe.bos_id, self._bpe.eos_id, self._bpe.unk_id
         elif impl == "sentencepiece":
-            self._sp = _load_sentencepiece(self.path)
+            self._sp = _load_sentencepiece(self.path, data)
             self.vocab_size = self._sp.vocab_size()
             self.bos_id, self.eos_id, self.unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
         else:
@@ -460,9 +498,10 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, impl={self.impl!r}, vocab_size={self.vocab_size})"
 
 
-def _load_sentencepiece(path: Path):
-    """A SentencePieceProcessor for `path`, with our error messages for a missing or corrupt file."""
-    data = _read_model_file(path)
+def _load_sentencepiece(path: Path, data: bytes | None = None):
+    """A SentencePieceProcessor for `path` (or for `data`, the bytes of a .model), with our error messages for a
+    missing or corrupt file."""
+    data = _read_model_file(path) if data is None else data
     try:
         parse_model_proto(data)       # the library's own error for garbage is an opaque RuntimeError
     except (_ProtoError, UnicodeDecodeError, struct.error, TypeError, ValueError, IndexError, RecursionError) as e:
@@ -474,21 +513,3 @@ def _load_sentencepiece(path: Path):
     except (RuntimeError, OSError) as e:
         raise _corrupt(path, str(e).strip().splitlines()[-1] if str(e).strip() else "sentencepiece refused it") from None
     return sp
-
-
-# ------------------------------------------------------------------------------------------------
-# command line: python -m llama_ref tokenize --text "..." [--json]
-
-def main_tokenize(args) -> int:
-    """Print the ids and pieces of args.text (one JSON object with --json). Used by `python -m llama_ref tokenize`."""
-    tok = Tokenizer(args.tokenizer or DEFAULT_TOKENIZER, impl=args.impl)
-    ids = tok.encode(args.text, bos=args.bos, eos=args.eos)
-    pieces = tok.pieces(ids)
-    if args.json:
-        print(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
-    else:
-        print(f"{len(ids)} tokens ({tok.impl}, {tok.path.name}, vocab {tok.vocab_size})")
-        width = max([len(str(i)) for i in ids] + [2])
-        for i, p in zip(ids, pieces):
-            print(f"{i:>{width}}  {p!r}")
-    return 0

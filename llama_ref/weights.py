@@ -58,10 +58,16 @@ def check_weights(config: LlamaConfig, weights: dict, source=None, check_finite=
             raise ShapeMismatchError(
                 f"tensor {name!r}{src} has shape {got} but config.json requires {shape} {why}: config.json and the "
                 f"weights disagree; use the config.json the weights were saved with (or fix its sizes)")
-        if check_finite and isinstance(weights[name], np.ndarray):
-            check_finite_array(name, weights[name], src)
-        elif check_finite and hasattr(weights[name], "_dequantize_rows"):      # a quantized matrix
-            check_finite_quantized(name, weights[name], src)
+        w = weights[name]
+        stored = getattr(w, "inner", w)                                        # a RowPermuted view's matrix
+        if not check_finite:
+            continue
+        if isinstance(w, np.ndarray):
+            check_finite_array(name, w, src)
+        elif getattr(stored, "kind", None) == "f16":                           # float16 bits: check them as they are
+            check_finite_array(name, stored.data, src)
+        elif hasattr(w, "_dequantize_rows"):                                   # a quantized or bfloat16 matrix
+            check_finite_quantized(name, w, src)
 
 
 def check_layer_count(config: LlamaConfig, names, src="") -> None:

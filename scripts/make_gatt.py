@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from llama_ref import gatt, paths                                    # noqa: E402
-from llama_ref.checkpoint import load_model, save_model              # noqa: E402
+from llama_ref.checkpoint import save_model
+from llama_ref.loader import read_checkpoint              # noqa: E402
 from llama_ref.config import LlamaConfig                             # noqa: E402
 from llama_ref.model import Llama, weight_shapes                     # noqa: E402
 from llama_ref.tokenizer import Tokenizer                            # noqa: E402
@@ -182,14 +183,14 @@ def main(argv=None) -> int:
         if not (Path(args.base) / "config.json").exists():
             print(f"error: the base model {args.base} does not exist: train it first (`make model`)", file=sys.stderr)
             return 2
-        config, weights = load_model(args.base)
+        config, weights = read_checkpoint(args.base)
         weights = {k: np.array(v, np.float32) for k, v in weights.items()}
     log(f"base: {config.n_params() / 1e6:.2f}M parameters, context {config.max_seq_len}")
     max_len = config.max_seq_len
 
     # 1. baseline SFT ---------------------------------------------------------------------------------
     if args.reuse_baseline and (base_dir / "config.json").exists():
-        config, weights = load_model(base_dir)
+        config, weights = read_checkpoint(base_dir)
         weights = {k: np.array(v, np.float32) for k, v in weights.items()}
         sft_data = gatt.baseline_sft_data(tok, args.sft_examples, seed=args.seed, max_len=max_len)
         sft_metrics = json.loads((base_dir / "metrics.json").read_text()) if (base_dir / "metrics.json").exists() else {}

@@ -294,7 +294,7 @@ def chat_model_dir(tmp_path_factory, tok):
 
 
 def test_cli_answers_a_json_dialogue_on_stdin(chat_model_dir, tok):
-    from llama_ref.checkpoint import load_model
+    from llama_ref.loader import read_checkpoint
     from llama_ref.model import Llama
     dialog = [{"role": "user", "content": "What pet does Mia have?"}]
     r = run_cli("--model", chat_model_dir, "--system", "You love the beach.", "--temperature", 0, "--json",
@@ -303,7 +303,7 @@ def test_cli_answers_a_json_dialogue_on_stdin(chat_model_dir, tok):
     out = json.loads(r.stdout)
     expected_prompt = format_dialog([{"role": "system", "content": "You love the beach."}] + dialog, tok)
     assert out["prompt_ids"] == expected_prompt and out["role"] == "assistant"
-    model = Llama(*load_model(chat_model_dir))
+    model = Llama(*read_checkpoint(chat_model_dir))
     text, res, _ = reply(model, tok, [{"role": "system", "content": "You love the beach."}] + dialog,
                          max_new_tokens=6, temperature=0.0)
     assert out["ids"] == res.ids and out["content"] == text

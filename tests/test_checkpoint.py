@@ -12,8 +12,11 @@ import pytest
 
 from llama_ref import checkpoint as ck
 from llama_ref import weights as weights_mod
-from llama_ref.checkpoint import (bf16_to_f32, check_weights, estimate_float32_bytes, load_llama2c, load_model,
-                                  read_safetensors, save_llama2c, save_model, save_safetensors)
+from llama_ref import loader
+from llama_ref.checkpoint import (check_weights, load_llama2c, read_safetensors, save_llama2c, save_model,
+                                  save_safetensors)
+from llama_ref.loader import read_checkpoint
+from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
 from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.errors import CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError
 from llama_ref.model import permute_qk_hf_to_meta, weight_shapes
@@ -31,8 +34,9 @@ def random_weights(cfg, seed=0):
 def assert_same(got, want):
     assert list(got) == list(want)
     for k in want:
-        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        g = np.asarray(got[k])                # stored matrices (bfloat16, q/k in a RowPermuted view) expand to float32
+        assert g.dtype == np.float32 and g.shape == want[k].shape, k
+        np.testing.assert_array_equal(g, want[k], err_msg=k)
 
 
 def write_raw_safetensors(path, header, data: bytes, pad=True):
@@ -55,7 +59,7 @@ def test_hf_round_trip_is_exact(tmp_path, cfg):
     assert names == ["config.json", "generation_config.json", "model.safetensors"]
     assert json.loads((tmp_path / "m" / "generation_config.json").read_text()) == {"bos_token_id": 1,
                                                                                   "eos_token_id": 2}
-    config, got = load_model(tmp_path / "m")
+    config, got = read_checkpoint(tmp_path / "m")
     assert config == cfg
     assert_same(got, w)
     assert ("lm_head.weight" in got) == (not cfg.tie_embeddings)
@@ -75,7 +79,7 @@ def test_sharded_round_trip(tmp_path):
     for s in shards:                                           # each shard respects the limit (no tensor exceeds it)
         tensors, _ = read_safetensors(d / s)
         assert sum(a.nbytes for a in tensors.values()) <= limit
-    config, got = load_model(d)
+    config, got = read_checkpoint(d)
     assert config == GQA
     assert_same(got, w)
 
@@ -84,7 +88,7 @@ def test_loaded_arrays_are_views_of_the_file(tmp_path):
     """Proof of memory mapping: the arrays are np.memmap views, and changing the file's bytes changes them."""
     w = random_weights(GQA)
     save_model(tmp_path / "m", GQA, w)
-    _, got = load_model(tmp_path / "m")
+    _, got = read_checkpoint(tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     norm = got["model.norm.weight"]
     assert isinstance(norm, np.memmap) and os.path.samefile(norm.filename, f)
@@ -102,10 +106,10 @@ def test_saving_over_a_loaded_model_keeps_the_old_arrays_valid(tmp_path):
     """os.replace swaps in a new file; the memory-mapped old one is never written into."""
     w, w2 = random_weights(GQA, 0), random_weights(GQA, 1)
     save_model(tmp_path / "m", GQA, w)
-    _, old = load_model(tmp_path / "m")
+    _, old = read_checkpoint(tmp_path / "m")
     save_model(tmp_path / "m", GQA, w2)
     assert_same(old, w)
-    assert_same(load_model(tmp_path / "m")[1], w2)
+    assert_same(read_checkpoint(tmp_path / "m")[1], w2)
 
 
 def test_save_over_existing_dir_keeps_user_files_and_drops_stale_shards(tmp_path):
@@ -189,8 +193,13 @@ def test_bf16_is_converted_to_float32_exactly(tmp_path):
     f = write_raw_safetensors(tmp_path / "bf.safetensors",
                               {"x": {"dtype": "BF16", "shape": [5], "data_offsets": [0, 10]}}, bits.tobytes())
     got, _ = read_safetensors(f)
-    assert got["x"].dtype == np.float32
+    assert got["x"].dtype == np.float32                       # a vector (a norm) becomes float32
     np.testing.assert_array_equal(got["x"], want)
+    f = write_raw_safetensors(tmp_path / "bf2.safetensors",
+                              {"x": {"dtype": "BF16", "shape": [1, 5], "data_offsets": [0, 10]}}, bits.tobytes())
+    got, _ = read_safetensors(f)
+    assert isinstance(got["x"], BFloat16Matrix) and isinstance(got["x"].data, np.memmap)   # a matrix stays bf16
+    np.testing.assert_array_equal(got["x"].dequantize(), want[None])
 
 
 def test_hf_dir_in_bf16_f16_f64_loads_as_float(tmp_path):
@@ -210,13 +219,14 @@ def test_hf_dir_in_bf16_f16_f64_loads_as_float(tmp_path):
         header[k] = {"dtype": "BF16", "shape": list(w_bf[k].shape), "data_offsets": [pos, pos + len(b)]}
         data, pos = data + b, pos + len(b)
     write_raw_safetensors(d / "model.safetensors", header, data)
-    _, got = load_model(d)
+    _, got = read_checkpoint(d)
     assert_same(got, w_bf)
     st.save_file({k: v.astype(np.float16) for k, v in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
-    _, got16 = load_model(d)
+    _, got16 = read_checkpoint(d)
     assert got16["model.norm.weight"].dtype == np.float16 and isinstance(got16["model.norm.weight"], np.memmap)
+    assert isinstance(got["model.layers.0.mlp.up_proj.weight"], BFloat16Matrix)
     st.save_file({k: v.astype(np.float64) for k, v in w.items()}, d / "model.safetensors", metadata={"format": "pt"})
-    _, got64 = load_model(d)
+    _, got64 = read_checkpoint(d)
     assert_same(got64, w)                                     # float32 -> float64 -> float32 is exact
 
 
@@ -269,7 +279,7 @@ def test_truncated_model_file_names_file_and_tensor(tmp_path):
     f = tmp_path / "m" / "model.safetensors"
     os.truncate(f, f.stat().st_size - 100)
     with pytest.raises(CheckpointError, match="'lm_head.weight' ends at .* truncated; re-download"):
-        load_model(tmp_path / "m")
+        read_checkpoint(tmp_path / "m")
 
 
 def test_broken_shard_index(tmp_path):
@@ -279,12 +289,12 @@ def test_broken_shard_index(tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     (d / first).rename(d / "moved.safetensors")
     with pytest.raises(CheckpointError, match=f"lists shard {first} but .* does not exist"):
-        load_model(d)
+        read_checkpoint(d)
     (d / "moved.safetensors").rename(d / first)
     index["weight_map"]["model.norm.weight"] = first           # the index now lies about where a tensor is
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="index is out of date|shards and the index disagree"):
-        load_model(d)
+        read_checkpoint(d)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +304,7 @@ def test_config_and_weights_disagree_on_shape(tmp_path):
     save_model(tmp_path / "m", GQA, random_weights(GQA))
     GQA.replace(hidden_dim=64).save(tmp_path / "m" / "config.json")
     with pytest.raises(ShapeMismatchError) as e:
-        load_model(tmp_path / "m")
+        read_checkpoint(tmp_path / "m")
     msg = str(e.value)
     assert "'model.layers.0.mlp.gate_proj.weight'" in msg and "(48, 32)" in msg and "(64, 32)" in msg
     assert "config.json and the weights disagree" in msg and "intermediate_size" in msg
@@ -304,7 +314,7 @@ def test_vocab_mismatch_names_embedding(tmp_path):
     save_model(tmp_path / "m", GQA, random_weights(GQA))
     GQA.replace(vocab_size=41).save(tmp_path / "m" / "config.json")
     with pytest.raises(ShapeMismatchError, match="'model.embed_tokens.weight' .* \\(40, 32\\) .* \\(41, 32\\)"):
-        load_model(tmp_path / "m")
+        read_checkpoint(tmp_path / "m")
 
 
 def test_nan_weight_is_named(tmp_path):
@@ -317,8 +327,8 @@ def test_nan_weight_is_named(tmp_path):
     save_safetensors(d / "model.safetensors", w)              # the low-level writer does not validate
     with pytest.raises(NonFiniteWeightsError, match="'model.layers.1.self_attn.v_proj.weight' .* 2 NaN/Inf values "
                                                     "\\(first at index \\(3, 5\\)\\)"):
-        load_model(d)
-    cfg, got = load_model(d, check_finite=False)              # opt-out for inspecting a broken checkpoint
+        read_checkpoint(d)
+    cfg, got = read_checkpoint(d, check_finite=False)              # opt-out for inspecting a broken checkpoint
     assert np.isnan(got["model.layers.1.self_attn.v_proj.weight"][4, 0])
 
 
@@ -335,7 +345,7 @@ def test_untied_config_without_lm_head(tmp_path):
     save_model(tmp_path / "m", tied, random_weights(tied))
     GQA.save(tmp_path / "m" / "config.json")                  # now says untied
     with pytest.raises(CheckpointError, match="'lm_head.weight' is missing .*tie_word_embeddings=false"):
-        load_model(tmp_path / "m")
+        read_checkpoint(tmp_path / "m")
 
 
 def test_tied_config_ignores_lm_head_and_inv_freq(tmp_path):
@@ -346,7 +356,7 @@ def test_tied_config_ignores_lm_head_and_inv_freq(tmp_path):
     tied = GQA.replace(tie_embeddings=True)
     tied.save(d / "config.json")
     save_safetensors(d / "model.safetensors", w)
-    cfg, got = load_model(d)
+    cfg, got = read_checkpoint(d)
     assert cfg.tie_embeddings and set(got) == set(weight_shapes(tied))
 
 
@@ -376,10 +386,12 @@ def test_meta_names_get_a_conversion_hint():
 def test_llama2c_round_trip(tmp_path, cfg, version):
     w = random_weights(cfg)
     f = save_llama2c(tmp_path / "m.bin", cfg, w, version=version)
-    config, got = load_model(f)
+    config, got = read_checkpoint(f)
     assert config == cfg
     assert_same(got, w)
-    assert isinstance(got["model.layers.0.mlp.down_proj.weight"], np.memmap)    # views, except permuted q/k
+    assert isinstance(got["model.layers.0.mlp.down_proj.weight"], np.memmap)    # views of the file
+    q = got["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q, RowPermuted) and isinstance(q.inner.data, np.memmap)   # q/k too: reordered, not copied
 
 
 def test_llama2c_v0_byte_layout(tmp_path):
@@ -426,27 +438,27 @@ def test_llama2c_truncated_or_padded(tmp_path):
     size = f.stat().st_size
     os.truncate(f, size - 4)
     with pytest.raises(CheckpointError, match=f"implies {size} bytes but the file has {size - 4}: it is truncated"):
-        load_model(f)
+        read_checkpoint(f)
     with open(f, "ab") as fh:
         fh.write(bytes(12))
     with pytest.raises(CheckpointError, match="longer than its header says"):
-        load_model(f)
+        read_checkpoint(f)
 
 
 def test_llama2c_bad_headers(tmp_path):
     f = tmp_path / "m.bin"
     f.write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="too short for a llama2.c header"):
-        load_model(f)
+        read_checkpoint(f)
     f.write_bytes(struct.pack("<7i", 30, 64, 2, 4, 4, 32, 16) + bytes(100))     # 30 % 4 != 0
     with pytest.raises(CheckpointError, match="does not describe a Llama model"):
-        load_model(f)
+        read_checkpoint(f)
     f.write_bytes(struct.pack("<Ii7iBi", 0x616B3432, 2, 32, 48, 2, 4, 2, 40, 16, 1, 64).ljust(256, b"\0"))
     with pytest.raises(CheckpointError, match="version-2 \\(Q8_0"):
-        load_model(f)
+        read_checkpoint(f)
     f.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(CheckpointError, match="PyTorch zip"):
-        load_model(f)
+        read_checkpoint(f)
 
 
 def test_llama2c_refuses_configs_it_cannot_store(tmp_path):
@@ -460,52 +472,58 @@ def test_llama2c_refuses_configs_it_cannot_store(tmp_path):
 
 def test_load_model_dispatch_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist; give an HF model directory"):
-        load_model(tmp_path / "nope")
+        read_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="has no config.json"):
-        load_model(tmp_path)
+        read_checkpoint(tmp_path)
     GQA.save(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        load_model(tmp_path)
+        read_checkpoint(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"PK")
     with pytest.raises(CheckpointError, match="PyTorch pickle"):
-        load_model(tmp_path)
+        read_checkpoint(tmp_path)
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
-        load_model(tmp_path / "x.txt")
+        read_checkpoint(tmp_path / "x.txt")
 
 
 def test_gguf_dispatch(tmp_path, monkeypatch):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(20))
-    import sys
-    import types
-    fake = types.ModuleType("llama_ref.gguf_io")
-    fake.load_gguf = lambda path, check_finite=True: ("called", path)
-    monkeypatch.setitem(sys.modules, "llama_ref.gguf_io", fake)
-    assert load_model(f) == ("called", f)
+    monkeypatch.setattr(loader.gguf_io, "load_gguf", lambda path, check_finite=True: ("called", path))
+    assert read_checkpoint(f) == ("called", f)
 
 
 def test_safetensors_file_path_loads_its_directory(tmp_path):
     w = random_weights(GQA)
     save_model(tmp_path / "m", GQA, w)
-    assert_same(load_model(tmp_path / "m" / "model.safetensors")[1], w)
+    assert_same(read_checkpoint(tmp_path / "m" / "model.safetensors")[1], w)
 
 
-def test_memory_estimate_and_check(tmp_path, monkeypatch):
-    # Llama 2 7B has 6,738,415,616 parameters (untied): ~25.1 GiB as float32
-    assert estimate_float32_bytes(PRESETS["llama2-7b"]) == 6_738_415_616 * 4
+def test_memory_plan_packs_what_fits_and_refuses_what_cannot(tmp_path, monkeypatch):
+    # Llama 2 7B has 6,738,415,616 parameters (untied): packing every float matrix makes ~25.1 GiB of float32 copies
+    cfg7 = PRESETS["llama2-7b"]
+    f16 = {n: np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), s, (0,) * len(s))
+           for n, s in weight_shapes(cfg7).items()}                  # the shapes of a float16 7B, no memory
+    assert loader.packed_bytes(cfg7, f16) == (6_738_415_616 - cfg7.dim * (2 * cfg7.n_layers + 1)) * 4
+    monkeypatch.setattr(loader, "available_ram_bytes", lambda: 24 * 2 ** 30)
+    plan = loader.plan_memory(cfg7, f16, n_tokens=36)
+    assert plan.path == "as stored" and plan.anonymous_bytes < 1 * 2 ** 30     # KV cache of 256 positions: 128 MiB
+    assert plan.kv_cache_bytes == 2 * 32 * 32 * 256 * 128 * 4
+    with pytest.raises(loader.MemoryBudgetError, match=r"needs ~2.*GiB of memory with float32 copies .* more than the 24.0 GiB"):
+        loader.plan_memory(cfg7, f16, n_tokens=36, pack="always")
+    with pytest.raises(loader.MemoryBudgetError, match=r"even with its weights left as stored .* ask for fewer tokens"):
+        loader.plan_memory(cfg7, f16, n_tokens=4096 * 8, pack="never")     # a 32k-token prefill's scores
     save_model(tmp_path / "m", GQA, random_weights(GQA))
-    monkeypatch.setattr(ck, "available_ram_bytes", lambda: 1000)
-    with pytest.raises(CheckpointError, match="needs ~0.0 GiB .* this machine has 0.0 GiB available; use a quantized "
-                                              "GGUF or a smaller model"):
-        load_model(tmp_path / "m")
-    load_model(tmp_path / "m", check_memory=False)
-    monkeypatch.setattr(ck, "available_ram_bytes", lambda: estimate_float32_bytes(GQA))
-    load_model(tmp_path / "m")
+    assert loader.load(tmp_path / "m").memory.path == "packed"
+    model = loader.load(tmp_path / "m", pack="never")
+    assert model.memory.path == "as stored" and not model.packed
+    monkeypatch.setattr(loader, "available_ram_bytes", lambda: 1000)
+    with pytest.raises(loader.MemoryBudgetError, match="more than the 0.0 GiB available"):
+        loader.load(tmp_path / "m")
 
 
 def test_available_ram_reads_meminfo():
-    have = ck.available_ram_bytes()
+    have = loader.available_ram_bytes()
     if os.path.exists("/proc/meminfo"):
         assert isinstance(have, int) and have > 0
     else:

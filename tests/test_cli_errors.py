@@ -193,8 +193,8 @@ def test_misleading_messages_say_what_is_wrong(model_dir, tmp_path):
 def test_gguf_is_validated(model_dir, tmp_path):
     """A GGUF with NaN weights or a config that disagrees with its tensors is refused, and nothing is exported."""
     from llama_ref import gguf_io
-    from llama_ref.checkpoint import load_model
-    config, weights = load_model(model_dir)
+    from llama_ref.loader import read_checkpoint
+    config, weights = read_checkpoint(model_dir)
     weights = dict(weights)
     w = np.array(weights["model.layers.0.mlp.up_proj.weight"])
     w[0, 0] = np.nan

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 
 
 def test_train_cli_writes_a_loadable_measured_model(tmp_path):
@@ -13,7 +13,7 @@ def test_train_cli_writes_a_loadable_measured_model(tmp_path):
                         "--batch-size", "2", "--seq-len", "32", "--tokens", "20000", "--warmup", "1", "--quick"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    config, weights = load_model(out)
+    config, weights = read_checkpoint(out)
     assert config.n_kv_heads < config.n_heads and config.max_seq_len >= 512        # GQA, long context
     m = json.loads((out / "metrics.json").read_text())
     for key in ("val_loss", "test_loss", "unigram_loss", "bigram_loss", "grammar_valid_share", "qa_accuracy",

@@ -100,11 +100,9 @@ def bounded(fn, *args, timeout=TIME_LIMIT):
 
 def load_and_build(path):
     """What every command does with --model: load (validated) and build the model, then run one token."""
-    from llama_ref.checkpoint import load_model
-    from llama_ref import quant
-    config, weights = load_model(path)
-    model = quant.build_llama(config, weights)
-    model.forward([config.bos_id])
+    from llama_ref.loader import load
+    model = load(path)
+    model.forward([model.config.bos_id])
 
 
 def assert_clean(kind, mutation, result):
@@ -378,12 +376,12 @@ def test_gguf_metadata(tmp_path, key, value):
 
 def test_gguf_is_validated_like_every_format(tmp_path):
     """NaN weights, a missing tensor and a config that disagrees with the shapes are errors, not a model."""
-    from llama_ref.checkpoint import load_model
+    from llama_ref.loader import read_checkpoint
     cases = {"nan": _gguf_with(tmp_path / "nan.gguf", None, None, nan=True),
              "missing": _gguf_with(tmp_path / "missing.gguf", None, None, drop="blk.1.ffn_up.weight"),
              "shape": _gguf_with(tmp_path / "shape.gguf", "llama.feed_forward_length", 96)}
     for what, p in cases.items():
-        status, detail = bounded(lambda q=p: load_model(q))
+        status, detail = bounded(lambda q=p: read_checkpoint(q))
         assert status == "llamaref", f"{what}: {status} {detail}"
 
 
@@ -433,7 +431,7 @@ def test_chat_dialogs(dialog):
 
     def use():
         tok = Tokenizer(paths.DEFAULT_TOKENIZER)
-        chat.format_dialog(chat._read_dialog_json(json.dumps(dialog)), tok)
+        chat.format_dialog(chat.read_dialog_json(json.dumps(dialog)), tok)
     assert_clean("chat json", repr(dialog)[:80], bounded(use))
 
 

@@ -222,13 +222,13 @@ def test_make_gatt_tiny_runs_end_to_end(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    from llama_ref.checkpoint import load_model
+    from llama_ref.loader import read_checkpoint
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_gatt.py"
     r = subprocess.run([sys.executable, str(script), "--tiny", "--out-dir", str(tmp_path)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for name in ("tinyworld-chat", "tinyworld-gatt"):
-        load_model(tmp_path / name)
+        read_checkpoint(tmp_path / name)
         assert "Instruction adherence per turn" in (tmp_path / name / "README.md").read_text()   # the model card
     ev = json.loads((tmp_path / "tinyworld-gatt" / "gatt_eval.json").read_text())
     assert ev["turns"] == list(range(1, len(ev["baseline"]) + 1)) and len(ev["gatt"]) == len(ev["turns"])

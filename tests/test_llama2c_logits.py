@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from llama_ref import paths
-from llama_ref.checkpoint import load_model, save_llama2c
+from llama_ref.checkpoint import save_llama2c
+from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 
 MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
@@ -22,9 +23,9 @@ def llama2c_compatible(name):
 
 @pytest.mark.parametrize("name", [n for n in MANIFEST["configs"] if llama2c_compatible(n)])
 def test_llama2c_bin_matches_hf_dir_and_transformers(name, tmp_path):
-    config, weights = load_model(paths.REFERENCE_DIR / name)
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / name)
     save_llama2c(tmp_path / "model.bin", config, weights)
-    config_bin, weights_bin = load_model(tmp_path / "model.bin")
+    config_bin, weights_bin = read_checkpoint(tmp_path / "model.bin")
     ref = np.load(paths.REFERENCE_DIR / f"{name}.npz")
     tokens = ref["tokens"]
     ours_hf = Llama(config, weights).forward(tokens)
@@ -37,7 +38,7 @@ def test_llama2c_bin_matches_hf_dir_and_transformers(name, tmp_path):
 def test_wrong_layout_is_caught(tmp_path):
     """If the loader forgot the permutation, the logits would be far off: show the test can fail."""
     name = next(n for n in MANIFEST["configs"] if llama2c_compatible(n))
-    config, weights = load_model(paths.REFERENCE_DIR / name)
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / name)
     ref = np.load(paths.REFERENCE_DIR / f"{name}.npz")
     from llama_ref.model import permute_qk_hf_to_meta
     meta = dict(weights)

@@ -5,7 +5,7 @@ from matplotlib.figure import Figure
 
 from llama_ref import paths, plots
 from llama_ref.errors import InputError
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 from llama_ref.inspect import logit_lens, residual_stream
 from llama_ref.trace import Trace
@@ -13,7 +13,7 @@ from llama_ref.trace import Trace
 
 @pytest.fixture(scope="module")
 def traced():
-    config, weights = load_model(paths.REFERENCE_DIR / "gqa")
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / "gqa")
     model = Llama(config, weights)
     tokens = np.load(paths.REFERENCE_DIR / "gqa.npz")["tokens"][:, :12]
     trace = Trace()

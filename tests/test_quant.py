@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as GT  # noqa: E402
 from llama_ref import quant as Q  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.errors import QuantizationError, ShapeMismatchError, CheckpointError, OutputError  # noqa: E402
+from llama_ref.loader import load  # noqa: E402
 from llama_ref.model import Llama, weight_shapes  # noqa: E402
 
 CFG = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=96, max_seq_len=48)
@@ -282,7 +283,7 @@ def test_build_llama_validates_shapes(model):
     w = Q.quantize_weights(CFG, model.weights, "q8_0")
     w["model.layers.1.self_attn.v_proj.weight"] = Q.Q8_0Matrix.quantize(np.zeros((CFG.dim, CFG.dim), np.float32))
     with pytest.raises(ShapeMismatchError):
-        Q.build_llama(CFG, w)
+        Llama(CFG, w)
 
 
 def test_tied_embeddings_share_one_quantized_tensor():
@@ -296,7 +297,7 @@ def test_save_load_quantized_dir(model, tmp_path, scheme):
     qm = Q.quantize_model(model, scheme)
     out = Q.save_quantized(tmp_path / "m", qm, scheme)
     assert Q.is_quantized_dir(out)
-    back = Q.load_quantized(out)
+    back = load(out)
     tokens = np.arange(10) % CFG.vocab_size
     np.testing.assert_array_equal(back.forward(tokens), qm.forward(tokens))
     assert Q.held_nbytes(back) == Q.held_nbytes(qm)
@@ -318,10 +319,10 @@ def test_requantizing_same_format_keeps_bytes(model):
 def test_bytes_identical_on_the_embedded_model():
     """Byte identity on a trained model's weights too (the embedded model, when it has been trained)."""
     from llama_ref import paths
-    from llama_ref.checkpoint import load_model
+    from llama_ref.loader import read_checkpoint
     if not (paths.DEFAULT_MODEL / "config.json").exists():
         pytest.skip("the embedded model data/models/tinyworld is not there yet")
-    _, weights = load_model(paths.DEFAULT_MODEL)
+    _, weights = read_checkpoint(paths.DEFAULT_MODEL)
     for name, w in weights.items():
         if np.ndim(w) == 2:
             w = np.asarray(w, np.float32)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llama_ref import paths
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 from llama_ref.inspect import compare, format_table
 from llama_ref.trace import Trace
@@ -40,7 +40,7 @@ def test_every_reference_config_is_there():
 @pytest.fixture(scope="module", params=NAMES)
 def case(request):
     name = request.param
-    config, weights = load_model(paths.REFERENCE_DIR / name)
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / name)
     ref = dict(np.load(paths.REFERENCE_DIR / f"{name}.npz"))
     return name, Llama(config, weights), ref
 
@@ -69,7 +69,7 @@ def test_kv_cache_decode_matches_full_forward(name):
     kernels and summation orders; measured 5e-6..8.5e-6 absolute on these configs, too close to a flat 1e-5
     to survive another CPU. Mixing up cache positions or RoPE offsets gives errors of order 1.
     """
-    config, weights = load_model(paths.REFERENCE_DIR / name)
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / name)
     ref = np.load(paths.REFERENCE_DIR / f"{name}.npz")
     model, tokens = Llama(config, weights), ref["tokens"]
     full = model.forward(tokens)                                                  # (B, T, V)
@@ -110,7 +110,7 @@ def test_embedded_model_matches_transformers_on_real_text():
     assert hashlib.sha256((paths.DEFAULT_MODEL / "model.safetensors").read_bytes()).hexdigest() == entry["model_sha256"], \
         "the embedded model changed since its fixture was written: run make reference"
     ref = dict(np.load(fixture))
-    config, weights = load_model(paths.DEFAULT_MODEL)
+    config, weights = read_checkpoint(paths.DEFAULT_MODEL)
     trace = Trace(*[k for k in ref if k != "tokens"])
     logits = Llama(config, weights).forward(ref["tokens"], trace=trace)
     rows = compare(trace, {k: v for k, v in ref.items() if k != "tokens"})

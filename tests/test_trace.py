@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llama_ref import paths
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError, OutputError
 from llama_ref.model import Llama, weight_shapes
@@ -36,7 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def gqa():
-    config, weights = load_model(GQA)
+    config, weights = read_checkpoint(GQA)
     return Llama(config, weights), dict(np.load(paths.REFERENCE_DIR / "gqa.npz"))
 
 

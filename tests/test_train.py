@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from llama_ref import paths, train
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError, LlamaRefError
 from llama_ref.model import Llama, rope_freqs
@@ -32,7 +32,7 @@ def rel_err(a, b):
 @pytest.fixture(scope="module", params=GRAD_NAMES)
 def case(request):
     name = request.param
-    config, weights = load_model(paths.REFERENCE_DIR / name)
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / name)
     params = {k: np.array(v, np.float32) for k, v in weights.items()}
     return name, config, params, dict(np.load(paths.REFERENCE_DIR / f"grads_{name}.npz"))
 
@@ -77,7 +77,7 @@ def test_adamw_on_torch_gradients_matches_torch_optimizer():
     """Our clipping + AdamW, fed torch's own gradients at each step, reproduce torch's parameters.
 
     This isolates the optimizer: float32 rounding only (measured ~1e-7 of scale)."""
-    config, weights = load_model(paths.REFERENCE_DIR / "gqa")
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / "gqa")
     ref = np.load(paths.REFERENCE_DIR / "grads_gqa.npz")
     hp = MANIFEST["configs"]["gqa"]["grads"]["adamw"]
     params = {k: np.array(v, np.float32) for k, v in weights.items()}

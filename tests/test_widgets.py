@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llama_ref import paths, widgets
-from llama_ref.checkpoint import load_model
+from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError
 from llama_ref.model import Llama, apply_rope_meta, rope_freqs, weight_shapes
@@ -14,7 +14,7 @@ from llama_ref.trace import Trace
 
 @pytest.fixture(scope="module")
 def gqa():
-    config, weights = load_model(paths.REFERENCE_DIR / "gqa")
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / "gqa")
     ref = dict(np.load(paths.REFERENCE_DIR / "gqa.npz"))
     trace = Trace("*.attn.probs")
     Llama(config, weights).forward(ref["tokens"], trace=trace)
