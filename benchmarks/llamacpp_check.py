@@ -7,7 +7,9 @@ For each file type (F32, F16, Q8_0, Q4_0) the model is exported with gguf_io.sav
 llama.cpp with an F32 KV cache, and evaluated on the same tokens; printed: max |llama.cpp - ours| relative to the largest
 logit, top-1 agreement and KL. F32 must agree to float32 rounding (that checks names, metadata, the Meta q/k layout and
 the shapes). For F16/Q8_0/Q4_0, llama.cpp also rounds the *activations* (to f16, or to Q8_0 blocks for the integer dot
-product), so the gap is of the size of the quantization error itself.
+product), so the gap is of the size of the quantization error itself. Last, a random-weight model in llama.cpp's Q4_K_M
+mix (synthetic.write_gguf: Q4_K, Q6_K): once as we run it, once with llama.cpp's Q8_K activation rounding reproduced
+(quant.set_integer_dot), which must agree to float32 rounding.
 
 Intel CPUs with AMX (Sapphire Rapids and later): a llama-cpp-python built natively there crashes with a segmentation
 fault in llama.cpp's AMX matmul (ggml_backend_amx_mul_mat, upstream bug ggml-org/llama.cpp#20824). Each file runs in
@@ -45,10 +47,12 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def llamacpp_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
-    """(T, V) float32 logits of llama.cpp on `tokens`, computed in a child process (see `worker`)."""
+def llamacpp_logits(gguf_path: Path, tokens: list[int], one_by_one=False) -> np.ndarray:
+    """(T, V) float32 logits of llama.cpp on `tokens`, computed in a child process (see `worker`). one_by_one feeds
+    the tokens one at a time (decoding: llama.cpp's vec_dot kernels) instead of as one batch (its GEMM kernels)."""
     out = gguf_path.with_suffix(".logits.npy")
-    cmd = [sys.executable, __file__, "--worker", str(gguf_path), str(out), ",".join(map(str, tokens))]
+    cmd = [sys.executable, __file__, "--worker", str(gguf_path), str(out), ",".join(map(str, tokens)),
+           "1" if one_by_one else "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode < 0:                                              # killed by a signal: a crash in C++
         sig = -proc.returncode
@@ -60,21 +64,23 @@ def llamacpp_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
     return np.load(out)
 
 
-def worker(gguf_path: str, out: str, tokens: str) -> int:
+def worker(gguf_path: str, out: str, tokens: str, one_by_one: str = "0") -> int:
     """Child process: load the GGUF in llama.cpp with an F32 KV cache, evaluate, save all logits."""
     from llama_cpp import Llama as LlamaCpp
     ids = [int(t) for t in tokens.split(",")]
     n = len(ids)
     llm = LlamaCpp(model_path=gguf_path, n_ctx=max(64, n), n_batch=max(64, n), logits_all=True, verbose=False,
                    type_k=0, type_v=0)                                       # GGML_TYPE_F32 KV cache
-    llm.eval(ids)
+    for chunk in ([[t] for t in ids] if one_by_one == "1" else [ids]):
+        llm.eval(chunk)
     np.save(out, np.array(llm.scores[:n], dtype=np.float32))
     return 0
 
 
 def main(argv=None):
-    from llama_ref import paths, quant as Q, gguf_io as G
-    from llama_ref.loader import read_checkpoint
+    from llama_ref import paths, quant as Q, gguf_io as G, synthetic
+    from llama_ref.config import LlamaConfig
+    from llama_ref.loader import load, read_checkpoint
     from llama_ref.model import Llama
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,10 +116,23 @@ def main(argv=None):
                 ours = Q.quantize_model(model, ft).forward(tokens)
             r = Q.compare_logits(ours, theirs)
             print(f"| {ft} | {np.abs(theirs - ours).max() / np.abs(ours).max():.2e} | {100 * r['top1']:.1f}% | {r['kl']:.2e} |")
+        # K-quants: gguf-py cannot write them from real weights, so a random model in llama.cpp's Q4_K_M mix
+        small = LlamaConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=768, vocab_size=config.vocab_size,
+                            max_seq_len=64)
+        path = synthetic.write_gguf(Path(tmp) / "random-q4_k_m.gguf", small, "q4_k_m")
+        ids = tokens[:min(len(tokens), 32)]
+        theirs = llamacpp_logits(path, ids)
+        for label, m in (("q4_k_m (random; ours: float32 activations)", load(path)),
+                         ("q4_k_m (random; ours: activations rounded to Q8_K like llama.cpp)",
+                          Q.set_integer_dot(load(path)))):
+            ours = m.forward(ids)
+            r = Q.compare_logits(ours, theirs)
+            print(f"| {label} | {np.abs(theirs - ours).max() / np.abs(ours).max():.2e} | {100 * r['top1']:.1f}% | "
+                  f"{r['kl']:.2e} |")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
         sys.exit(worker(*sys.argv[2:]))
     sys.exit(main())

@@ -187,26 +187,39 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None):
 
 
 def _write_safetensors(path, tensors, metadata=None, dtype=None):
-    """Header from shapes first, then each tensor converted (to `dtype` if given) and written on its own."""
-    header, dtypes, pos = {"__metadata__": dict(metadata if metadata is not None else {"format": "pt"})}, {}, 0
+    """`tensors` (name -> array) as safetensors, each converted to `dtype` if given: write_safetensors_stream."""
+    entries = []
     for name, a in tensors.items():
         dt = np.dtype(dtype if dtype is not None else np.asarray(a).dtype).newbyteorder("<")
         if dt not in NP_TO_ST:
             raise CheckpointError(f"cannot write tensor {name!r} with dtype {dt} to {path}: use float32, "
                                   "float16 or float64")
-        shape, nbytes = tuple(np.shape(a)), math.prod(np.shape(a)) * dt.itemsize
-        header[name] = {"dtype": NP_TO_ST[dt], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-        dtypes[name] = dt
+        entries.append((name, tuple(getattr(a, "shape", None) or np.shape(a)), NP_TO_ST[dt],
+                        lambda _, a=a, dt=dt: np.require(a, dtype=dt, requirements="C")))
+    write_safetensors_stream(path, entries, metadata)
+
+
+def write_safetensors_stream(path, entries, metadata=None, progress=None):
+    """Write safetensors from [(name, shape, dtype string, make)]: the header from the shapes first, then each tensor
+    made by make(name) (an array of that dtype's storage type; BF16 as uint16 bits), written and dropped."""
+    header, pos = {"__metadata__": dict(metadata if metadata is not None else {"format": "pt"})}, 0
+    for name, shape, st, _ in entries:
+        nbytes = math.prod(shape) * ST_DTYPES[st][1]
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hjson += b" " * (-len(hjson) % 8)                                          # pad to 8 with spaces (spec)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hjson)))
         f.write(hjson)
-        for name, a in tensors.items():
-            a = np.ascontiguousarray(a, dtype=dtypes[name])                    # a copy only if needed
+        for name, shape, st, make in entries:
+            a = np.require(make(name), dtype=ST_DTYPES[st][0], requirements="C")      # keeps a 0-d array 0-d
+            if a.shape != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} came out {a.shape}, its header says {tuple(shape)}")
             if a.size:
                 f.write(memoryview(a.reshape(-1)).cast("B"))
+            if progress:
+                progress(name)
         f.flush()
         os.fsync(f.fileno())
 

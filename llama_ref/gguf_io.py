@@ -336,9 +336,14 @@ class GGUFMatrix(quant.QuantizedMatrix):
     Q4_K and Q6_K (llama.cpp's Q4_K_M mix) use quant.py's vectorised decoders; every other type gguf-py's NumPy ones
     (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, the IQ types, ...)."""
 
+    act_quant = None                      # "q8_k": round activations as llama.cpp does (quant.set_integer_dot)
+
     def __init__(self, data, shape, ggml_type):
         self.data, self.shape, self.ggml_type = data, tuple(shape), ggml_type
         self.kind = ggml_type.name.lower()
+
+    def _input(self, x):
+        return quant.fake_quantize_q8_k(x) if self.act_quant == "q8_k" else np.asarray(x, F32)
 
     def _dequantize_rows(self, rows):
         raw = self.data[rows]

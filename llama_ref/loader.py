@@ -24,7 +24,7 @@ The memory contract. A process holds two kinds of memory:
                  anonymous estimate with the copies fits the budget (half of MemAvailable unless given).
     as stored    weights stay in the file's type; each matmul expands one tile (matrices.py). A model is refused
                  only when even this does not fit in MemAvailable.
-Quantized weights are never packed: a Q4_K model runs as Q4_K.
+Quantized weights are never packed: a Q4_K model runs as Q4_K ("as stored", with nothing to pack).
 """
 from __future__ import annotations
 
@@ -180,14 +180,14 @@ def plan_memory(config: LlamaConfig, weights: dict, file_bytes: int = 0, n_token
     norms = 4 * config.dim * (2 * config.n_layers + 1)
     base = norms + TILE_BYTES + kv + act + CONSTANT_BYTES
     copies = packed_bytes(config, weights)
-    if pack == "always" or (pack == "auto" and (copies == 0 or base + copies <= budget)):
+    if copies > 0 and (pack == "always" or (pack == "auto" and base + copies <= budget)):
         path, anonymous = "packed", base + copies
     else:
         path, anonymous = "as stored", base
     plan = MemoryPlan(path, file_bytes, copies, anonymous, kv, act, n_tokens, budget, available,
                       weight_kinds(weights))
     if available is not None and anonymous > available:
-        what = ("with float32 copies of its weights (pack='always')" if path == "packed" else
+        what = ("with float32 copies of its weights" if path == "packed" else
                 "even with its weights left as stored")
         raise MemoryBudgetError(
             f"this model needs ~{anonymous / GIB:.1f} GiB of memory {what} (KV cache for {n_tokens} tokens "

@@ -86,9 +86,14 @@ class StoredMatrix:
         ids = np.asarray(ids)
         return self._dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
 
+    def _input(self, x):
+        """What the matmul multiplies: x itself (float32). Quantized formats may round it first, as an engine that
+        quantizes activations does (quant.QuantizedMatrix.act_bits, gguf_io.GGUFMatrix.act_quant)."""
+        return np.asarray(x, F32)
+
     def matmul(self, x):
         """x (..., in) -> x @ W.T (..., out), one tile of rows of W expanded at a time."""
-        x = np.asarray(x, F32)
+        x = self._input(x)
         out_dim, in_dim = self.shape
         x2 = x.reshape(-1, in_dim)                                          # (N, in)
         out = np.empty((x2.shape[0], out_dim), F32)
@@ -167,6 +172,9 @@ class RowPermuted(StoredMatrix):
 
     def _dequantize_rows(self, rows):
         return self.inner._dequantize_rows(self.perm[rows])
+
+    def _input(self, x):
+        return self.inner._input(x)
 
     def matmul(self, x):
         """Tile by tile like any stored matrix, each tile gathered in this order: the same tiles, and so the same

@@ -293,6 +293,20 @@ def matmul_q8_0_int(x, w_bytes):
     return out.reshape(*lead, -1)
 
 
+def fake_quantize_q8_k(x):
+    """x (..., n) rounded the way llama.cpp's CPU backend sends activations to a K-quant dot product: Q8_K blocks of
+    256 with a float32 scale d = max/-127, where max is the value of largest magnitude (ggml-quants.c
+    quantize_row_q8_K_ref), q = min(127, round(x / d)). Returns q * d as float32."""
+    x = np.asarray(x, F32)
+    b = x.reshape(-1, QK_K)                                             # (blocks, 256)
+    vmax = np.take_along_axis(b, np.abs(b).argmax(axis=1)[:, None], axis=1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax == 0, F32(0), F32(-127) / vmax).astype(F32)
+        d = np.where(iscale == 0, F32(0), F32(1) / iscale).astype(F32)
+    q = np.minimum(np.rint(iscale * b), F32(127))
+    return (q * d).reshape(x.shape)
+
+
 # ------------------------------------------------------------------------------------------------
 # Quantized matrices: what a model holds instead of a float32 (out, in) weight
 
@@ -307,12 +321,10 @@ class QuantizedMatrix(StoredMatrix):
     """
     act_bits = None                       # 8 or 16: activations are quantized per token before the matmul
 
-    def matmul(self, x):
-        """x (..., in) -> x @ W.T (..., out); with act_bits, x is first rounded the way a W4A16/W8A8 engine sends it."""
+    def _input(self, x):
+        """With act_bits, x is rounded per token the way a W4A16/W8A8 engine sends it."""
         x = np.asarray(x, F32)
-        if self.act_bits:
-            x = fake_quantize_activations(x, self.act_bits)
-        return super().matmul(x)
+        return fake_quantize_activations(x, self.act_bits) if self.act_bits else x
 
 
 class Q8_0Matrix(QuantizedMatrix):
@@ -487,12 +499,15 @@ def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_sha
 
 
 def set_integer_dot(model: Llama, on=True) -> Llama:
-    """Make every Q8_0 matrix of a model multiply the way llama.cpp's CPU backend does: activations quantized to
-    Q8_0, int8 x int8 -> int32 per block (matmul_q8_0_int). Slow in NumPy; for comparisons."""
+    """Make a model multiply the way llama.cpp's CPU backend does, for comparisons: every Q8_0 matrix quantizes its
+    activations to Q8_0 and sums int8 x int8 in int32 per block (matmul_q8_0_int, slow in NumPy); every K-quant matrix
+    of a GGUF rounds its activations to Q8_K first (fake_quantize_q8_k, exact in float32)."""
     for w in model.weights.values():
-        w = getattr(w, "inner", w)                           # q/k of a GGUF: a RowPermuted view of its Q8_0 rows
+        w = getattr(w, "inner", w)                           # q/k of a GGUF: a RowPermuted view of its rows
         if isinstance(w, Q8_0Matrix):
             w.int_dot = on
+        elif getattr(w, "kind", "").endswith("_k"):
+            w.act_quant = "q8_k" if on else None
     return model
 
 
