@@ -263,7 +263,8 @@ def cmd_chat(args) -> int:
         if args.json:
             print(json.dumps({"role": "assistant", "content": text, "ids": res.ids, "prompt_ids": res.prompt_ids,
                               "stop_reason": res.stop_reason, "dropped_pairs": dropped,
-                              "prefill_s": res.prefill_s, "decode_s": res.decode_s, "n_decode": res.n_decode}))
+                              "prefill_s": res.prefill_s, "decode_s": res.decode_s, "n_decode": res.n_decode,
+                              "memory": model.memory.to_json()}))
         else:
             print(text)
         return 0
