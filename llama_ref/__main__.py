@@ -339,7 +339,7 @@ def cmd_quantize(args) -> int:
 def cmd_export(args) -> int:
     """Write a model as GGUF (f32/f16/q8_0/q4_0) or as a llama2.c .bin (float32)."""
     from . import quant, gguf_io
-    from .checkpoint import save_llama2c
+    from .llama2c import save_llama2c
     _check_out(args.out, args.force)
     tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer)) if args.format != "llama2c" else None
     config, weights = read_checkpoint(args.model)

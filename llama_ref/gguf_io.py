@@ -8,7 +8,7 @@ A GGUF file is: header, key/value metadata (architecture hyper-parameters, the t
 (gguf-py, maintained in llama.cpp's repository) and read it memory-mapped with its GGUFReader.
 
 Three things differ from our HF-layout weights dict:
-  names   token_embd.weight, blk.{i}.attn_q.weight, ... (GGUF_NAMES below)
+  names   token_embd.weight, blk.{i}.attn_q.weight, ... (the GGUF column of weights.py's name table)
   q, k    rows in Meta's interleaved RoPE layout: convert_hf_to_gguf.py permutes HF weights back, so do we
           (permute_qk_hf_to_meta with n_heads for q and n_kv_heads for k). Rows of a Q8_0/Q4_0 matrix are
           independent, so quantized q/k are permuted as bytes, without dequantizing.
@@ -30,7 +30,7 @@ import numpy as np
 from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .files import atomic_file, check_output
-from .weights import check_weights
+from .weights import GGUF, HF, check_weights, rename
 from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32
 from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf
 from . import quant
@@ -39,43 +39,14 @@ F32 = np.float32
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}       # LlamaFileType values for general.file_type
 
-# HF name -> GGUF name (per layer entries use {i})
-GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
-}
-
-
 def hf_to_gguf_name(name: str) -> str:
-    parts = name.split(".")
-    if name.startswith("model.layers."):
-        i = parts[2]
-        return GGUF_NAMES["model.layers.{i}." + ".".join(parts[3:])].format(i=i)
-    return GGUF_NAMES[name]
+    """GGUF's name of an HF-named tensor (the one table: weights.LAYER_TENSORS / MODEL_TENSORS)."""
+    return rename(name, GGUF, HF)
 
 
 def gguf_to_hf_name(name: str) -> str | None:
-    for hf, gg in GGUF_NAMES.items():
-        if "{i}" not in gg:
-            if gg == name:
-                return hf
-        else:
-            head, tail = gg.split("{i}")
-            if name.startswith(head) and name.endswith(tail):
-                i = name[len(head):len(name) - len(tail)]
-                if i.isdigit():
-                    return hf.format(i=i)
-    return None
+    """HF's name of a GGUF tensor; None if it is not part of a Llama 2 model."""
+    return rename(name, HF, GGUF)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import INDEX_NAME, load_hf_dir, load_llama2c
+from .checkpoint import INDEX_NAME, load_hf_dir
+from .llama2c import load_llama2c
 from .config import LlamaConfig
 from .errors import CheckpointError, MemoryBudgetError, TokenizerError
 from .matrices import TILE_FLOATS
-from .model import Llama, kv_cache_bytes, weight_shapes
+from .model import Llama, kv_cache_bytes
+from .weights import weight_shapes
 from . import gguf_io, paths, quant, tokenizer
 
 CONSTANT_BYTES = 320 * 2 ** 20          # Python, NumPy, OpenBLAS buffers, this package (measured: benchmarks/big_model.py)

@@ -22,6 +22,7 @@ from .config import LlamaConfig
 from .errors import ContextLengthError, InputError, NonFiniteWeightsError, ShapeMismatchError, CheckpointError
 from .matrices import as_stored
 from .trace import Trace, tap
+from .weights import MODEL_TENSORS, layer_names, weight_shapes
 
 F32 = np.float32
 
@@ -196,30 +197,6 @@ def linear(x, w):
 # ------------------------------------------------------------------------------------------------
 # The model
 
-def weight_shapes(config: LlamaConfig) -> dict[str, tuple]:
-    """Every tensor a Llama checkpoint must hold, with its HF name and (out, in) shape."""
-    C, H, V = config.dim, config.hidden_dim, config.vocab_size
-    q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    shapes = {"model.embed_tokens.weight": (V, C)}
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (C,),
-            p + "self_attn.q_proj.weight": (q_dim, C),
-            p + "self_attn.k_proj.weight": (kv_dim, C),
-            p + "self_attn.v_proj.weight": (kv_dim, C),
-            p + "self_attn.o_proj.weight": (C, q_dim),
-            p + "post_attention_layernorm.weight": (C,),
-            p + "mlp.gate_proj.weight": (H, C),
-            p + "mlp.up_proj.weight": (H, C),
-            p + "mlp.down_proj.weight": (C, H),
-        })
-    shapes["model.norm.weight"] = (C,)
-    if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (V, C)
-    return shapes
-
-
 def _as_f32(name, w, transpose=False):
     """A float32 copy of a weight ((in, out) contiguous when transpose), refusing NaN/Inf."""
     a = np.ascontiguousarray(np.asarray(w).T if transpose else np.asarray(w), dtype=F32)
@@ -281,36 +258,27 @@ class Llama:
                 return _as_f32(name, m, transpose=True)
             return as_stored(m)
 
-        embed = w["model.embed_tokens.weight"]                                     # (V, C): rows are looked up
+        embed_name, norm_name, head_name = (MODEL_TENSORS[k][0] for k in ("embed", "norm", "lm_head"))
+        embed = w[embed_name]                                                      # (V, C): rows are looked up
         if isinstance(embed, np.ndarray) and embed.dtype == F32:
             if pack and not np.isfinite(embed).all():
-                _as_f32("model.embed_tokens.weight", embed)  # raises with a count of the bad values
+                _as_f32(embed_name, embed)                   # raises with a count of the bad values
         elif pack and not getattr(embed, "quantized", False):
-            embed = _as_f32("model.embed_tokens.weight", embed)
+            embed = _as_f32(embed_name, embed)
         else:
             embed = as_stored(embed)
         layers = []
-        for i in range(cfg.n_layers):
-            p = f"model.layers.{i}."
-            layers.append({
-                "attn_norm": _as_f32(p + "input_layernorm.weight", w[p + "input_layernorm.weight"]),
-                "wq": matrix(p + "self_attn.q_proj.weight"),
-                "wk": matrix(p + "self_attn.k_proj.weight"),
-                "wv": matrix(p + "self_attn.v_proj.weight"),
-                "wo": matrix(p + "self_attn.o_proj.weight"),
-                "ffn_norm": _as_f32(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"]),
-                "w_gate": matrix(p + "mlp.gate_proj.weight"),
-                "w_up": matrix(p + "mlp.up_proj.weight"),
-                "w_down": matrix(p + "mlp.down_proj.weight"),
-            })
+        for i in range(cfg.n_layers):                        # {"attn_norm": (C,), "wq": (C, nh*hs) or stored, ...}
+            layers.append({short: (_as_f32(name, w[name]) if short.endswith("norm") else matrix(name))
+                           for short, name in layer_names(i).items()})
         if cfg.tie_embeddings and not isinstance(embed, np.ndarray) and not (pack and not embed.quantized):
             head = embed                                                           # one stored table, two uses
         else:
-            head = matrix("model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight")
+            head = matrix(embed_name if cfg.tie_embeddings else head_name)
         return {
             "embed": embed,                                                            # (V, C)
             "layers": layers,
-            "norm": _as_f32("model.norm.weight", w["model.norm.weight"]),              # (C,)
+            "norm": _as_f32(norm_name, w[norm_name]),                                  # (C,)
             "lm_head": head,                                                           # (C, V) packed, or stored
         }
 

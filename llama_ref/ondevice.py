@@ -32,6 +32,7 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import InputError
 from .model import Llama, apply_rope_hf, rms_norm, silu, softmax
+from .weights import MODEL_TENSORS, layer_names
 
 F32 = np.float32
 MASK_NEG = F32(-1e9)
@@ -100,20 +101,20 @@ def conv_layers(model: Llama) -> list[ConvLayer]:
     hs = cfg.head_dim
     layers = []
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        wq = _float(W[p + "self_attn.q_proj.weight"])         # (nh*hs, C): rows h*hs .. (h+1)*hs are head h
-        wk = _float(W[p + "self_attn.k_proj.weight"])
-        wv = _float(W[p + "self_attn.v_proj.weight"])
+        n = layer_names(i)                                    # short name -> HF name (weights.py's table)
+        wq = _float(W[n["wq"]])                               # (nh*hs, C): rows h*hs .. (h+1)*hs are head h
+        wk = _float(W[n["wk"]])
+        wv = _float(W[n["wv"]])
         layers.append(ConvLayer(
-            attn_norm=np.asarray(W[p + "input_layernorm.weight"], F32),
+            attn_norm=np.asarray(W[n["attn_norm"]], F32),
             wq=[linear_to_conv(wq[h * hs:(h + 1) * hs]) for h in range(cfg.n_heads)],
             wk=[linear_to_conv(wk[h * hs:(h + 1) * hs]) for h in range(cfg.n_kv_heads)],
             wv=[linear_to_conv(wv[h * hs:(h + 1) * hs]) for h in range(cfg.n_kv_heads)],
-            wo=linear_to_conv(_float(W[p + "self_attn.o_proj.weight"])),
-            ffn_norm=np.asarray(W[p + "post_attention_layernorm.weight"], F32),
-            w_gate=linear_to_conv(_float(W[p + "mlp.gate_proj.weight"])),
-            w_up=linear_to_conv(_float(W[p + "mlp.up_proj.weight"])),
-            w_down=linear_to_conv(_float(W[p + "mlp.down_proj.weight"])),
+            wo=linear_to_conv(_float(W[n["wo"]])),
+            ffn_norm=np.asarray(W[n["ffn_norm"]], F32),
+            w_gate=linear_to_conv(_float(W[n["w_gate"]])),
+            w_up=linear_to_conv(_float(W[n["w_up"]])),
+            w_down=linear_to_conv(_float(W[n["w_down"]])),
         ))
     return layers
 
@@ -168,9 +169,10 @@ class OnDeviceLlama:
         cfg = model.config
         self.config = cfg
         self.layers = conv_layers(model)
-        self.embed = _float(model.weights["model.embed_tokens.weight"])          # (V, C)
-        self.norm = np.asarray(model.weights["model.norm.weight"], F32)
-        head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+        embed, norm, head = (MODEL_TENSORS[k][0] for k in ("embed", "norm", "lm_head"))   # HF names
+        self.embed = _float(model.weights[embed])                                  # (V, C)
+        self.norm = np.asarray(model.weights[norm], F32)
+        head = embed if cfg.tie_embeddings else head
         self.lm_head = linear_to_conv(_float(model.weights[head]))              # (V, C, 1, 1)
         self.prompt_len = prompt_len or min(cfg.max_seq_len, 64)
         self.context = context or cfg.max_seq_len

@@ -30,9 +30,9 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError, ShapeMismatchError
 from .files import atomic_dir, check_output
-from .weights import check_layer_count, check_weights
 from .matrices import StoredMatrix
-from .model import Llama, _as_f32, weight_shapes
+from .model import Llama, _as_f32
+from .weights import check_layer_count, check_weights, weight_shapes
 
 F32 = np.float32
 QK = 32                                    # GGUF's block size for Q8_0 and Q4_0

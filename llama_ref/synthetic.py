@@ -21,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import INDEX_NAME
 from .config import LlamaConfig
 from .files import atomic_dir, atomic_file
 from .gguf_io import FILE_TYPES, GGUFMatrix, hf_to_gguf_name, sentencepiece_vocab
-from .model import permute_qk_hf_to_meta, weight_shapes
+from .model import permute_qk_hf_to_meta
+from .safetensors import write_safetensors_stream
+from .weights import weight_shapes
 from .tokenizer import UNUSED, proto_from_vocab
 from . import paths, quant
 
@@ -184,7 +187,6 @@ def write_hf(path, config: LlamaConfig, dtype: str = "float16", seed: int = 0, s
     """An HF model directory of random weights in float32 | float16 | bfloat16: config.json, safetensors shards of at
     most max_shard_bytes with model.safetensors.index.json (as meta-llama's repositories), and a tokenizer.model with
     vocabulary_for's pieces. Tensors are made and written one at a time."""
-    from .checkpoint import INDEX_NAME, write_safetensors_stream
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype {dtype!r}: choose float32, float16 or bfloat16")
     itemsize = 4 if dtype == "float32" else 2

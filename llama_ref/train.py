@@ -31,9 +31,11 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import InputError, LlamaRefError
 from .files import save_npz, write_text
-from .model import apply_rope_hf, causal_mask, rope_freqs, weight_shapes
+from .model import apply_rope_hf, causal_mask, rope_freqs
+from .weights import MODEL_TENSORS, layer_names, weight_shapes
 
 F32 = np.float32
+EMBED, NORM, HEAD = (MODEL_TENSORS[k][0] for k in ("embed", "norm", "lm_head"))   # HF names of the model-level tensors
 
 
 class TrainingError(LlamaRefError):
@@ -225,17 +227,9 @@ def cross_entropy_backward(cache):
 # ------------------------------------------------------------------------------------------------
 # The block and the model, forward with caches and backward
 
-def _names(i):
-    p = f"model.layers.{i}."
-    return {"attn_norm": p + "input_layernorm.weight", "wq": p + "self_attn.q_proj.weight",
-            "wk": p + "self_attn.k_proj.weight", "wv": p + "self_attn.v_proj.weight",
-            "wo": p + "self_attn.o_proj.weight", "ffn_norm": p + "post_attention_layernorm.weight",
-            "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight", "w_down": p + "mlp.down_proj.weight"}
-
-
 def block_forward(config: LlamaConfig, P: dict, i: int, x, cos, sin):
     """One pre-norm block, keeping what its backward needs. x (B, T, C) -> (B, T, C)."""
-    n = _names(i)
+    n = layer_names(i)
     B, T, C = x.shape
     nh, nkv, hs = config.n_heads, config.n_kv_heads, config.head_dim
     xn, c_an = rmsnorm_forward(x, P[n["attn_norm"]], config.norm_eps)                   # (B, T, C)
@@ -260,7 +254,7 @@ def block_forward(config: LlamaConfig, P: dict, i: int, x, cos, sin):
 
 def block_backward(config: LlamaConfig, P: dict, i: int, dout, cache, cos, sin, grads: dict):
     """Backward through one block; adds its parameter gradients into `grads`, returns d(block input)."""
-    n = _names(i)
+    n = layer_names(i)
     xn, c_an, c_att, heads, hn, c_fn, c_sw, hidden = cache
     B, T, C = dout.shape
     nh, nkv, hs = config.n_heads, config.n_kv_heads, config.head_dim
@@ -294,14 +288,14 @@ def model_forward(config: LlamaConfig, P: dict, tokens, rope=None):
     B, T = tokens.shape
     cos, sin = rope if rope is not None else rope_freqs(config.head_dim, T, config.rope_theta)
     cos, sin = cos[:T], sin[:T]
-    x, _ = embedding_forward(P["model.embed_tokens.weight"], tokens)                     # (B, T, C)
+    x, _ = embedding_forward(P[EMBED], tokens)                     # (B, T, C)
     x = x.astype(F32, copy=False)
     caches = []
     for i in range(config.n_layers):
         x, c = block_forward(config, P, i, x, cos, sin)
         caches.append(c)
-    xn, c_norm = rmsnorm_forward(x, P["model.norm.weight"], config.norm_eps)             # (B, T, C)
-    head = P["model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"]
+    xn, c_norm = rmsnorm_forward(x, P[NORM], config.norm_eps)             # (B, T, C)
+    head = P[EMBED if config.tie_embeddings else HEAD]
     logits, _ = linear_forward(xn, head)                                                  # (B, T, V)
     return logits, (tokens, caches, xn, c_norm, cos, sin)
 
@@ -310,17 +304,17 @@ def model_backward(config: LlamaConfig, P: dict, dlogits, cache) -> dict:
     """Gradients of every parameter (HF names, HF shapes) given d loss / d logits."""
     tokens, caches, xn, c_norm, cos, sin = cache
     grads = {}
-    head_name = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
+    head_name = EMBED if config.tie_embeddings else HEAD
     dxn, dhead = linear_backward(dlogits, xn, P[head_name])                               # (B, T, C), (V, C)
-    dx, grads["model.norm.weight"] = rmsnorm_backward(dxn, c_norm)
+    dx, grads[NORM] = rmsnorm_backward(dxn, c_norm)
     for i in reversed(range(config.n_layers)):
         dx = block_backward(config, P, i, dx, caches[i], cos, sin, grads)
     dwte = embedding_backward(dx, tokens, config.vocab_size)
     if config.tie_embeddings:
         dwte += dhead                                                                     # one matrix, two uses
     else:
-        grads["lm_head.weight"] = dhead
-    grads["model.embed_tokens.weight"] = dwte
+        grads[HEAD] = dhead
+    grads[EMBED] = dwte
     return grads
 
 

@@ -1,8 +1,10 @@
-"""What a Llama checkpoint must hold, and checking that it does: one place for every format.
+"""What a Llama checkpoint holds, under every format's names, and checking that it does: one place for every format.
 
-Every loader (HF directories and llama2.c files in checkpoint.py, GGUF in gguf_io.py, quantized directories in
-quant.py) ends with `check_weights(config, weights)`: exactly the tensors the config describes (weight_shapes, with
-HF names), with the config's shapes, and no NaN/Inf, float or quantized. Chapter 00 shows the tensor table.
+The one table of tensor names (as llama2.c has one TransformerWeights and llm.c one ParameterTensors): each tensor's
+short name (the keys of Llama.params and of the training layer dicts), its Hugging Face name, its GGUF name and its
+llama2.c array, and its shape from the config. Every loader and writer reads it. Every loader (checkpoint.py,
+gguf_io.py, quant.py) ends with `check_weights(config, weights)`: exactly the tensors the config describes, with the
+config's shapes, and no NaN/Inf, float or quantized. Chapter 00 shows the tensor table.
 """
 from __future__ import annotations
 
@@ -12,7 +14,63 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, NonFiniteWeightsError, ShapeMismatchError
-from .model import weight_shapes
+
+# short name: (HF name, GGUF name, llama2.c array). Per-layer names take the layer index for {i}; llama2.c stacks each
+# per-layer tensor over layers in one array. q/k rows: HF's rotate-half order here, Meta's pairs in GGUF and llama2.c.
+LAYER_TENSORS = {
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", "rms_att"),
+    "wq": ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", "wq"),
+    "wk": ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", "wk"),
+    "wv": ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", "wv"),
+    "wo": ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", "wo"),
+    "ffn_norm": ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", "rms_ffn"),
+    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", "w1"),
+    "w_up": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", "w3"),
+    "w_down": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", "w2"),
+}
+MODEL_TENSORS = {
+    "embed": ("model.embed_tokens.weight", "token_embd.weight", "token_embedding"),
+    "norm": ("model.norm.weight", "output_norm.weight", "rms_final"),
+    "lm_head": ("lm_head.weight", "output.weight", "wcls"),          # absent when the embedding is tied
+}
+HF, GGUF, LLAMA2C = 0, 1, 2
+
+
+def tensor_shape(short: str, config: LlamaConfig) -> tuple:
+    """The (out, in) shape of a tensor by its short name."""
+    C, H, V = config.dim, config.hidden_dim, config.vocab_size
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {"attn_norm": (C,), "wq": (q, C), "wk": (kv, C), "wv": (kv, C), "wo": (C, q), "ffn_norm": (C,),
+            "w_gate": (H, C), "w_up": (H, C), "w_down": (C, H), "embed": (V, C), "norm": (C,), "lm_head": (V, C)}[short]
+
+
+def layer_names(i: int, column: int = HF) -> dict[str, str]:
+    """{short name: full name} of layer i's tensors in one naming (HF or GGUF)."""
+    return {short: names[column].format(i=i) for short, names in LAYER_TENSORS.items()}
+
+
+def weight_shapes(config: LlamaConfig) -> dict[str, tuple]:
+    """Every tensor a Llama checkpoint must hold, with its HF name and (out, in) shape, in HF's order."""
+    shapes = {MODEL_TENSORS["embed"][HF]: tensor_shape("embed", config)}
+    for i in range(config.n_layers):
+        shapes.update({name: tensor_shape(short, config) for short, name in layer_names(i).items()})
+    shapes[MODEL_TENSORS["norm"][HF]] = tensor_shape("norm", config)
+    if not config.tie_embeddings:
+        shapes[MODEL_TENSORS["lm_head"][HF]] = tensor_shape("lm_head", config)
+    return shapes
+
+
+def rename(name: str, to: int, source: int = HF) -> str | None:
+    """A tensor's name in another naming (HF <-> GGUF); None if `name` is no Llama tensor."""
+    for names in MODEL_TENSORS.values():
+        if names[source] == name:
+            return names[to]
+    m = re.fullmatch(r"(model\.layers|blk)\.(\d+)\.(.+)", name)
+    if m:
+        for names in LAYER_TENSORS.values():
+            if names[source].format(i=m.group(2)) == name:
+                return names[to].format(i=m.group(2))
+    return None
 
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")   # RoPE tables old transformers versions saved; we recompute
 

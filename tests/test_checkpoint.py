@@ -13,8 +13,9 @@ import pytest
 from llama_ref import checkpoint as ck
 from llama_ref import weights as weights_mod
 from llama_ref import loader
-from llama_ref.checkpoint import (check_weights, load_llama2c, read_safetensors, save_llama2c, save_model,
-                                  save_safetensors)
+from llama_ref.checkpoint import check_weights, save_model
+from llama_ref.llama2c import load_llama2c, save_llama2c
+from llama_ref.safetensors import read_safetensors, read_safetensors_header, save_safetensors
 from llama_ref.loader import read_checkpoint
 from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
 from llama_ref.config import PRESETS, LlamaConfig
@@ -94,7 +95,7 @@ def test_loaded_arrays_are_views_of_the_file(tmp_path):
     assert isinstance(norm, np.memmap) and os.path.samefile(norm.filename, f)
     assert not norm.flags.writeable                            # read-only: a notebook cannot corrupt the checkpoint
     assert np.shares_memory(got["model.embed_tokens.weight"], got["model.embed_tokens.weight"].base)
-    header, _, data_start, _ = ck.read_safetensors_header(f)
+    header, _, data_start, _ = read_safetensors_header(f)
     begin = header["model.norm.weight"][2][0]
     with open(f, "r+b") as fh:                                 # write the file behind the array's back
         fh.seek(data_start + begin)

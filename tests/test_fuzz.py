@@ -119,7 +119,8 @@ def assert_clean(kind, mutation, result):
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
     from llama_ref import gguf_io
-    from llama_ref.checkpoint import save_llama2c, save_model
+    from llama_ref.checkpoint import save_model
+    from llama_ref.llama2c import save_llama2c
     from llama_ref.model import weight_shapes
     d = tmp_path_factory.mktemp("fuzz-originals")
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llama_ref import paths
-from llama_ref.checkpoint import save_llama2c
+from llama_ref.llama2c import save_llama2c
 from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 
