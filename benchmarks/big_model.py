@@ -10,10 +10,12 @@ Three files of Llama-2-7B's shapes (6.74 B parameters, 32 layers, vocabulary 320
 Each measurement runs in a fresh child process, so its peak RSS (ru_maxrss: the file pages it touched plus what it
 allocated) is its own:
     ours        llama_ref.load(pack="never": weights as stored, memory-mapped), a 32-token prefill (what `inspect` does), then
-                decoding 4 tokens with the KV cache: seconds per token. "floor": the time to expand every weight of the
-                model to float32 once, tile by tile and thrown away: what any NumPy engine that never holds float32
-                weights pays per token. Goals: decode <= 2x floor, prefill of 32 tokens <= 3x floor, peak RSS <= file
-                size + 2 GiB.
+                decoding 4 tokens with the KV cache: seconds per token (median). "floor": the time a decode step
+                spends expanding weights to float32 (every weight once, tile by tile; timed inside the real steps,
+                median): what any NumPy engine that never holds float32 weights pays per token; the rest of a step
+                is the matmuls and everything else. Goals: decode <= 2x floor, prefill of 32 tokens <= 3x floor,
+                peak RSS <= file size + 2 GiB. The three files (25 GB) do not fit in the page cache of a 24 GiB
+                machine together: each is read from disk when its turn comes (the load's NaN scan).
     cli         `python -m llama_ref generate`, `inspect` and `chat` on the file, each in its own process: exit code,
                 peak RSS and the path the loader stated.
     llama.cpp   llama-cpp-python on both GGUFs (if installed): the same prefill and decode; its last-position logits
@@ -22,6 +24,7 @@ allocated) is its own:
 Needs ~25 GB of disk (deleted at the end unless --keep) and takes ~30-40 minutes on 2 cores. Not part of `make test`.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -50,40 +53,54 @@ def prompt_ids(vocab):
 # ------------------------------------------------------------------------------------------------
 # children (each prints one JSON line)
 
+@contextlib.contextmanager
+def timed_expansions(spent):
+    """Add to spent[0] the seconds every stored matrix spends expanding tiles to float32 (its _dequantize_rows)."""
+    from llama_ref import gguf_io, matrices, quant
+    classes = {c for mod in (matrices, quant, gguf_io) for c in vars(mod).values()
+               if isinstance(c, type) and issubclass(c, matrices.StoredMatrix) and "_dequantize_rows" in vars(c)
+               and c is not matrices.RowPermuted}                              # RowPermuted calls its inner matrix's
+    originals = {c: c._dequantize_rows for c in classes}
+
+    def timing(original):
+        def wrapper(self, rows):
+            t0 = time.perf_counter()
+            out = original(self, rows)
+            spent[0] += time.perf_counter() - t0
+            return out
+        return wrapper
+    for c, f in originals.items():
+        c._dequantize_rows = timing(f)
+    try:
+        yield
+    finally:
+        for c, f in originals.items():
+            c._dequantize_rows = f
+
+
 def child_ours(path):
     import numpy as np
     from llama_ref import loader
-    from llama_ref.matrices import StoredMatrix
     t0 = time.perf_counter()
     model = loader.load(path, pack="never", n_tokens=PROMPT_LEN + DECODE)   # the path a 7B takes here anyway
     t_load = time.perf_counter() - t0
     rss_load = peak_rss()
     ids = prompt_ids(model.config.vocab_size)
-    matrices = [w for layer in model.params["layers"] for w in layer.values() if isinstance(w, StoredMatrix)]
-    matrices += [w for w in (model.params["lm_head"],) if isinstance(w, StoredMatrix)]
-
-    def floor():                                                               # expand every weight once, drop it
-        t0 = time.perf_counter()
-        for w in matrices:
-            step = max(1, (1 << 20) // w.shape[1])
-            for r0 in range(0, w.shape[0], step):
-                w._dequantize_rows(slice(r0, min(r0 + step, w.shape[0])))
-        return time.perf_counter() - t0
-
     t0 = time.perf_counter()
     model.forward(ids)                                                         # the inspect use case: one prefill
     t_inspect = time.perf_counter() - t0
-    floors = [floor()]
     cache = model.new_cache()
     logits = model.forward(ids, cache=cache, last_only=True)
-    tok, steps = int(np.argmax(logits)), []
+    tok, steps, expand = int(np.argmax(logits)), [], []
     for i in range(DECODE):
-        t0 = time.perf_counter()
-        logits = model.forward([tok], start_pos=PROMPT_LEN + i, cache=cache, last_only=True)
-        steps.append(time.perf_counter() - t0)
+        spent = [0.0]
+        with timed_expansions(spent):                                          # the floor, inside a real step
+            t0 = time.perf_counter()
+            logits = model.forward([tok], start_pos=PROMPT_LEN + i, cache=cache, last_only=True)
+            steps.append(time.perf_counter() - t0)
+        expand.append(spent[0])
         tok = int(np.argmax(logits))
-    floors.append(floor())                       # twice, around the decode: the page cache may have dropped pages
-    t_floor = min(floors)
+    t_floor = float(np.median(expand))
     first = model.forward(ids, last_only=True)                                 # for the peers' logits
     np.save(Path(path).with_suffix(".ours.npy") if Path(path).is_file() else Path(path) / "ours.npy", first)
     print(json.dumps({"load_s": t_load, "inspect_s": t_inspect, "decode_s": float(np.median(steps)),

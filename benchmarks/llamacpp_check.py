@@ -78,7 +78,7 @@ def worker(gguf_path: str, out: str, tokens: str, one_by_one: str = "0") -> int:
 
 
 def main(argv=None):
-    from llama_ref import paths, quant as Q, gguf_io as G, synthetic
+    from llama_ref import paths, quant as Q, evaluate as E, gguf_io as G, synthetic
     from llama_ref.config import LlamaConfig
     from llama_ref.loader import load, read_checkpoint
     from llama_ref.model import Llama
@@ -111,10 +111,10 @@ def main(argv=None):
             if ft == "f32":
                 ours = model.forward(tokens)
             elif ft == "f16":
-                ours = Llama(config, Q.f16_weights(weights)).forward(tokens)
+                ours = Llama(config, E.f16_weights(weights)).forward(tokens)
             else:
                 ours = Q.quantize_model(model, ft).forward(tokens)
-            r = Q.compare_logits(ours, theirs)
+            r = E.compare_logits(ours, theirs)
             print(f"| {ft} | {np.abs(theirs - ours).max() / np.abs(ours).max():.2e} | {100 * r['top1']:.1f}% | {r['kl']:.2e} |")
         # K-quants: gguf-py cannot write them from real weights, so a random model in llama.cpp's Q4_K_M mix
         small = LlamaConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=768, vocab_size=config.vocab_size,
@@ -126,7 +126,7 @@ def main(argv=None):
                          ("q4_k_m (random; ours: activations rounded to Q8_K like llama.cpp)",
                           Q.set_integer_dot(load(path)))):
             ours = m.forward(ids)
-            r = Q.compare_logits(ours, theirs)
+            r = E.compare_logits(ours, theirs)
             print(f"| {label} | {np.abs(theirs - ours).max() / np.abs(ours).max():.2e} | {100 * r['top1']:.1f}% | "
                   f"{r['kl']:.2e} |")
     return 0

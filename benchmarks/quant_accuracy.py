@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_ref import paths, quant as Q, gguf_io as G
+from llama_ref import paths, quant as Q, evaluate as E, gguf_io as G
 from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 
@@ -80,9 +80,9 @@ def main(argv=None):
     tok = Path(args.tokenizer) if args.tokenizer else (model_path / "tokenizer.model" if (model_path / "tokenizer.model").exists()
                                                         else paths.DEFAULT_TOKENIZER)
     seq_len = min(args.seq_len, config.max_seq_len)
-    tokens, lengths = Q.validation_batches(tok, args.docs, seq_len)
+    tokens, lengths = E.validation_batches(tok, args.docs, seq_len)
     t0 = time.perf_counter()
-    rows = Q.accuracy_study(model, tokens, lengths)
+    rows = E.accuracy_study(model, tokens, lengths)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for r in rows:

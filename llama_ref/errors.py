@@ -1,5 +1,7 @@
 """Errors: one base class, `LlamaRefError`, and a subclass per kind of bad input.
 
+Chapter 00 shows a few (a broken checkpoint, a token id out of range); every module raises them.
+
 Every message says what was wrong and what to do about it. Code in this package raises these for
 anything a user controls (files, configs, token ids, sampling settings) so a user never sees a bare
 traceback from deep inside NumPy.
@@ -56,3 +58,7 @@ class ChatFormatError(LlamaRefError, ValueError):
 
 class OutputError(LlamaRefError):
     """An output cannot be written where it was asked for (a directory, no permission, exists without --force)."""
+
+
+class TrainingError(LlamaRefError):
+    """Training cannot go on: bad settings, a loss that became NaN/Inf, a resume state that does not fit."""

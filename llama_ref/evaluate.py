@@ -9,12 +9,16 @@ and writes them to the model's metrics.json and model card. Every score uses the
     ngram_losses(train_ids, eval_ids, V)       unigram and bigram baselines with the same tokenizer
     sample_continuations / grammar_report      200 samples at temperature 0.8 / top-p 0.9, share of grammatical sentences
     qa_report                                  greedy answers to held-out questions, exact-match accuracy
+
+and what quantization costs (chapter 09, benchmarks/quant_accuracy.py): compare_logits (KL, top-1, perplexity of two
+models' next-token distributions), validation_batches (held-out documents as token batches), accuracy_study (every
+scheme of quant.py against float32).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import corpus
+from . import corpus, paths, quant
 from .generate import generate_batch
 from .model import Llama
 
@@ -26,13 +30,13 @@ F32 = np.float32
 
 def token_stream(split: str, tokenizer, n_tokens: int, seed: int = 0) -> np.ndarray:
     """The first n_tokens of the split's document stream (corpus.iter_training_text), each document BOS ... EOS."""
-    from .train import tokenize_documents
+    from .trainer import tokenize_documents
     return tokenize_documents(corpus.iter_training_text(split, seed=seed), tokenizer, n_tokens, progress=False)
 
 
 def stream_loss(model: Llama, ids: np.ndarray, seq_len: int = 512, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats/token) over non-overlapping windows of `ids`, via the inference forward."""
-    from .train import sequential_windows
+    from .trainer import sequential_windows
     seq_len = min(seq_len, model.config.max_seq_len)
     total, count = 0.0, 0
     for x, y in sequential_windows(ids, batch_size, seq_len):
@@ -139,3 +143,88 @@ def qa_report(model: Llama, tokenizer, n: int = 200, split: str = "test", seed: 
     wrong = [{"question": q, "expected": ref, "answer": a} for (q, ref), a, e in zip(pairs, answers, exact) if not e]
     return {"qa_accuracy": float(np.mean(exact)), "qa_n": n, "qa_split": split,
             "qa_answer_true_share": float(np.mean([f is True for f in facts])), "qa_wrong_examples": wrong[:20]}
+
+
+# ------------------------------------------------------------------------------------------------
+# What quantization costs: the accuracy study of chapter 09 and benchmarks/quant_accuracy.py
+
+def log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref_logits, q_logits, targets=None, ref_logprobs=None) -> dict:
+    """KL(ref || quant) of next-token distributions (nats, mean over positions), top-1 agreement, and, with
+    targets, both models' mean negative log-likelihood (perplexity = exp of it). Computed in float64."""
+    lp = log_softmax(ref_logits) if ref_logprobs is None else ref_logprobs
+    lq = log_softmax(q_logits)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    top1 = float(np.mean(np.argmax(lp, -1) == np.argmax(lq, -1)))
+    out = {"kl": kl, "top1": top1}
+    if targets is not None:
+        t = np.asarray(targets)[..., None]
+        out["nll_ref"] = float(-np.mean(np.take_along_axis(lp, t, -1)))
+        out["nll"] = float(-np.mean(np.take_along_axis(lq, t, -1)))
+    return out
+
+
+def validation_batches(tokenizer_path=None, n_docs=32, seq_len=128, split="val", seed=0):
+    """Token batches (n_docs, seq_len) of held-out text: the first n_docs documents of the corpus' split, each
+    encoded with BOS, cut or EOS-padded to seq_len (padding positions are masked out by `study_mask`)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path or paths.DEFAULT_TOKENIZER))
+    docs = corpus.iter_training_text(split=split, seed=seed)
+    rows, lengths = [], []
+    for _ in range(n_docs):
+        ids = [sp.bos_id()] + sp.encode(next(docs)) + [sp.eos_id()]
+        ids = ids[:seq_len]
+        lengths.append(len(ids))
+        rows.append(ids + [sp.eos_id()] * (seq_len - len(ids)))
+    return np.array(rows, np.int64), np.array(lengths)
+
+
+def f16_weights(weights: dict) -> dict:
+    """Every 2-D weight rounded to float16 and back (what a GGUF F16 file holds); norms stay float32."""
+    return {k: (np.asarray(v, np.float32).astype(np.float16).astype(np.float32) if np.ndim(v) == 2 else v) for k, v in weights.items()}
+
+
+def accuracy_study(model: Llama, tokens, lengths, schemes=("f16", *quant.SCHEMES), batch=8) -> list[dict]:
+    """For each scheme: bits/weight (all weights held, and the block matmuls alone), KL(f32 || scheme) of the next-token
+    distributions, top-1 agreement with float32, and validation perplexity; means over the real (unpadded) positions.
+
+    tokens (N, T) int, lengths (N,): predictions at positions t < length-1 are scored against tokens[t+1].
+    """
+    cfg = model.config
+    n_params = sum(int(np.prod(w.shape)) for w in model.weights.values())
+    layer_names = [n for n in model.weights if ".layers." in n and n.endswith("proj.weight")]
+    n_layer = sum(int(np.prod(model.weights[n].shape)) for n in layer_names)
+    valid = np.arange(tokens.shape[1] - 1)[None, :] < (lengths - 1)[:, None]          # (N, T-1)
+    targets = tokens[:, 1:][valid]
+
+    def logits_of(m):                                                                  # (positions, V)
+        return np.concatenate([m.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])[:, :-1][valid]
+
+    ref = logits_of(model)
+    ref_lp = log_softmax(ref)
+
+    def score(m):
+        return compare_logits(ref, ref if m is model else logits_of(m), targets, ref_logprobs=ref_lp)
+
+    rows = []
+    for s in ("f32", *schemes):
+        if s == "f32":
+            m, held, held_layer = model, 4 * n_params, 4 * n_layer
+        elif s == "f16":
+            m, held, held_layer = Llama(cfg, f16_weights(model.weights)), 2 * n_params, 2 * n_layer
+        else:
+            m = quant.quantize_model(model, s)
+            held = sum(w.nbytes for w in m.weights.values())
+            held_layer = sum(m.weights[n].nbytes for n in layer_names)
+        r = score(m)
+        rows.append({"scheme": s, "bpw": 8 * held / n_params, "bpw_layers": 8 * held_layer / n_layer,
+                     "weight_bytes": int(held), "kl": r["kl"], "top1": r["top1"],
+                     "ppl": float(np.exp(r["nll"])), "ppl_f32": float(np.exp(r["nll_ref"]))})
+    for r in rows:
+        r["ppl_change"] = r["ppl"] / rows[0]["ppl"] - 1
+    return rows

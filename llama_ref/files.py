@@ -1,5 +1,7 @@
 """Writing files a user owns: the one atomic writer every output of the package goes through.
 
+No chapter teaches it (chapters write only into temporary directories); DEVELOPING.md states the contract.
+
 GGUF, llama2.c `.bin`, safetensors, HF and quantized model directories, `.npz` taps, model cards, metrics and
 training state are all written the same way:
 

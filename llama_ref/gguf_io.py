@@ -189,6 +189,21 @@ def _write_gguf(tmp, config, tensors, vocab, file_type, name):
     """The GGUF itself, written by gguf-py's GGUFWriter to `tmp` (save_gguf renames it into place)."""
     import gguf
     w = gguf.GGUFWriter(str(tmp), "llama")
+    add_llama_metadata(w, config, FILE_TYPES[file_type], vocab, name, quantized=file_type in ("q8_0", "q4_0"))
+    for gname, arr, raw in tensors:
+        w.add_tensor(gname, arr, raw_dtype=raw)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+
+
+def add_llama_metadata(w, config: LlamaConfig, file_type: int, vocab=None, name="llama_ref model", quantized=True):
+    """What llama.cpp reads from a Llama GGUF, onto a gguf-py GGUFWriter: the llama.* hyper-parameters, the file type
+    (llama.cpp's LlamaFileType number) and, given vocab = (pieces, scores, types, unk_id), the tokenizer.ggml.* keys."""
+    import gguf
     w.add_name(name)
     w.add_context_length(config.max_seq_len)
     w.add_embedding_length(config.dim)
@@ -200,8 +215,8 @@ def _write_gguf(tmp, config, tensors, vocab, file_type, name):
     w.add_layer_norm_rms_eps(float(config.norm_eps))
     w.add_rope_dimension_count(config.head_dim)
     w.add_vocab_size(config.vocab_size)
-    w.add_file_type(FILE_TYPES[file_type])
-    if file_type in ("q8_0", "q4_0"):
+    w.add_file_type(file_type)
+    if quantized:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if vocab is not None:
         pieces, scores, types, unk_id = vocab
@@ -215,14 +230,6 @@ def _write_gguf(tmp, config, tensors, vocab, file_type, name):
         w.add_unk_token_id(unk_id if unk_id >= 0 else 0)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-    for gname, arr, raw in tensors:
-        w.add_tensor(gname, arr, raw_dtype=raw)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError
-from .model import Llama, apply_rope_hf, rms_norm, silu, softmax
+from .model import Llama, apply_rope_hf, silu, softmax
 from .weights import MODEL_TENSORS, layer_names
 
 F32 = np.float32
@@ -126,7 +126,6 @@ def single_head_attention(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask,
     new_v (nkv, T, hs)); mask (T, S0 + T) additive.
     """
     hs, rep = cfg.head_dim, cfg.n_rep
-    T = x.shape[-1]
     new_k, new_v = [], []
     for j in range(cfg.n_kv_heads):
         k = conv1x1(x, layer.wk[j])[0, :, 0, :].T                      # (T, hs)

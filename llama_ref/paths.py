@@ -1,5 +1,7 @@
 """Where the project's own data lives: corpus, tokenizer, the embedded model, reference fixtures.
 
+Every chapter starts from these paths.
+
 Paths resolve relative to the repository checkout (the package is installed editable), so the CLI and
 the notebooks find `data/` wherever the clone is.
 """

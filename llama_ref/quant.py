@@ -7,6 +7,8 @@ Chapter 09 teaches it. Read top to bottom:
     -> quantized matrices (hold only the quantized bytes, matmul dequantizes tile by tile)
     -> quantize_model (the policy for embeddings, norms and the classifier) -> save / load
 
+What each scheme costs in accuracy is measured by evaluate.accuracy_study (chapter 09's table).
+
 Conventions. A weight matrix is an HF-layout (out, in) array: one row per output channel. Every format here cuts
 a row into blocks (or groups) *along `in`*, exactly as GGUF does (GGUF's ne0, the contiguous axis, is `in`).
 So the rows stay independent: they can be permuted (the q/k RoPE permutation), looked up (embedding rows) or
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import CheckpointError, LlamaRefError, QuantizationError, ShapeMismatchError
+from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .files import atomic_dir, check_output
 from .matrices import StoredMatrix
 from .model import Llama, _as_f32
@@ -688,89 +690,3 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
             weights[name] = W4Matrix(stored[name + ".qweight"], stored[name + ".scales"], act)
     check_weights(config, weights, source=path, check_finite=check_finite)
     return config, weights
-
-
-# ------------------------------------------------------------------------------------------------
-# Accuracy measures used by the study (chapter 09, benchmarks/quant_accuracy.py)
-
-def log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def compare_logits(ref_logits, q_logits, targets=None, ref_logprobs=None) -> dict:
-    """KL(ref || quant) of next-token distributions (nats, mean over positions), top-1 agreement, and, with
-    targets, both models' mean negative log-likelihood (perplexity = exp of it). Computed in float64."""
-    lp = log_softmax(ref_logits) if ref_logprobs is None else ref_logprobs
-    lq = log_softmax(q_logits)
-    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-    top1 = float(np.mean(np.argmax(lp, -1) == np.argmax(lq, -1)))
-    out = {"kl": kl, "top1": top1}
-    if targets is not None:
-        t = np.asarray(targets)[..., None]
-        out["nll_ref"] = float(-np.mean(np.take_along_axis(lp, t, -1)))
-        out["nll"] = float(-np.mean(np.take_along_axis(lq, t, -1)))
-    return out
-
-
-def validation_batches(tokenizer_path=None, n_docs=32, seq_len=128, split="val", seed=0):
-    """Token batches (n_docs, seq_len) of held-out text: the first n_docs documents of the corpus' split, each
-    encoded with BOS, cut or EOS-padded to seq_len (padding positions are masked out by `study_mask`)."""
-    from . import corpus, paths
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path or paths.DEFAULT_TOKENIZER))
-    docs = corpus.iter_training_text(split=split, seed=seed)
-    rows, lengths = [], []
-    for _ in range(n_docs):
-        ids = [sp.bos_id()] + sp.encode(next(docs)) + [sp.eos_id()]
-        ids = ids[:seq_len]
-        lengths.append(len(ids))
-        rows.append(ids + [sp.eos_id()] * (seq_len - len(ids)))
-    return np.array(rows, np.int64), np.array(lengths)
-
-
-def f16_weights(weights: dict) -> dict:
-    """Every 2-D weight rounded to float16 and back (what a GGUF F16 file holds); norms stay float32."""
-    return {k: (np.asarray(v, F32).astype(np.float16).astype(F32) if np.ndim(v) == 2 else v) for k, v in weights.items()}
-
-
-def accuracy_study(model: Llama, tokens, lengths, schemes=("f16", *SCHEMES), batch=8) -> list[dict]:
-    """For each scheme: bits/weight (all weights held, and the block matmuls alone), KL(f32 || scheme) of the next-token
-    distributions, top-1 agreement with float32, and validation perplexity; means over the real (unpadded) positions.
-
-    tokens (N, T) int, lengths (N,): predictions at positions t < length-1 are scored against tokens[t+1].
-    """
-    cfg = model.config
-    n_params = sum(int(np.prod(w.shape)) for w in model.weights.values())
-    layer_names = [n for n in model.weights if ".layers." in n and n.endswith("proj.weight")]
-    n_layer = sum(int(np.prod(model.weights[n].shape)) for n in layer_names)
-    valid = np.arange(tokens.shape[1] - 1)[None, :] < (lengths - 1)[:, None]          # (N, T-1)
-    targets = tokens[:, 1:][valid]
-
-    def logits_of(m):                                                                  # (positions, V)
-        return np.concatenate([m.forward(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])[:, :-1][valid]
-
-    ref = logits_of(model)
-    ref_lp = log_softmax(ref)
-
-    def score(m):
-        return compare_logits(ref, ref if m is model else logits_of(m), targets, ref_logprobs=ref_lp)
-
-    rows = []
-    for s in ("f32", *schemes):
-        if s == "f32":
-            m, held, held_layer = model, 4 * n_params, 4 * n_layer
-        elif s == "f16":
-            m, held, held_layer = Llama(cfg, f16_weights(model.weights)), 2 * n_params, 2 * n_layer
-        else:
-            m = quantize_model(model, s)
-            held = sum(w.nbytes for w in m.weights.values())
-            held_layer = sum(m.weights[n].nbytes for n in layer_names)
-        r = score(m)
-        rows.append({"scheme": s, "bpw": 8 * held / n_params, "bpw_layers": 8 * held_layer / n_layer,
-                     "weight_bytes": int(held), "kl": r["kl"], "top1": r["top1"],
-                     "ppl": float(np.exp(r["nll"])), "ppl_f32": float(np.exp(r["nll_ref"]))})
-    for r in rows:
-        r["ppl_change"] = r["ppl"] / rows[0]["ppl"] - 1
-    return rows

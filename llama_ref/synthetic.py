@@ -24,12 +24,12 @@ import numpy as np
 from .checkpoint import INDEX_NAME
 from .config import LlamaConfig
 from .files import atomic_dir, atomic_file
-from .gguf_io import FILE_TYPES, GGUFMatrix, hf_to_gguf_name, sentencepiece_vocab
+from .gguf_io import FILE_TYPES, GGUFMatrix, add_llama_metadata, hf_to_gguf_name, sentencepiece_vocab
 from .model import permute_qk_hf_to_meta
 from .safetensors import write_safetensors_stream
 from .weights import weight_shapes
 from .tokenizer import UNUSED, proto_from_vocab
-from . import paths, quant
+from . import paths
 
 F32 = np.float32
 
@@ -128,32 +128,10 @@ def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std:
     if mix not in ("f32", "f16", "q4_k_m") and mix.upper() not in FP16_FIELDS:
         raise ValueError(f"mix {mix!r}: choose f32, f16, q4_k_m or one of {', '.join(k.lower() for k in FP16_FIELDS)}")
     shapes = weight_shapes(config)
-    pieces, scores, types, unk = vocabulary_for(config.vocab_size)
     with atomic_file(path, force=True) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(f"random {mix} llama")
-        w.add_context_length(config.max_seq_len)
-        w.add_embedding_length(config.dim)
-        w.add_block_count(config.n_layers)
-        w.add_feed_forward_length(config.hidden_dim)
-        w.add_head_count(config.n_heads)
-        w.add_head_count_kv(config.n_kv_heads)
-        w.add_rope_freq_base(float(config.rope_theta))
-        w.add_layer_norm_rms_eps(float(config.norm_eps))
-        w.add_rope_dimension_count(config.head_dim)
-        w.add_vocab_size(config.vocab_size)
-        w.add_file_type(FILE_TYPE_IDS.get(mix, 0))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(pieces)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(config.bos_id)
-        w.add_eos_token_id(config.eos_id)
-        w.add_unk_token_id(unk)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
+        add_llama_metadata(w, config, FILE_TYPE_IDS.get(mix, 0), vocabulary_for(config.vocab_size), f"random {mix} llama",
+                           quantized=mix not in ("f32", "f16"))
         for name, shape in shapes.items():                              # tensor infos first: sizes are known
             gname, kind = hf_to_gguf_name(name), None
             if len(shape) == 2 and mix not in ("f32", "f16"):

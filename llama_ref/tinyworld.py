@@ -1,5 +1,7 @@
 """The embedded model's recipe: train `tinyworld` from scratch with llama_ref's NumPy trainer, then measure it.
 
+Chapter 07 prints the model card this writes and trains a small model the same way, live.
+
 `make model` and `python -m llama_ref train` run it (scripts/train_model.py is the same entry point):
 
     python -m llama_ref train --out data/models/tinyworld          # the shipped model (<= ~90 min on 2 cores)
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import corpus, evaluate, paths, train
+from . import corpus, evaluate, paths, train, trainer
 from .loader import read_checkpoint
 from .config import LlamaConfig
 from .files import atomic_file, write_text
@@ -83,7 +85,7 @@ def measure(model: Llama, tok: Tokenizer, train_ids: np.ndarray, n_eval_tokens: 
     return m
 
 
-def model_card(config: LlamaConfig, m: dict, s: train.TrainSettings) -> str:
+def model_card(config: LlamaConfig, m: dict, s: trainer.TrainSettings) -> str:
     return f"""# tinyworld: the embedded model of llama_ref
 
 A Llama 2 architecture model trained from scratch by llama_ref's NumPy trainer (`make model`, i.e.
@@ -145,7 +147,7 @@ def run(args) -> int:
     out = Path(args.out)
     tok = Tokenizer(paths.DEFAULT_TOKENIZER)
     config = model_config(tok.vocab_size)
-    s = train.TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+    s = trainer.TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                             warmup=min(args.warmup, args.steps), eval_every=max(1, min(100, args.steps // 4)),
                             eval_batches=4, ckpt_every=max(1, min(200, args.steps)), seed=args.seed,
                             time_budget_s=args.time_budget_min * 60)
@@ -154,7 +156,7 @@ def run(args) -> int:
 
     log(f"model: {config.n_params():,} parameters; tokenizer {tok.vocab_size} pieces")
     t0 = time.time()
-    train_ids = train.tokenize_documents(corpus.iter_training_text("train", seed=args.seed), tok, args.tokens)
+    train_ids = trainer.tokenize_documents(corpus.iter_training_text("train", seed=args.seed), tok, args.tokens)
     log(f"training stream: {len(train_ids):,} tokens in {time.time() - t0:.1f} s")
 
     if args.eval_only:
@@ -165,7 +167,7 @@ def run(args) -> int:
         val_ids = evaluate.token_stream("val", tok, 40_000)
         params = train.init_weights(config, seed=args.seed)
         t_train = time.time()
-        params, history = train.train(config, params, train_ids, val_ids, s, out_dir=out, resume=args.resume,
+        params, history = trainer.train(config, params, train_ids, val_ids, s, out_dir=out, resume=args.resume,
                                       tokenizer_path=paths.DEFAULT_TOKENIZER, log=log)
         weights = params
         write_loss_curve(out, history)

@@ -1,5 +1,7 @@
 """Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon.
 
+Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention) and 06 (generation) display them.
+
 Each widget is a thin layer over a pure function that returns plain data, and tests call those directly:
 
   attention_view(trace, layer, head, query)      -> where one query of one head looks      (attention_explorer)

@@ -106,9 +106,9 @@ def tiny_base(tok, seed=0):
 
 def finetune(config, weights, examples, steps, batch_size, lr, seed, time_budget_s, what):
     """Fine-tune with the NumPy trainer (loss only where the example's mask is set); returns (weights, metrics)."""
-    from llama_ref import train
+    from llama_ref import trainer
     batches = gatt.make_batches(examples, batch_size, seed, pad_id=0)
-    return train.finetune(config, weights, batches, steps=steps, lr=lr, seed=seed, time_budget_s=time_budget_s,
+    return trainer.finetune(config, weights, batches, steps=steps, lr=lr, seed=seed, time_budget_s=time_budget_s,
                           log=lambda m: log(f"{what}: {m}"))
 
 

@@ -21,15 +21,14 @@ from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
 from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.errors import CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError
 from llama_ref.model import permute_qk_hf_to_meta, weight_shapes
+from conftest import random_weights  # noqa: E402
 
 GQA = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40, max_seq_len=16)
 MHA_TIED = LlamaConfig(dim=24, n_layers=3, n_heads=3, hidden_dim=40, vocab_size=30, max_seq_len=8,
                        tie_embeddings=True)
 
 
-def random_weights(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in weight_shapes(cfg).items()}
+
 
 
 def assert_same(got, want):
@@ -54,7 +53,7 @@ def write_raw_safetensors(path, header, data: bytes, pad=True):
 
 @pytest.mark.parametrize("cfg", [GQA, MHA_TIED], ids=["gqa-untied", "mha-tied"])
 def test_hf_round_trip_is_exact(tmp_path, cfg):
-    w = random_weights(cfg)
+    w = random_weights(cfg, scale=1.0)
     save_model(tmp_path / "m", cfg, w)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors"]
@@ -67,7 +66,7 @@ def test_hf_round_trip_is_exact(tmp_path, cfg):
 
 
 def test_sharded_round_trip(tmp_path):
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     limit = 3 * 48 * 32 * 4                                   # about three MLP matrices per shard
     save_model(tmp_path / "m", GQA, w, max_shard_bytes=limit)
     d = tmp_path / "m"
@@ -87,7 +86,7 @@ def test_sharded_round_trip(tmp_path):
 
 def test_loaded_arrays_are_views_of_the_file(tmp_path):
     """Proof of memory mapping: the arrays are np.memmap views, and changing the file's bytes changes them."""
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     save_model(tmp_path / "m", GQA, w)
     _, got = read_checkpoint(tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
@@ -105,7 +104,7 @@ def test_loaded_arrays_are_views_of_the_file(tmp_path):
 
 def test_saving_over_a_loaded_model_keeps_the_old_arrays_valid(tmp_path):
     """os.replace swaps in a new file; the memory-mapped old one is never written into."""
-    w, w2 = random_weights(GQA, 0), random_weights(GQA, 1)
+    w, w2 = random_weights(GQA, 0, scale=1.0), random_weights(GQA, 1, scale=1.0)
     save_model(tmp_path / "m", GQA, w)
     _, old = read_checkpoint(tmp_path / "m")
     save_model(tmp_path / "m", GQA, w2)
@@ -115,7 +114,7 @@ def test_saving_over_a_loaded_model_keeps_the_old_arrays_valid(tmp_path):
 
 def test_save_over_existing_dir_keeps_user_files_and_drops_stale_shards(tmp_path):
     d = tmp_path / "m"
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     save_model(d, GQA, w, max_shard_bytes=20_000)
     (d / "notes.txt").write_text("mine")
     save_model(d, GQA, w, extra_files={"README.md": "# tiny"})
@@ -127,20 +126,20 @@ def test_save_over_existing_dir_keeps_user_files_and_drops_stale_shards(tmp_path
 
 def test_failed_save_leaves_the_existing_model_untouched(tmp_path, monkeypatch):
     d = tmp_path / "m"
-    save_model(d, GQA, random_weights(GQA, 0))
+    save_model(d, GQA, random_weights(GQA, 0, scale=1.0))
     before = {p.name: p.read_bytes() for p in d.iterdir()}
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ck, "_write_safetensors", disk_full)
     with pytest.raises(OutputError, match="No space left"):
-        save_model(d, GQA, random_weights(GQA, 1))
+        save_model(d, GQA, random_weights(GQA, 1, scale=1.0))
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the temporary directory is cleaned up
 
 
 def test_save_model_refuses_bad_input(tmp_path):
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
         save_model(tmp_path / "file", GQA, w)
@@ -157,7 +156,7 @@ def test_save_model_refuses_bad_input(tmp_path):
 def test_tokenizer_is_copied(tmp_path):
     tok = tmp_path / "t.model"
     tok.write_bytes(b"\x00sentencepiece bytes\xff")
-    save_model(tmp_path / "m", GQA, random_weights(GQA), tokenizer_path=tok)
+    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0), tokenizer_path=tok)
     assert (tmp_path / "m" / "tokenizer.model").read_bytes() == tok.read_bytes()
 
 
@@ -207,7 +206,7 @@ def test_hf_dir_in_bf16_f16_f64_loads_as_float(tmp_path):
     """A model saved in bf16 (as most hub checkpoints are), f16 or f64 loads; f16 stays a zero-copy view."""
     pytest.importorskip("safetensors.numpy")
     import safetensors.numpy as st
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     d = tmp_path / "m"
     d.mkdir()
     GQA.save(d / "config.json")
@@ -276,7 +275,7 @@ def test_the_valid_twin_of_the_corrupt_files_loads(tmp_path):
 
 
 def test_truncated_model_file_names_file_and_tensor(tmp_path):
-    save_model(tmp_path / "m", GQA, random_weights(GQA))
+    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
     f = tmp_path / "m" / "model.safetensors"
     os.truncate(f, f.stat().st_size - 100)
     with pytest.raises(CheckpointError, match="'lm_head.weight' ends at .* truncated; re-download"):
@@ -285,7 +284,7 @@ def test_truncated_model_file_names_file_and_tensor(tmp_path):
 
 def test_broken_shard_index(tmp_path):
     d = tmp_path / "m"
-    save_model(d, GQA, random_weights(GQA), max_shard_bytes=20_000)
+    save_model(d, GQA, random_weights(GQA, scale=1.0), max_shard_bytes=20_000)
     index = json.loads((d / "model.safetensors.index.json").read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     (d / first).rename(d / "moved.safetensors")
@@ -302,7 +301,7 @@ def test_broken_shard_index(tmp_path):
 # Validation against the config
 
 def test_config_and_weights_disagree_on_shape(tmp_path):
-    save_model(tmp_path / "m", GQA, random_weights(GQA))
+    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
     GQA.replace(hidden_dim=64).save(tmp_path / "m" / "config.json")
     with pytest.raises(ShapeMismatchError) as e:
         read_checkpoint(tmp_path / "m")
@@ -312,14 +311,14 @@ def test_config_and_weights_disagree_on_shape(tmp_path):
 
 
 def test_vocab_mismatch_names_embedding(tmp_path):
-    save_model(tmp_path / "m", GQA, random_weights(GQA))
+    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
     GQA.replace(vocab_size=41).save(tmp_path / "m" / "config.json")
     with pytest.raises(ShapeMismatchError, match="'model.embed_tokens.weight' .* \\(40, 32\\) .* \\(41, 32\\)"):
         read_checkpoint(tmp_path / "m")
 
 
 def test_nan_weight_is_named(tmp_path):
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     w["model.layers.1.self_attn.v_proj.weight"][3, 5] = np.inf
     w["model.layers.1.self_attn.v_proj.weight"][4, 0] = np.nan
     d = tmp_path / "m"
@@ -343,14 +342,14 @@ def test_finite_check_works_in_chunks(monkeypatch):
 
 def test_untied_config_without_lm_head(tmp_path):
     tied = GQA.replace(tie_embeddings=True)
-    save_model(tmp_path / "m", tied, random_weights(tied))
+    save_model(tmp_path / "m", tied, random_weights(tied, scale=1.0))
     GQA.save(tmp_path / "m" / "config.json")                  # now says untied
     with pytest.raises(CheckpointError, match="'lm_head.weight' is missing .*tie_word_embeddings=false"):
         read_checkpoint(tmp_path / "m")
 
 
 def test_tied_config_ignores_lm_head_and_inv_freq(tmp_path):
-    w = random_weights(GQA)                                    # has lm_head.weight
+    w = random_weights(GQA, scale=1.0)                                    # has lm_head.weight
     w["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
     d = tmp_path / "m"
     d.mkdir()
@@ -362,15 +361,15 @@ def test_tied_config_ignores_lm_head_and_inv_freq(tmp_path):
 
 
 def test_unexpected_tensors_are_refused(tmp_path):
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     w["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
     with pytest.raises(CheckpointError, match="unexpected tensor.*q_proj.bias.*different architecture"):
         check_weights(GQA, w)
-    w = random_weights(GQA.replace(n_layers=3))
+    w = random_weights(GQA.replace(n_layers=3), scale=1.0)
     with pytest.raises(CheckpointError, match="weights hold 3 layers but config.json says num_hidden_layers=2"):
         check_weights(GQA, w)
     with pytest.raises(CheckpointError, match="weights hold 2 layers but config.json says num_hidden_layers=3"):
-        check_weights(GQA.replace(n_layers=3), random_weights(GQA))
+        check_weights(GQA.replace(n_layers=3), random_weights(GQA, scale=1.0))
 
 
 def test_meta_names_get_a_conversion_hint():
@@ -385,7 +384,7 @@ def test_meta_names_get_a_conversion_hint():
                                                                                        "mha-shared", "gqa-shared"])
 @pytest.mark.parametrize("version", [0, 1])
 def test_llama2c_round_trip(tmp_path, cfg, version):
-    w = random_weights(cfg)
+    w = random_weights(cfg, scale=1.0)
     f = save_llama2c(tmp_path / "m.bin", cfg, w, version=version)
     config, got = read_checkpoint(f)
     assert config == cfg
@@ -397,7 +396,7 @@ def test_llama2c_round_trip(tmp_path, cfg, version):
 
 def test_llama2c_v0_byte_layout(tmp_path):
     """Read the file the way run.c does (independent of our loader): header, then fixed offsets, Meta q/k rows."""
-    cfg, w = GQA, random_weights(GQA)
+    cfg, w = GQA, random_weights(GQA, scale=1.0)
     f = save_llama2c(tmp_path / "m.bin", cfg, w)
     raw = f.read_bytes()
     C, H, V, L, nh, nkv, hs, T = 32, 48, 40, 2, 4, 2, 8, 16
@@ -417,7 +416,7 @@ def test_llama2c_v0_byte_layout(tmp_path):
 
 def test_llama2c_v1_byte_layout(tmp_path):
     """export.py --version 1: 256-byte "ak42" header, then norms first, then the embedding and the matrices."""
-    cfg, w = MHA_TIED, random_weights(MHA_TIED)
+    cfg, w = MHA_TIED, random_weights(MHA_TIED, scale=1.0)
     raw = save_llama2c(tmp_path / "m.bin", cfg, w, version=1).read_bytes()
     C, H, V, L, nh = 24, 40, 30, 3, 3
     assert raw[:4] == b"24ka"                            # uint32 0x616b3432 little-endian: "ak42" reversed
@@ -435,7 +434,7 @@ def test_llama2c_v1_byte_layout(tmp_path):
 
 
 def test_llama2c_truncated_or_padded(tmp_path):
-    f = save_llama2c(tmp_path / "m.bin", GQA, random_weights(GQA))
+    f = save_llama2c(tmp_path / "m.bin", GQA, random_weights(GQA, scale=1.0))
     size = f.stat().st_size
     os.truncate(f, size - 4)
     with pytest.raises(CheckpointError, match=f"implies {size} bytes but the file has {size - 4}: it is truncated"):
@@ -464,7 +463,7 @@ def test_llama2c_bad_headers(tmp_path):
 
 def test_llama2c_refuses_configs_it_cannot_store(tmp_path):
     with pytest.raises(CheckpointError, match="rope_theta=500000"):
-        save_llama2c(tmp_path / "m.bin", GQA.replace(rope_theta=500000.0), random_weights(GQA))
+        save_llama2c(tmp_path / "m.bin", GQA.replace(rope_theta=500000.0), random_weights(GQA, scale=1.0))
     assert not list(tmp_path.iterdir())
 
 
@@ -495,7 +494,7 @@ def test_gguf_dispatch(tmp_path, monkeypatch):
 
 
 def test_safetensors_file_path_loads_its_directory(tmp_path):
-    w = random_weights(GQA)
+    w = random_weights(GQA, scale=1.0)
     save_model(tmp_path / "m", GQA, w)
     assert_same(read_checkpoint(tmp_path / "m" / "model.safetensors")[1], w)
 
@@ -514,7 +513,7 @@ def test_memory_plan_packs_what_fits_and_refuses_what_cannot(tmp_path, monkeypat
         loader.plan_memory(cfg7, f16, n_tokens=36, pack="always")
     with pytest.raises(loader.MemoryBudgetError, match=r"even with its weights left as stored .* ask for fewer tokens"):
         loader.plan_memory(cfg7, f16, n_tokens=4096 * 8, pack="never")     # a 32k-token prefill's scores
-    save_model(tmp_path / "m", GQA, random_weights(GQA))
+    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
     assert loader.load(tmp_path / "m").memory.path == "packed"
     model = loader.load(tmp_path / "m", pack="never")
     assert model.memory.path == "as stored" and not model.packed
@@ -539,7 +538,7 @@ def test_available_ram_reads_meminfo():
 def test_transformers_loads_our_directory(tmp_path, cfg, shard):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    w = random_weights(cfg)
+    w = random_weights(cfg, scale=1.0)
     save_model(tmp_path / "m", cfg, w, max_shard_bytes=shard)
     model, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info

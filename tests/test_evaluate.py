@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from llama_ref import corpus, evaluate, paths, train
+from llama_ref import corpus, evaluate, paths, train, trainer
 from llama_ref.config import LlamaConfig
 from llama_ref.model import Llama
 from llama_ref.tokenizer import Tokenizer
@@ -35,7 +35,7 @@ def test_stream_loss_equals_the_training_forward(tok):
     ids = evaluate.token_stream("val", tok, 3000)
     assert ids[0] == tok.bos_id and len(ids) == 3000
     a = evaluate.stream_loss(Llama(cfg, params), ids, seq_len=64, batch_size=4)
-    b = train.evaluate_loss(cfg, params, ids, batch_size=4, seq_len=64)
+    b = trainer.evaluate_loss(cfg, params, ids, batch_size=4, seq_len=64)
     assert a == pytest.approx(b, rel=1e-5)
 
 

@@ -11,17 +11,11 @@ from llama_ref.errors import (CheckpointError, ContextLengthError, InputError, L
 from llama_ref.model import (Llama, apply_rope_hf, apply_rope_meta, attention, causal_mask, permute_qk_hf_to_meta,
                              permute_qk_meta_to_hf, rms_norm, rope_freqs, softmax, weight_shapes)
 from llama_ref.trace import Trace
+from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=40)
 
 
-def random_weights(cfg, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    w = {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in weight_shapes(cfg).items()}
-    for k in w:
-        if k.endswith("norm.weight") or "layernorm" in k:
-            w[k] = (1.0 + 0.1 * rng.standard_normal(w[k].shape)).astype(np.float32)
-    return w
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,11 @@ from llama_ref.errors import InputError
 from llama_ref.generate import generate
 from llama_ref.model import Llama, weight_shapes
 from llama_ref.trace import Trace
+from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=50, max_seq_len=40)
 
 
-def random_weights(cfg, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    w = {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in weight_shapes(cfg).items()}
-    for k in w:
-        if w[k].ndim == 1:
-            w[k] = (1.0 + 0.1 * rng.standard_normal(w[k].shape)).astype(np.float32)
-    return w
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,22 @@ import pytest
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 
-from llama_ref import quant as Q  # noqa: E402
+from llama_ref import quant as Q, evaluate as E  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.errors import QuantizationError, ShapeMismatchError, CheckpointError, OutputError  # noqa: E402
 from llama_ref.loader import load  # noqa: E402
 from llama_ref.model import Llama, weight_shapes  # noqa: E402
+from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=96, max_seq_len=48)
 
 
-def random_weights(cfg, seed=0, scale=0.1):
-    rng = np.random.default_rng(seed)
-    w = {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in weight_shapes(cfg).items()}
-    for k in w:
-        if w[k].ndim == 1:
-            w[k] = (1.0 + 0.1 * rng.standard_normal(w[k].shape)).astype(np.float32)
-    return w
+
 
 
 @pytest.fixture(scope="module")
 def model():
-    return Llama(CFG, random_weights(CFG))
+    return Llama(CFG, random_weights(CFG, scale=0.1))
 
 
 def _tensors():
@@ -215,7 +210,7 @@ def test_quantized_forward_equals_float_forward_of_dequantized_weights(model):
 def test_quantized_forward_close_to_float(model):
     tokens = np.random.default_rng(6).integers(0, CFG.vocab_size, 24)
     ref = model.forward(tokens)
-    results = {s: Q.compare_logits(ref, Q.quantize_model(model, s).forward(tokens)) for s in Q.SCHEMES}
+    results = {s: E.compare_logits(ref, Q.quantize_model(model, s).forward(tokens)) for s in Q.SCHEMES}
     # KL ~ Var(logit error) / 2. 8-bit weights: ~0.6% relative rms error per weight, which this random 2-layer model
     # (logit std ~1.2) turns into logit errors ~0.03, KL ~5e-4. 4-bit: ~10x the error, ~100x the KL.
     # Bounds at ~10x those estimates; a wrong layout or a transposed weight gives KL ~ 1.
@@ -269,7 +264,7 @@ def test_no_float_copy_kept_by_quantized_matrix():
 
 def test_bad_shapes_in_a_model():
     cfg = CFG.replace(hidden_dim=200)                             # 200 is not a multiple of 32
-    w = random_weights(cfg)
+    w = random_weights(cfg, scale=0.1)
     with pytest.raises(QuantizationError, match="down_proj"):
         Q.quantize_model(w, "q8_0", config=cfg)
     qm = Q.quantize_model(w, "q8_0", config=cfg, on_bad_shape="keep")   # documented fallback: that tensor stays float
@@ -288,7 +283,7 @@ def test_build_llama_validates_shapes(model):
 
 def test_tied_embeddings_share_one_quantized_tensor():
     cfg = CFG.replace(tie_embeddings=True)
-    qm = Q.quantize_model(random_weights(cfg), "q4_0", config=cfg)
+    qm = Q.quantize_model(random_weights(cfg, scale=0.1), "q4_0", config=cfg)
     assert qm.params["lm_head"] is qm.params["embed"] and qm.params["embed"].kind == "q8_0"   # classifier's format
 
 
@@ -339,4 +334,4 @@ def test_integer_dot_model_close_to_dequantized_path(model):
     # move by about as much as Q8_0 weights move them: relative error of order 1e-2, not 1e-6 and not 1.
     rel = np.abs(y_int - y_float).max() / np.abs(y_float).max()
     assert 1e-6 < rel < 5e-2
-    assert Q.compare_logits(y_float, y_int)["kl"] < 5e-3
+    assert E.compare_logits(y_float, y_int)["kl"] < 5e-3

@@ -17,16 +17,13 @@ from llama_ref.model import Llama, weight_shapes
 from llama_ref.inspect import (ablate_heads, compare, compare_table, format_table, forward_patched, load_reference,
                                logit_lens, residual_stream, save_npz, summarize)
 from llama_ref.trace import Trace, match_taps, tap_names
+from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=50, max_seq_len=32)
 GQA = paths.REFERENCE_DIR / "gqa"
 LOGITS_ATOL = 1e-4     # float32 against transformers: see tests/test_reference.py for why
 
 
-def random_weights(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: (rng.standard_normal(s) * (0.3 if len(s) > 1 else 1.0) + (1.0 if len(s) == 1 else 0.0))
-            .astype(np.float32) for k, s in weight_shapes(cfg).items()}
 
 
 @pytest.fixture(scope="module")

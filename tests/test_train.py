@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from llama_ref import paths, train
+from llama_ref import paths, train, trainer
 from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
-from llama_ref.errors import InputError, LlamaRefError
+from llama_ref.errors import InputError, LlamaRefError, TrainingError
 from llama_ref.model import Llama, rope_freqs
 
 GRAD_RTOL = 1e-4
@@ -140,9 +140,8 @@ def numerical_grad(f, x, eps=1e-6):
 
 
 @pytest.fixture
-def f64(monkeypatch):
-    """Run train.py's functions in float64 so finite differences are exact to ~1e-9."""
-    monkeypatch.setattr(train, "F32", np.float64)
+def f64():
+    """float64 inputs: train.py's functions keep their inputs' dtype, so finite differences are exact to ~1e-9."""
     return np.random.default_rng(0)
 
 
@@ -157,8 +156,8 @@ def test_rmsnorm_backward_finite_differences(f64):
 def test_linear_backward_finite_differences(f64):
     x, w, dy = f64.standard_normal((2, 3, 4)), f64.standard_normal((5, 4)), f64.standard_normal((2, 3, 5))
     dx, dw = train.linear_backward(dy, x, w)
-    assert np.allclose(dx, numerical_grad(lambda: np.sum(train.linear_forward(x, w)[0] * dy), x), atol=1e-7)
-    assert np.allclose(dw, numerical_grad(lambda: np.sum(train.linear_forward(x, w)[0] * dy), w), atol=1e-7)
+    assert np.allclose(dx, numerical_grad(lambda: np.sum(train.linear_forward(x, w) * dy), x), atol=1e-7)
+    assert np.allclose(dw, numerical_grad(lambda: np.sum(train.linear_forward(x, w) * dy), w), atol=1e-7)
 
 
 def test_rope_backward_finite_differences(f64):
@@ -252,8 +251,8 @@ def test_training_reduces_loss_and_stays_float32():
     cfg = tiny_config()
     data = np.tile(np.arange(10, dtype=np.uint16), 200)
     params = train.init_weights(cfg, seed=0)
-    s = train.TrainSettings(steps=60, batch_size=4, seq_len=16, lr=3e-3, warmup=5, eval_every=30, eval_batches=2)
-    params, hist = train.train(cfg, params, data, data[:400], s, progress=False, log=lambda m: None)
+    s = trainer.TrainSettings(steps=60, batch_size=4, seq_len=16, lr=3e-3, warmup=5, eval_every=30, eval_batches=2)
+    params, hist = trainer.train(cfg, params, data, data[:400], s, progress=False, log=lambda m: None)
     assert hist[0]["train_loss"] > 3.0 and hist[-1]["val_loss"] < 0.5
     assert all(p.dtype == np.float32 for p in params.values())
 
@@ -265,12 +264,12 @@ def test_resume_continues_exactly(tmp_path):
     data = np.random.default_rng(0).integers(0, cfg.vocab_size, 2000).astype(np.uint16)
     s = dict(steps=12, batch_size=2, seq_len=8, lr=1e-3, warmup=2, eval_every=100, ckpt_every=100)
     quiet = dict(progress=False, log=lambda m: None)
-    full, _ = train.train(cfg, train.init_weights(cfg, 1), data, None, train.TrainSettings(**s), **quiet)
+    full, _ = trainer.train(cfg, train.init_weights(cfg, 1), data, None, trainer.TrainSettings(**s), **quiet)
     out = tmp_path / "m"
-    _, h1 = train.train(cfg, train.init_weights(cfg, 1), data, None, train.TrainSettings(**s), out_dir=out,
+    _, h1 = trainer.train(cfg, train.init_weights(cfg, 1), data, None, trainer.TrainSettings(**s), out_dir=out,
                         stop_after=5, **quiet)
     assert len(h1) == 5 and (out / "config.json").exists()
-    resumed, h2 = train.train(cfg, train.init_weights(cfg, 99), data, None, train.TrainSettings(**s), out_dir=out,
+    resumed, h2 = trainer.train(cfg, train.init_weights(cfg, 99), data, None, trainer.TrainSettings(**s), out_dir=out,
                               resume=True, **quiet)
     assert len(h2) == 12 and [r["step"] for r in h2] == list(range(1, 13))
     assert all(np.array_equal(full[k], resumed[k]) for k in full)
@@ -278,20 +277,20 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_bad_settings_and_empty_masks_are_clear_errors():
     with pytest.raises(LlamaRefError, match="learning rate"):
-        train.TrainSettings(lr=-1.0).check()
+        trainer.TrainSettings(lr=-1.0).check()
     with pytest.raises(LlamaRefError, match="warmup"):
-        train.TrainSettings(steps=10, warmup=20).check()
+        trainer.TrainSettings(steps=10, warmup=20).check()
     with pytest.raises(InputError, match="no token"):
         train.cross_entropy_forward(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2), int), np.zeros((1, 2), bool))
     with pytest.raises(LlamaRefError, match="nothing to resume"):
-        train.train(tiny_config(), train.init_weights(tiny_config()), np.zeros(100, np.uint16), None,
-                    train.TrainSettings(steps=2, warmup=1), out_dir="/nonexistent/x", resume=True, progress=False)
+        trainer.train(tiny_config(), train.init_weights(tiny_config()), np.zeros(100, np.uint16), None,
+                    trainer.TrainSettings(steps=2, warmup=1), out_dir="/nonexistent/x", resume=True, progress=False)
 
 
 def test_diverging_loss_stops_with_advice():
     cfg = tiny_config()
     params = train.init_weights(cfg)
     params["model.norm.weight"][:] = np.nan
-    with pytest.raises(train.TrainingError, match="learning rate"):
-        train.train(cfg, params, np.zeros(100, np.uint16), None, train.TrainSettings(steps=2, warmup=1, seq_len=8),
+    with pytest.raises(TrainingError, match="learning rate"):
+        trainer.train(cfg, params, np.zeros(100, np.uint16), None, trainer.TrainSettings(steps=2, warmup=1, seq_len=8),
                     progress=False)

@@ -1,0 +1,232 @@
+"""The training loop: batches from a token stream, warmup + cosine, clipping, AdamW, validation, atomic checkpoints
+and exact resume, and fine-tuning on masked batches. train.py holds what it drives (the layer pairs and AdamW).
+
+Chapter 07 trains a mini model live with `train`; `make model` (tinyworld.py) trains the embedded model with it, and
+`make gatt` (scripts/make_gatt.py) uses `finetune` for chat SFT and Ghost Attention.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import InputError, TrainingError
+from .files import save_npz, write_text
+from .model import rope_freqs
+from .train import AdamW, clip_grad_norm, forward_backward, global_norm, loss_only, lr_schedule
+
+F32 = np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: a stream of token ids cut into (B, T+1) windows
+
+def tokenize_documents(docs, tokenizer, n_tokens: int, progress: bool = True) -> np.ndarray:
+    """BOS + ids + EOS of each document, concatenated until n_tokens ids (uint16 when the vocabulary fits)."""
+    from tqdm.auto import tqdm
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+    out, have = [], 0
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="tokenize", disable=not progress) as bar:
+        for doc in docs:
+            ids = [tokenizer.bos_id] + tokenizer.encode(doc) + [tokenizer.eos_id]
+            out.append(np.asarray(ids, dtype))
+            have += len(ids)
+            bar.update(len(ids))
+            if have >= n_tokens:
+                break
+    return np.concatenate(out)[:n_tokens]
+
+
+def random_windows(data: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int):
+    """Batch number `step`: B windows at random offsets (a function of (seed, step), so a resumed run sees the
+    same batches as an uninterrupted one). Returns tokens (B, T) and targets (B, T) = tokens shifted by one."""
+    if len(data) < seq_len + 2:
+        raise InputError(f"the token stream holds {len(data)} tokens, fewer than one window of {seq_len + 1}")
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(data) - seq_len - 1, batch_size)
+    win = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)           # (B, T+1)
+    return win[:, :-1], win[:, 1:]
+
+
+def sequential_windows(data: np.ndarray, batch_size: int, seq_len: int):
+    """Non-overlapping windows covering `data` in order (for validation loss): yields (tokens, targets)."""
+    n = (len(data) - 1) // seq_len
+    for b in range(0, n, batch_size):
+        idx = range(b, min(n, b + batch_size))
+        win = np.stack([data[i * seq_len:i * seq_len + seq_len + 1] for i in idx]).astype(np.int64)
+        yield win[:, :-1], win[:, 1:]
+
+
+def evaluate_loss(config: LlamaConfig, P: dict, data: np.ndarray, batch_size: int, seq_len: int,
+                  max_batches: int | None = None) -> float:
+    """Mean next-token loss over non-overlapping windows of `data` (token-weighted)."""
+    total, count = 0.0, 0
+    rope = rope_freqs(config.head_dim, seq_len, config.rope_theta)
+    for b, (x, y) in enumerate(sequential_windows(data, batch_size, seq_len)):
+        if max_batches is not None and b >= max_batches:
+            break
+        total += loss_only(config, P, x, y, rope=rope) * x.size
+        count += x.size
+    return total / max(1, count)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: warmup + cosine, clipping, AdamW, validation, atomic checkpoints and resume
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    seed: int = 0
+    time_budget_s: float | None = None          # stop early (cleanly, with a checkpoint) when this is used up
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise TrainingError(f"training setting {name}={v!r} must be a positive integer")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"learning rate {self.lr!r} must be a positive number (try 1e-3)")
+        if not 0 <= self.warmup <= self.steps:
+            raise TrainingError(f"warmup={self.warmup} must be between 0 and steps={self.steps}")
+
+
+def save_training_state(out_dir: Path, config: LlamaConfig, params: dict, opt: AdamW, step: int, history: list,
+                        tokenizer_path=None) -> None:
+    """The model (an HF dir, written atomically by save_model) plus optimizer moments and history for resume.
+    Order: state first, model second, so a crash in between leaves a resumable pair (the state's step says which)."""
+    from .checkpoint import save_model
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = out_dir.parent / (out_dir.name + ".train-state")
+    state_dir.mkdir(exist_ok=True)
+    save_npz(state_dir / "optimizer.npz", {**opt.state(), "step": np.array(step),
+                                                **{f"p/{k}": v for k, v in params.items()}})
+    write_text(state_dir / "history.json", json.dumps(history))
+    save_model(out_dir, config, params, tokenizer_path=tokenizer_path)
+
+
+def load_training_state(out_dir: Path, params: dict, opt: AdamW):
+    """Resume: parameters, optimizer moments, step and history saved by save_training_state."""
+    state_dir = Path(out_dir).parent / (Path(out_dir).name + ".train-state")
+    f = state_dir / "optimizer.npz"
+    if not f.exists():
+        raise TrainingError(f"nothing to resume: {f} does not exist (start without --resume)")
+    with np.load(f) as st:
+        opt.load_state(st)
+        for k in params:
+            params[k][...] = st[f"p/{k}"]
+        step = int(st["step"])
+    history = json.loads((state_dir / "history.json").read_text())
+    return step, history
+
+
+def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: np.ndarray | None,
+          settings: TrainSettings, out_dir=None, resume: bool = False, tokenizer_path=None, log=print,
+          progress: bool = True, stop_after: int | None = None):
+    """Pre-train on a token stream. Returns (params, history); history rows are dicts per logged step
+    ({"step", "tokens", "lr", "train_loss", "grad_norm", "val_loss"?, "time_s"}).
+
+    With out_dir, writes the model there every ckpt_every steps and at the end (atomically), and keeps optimizer
+    state beside it in <out_dir>.train-state/ so `resume=True` continues exactly where it stopped. `stop_after`
+    ends the run (with a checkpoint) after that many steps of the `settings.steps` schedule."""
+    from tqdm.auto import tqdm
+    settings.check()
+    s = settings
+    opt = AdamW(params, betas=s.betas, weight_decay=s.weight_decay)
+    step, history = 0, []
+    if resume:
+        step, history = load_training_state(out_dir, params, opt)
+        log(f"resumed at step {step}")
+    rope = rope_freqs(config.head_dim, s.seq_len, config.rope_theta)
+    t0 = time.time() - (history[-1]["time_s"] if history else 0.0)
+    t_start = time.time()
+    bar = tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=not progress)
+    recent = []                                                   # raw losses since the last validation
+    while step < s.steps:
+        lr = lr_schedule(step, s.lr, s.warmup, s.steps, s.min_lr_ratio)
+        x, y = random_windows(train_data, s.batch_size, s.seq_len, s.seed, step)
+        loss, grads = forward_backward(config, params, x, y, rope=rope)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {step}: lower the learning rate ({s.lr}) "
+                                "or raise warmup, then resume from the last checkpoint")
+        norm = clip_grad_norm(grads, s.grad_clip) if s.grad_clip else global_norm(grads)
+        opt.step(params, grads, lr)
+        step += 1
+        recent.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        row = {"step": step, "tokens": step * s.batch_size * s.seq_len, "lr": lr, "train_loss": loss,
+               "grad_norm": norm, "time_s": time.time() - t0}
+        out_of_time = ((s.time_budget_s is not None and time.time() - t_start > s.time_budget_s)
+                       or (stop_after is not None and step >= stop_after))
+        if val_data is not None and (step % s.eval_every == 0 or step == s.steps or out_of_time):
+            row["val_loss"] = evaluate_loss(config, params, val_data, s.batch_size, s.seq_len, s.eval_batches)
+            log(f"step {step}: train loss {np.mean(recent):.4f} (mean of the last {len(recent)} steps), "
+                f"val loss {row['val_loss']:.4f}, lr {lr:.2e}, {row['time_s'] / 60:.1f} min")
+            recent = []
+        history.append(row)
+        if out_dir is not None and (step % s.ckpt_every == 0 or step == s.steps or out_of_time):
+            save_training_state(out_dir, config, params, opt, step, history, tokenizer_path)
+        if out_of_time:
+            log(f"stopping at step {step} of {s.steps} (time budget or stop_after reached)")
+            break
+    bar.close()
+    return params, history
+
+
+def finetune(config: LlamaConfig, weights: dict, batches, steps: int, lr: float, seed: int = 0,
+             time_budget_s: float | None = None, warmup: int | None = None, weight_decay: float = 0.0,
+             grad_clip: float = 1.0, log=print, progress: bool = True):
+    """Fine-tune on an iterator of (tokens, targets, mask) batches with a loss mask (chat SFT, Ghost Attention).
+
+    Returns (weights, metrics) with the loss curve in metrics["history"]. Weights are copied, never modified in place.
+    """
+    from tqdm.auto import tqdm
+    params = {k: np.array(v, dtype=F32) for k, v in weights.items()}
+    opt = AdamW(params, weight_decay=weight_decay)
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    max_len = max(config.max_seq_len, 1)
+    rope = rope_freqs(config.head_dim, max_len, config.rope_theta)
+    history, t0, tokens_seen, smooth = [], time.time(), 0, None
+    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not progress)
+    step = 0
+    for step in range(steps):
+        x, y, m = next(batches)
+        if x.shape[1] > max_len:
+            raise InputError(f"a batch of length {x.shape[1]} exceeds the context window {max_len}")
+        lr_now = lr_schedule(step, lr, warmup, steps)
+        loss, grads = forward_backward(config, params, x, y, m, rope=rope)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at fine-tuning step {step}: lower the learning rate ({lr})")
+        norm = clip_grad_norm(grads, grad_clip)
+        opt.step(params, grads, lr_now)
+        tokens_seen += int(np.asarray(m).sum())
+        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+        history.append({"step": step + 1, "loss": loss, "lr": lr_now, "grad_norm": norm, "time_s": time.time() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.3f}")
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"step {step + 1}/{steps}: loss {smooth:.4f}")
+        if time_budget_s is not None and time.time() - t0 > time_budget_s:
+            log(f"time budget of {time_budget_s:.0f} s used after {step + 1} of {steps} steps")
+            break
+    bar.close()
+    metrics = {"steps": len(history), "final_loss": smooth, "target_tokens": tokens_seen, "lr": lr,
+               "wall_time_s": time.time() - t0, "history": history}
+    return params, metrics
