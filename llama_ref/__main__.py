@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ChatFormatError, ConfigError, InputError, LlamaRefError, TokenizerError
-from . import paths, tinyworld
+from . import gguf_io, inspect as ins, paths, quant, tinyworld, trace as tr
+from .chat import default_chat_model, format_dialog, read_dialog_json, read_stdin, reply
+from .files import check_output
+from .generate import GenerationResult, check_sampling, stream
+from .gguf_io import read_gguf_vocab
+from .llama2c import save_llama2c
 from .loader import find_tokenizer, load, read_checkpoint
+from .model import Llama
+from .tokenizer import Tokenizer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +85,6 @@ def parse_ids(text: str, vocab_size: int | None = None) -> list[int]:
 def _check_tokenizer(tok):
     """A --tokenizer path is loaded (TokenizerError for a missing, directory or corrupt file) before any work."""
     if isinstance(tok, Path):
-        from .tokenizer import Tokenizer
         Tokenizer(tok)
     return tok
 
@@ -88,13 +97,11 @@ def _tokenizer_for(model_path, tokenizer):
     if p.is_dir() and (p / "tokenizer.model").exists():
         return p / "tokenizer.model"
     if p.suffix == ".gguf":
-        from .gguf_io import read_gguf_vocab
         return read_gguf_vocab(p)
     return None
 
 
 def _check_out(out, force, kind="file"):
-    from .files import check_output
     check_output(out, force=force, kind=kind)
 
 
@@ -103,7 +110,6 @@ def _check_out(out, force, kind="file"):
 
 def cmd_generate(args) -> int:
     """Encode the prompt, prefill, decode; print text (streamed) or one JSON object."""
-    from .generate import check_sampling, stream, GenerationResult
     check_sampling(args.temperature, args.top_k, args.top_p)
     model = load_model(args, prompt_token_bound(args) + max(0, args.max_new_tokens))
     tok = model_tokenizer(args, model)
@@ -149,7 +155,6 @@ def cmd_generate(args) -> int:
 
 def cmd_tokenize(args) -> int:
     """Print the ids and pieces of --text (one JSON object with --json)."""
-    from .tokenizer import Tokenizer
     tok = Tokenizer(args.tokenizer or paths.DEFAULT_TOKENIZER, impl=args.impl)
     ids = tok.encode(args.text, bos=args.bos, eos=args.eos)
     pieces = tok.pieces(ids)
@@ -165,8 +170,6 @@ def cmd_tokenize(args) -> int:
 
 def cmd_inspect(args) -> int:
     """Run the prompt once, print shape and statistics of every tap matching --tap, save them as .npz."""
-    from . import inspect as ins, trace as tr
-    import numpy as np
     if args.save:
         _check_out(args.save, args.force)
     model = load_model(args, prompt_token_bound(args))
@@ -216,9 +219,6 @@ def cmd_inspect(args) -> int:
 
 def cmd_chat(args) -> int:
     """`python -m llama_ref chat`: --format-only prints prompt ids; stdin JSON -> one answer; a TTY -> a chat."""
-    from .chat import default_chat_model, format_dialog, read_dialog_json, read_stdin, reply
-    from .generate import check_sampling
-    from .tokenizer import Tokenizer
 
     if args.format_only:
         if args.tokenizer:
@@ -313,9 +313,6 @@ def cmd_chat(args) -> int:
 
 def cmd_quantize(args) -> int:
     """Quantize every matmul weight; write GGUF (q8_0/q4_0, --out *.gguf) or our quantized directory format."""
-    import math
-    from . import quant, gguf_io
-    from .model import Llama
     args.scheme = args.scheme.lower()
     policy = quant.parse_scheme(args.scheme)
     _check_out(args.out, args.force, "file" if str(args.out).endswith(".gguf") else "dir")
@@ -340,8 +337,6 @@ def cmd_quantize(args) -> int:
 
 def cmd_export(args) -> int:
     """Write a model as GGUF (f32/f16/q8_0/q4_0) or as a llama2.c .bin (float32)."""
-    from . import quant, gguf_io
-    from .llama2c import save_llama2c
     _check_out(args.out, args.force)
     tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer)) if args.format != "llama2c" else None
     config, weights = read_checkpoint(args.model)

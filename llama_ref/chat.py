@@ -27,12 +27,15 @@ message and the last user message alone do not fit, ContextLengthError. policy="
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import ChatFormatError, ContextLengthError
+from .generate import generate
+from .paths import CHAT_BASELINE_MODEL, CHAT_GATT_MODEL
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -248,7 +251,6 @@ def reply(model, tokenizer, dialog, max_new_tokens=64, temperature=0.0, top_k=No
     `fit_dialog` (room for max_new_tokens kept). Generation stops at EOS; the answer text is decoded by ids
     (EOS dropped) and stripped, as Meta's chat_completion returns it.
     """
-    from .generate import generate
     limit = model.config.max_seq_len
     max_new_tokens = min(max_new_tokens, max(1, limit // 2))
     fitted, dropped = fit_dialog(dialog, tokenizer, limit, reserve=max_new_tokens, policy=policy)
@@ -272,7 +274,6 @@ def read_stdin() -> str:
 
 
 def read_dialog_json(text: str):
-    import json
     try:
         dialog = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -285,7 +286,6 @@ def read_dialog_json(text: str):
 
 def default_chat_model():
     """The GAtt model if it exists, else the SFT baseline; None when neither was built (`make gatt`)."""
-    from .paths import CHAT_BASELINE_MODEL, CHAT_GATT_MODEL
     for p in (CHAT_GATT_MODEL, CHAT_BASELINE_MODEL):
         if (p / "config.json").exists():
             return p

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .files import write_text
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,6 @@ class LlamaConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write config.json (HF format) atomically."""
-        from .files import write_text
         write_text(path, json.dumps(self.to_hf(), indent=2) + "\n")
 
     @classmethod

@@ -21,6 +21,7 @@ import numpy as np
 from . import corpus, paths, quant
 from .generate import generate_batch
 from .model import Llama
+from .trainer import sequential_windows, tokenize_documents
 
 F32 = np.float32
 
@@ -30,13 +31,11 @@ F32 = np.float32
 
 def token_stream(split: str, tokenizer, n_tokens: int, seed: int = 0) -> np.ndarray:
     """The first n_tokens of the split's document stream (corpus.iter_training_text), each document BOS ... EOS."""
-    from .trainer import tokenize_documents
     return tokenize_documents(corpus.iter_training_text(split, seed=seed), tokenizer, n_tokens, progress=False)
 
 
 def stream_loss(model: Llama, ids: np.ndarray, seq_len: int = 512, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats/token) over non-overlapping windows of `ids`, via the inference forward."""
-    from .trainer import sequential_windows
     seq_len = min(seq_len, model.config.max_seq_len)
     total, count = 0.0, 0
     for x, y in sequential_windows(ids, batch_size, seq_len):

@@ -27,6 +27,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from .errors import OutputError
 
 
@@ -197,7 +199,6 @@ def write_text(path, text: str, force=True) -> Path:
 
 def save_npz(path, arrays, force=True) -> Path:
     """np.savez of {name: array}, atomically (taps for `inspect --save`, optimizer state)."""
-    import numpy as np
     with atomic_file(path, force=force) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

@@ -34,6 +34,8 @@ import numpy as np
 from .chat import ASSISTANT, SYSTEM, encode_dialog, fit_dialog, format_dialog
 from .corpus import ANIMALS, NAMES, TOYS, generate_dialogues, make_world
 from .errors import InputError
+from . import generate as gen
+from .trace import Trace
 
 FAMILIES = ("persona", "hobby", "style")
 HOBBIES = [t + "s" for t in TOYS]                                      # "kites", "balls", ...
@@ -228,7 +230,6 @@ def sample_gatt_dialogues(model, tokenizer, items, seed: int, max_tries: int = 4
     first turn where no sample is accepted, or when the next prompt would not fit the context window.
     The dialogues of one turn are sampled together (generate_batch), batch_size at a time.
     """
-    from . import generate as gen
     limit = model.config.max_seq_len
     states = []
     for ins, dialog in items:
@@ -325,7 +326,6 @@ def run_chats(model, tokenizer, items, max_new_tokens: int = 40, batch_size: int
     """Greedy chats, items = (Instruction, questions): the instruction in the system message only, one question per
     turn, the model's own replies kept in the history (the oldest exchanges dropped when the window is full; the
     system message stays, see chat.fit_dialog). All dialogues of one turn are decoded together."""
-    from . import generate as gen
     runs = [ChatRun(ins, [{"role": "system", "content": ins.text}], [], [], []) for ins, _ in items]
     questions = [list(qs) for _, qs in items]
     for k in range(max(len(q) for q in questions)):
@@ -406,7 +406,6 @@ def system_attention(model, tokenizer, dialog, per_head: bool = False) -> np.nda
     Returns (n_layers, n_turns) float, or (n_layers, n_heads, n_turns) with per_head (the mean over heads hides
     the few heads that carry an instruction); NaN for a turn that does not fit the context window.
     """
-    from .trace import Trace
     enc = encode_dialog(dialog, tokenizer, final="assistant")
     T = min(len(enc.ids), model.config.max_seq_len)
     ids = enc.ids[:T]

@@ -33,6 +33,7 @@ from .files import atomic_file, check_output
 from .weights import GGUF, HF, check_weights, rename
 from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32
 from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf
+from .tokenizer import _load_sentencepiece
 from . import quant
 
 F32 = np.float32
@@ -79,7 +80,6 @@ def _is_k(name):
 def sentencepiece_vocab(tokenizer_path):
     """(pieces, scores, token types) of a SentencePiece .model, with gguf.TokenType codes."""
     from gguf import TokenType
-    from .tokenizer import _load_sentencepiece
     sp = _load_sentencepiece(Path(tokenizer_path))                   # TokenizerError for a missing or corrupt file
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):

@@ -386,8 +386,3 @@ class Llama:
             if start_pos > cache.length:
                 raise InputError(f"start_pos={start_pos} leaves a gap: the cache holds only {cache.length} positions")
         return arr.astype(np.int64, copy=False), squeeze
-
-
-def forward(model: Llama, tokens, start_pos=0, cache=None, trace=None):
-    """Function form of Llama.forward (for readers who prefer llm.c's style)."""
-    return model.forward(tokens, start_pos, cache, trace)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import save_model
 from .config import LlamaConfig
 from .errors import InputError, TrainingError
 from .files import save_npz, write_text
@@ -110,7 +111,6 @@ def save_training_state(out_dir: Path, config: LlamaConfig, params: dict, opt: A
                         tokenizer_path=None) -> None:
     """The model (an HF dir, written atomically by save_model) plus optimizer moments and history for resume.
     Order: state first, model second, so a crash in between leaves a resumable pair (the state's step says which)."""
-    from .checkpoint import save_model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir = out_dir.parent / (out_dir.name + ".train-state")

@@ -21,6 +21,7 @@ import numpy as np
 from .errors import InputError
 from .generate import sampling_probs
 from .model import rms_norm
+from .plots import attention_heatmap
 
 F32 = np.float32
 
@@ -65,7 +66,6 @@ def attention_explorer(trace, labels=None, batch=0):
     """Sliders for layer, head and query token over a recorded trace; a heatmap with the query row marked and a
     bar chart of where that query looks."""
     import ipywidgets as W
-    from .plots import attention_heatmap
     from matplotlib.figure import Figure
     from IPython.display import display
 
