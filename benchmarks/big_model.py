@@ -199,7 +199,7 @@ def main():
     from tqdm import tqdm
     from llama_ref import synthetic
     from llama_ref.config import PRESETS
-    from llama_ref.model import weight_shapes
+    from llama_ref.weights import weight_shapes
     cfg = PRESETS[args.preset]
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ import numpy as np
 from _bench import machine_line
 
 from llama_ref import PRESETS, ondevice as D, quant as Q
-from llama_ref.model import Llama, weight_shapes
+from llama_ref.model import Llama
+from llama_ref.weights import weight_shapes
 
 
 def main(argv=None):

@@ -59,6 +59,11 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
     temperature 0 is greedy: all mass on the argmax (top-k/top-p cannot change the argmax).
     """
     check_sampling(temperature, top_k, top_p)
+    return _warped_probs(logits, temperature, top_k, top_p)
+
+
+def _warped_probs(logits, temperature, top_k, top_p):
+    """sampling_probs for settings already checked (the decode loop checks them once, not per token)."""
     logits = np.asarray(logits, dtype=F32)
     if logits.ndim != 1 or logits.size == 0:
         raise InputError(f"logits must be a non-empty (V,) vector, got shape {logits.shape}")
@@ -85,10 +90,15 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 def sample(logits, rng: np.random.Generator, temperature=1.0, top_k=None, top_p=None) -> int:
     """One token id from logits (V,). temperature 0 is greedy (argmax) and uses no randomness."""
+    check_sampling(temperature, top_k, top_p)
+    return _draw(logits, rng, temperature, top_k, top_p)
+
+
+def _draw(logits, rng, temperature, top_k, top_p) -> int:
+    """sample for settings already checked."""
     if temperature == 0:
-        check_sampling(temperature, top_k, top_p)
         return int(np.argmax(logits))
-    probs = sampling_probs(logits, temperature, top_k, top_p).astype(np.float64)
+    probs = _warped_probs(logits, temperature, top_k, top_p).astype(np.float64)
     return int(rng.choice(probs.size, p=probs / probs.sum()))
 
 
@@ -156,10 +166,7 @@ def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=N
         raise InputError("the prompt is empty: give at least one token (e.g. BOS)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-    bad = [t for t in prompt_ids if not 0 <= t < model.config.vocab_size]
-    if bad:
-        raise InputError(f"prompt token id {bad[0]} is out of range for vocab_size={model.config.vocab_size}; "
-                         "was the prompt encoded with a different tokenizer than this model's?")
+    model.check_tokens(prompt_ids)                     # ids in the vocabulary: the forward's own check, done now
     limit = model.config.max_seq_len
     if len(prompt_ids) + max_new_tokens > limit:
         raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -180,7 +187,7 @@ def _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, s
 
     t0 = time.perf_counter()
     logits = model.forward(prompt_ids, 0, cache, last_only=True)                 # prefill: (V,)
-    token = sample(logits, rng, temperature, top_k, top_p)
+    token = _draw(logits, rng, temperature, top_k, top_p)                         # settings checked by stream()
     result.prefill_s = time.perf_counter() - t0
 
     pos = len(prompt_ids)
@@ -197,7 +204,7 @@ def _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, s
             break
         t1 = time.perf_counter()
         logits = model.forward([token], pos, cache, last_only=True)               # decode: one token in
-        token = sample(logits, rng, temperature, top_k, top_p)
+        token = _draw(logits, rng, temperature, top_k, top_p)
         decode_s += time.perf_counter() - t1
         pos += 1
         result.n_decode += 1
@@ -252,7 +259,7 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
         for b in range(B):
             if done[b]:
                 continue
-            nxt[b] = sample(logits[b], rngs[b], temperature, top_k, top_p)
+            nxt[b] = _draw(logits[b], rngs[b], temperature, top_k, top_p)        # checked once above
             out[b].append(int(nxt[b]))
             if stop_at_eos and nxt[b] == model.config.eos_id:
                 done[b] = True

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import ContextLengthError, InputError, NonFiniteWeightsError, ShapeMismatchError, CheckpointError
+from .errors import ContextLengthError, InputError, NonFiniteWeightsError
 from .matrices import as_stored
 from .trace import Trace, tap
-from .weights import MODEL_TENSORS, layer_names, weight_shapes
+from .weights import MODEL_TENSORS, check_weights, layer_names
 
 F32 = np.float32
 
@@ -219,15 +219,7 @@ class Llama:
     def __init__(self, config: LlamaConfig, weights: dict, pack: bool = True):
         self.config = config
         self.weights = weights
-        expected = weight_shapes(config)
-        for name, shape in expected.items():
-            if name not in weights:
-                hint = (" (the config says the classifier is untied: set tie_word_embeddings=true in config.json "
-                        "if the model shares it with the embedding)") if name == "lm_head.weight" else ""
-                raise CheckpointError(f"weight {name!r} is missing from the checkpoint{hint}")
-            if tuple(weights[name].shape) != shape:
-                raise ShapeMismatchError(f"weight {name!r} has shape {tuple(weights[name].shape)} but the config "
-                                         f"requires {shape}: config.json and the weights disagree")
+        check_weights(config, weights, check_finite=False)   # names and shapes; readers also scan for NaN/Inf
         self.packed = pack
         self.params = self._pack(weights, pack)
         self._cos = self._sin = np.zeros((0, config.head_dim // 2), F32)
@@ -296,7 +288,7 @@ class Llama:
         mask: an additive (B, 1, 1, T, S) array (0 where a query may see a key, -inf where not) used instead of the
         causal mask: generate_batch hides each row's left padding with it.
         """
-        tokens, squeeze = self._check_tokens(tokens, start_pos, cache)
+        tokens, squeeze = self.check_tokens(tokens, start_pos, cache)
         P = self.params
         B, T = tokens.shape
         S = start_pos + T
@@ -354,7 +346,7 @@ class Llama:
 
     __call__ = forward
 
-    def _check_tokens(self, tokens, start_pos, cache):
+    def check_tokens(self, tokens, start_pos=0, cache=None):
         """Turn tokens into an int (B, T) array, or raise InputError/ContextLengthError saying what to fix."""
         cfg = self.config
         arr = np.asarray(tokens)

@@ -1,4 +1,5 @@
-"""Figures for the architecture chapters (02-05): attention heatmaps, RoPE, residual norms, histograms, logit lens.
+"""Figures for the chapters: attention heatmaps, RoPE, residual norms, histograms, logit lens (02-05), Ghost Attention's
+adherence and attention (08), a Q4_0 block and bits per weight (09), the on-device split (10).
 
 Every function takes NumPy arrays (usually what a `Trace` recorded) and returns a matplotlib `Figure`. None calls
 plt.show and none touches pyplot's global state: a notebook shows the figure where it displays it (the last
@@ -215,4 +216,106 @@ def logit_lens_grid(probs, pieces, layer_names=None, token_labels=None, title="l
     ax.set_xlabel("input token (the lens predicts the next one)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.8, label="probability of the top token")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat and Ghost Attention (chapter 08)
+
+def adherence_curves(turns, adherence: dict, attention: dict) -> Figure:
+    """Left: share of replies obeying the system message per turn, one line per model ({name: (turns,) in [0, 1]}).
+    Right: the replies' attention mass on system tokens per turn, mean over layers ({name: (layers, turns)})."""
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    for name, share in adherence.items():
+        ax.plot(turns, 100 * np.asarray(share, float), "o-", label=name)
+    ax.set(xlabel="turn", ylabel="replies obeying the system message (%)", ylim=(-5, 105),
+           title="instruction adherence per turn (held-out)")
+    ax.legend()
+    for name, att in attention.items():
+        att = np.asarray(att, float)                                            # (layers, turns)
+        ax2.plot(np.arange(1, att.shape[1] + 1), 100 * np.nanmean(att, axis=0), "o-", label=name)
+    ax2.set(xlabel="turn", ylabel="attention mass on system tokens (%)",
+            title="replies' attention to the system message (mean over layers)")
+    ax2.legend()
+    return fig
+
+
+def head_gain(gain, per_head: dict, layer: int, head: int) -> Figure:
+    """Left: what one model gained over another per (layer, head), in percentage points (gain (L, H) as fractions).
+    Right: one head's attention to system tokens per turn for each model ({name: (L, H, turns)})."""
+    fig = Figure(figsize=(12, 3.2), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    lim = 100 * float(np.abs(gain).max())
+    im = ax.imshow(100 * np.asarray(gain), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set(xlabel="head", ylabel="layer", title="GAtt - baseline, turns 4-8 (percentage points)")
+    fig.colorbar(im, ax=ax)
+    for name, a in per_head.items():
+        ax2.plot(np.arange(1, a.shape[-1] + 1), 100 * a[layer, head], "o-", label=name)
+    ax2.set(xlabel="turn", ylabel="attention on system tokens (%)", title=f"layer {layer}, head {head}, same dialogues")
+    ax2.legend()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization (chapter 09) and on-device graphs (chapter 10)
+
+def q4_0_block(block, d, formats) -> Figure:
+    """Top: the 18 bytes of one Q4_0 block (fp16 d, then 16 bytes of two nibbles each). Bottom: bits per weight of
+    each format, value bits plus the share of its scale ([(name, value bits, scale bits per weight)])."""
+    from matplotlib.patches import Rectangle
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    ax1, ax2 = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1, 1.4]})
+    ax1.add_patch(Rectangle((0, 0), 2, 1, color="tab:orange", alpha=0.7))
+    ax1.text(1, 0.5, f"d (fp16)\n{float(d):.2e}", ha="center", va="center", fontsize=8)
+    for j in range(16):
+        lo, hi = block[2 + j] & 15, block[2 + j] >> 4
+        ax1.add_patch(Rectangle((2 + j, 0), 0.5, 1, color="tab:green", alpha=0.35 + 0.04 * hi))   # bits 7..4
+        ax1.add_patch(Rectangle((2.5 + j, 0), 0.5, 1, color="tab:blue", alpha=0.35 + 0.04 * lo))   # bits 3..0
+        ax1.text(2.25 + j, 0.5, f"{hi}", ha="center", va="center", fontsize=7)
+        ax1.text(2.75 + j, 0.5, f"{lo}", ha="center", va="center", fontsize=7)
+    ax1.set(xlim=(0, 18), ylim=(0, 1), yticks=[])
+    ax1.set_xticks(np.arange(18) + 0.5, [f"b{i}" for i in range(18)], fontsize=7)
+    ax1.set_title("a Q4_0 block: byte j = q[j+16] (high nibble, green) | q[j] (low nibble, blue); w = d (q - 8)",
+                  fontsize=9)
+    names = [f[0] for f in formats]
+    ax2.barh(names, [f[1] for f in formats], color="tab:blue", label="value bits")
+    ax2.barh(names, [f[2] for f in formats], left=[f[1] for f in formats], color="tab:orange",
+             label="scale bits (shared)")
+    for i, f in enumerate(formats):
+        ax2.text(f[1] + f[2] + 0.3, i, f"{f[1] + f[2]:.3g}", va="center", fontsize=8)
+    ax2.invert_yaxis()
+    ax2.set_xlabel("bits per weight")
+    ax2.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def split_graphs(prompt_len: int) -> Figure:
+    """The 4-part split as two static graphs: the prompt processor (P tokens at once) and the token generator (one
+    token, the KV cache in, the new key/value out), with what flows between the parts."""
+    from matplotlib.patches import Rectangle
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    ax = fig.subplots()
+
+    def row(y, title, tok_shape, t_label, kv_in, kv_out):
+        boxes = ["tokens " + tok_shape, "part 1\nembed + layers", "part 2\nlayers", "part 3\nlayers",
+                 "part 4\nlayers + norm\n+ lm_head", "logits\n(" + t_label + ", V)"]
+        for i, b in enumerate(boxes):
+            ax.add_patch(Rectangle((i * 2.1, y), 1.7, 1, color="tab:blue" if 0 < i < 5 else "tab:gray", alpha=0.25))
+            ax.text(i * 2.1 + 0.85, y + 0.5, b, ha="center", va="center", fontsize=8)
+            if i:
+                ax.annotate("", (i * 2.1, y + 0.5), (i * 2.1 - 0.4, y + 0.5), arrowprops=dict(arrowstyle="->"))
+        ax.text(-0.2, y + 0.5, title, ha="right", va="center", fontsize=9, weight="bold")
+        ax.text(5.2, y - 0.35, f"hidden (1, C, 1, {t_label}) between parts;  cos/sin ({t_label}, hs/2) and mask in",
+                ha="center", fontsize=8)
+        if kv_in:
+            ax.text(5.2, y + 1.25, kv_in, ha="center", fontsize=8, color="tab:green")
+        ax.text(5.2, y - 0.75, kv_out, ha="center", fontsize=8, color="tab:red")
+
+    row(2.6, "prompt\nprocessor", f"(P={prompt_len})", "P", None,
+        "out per layer: keys (nkv, hs, P) [transposed], values (nkv, P, hs)")
+    row(0, "token\ngenerator", "(1)", "1", "in per layer: past keys (nkv, hs, ctx-1), past values (nkv, ctx-1, hs)",
+        "out per layer: new key (nkv, hs, 1), new value (nkv, 1, hs)")
+    ax.set(xlim=(-2.2, 12.6), ylim=(-1.1, 4.2))
+    ax.axis("off")
     return fig

@@ -33,7 +33,8 @@ from llama_ref import gatt, paths                                    # noqa: E40
 from llama_ref.checkpoint import save_model
 from llama_ref.loader import read_checkpoint              # noqa: E402
 from llama_ref.config import LlamaConfig                             # noqa: E402
-from llama_ref.model import Llama, weight_shapes                     # noqa: E402
+from llama_ref.model import Llama  # noqa: E402
+from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer                            # noqa: E402
 from llama_ref.tinyworld import log                                   # noqa: E402
 from llama_ref.files import write_text as write_text_atomic            # noqa: E402

@@ -238,7 +238,8 @@ def test_fit_dialog_drops_oldest_pairs_and_keeps_the_system(tok):
 
 def test_reply_with_a_long_chat_keeps_working(tok):
     from llama_ref.config import LlamaConfig
-    from llama_ref.model import Llama, weight_shapes
+    from llama_ref.model import Llama
+    from llama_ref.weights import weight_shapes
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=96)
     rng = np.random.default_rng(0)
     model = Llama(cfg, {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in weight_shapes(cfg).items()})
@@ -284,7 +285,7 @@ def test_cli_format_only_errors():
 def chat_model_dir(tmp_path_factory, tok):
     from llama_ref.checkpoint import save_model
     from llama_ref.config import LlamaConfig
-    from llama_ref.model import weight_shapes
+    from llama_ref.weights import weight_shapes
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=128)
     rng = np.random.default_rng(0)
     weights = {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in weight_shapes(cfg).items()}

@@ -20,7 +20,8 @@ from llama_ref.loader import read_checkpoint
 from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
 from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.errors import CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError
-from llama_ref.model import permute_qk_hf_to_meta, weight_shapes
+from llama_ref.model import permute_qk_hf_to_meta
+from llama_ref.weights import weight_shapes
 from conftest import random_weights  # noqa: E402
 
 GQA = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40, max_seq_len=16)

@@ -17,7 +17,7 @@ import pytest
 from llama_ref import paths
 from llama_ref.checkpoint import save_model
 from llama_ref.config import LlamaConfig
-from llama_ref.model import weight_shapes
+from llama_ref.weights import weight_shapes
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, max_seq_len=64)

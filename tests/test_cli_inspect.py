@@ -9,7 +9,7 @@ import pytest
 
 from llama_ref import paths
 from llama_ref.config import LlamaConfig
-from llama_ref.model import weight_shapes
+from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 
 GQA = paths.REFERENCE_DIR / "gqa"

@@ -121,7 +121,7 @@ def originals(tmp_path_factory):
     from llama_ref import gguf_io
     from llama_ref.checkpoint import save_model
     from llama_ref.llama2c import save_llama2c
-    from llama_ref.model import weight_shapes
+    from llama_ref.weights import weight_shapes
     d = tmp_path_factory.mktemp("fuzz-originals")
     rng = np.random.default_rng(0)
     weights = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in weight_shapes(CFG).items()}
@@ -328,7 +328,7 @@ def _gguf_with(path, key, value, weights_cfg=CFG, nan=False, drop=None):
     """A GGUF like ours, with metadata `key` set to `value` (any GGUF type), NaN weights, or a tensor dropped."""
     import gguf
     from llama_ref import gguf_io
-    from llama_ref.model import weight_shapes
+    from llama_ref.weights import weight_shapes
     rng = np.random.default_rng(1)
     weights = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in weight_shapes(weights_cfg).items()}
     if nan:
@@ -480,7 +480,7 @@ def test_cli_answers_bad_files_with_one_error_line(originals, tmp_path):
 @pytest.mark.parametrize("fmt", ["llama2c", "gguf-f32"])
 def test_an_interrupted_export_leaves_the_old_file_and_no_temporary(originals, tmp_path, sig, fmt):
     from llama_ref.checkpoint import save_model
-    from llama_ref.model import weight_shapes
+    from llama_ref.weights import weight_shapes
     big = LlamaConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1536, vocab_size=1024, max_seq_len=64)
     rng = np.random.default_rng(0)
     save_model(tmp_path / "big", big, {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)

@@ -11,7 +11,8 @@ from llama_ref.gatt import (FAMILIES, HOBBIES, PERSONAS, SOUNDS, STYLE_ANIMALS, 
                             baseline_sft_data, combo_split, corpus_dialogues, eval_dialogues, gatt_examples,
                             last_turn_example, random_instruction, run_chat, sample_gatt_dialogue, sft_example,
                             system_attention)
-from llama_ref.model import Llama, weight_shapes
+from llama_ref.model import Llama
+from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 
 

@@ -9,7 +9,8 @@ import pytest
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import ContextLengthError, InputError, SamplingError
 from llama_ref.generate import GenerationResult, check_sampling, generate, sample, sampling_probs, stream
-from llama_ref.model import Llama, weight_shapes
+from llama_ref.model import Llama
+from llama_ref.weights import weight_shapes
 from llama_ref.paths import REFERENCE_DIR
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32)

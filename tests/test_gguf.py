@@ -14,7 +14,8 @@ from llama_ref import gguf_io as G, quant as Q  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.errors import CheckpointError, OutputError, QuantizationError  # noqa: E402
 from llama_ref.loader import load  # noqa: E402
-from llama_ref.model import Llama, weight_shapes  # noqa: E402
+from llama_ref.model import Llama  # noqa: E402
+from llama_ref.weights import weight_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore:GGUF written without a tokenizer")
 

@@ -9,7 +9,7 @@ from llama_ref.config import LlamaConfig
 from llama_ref.errors import (CheckpointError, ContextLengthError, InputError, LlamaRefError,
                               NonFiniteWeightsError, ShapeMismatchError)
 from llama_ref.model import (Llama, apply_rope_hf, apply_rope_meta, attention, causal_mask, permute_qk_hf_to_meta,
-                             permute_qk_meta_to_hf, rms_norm, rope_freqs, softmax, weight_shapes)
+                             permute_qk_meta_to_hf, rms_norm, rope_freqs, softmax)
 from llama_ref.trace import Trace
 from conftest import random_weights  # noqa: E402
 

@@ -9,7 +9,8 @@ from llama_ref import quant as Q
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError
 from llama_ref.generate import generate
-from llama_ref.model import Llama, weight_shapes
+from llama_ref.model import Llama
+from llama_ref.weights import weight_shapes
 from llama_ref.trace import Trace
 from conftest import random_weights  # noqa: E402
 

@@ -116,3 +116,22 @@ def test_logit_lens_grid(traced):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "block 0", "block 1"]
     assert len(ax.texts) == top.size and ax.texts[0].get_text() == str(pieces[0, 0])
     np.testing.assert_allclose(ax.images[0].get_array(), top)
+
+
+def test_chapter_figures_of_08_09_10():
+    """The figures chapters 08 (Ghost Attention), 09 (a Q4_0 block) and 10 (the split) draw, on small made-up data."""
+    turns = [1, 2, 3]
+    fig = plots.adherence_curves(turns, {"a": [1.0, 0.5, 0.0], "b": [1.0, 1.0, 1.0]},
+                                 {"a": np.full((2, 3), 0.2), "b": np.full((2, 3), 0.4)})
+    assert [ax.get_ylabel() for ax in fig.axes] == ["replies obeying the system message (%)",
+                                                    "attention mass on system tokens (%)"]
+    gain = np.zeros((2, 4))
+    gain[1, 3] = 0.3
+    fig = plots.head_gain(gain, {"baseline": np.zeros((2, 4, 3)), "GAtt": np.ones((2, 4, 3))}, 1, 3)
+    assert _image_axes(fig)[1].get_title() == "layer 1, head 3, same dialogues"
+    from llama_ref import quant
+    block = quant.quantize_q4_0(np.linspace(-1, 1, 32, dtype=np.float32))
+    fig = plots.q4_0_block(block, 0.125, [("float32", 32, 0), ("Q4_0", 4, 0.5)])
+    assert "Q4_0 block" in _image_axes(fig)[0].get_title() and len(fig.axes[1].patches) == 4   # two bars per format
+    fig = plots.split_graphs(64)
+    assert any("P=64" in t.get_text() for t in fig.axes[0].texts)

@@ -13,7 +13,8 @@ from llama_ref import paths
 from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError, OutputError
-from llama_ref.model import Llama, weight_shapes
+from llama_ref.model import Llama
+from llama_ref.weights import weight_shapes
 from llama_ref.inspect import (ablate_heads, compare, compare_table, format_table, forward_patched, load_reference,
                                logit_lens, residual_stream, save_npz, summarize)
 from llama_ref.trace import Trace, match_taps, tap_names

@@ -7,7 +7,8 @@ from llama_ref import paths, widgets
 from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError
-from llama_ref.model import Llama, apply_rope_meta, rope_freqs, weight_shapes
+from llama_ref.model import Llama, apply_rope_meta, rope_freqs
+from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 from llama_ref.trace import Trace
 
