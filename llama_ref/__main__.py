@@ -478,7 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "freshly generated corpus text with llama_ref.train, checkpointing atomically "
                                    "(--resume continues exactly), then write metrics.json, loss_curve.csv and a model "
                                    "card. The shipped model was made with the defaults (`make model`).")
-    tinyworld.add_arguments(t)
+    t.add_argument("--out", default=str(paths.DEFAULT_MODEL), help="model directory to write (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=2400, help="optimizer steps (the cosine schedule's length)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--tokens", type=int, default=10_000_000, help="size of the fresh training token stream")
+    t.add_argument("--time-budget-min", type=float, default=80.0,
+                   help="stop training cleanly (with a checkpoint) after this many minutes")
+    t.add_argument("--eval-tokens", type=int, default=200_000, help="tokens of val and of test text to score")
+    t.add_argument("--samples", type=int, default=200, help="sampled continuations for the grammar score")
+    t.add_argument("--qa", type=int, default=300, help="held-out questions to answer")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from <out>.train-state/")
+    t.add_argument("--eval-only", action="store_true", help="measure the model in --out without training")
+    t.add_argument("--quick", action="store_true", help="small evaluation (a smoke test)")
     t.set_defaults(func=cmd_train)
     return p
 

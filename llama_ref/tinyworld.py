@@ -21,7 +21,6 @@ Optimizer state lives beside it in <out>.train-state/ (not shipped).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -116,34 +115,8 @@ The chat models `tinyworld-chat` and `tinyworld-gatt` are fine-tuned from this o
 """
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--out", default=str(paths.DEFAULT_MODEL), help="model directory to write (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=2400, help="optimizer steps (the cosine schedule's length)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--tokens", type=int, default=10_000_000, help="size of the fresh training token stream")
-    ap.add_argument("--time-budget-min", type=float, default=80.0,
-                    help="stop training cleanly (with a checkpoint) after this many minutes")
-    ap.add_argument("--eval-tokens", type=int, default=200_000, help="tokens of val and of test text to score")
-    ap.add_argument("--samples", type=int, default=200, help="sampled continuations for the grammar score")
-    ap.add_argument("--qa", type=int, default=300, help="held-out questions to answer")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--resume", action="store_true", help="continue from <out>.train-state/")
-    ap.add_argument("--eval-only", action="store_true", help="measure the model in --out without training")
-    ap.add_argument("--quick", action="store_true", help="small evaluation (a smoke test)")
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama_ref train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
-
-
 def run(args) -> int:
-
+    """Train (or, with eval_only, only measure) the recipe; args are `python -m llama_ref train`'s."""
     out = Path(args.out)
     tok = Tokenizer(paths.DEFAULT_TOKENIZER)
     config = model_config(tok.vocab_size)
