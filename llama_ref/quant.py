@@ -34,7 +34,7 @@ from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .files import atomic_dir, check_output
 from .matrices import StoredMatrix
 from .model import Llama, _as_f32
-from .weights import check_layer_count, check_weights, weight_shapes
+from .weights import check_layer_count, check_weights, short_name, weight_shapes
 
 F32 = np.float32
 QK = 32                                    # GGUF's block size for Q8_0 and Q4_0
@@ -464,11 +464,12 @@ SCHEMES = ["q8_0", "q4_0", "w4a16-g32", "w4a16-g64", "w4a16-g128", "int8-channel
 
 def tensor_format(name: str, config: LlamaConfig, policy: dict) -> str | None:
     """The format `name` gets under a policy; None = stays float32."""
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    short = short_name(name)
+    if short in ("attn_norm", "ffn_norm", "norm"):
         return None
-    if name == "lm_head.weight" or (name == "model.embed_tokens.weight" and config.tie_embeddings):
+    if short == "lm_head" or (short == "embed" and config.tie_embeddings):
         return policy["head"]
-    if name == "model.embed_tokens.weight":
+    if short == "embed":
         return policy["embed"]
     return policy["layers"]
 
@@ -485,7 +486,7 @@ def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_sha
         if fmt is None:
             out[name] = _as_f32(name, w)
             continue
-        act = policy["act_bits"] if name != "model.embed_tokens.weight" or config.tie_embeddings else None
+        act = policy["act_bits"] if short_name(name) != "embed" or config.tie_embeddings else None
         if isinstance(w, QuantizedMatrix):
             if w.kind == fmt and w.act_bits == act:          # already in this format: keep the bytes as they are
                 out[name] = w
@@ -679,7 +680,7 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     weights = {}
     for name in shapes:
         kind = q["tensors"].get(name)
-        act = act_bits if name != "model.embed_tokens.weight" or config.tie_embeddings else None
+        act = act_bits if short_name(name) != "embed" or config.tie_embeddings else None
         if kind is None:
             weights[name] = stored[name]
         elif kind in ("q8_0", "q4_0"):

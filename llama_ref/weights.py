@@ -61,6 +61,15 @@ def weight_shapes(config: LlamaConfig) -> dict[str, tuple]:
     return shapes
 
 
+def short_name(name: str) -> str | None:
+    """The short name of an HF-named tensor ("model.layers.3.mlp.up_proj.weight" -> "w_up"); None if it is none."""
+    for short, names in MODEL_TENSORS.items():
+        if names[HF] == name:
+            return short
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    return next((short for short, names in LAYER_TENSORS.items() if m and names[HF].format(i=m.group(1)) == name), None)
+
+
 def rename(name: str, to: int, source: int = HF) -> str | None:
     """A tensor's name in another naming (HF <-> GGUF); None if `name` is no Llama tensor."""
     for names in MODEL_TENSORS.values():
