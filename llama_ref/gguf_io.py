@@ -1,7 +1,8 @@
 """GGUF: write our models the way llama.cpp expects them, and read GGUF files back into our forward.
 
 Chapter 09 uses it; `python -m llama_ref export --format gguf-q8_0` and `quantize --scheme q4_0 --out x.gguf`
-call it; checkpoint.load_model sends `.gguf` paths to load_gguf.
+call it; loader.read_checkpoint sends `.gguf` paths to load_gguf, which reads every tensor type gguf-py can
+dequantize (chapter 11).
 
 A GGUF file is: header, key/value metadata (architecture hyper-parameters, the tokenizer), tensor infos
 (name, ggml type, dims), then the tensor data, aligned to 32 bytes. We write it with the `gguf` package
@@ -10,12 +11,13 @@ A GGUF file is: header, key/value metadata (architecture hyper-parameters, the t
 Three things differ from our HF-layout weights dict:
   names   token_embd.weight, blk.{i}.attn_q.weight, ... (the GGUF column of weights.py's name table)
   q, k    rows in Meta's interleaved RoPE layout: convert_hf_to_gguf.py permutes HF weights back, so do we
-          (permute_qk_hf_to_meta with n_heads for q and n_kv_heads for k). Rows of a Q8_0/Q4_0 matrix are
-          independent, so quantized q/k are permuted as bytes, without dequantizing.
+          (permute_qk_hf_to_meta with n_heads for q and n_kv_heads for k). Rows of a block-quantized matrix are
+          independent, so a writer permutes Q8_0/Q4_0 byte rows without dequantizing, and the reader presents the
+          file's rows in HF order through a matrices.RowPermuted view (no copy).
   shapes  GGUF lists dims fastest-first (ne0 = in): an HF (out, in) matrix has ne = [in, out]. gguf-py
           reverses them for us on write and read.
-Tensor types by file type (llama.cpp's LlamaFileType): 1-D tensors (norms) are always F32; 2-D tensors are
-F32 / F16 / Q8_0 / Q4_0. For Q4_0 files the classifier is Q8_0 (llama.cpp's quantizer keeps output.weight at
+Tensor types we write, by file type (llama.cpp's LlamaFileType): 1-D tensors (norms) are always F32; 2-D tensors are
+F32 / F16 / Q8_0 / Q4_0 (we read every type: GGUFMatrix below). For Q4_0 files the classifier is Q8_0 (llama.cpp's quantizer keeps output.weight at
 higher precision, Q6_K, which gguf-py cannot write; see quant.py's policy). A 2-D tensor whose rows are not a
 multiple of 32 is written as F16, as convert_hf_to_gguf.py does.
 """
