@@ -20,6 +20,7 @@ from llama_ref.chat import (ASSISTANT, MARKUP, SYSTEM, USER, check_dialog, encod
 from llama_ref.errors import ChatFormatError, ContextLengthError
 from llama_ref.paths import DEFAULT_TOKENIZER
 from llama_ref.tokenizer import Tokenizer
+from conftest import random_weights  # noqa: E402
 
 SP = spm.SentencePieceProcessor(model_file=str(DEFAULT_TOKENIZER))
 BOS, EOS = SP.bos_id(), SP.eos_id()
@@ -241,8 +242,7 @@ def test_reply_with_a_long_chat_keeps_working(tok):
     from llama_ref.model import Llama
     from llama_ref.weights import weight_shapes
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=96)
-    rng = np.random.default_rng(0)
-    model = Llama(cfg, {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in weight_shapes(cfg).items()})
+    model = Llama(cfg, random_weights(cfg, 0, scale=0.2))
     dialog = [{"role": "system", "content": "You love the beach."}]
     for k in range(8):
         dialog += [{"role": "user", "content": "What pet does Mia have?"}, {"role": "assistant", "content": "Mia has a cat."}]
@@ -287,8 +287,7 @@ def chat_model_dir(tmp_path_factory, tok):
     from llama_ref.config import LlamaConfig
     from llama_ref.weights import weight_shapes
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=128)
-    rng = np.random.default_rng(0)
-    weights = {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in weight_shapes(cfg).items()}
+    weights = random_weights(cfg, 0, scale=0.2)
     d = tmp_path_factory.mktemp("chat") / "m"
     save_model(d, cfg, weights, tokenizer_path=DEFAULT_TOKENIZER)
     return d

@@ -18,6 +18,7 @@ from llama_ref import paths
 from llama_ref.checkpoint import save_model
 from llama_ref.config import LlamaConfig
 from llama_ref.weights import weight_shapes
+from conftest import random_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, max_seq_len=64)
@@ -39,9 +40,7 @@ def assert_error(proc, message):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli") / "m"
-    rng = np.random.default_rng(0)
-    save_model(d, CFG, {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in weight_shapes(CFG).items()},
-               tokenizer_path=paths.DEFAULT_TOKENIZER)
+    save_model(d, CFG, random_weights(CFG, 0, scale=0.05), tokenizer_path=paths.DEFAULT_TOKENIZER)
     return d
 
 

@@ -9,6 +9,7 @@ import pytest
 from llama_ref.config import LlamaConfig
 from llama_ref.model import Llama
 from llama_ref.weights import weight_shapes
+from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32)
 
@@ -16,8 +17,7 @@ CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vo
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from llama_ref.checkpoint import save_model
-    rng = np.random.default_rng(0)
-    weights = {k: (rng.standard_normal(s) * 0.5).astype(np.float32) for k, s in weight_shapes(CFG).items()}
+    weights = random_weights(CFG, 0, scale=0.5)
     d = tmp_path_factory.mktemp("m") / "tiny"
     save_model(d, CFG, weights)
     return d, weights

@@ -11,6 +11,7 @@ from llama_ref import paths
 from llama_ref.config import LlamaConfig
 from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
+from conftest import random_weights  # noqa: E402
 
 GQA = paths.REFERENCE_DIR / "gqa"
 REF = dict(np.load(paths.REFERENCE_DIR / "gqa.npz"))
@@ -113,9 +114,7 @@ def test_text_prompt_uses_the_tokenizer_beside_the_model(tmp_path):
     tok = Tokenizer(paths.DEFAULT_TOKENIZER)
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
                       max_seq_len=64)
-    rng = np.random.default_rng(0)
-    save_model(tmp_path / "m", cfg, {k: rng.standard_normal(s).astype(np.float32)
-                                     for k, s in weight_shapes(cfg).items()}, tokenizer_path=paths.DEFAULT_TOKENIZER)
+    save_model(tmp_path / "m", cfg, random_weights(cfg, 0, scale=1.0), tokenizer_path=paths.DEFAULT_TOKENIZER)
     r = run("--model", tmp_path / "m", "--prompt", "Once upon a time", "--tap", "embed", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == tok.encode("Once upon a time", bos=True)

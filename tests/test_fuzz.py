@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from llama_ref import paths  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.errors import LlamaRefError  # noqa: E402
+from conftest import random_weights  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LLAMA_REF_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -123,8 +124,7 @@ def originals(tmp_path_factory):
     from llama_ref.llama2c import save_llama2c
     from llama_ref.weights import weight_shapes
     d = tmp_path_factory.mktemp("fuzz-originals")
-    rng = np.random.default_rng(0)
-    weights = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in weight_shapes(CFG).items()}
+    weights = random_weights(CFG, 0, scale=0.05)
     save_model(d / "hf", CFG, weights, tokenizer_path=paths.DEFAULT_TOKENIZER)
     save_llama2c(d / "m.bin", CFG, weights)
     gguf_io.save_gguf(d / "m-f32.gguf", CFG, weights, paths.DEFAULT_TOKENIZER, "f32")
@@ -329,8 +329,7 @@ def _gguf_with(path, key, value, weights_cfg=CFG, nan=False, drop=None):
     import gguf
     from llama_ref import gguf_io
     from llama_ref.weights import weight_shapes
-    rng = np.random.default_rng(1)
-    weights = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in weight_shapes(weights_cfg).items()}
+    weights = random_weights(weights_cfg, 1, scale=0.05)
     if nan:
         weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
     tensors = gguf_io._gguf_tensors(weights_cfg, weights, "f32")
@@ -482,9 +481,7 @@ def test_an_interrupted_export_leaves_the_old_file_and_no_temporary(originals, t
     from llama_ref.checkpoint import save_model
     from llama_ref.weights import weight_shapes
     big = LlamaConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1536, vocab_size=1024, max_seq_len=64)
-    rng = np.random.default_rng(0)
-    save_model(tmp_path / "big", big, {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
-                                       for k, s in weight_shapes(big).items()}, tokenizer_path=paths.DEFAULT_TOKENIZER)
+    save_model(tmp_path / "big", big, random_weights(big, 0, scale=0.02), tokenizer_path=paths.DEFAULT_TOKENIZER)
     out = tmp_path / "out" / "keep.bin"
     out.parent.mkdir()
     out.write_bytes(b"the user's file")

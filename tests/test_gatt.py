@@ -14,6 +14,7 @@ from llama_ref.gatt import (FAMILIES, HOBBIES, PERSONAS, SOUNDS, STYLE_ANIMALS, 
 from llama_ref.model import Llama
 from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
+from conftest import random_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,7 @@ def tok():
 def model(tok):
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
                       max_seq_len=256)
-    rng = np.random.default_rng(0)
-    return Llama(cfg, {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in weight_shapes(cfg).items()})
+    return Llama(cfg, random_weights(cfg, 0, scale=0.2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,8 +201,7 @@ def test_run_chat_adherence_and_attention(model, tok):
 
 def test_run_chat_survives_the_context_window(tok):
     cfg = LlamaConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=tok.vocab_size, max_seq_len=64)
-    rng = np.random.default_rng(1)
-    m = Llama(cfg, {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in weight_shapes(cfg).items()})
+    m = Llama(cfg, random_weights(cfg, 1, scale=0.2))
     ins, qs = eval_dialogues(1, seed=0, n_turns=6)[0]
     r = run_chat(m, tok, ins, qs, max_new_tokens=8)
     assert len(r.obeyed) == 6 and max(r.dropped) > 0               # old exchanges dropped, the chat goes on

@@ -12,6 +12,7 @@ from llama_ref.generate import GenerationResult, check_sampling, generate, sampl
 from llama_ref.model import Llama
 from llama_ref.weights import weight_shapes
 from llama_ref.paths import REFERENCE_DIR
+from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32)
 FIXTURE = REFERENCE_DIR / "sampling.npz"
@@ -20,8 +21,7 @@ TIED_ROW = 3          # make_reference_sampling.make_logits: row 3 is rounded to
 
 @pytest.fixture(scope="module")
 def model():
-    rng = np.random.default_rng(0)
-    weights = {k: (rng.standard_normal(s) * 0.5).astype(np.float32) for k, s in weight_shapes(CFG).items()}
+    weights = random_weights(CFG, 0, scale=0.5)
     return Llama(CFG, weights)
 
 

@@ -16,6 +16,7 @@ from llama_ref.errors import CheckpointError, OutputError, QuantizationError  # 
 from llama_ref.loader import load  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
 from llama_ref.weights import weight_shapes
+from conftest import random_weights  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:GGUF written without a tokenizer")
 
@@ -40,12 +41,7 @@ def tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    rng = np.random.default_rng(0)
-    w = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in weight_shapes(CFG).items()}
-    for k in w:
-        if w[k].ndim == 1:
-            w[k] = (1.0 + 0.1 * rng.standard_normal(w[k].shape)).astype(np.float32)
-    return Llama(CFG, w)
+    return Llama(CFG, random_weights(CFG, 0, scale=0.1))
 
 
 def convert_hf_to_gguf_permute(weights, n_head, n_head_kv=None):
@@ -143,9 +139,7 @@ def test_round_trip_logits(model, tmp_path, file_type):
 
 def test_tied_embeddings_round_trip(tmp_path):
     cfg = CFG.replace(tie_embeddings=True)
-    rng = np.random.default_rng(3)
-    w = {k: (rng.standard_normal(s) * 0.1 + (s[0] == 128 and len(s) == 1)).astype(np.float32)
-         for k, s in weight_shapes(cfg).items()}
+    w = random_weights(cfg, 3, scale=0.1)
     m = Llama(cfg, w)
     path = G.save_gguf(tmp_path / "t.gguf", cfg, m, None, "q4_0")
     assert "output.weight" not in {t.name for t in GGUFReader(str(path)).tensors}
@@ -214,8 +208,7 @@ def test_refuses_overwrite_and_bad_types(model, tmp_path):
 
 def test_rows_not_multiple_of_32_fall_back_to_f16(tmp_path):
     cfg = CFG.replace(hidden_dim=200)
-    rng = np.random.default_rng(4)
-    w = {k: (rng.standard_normal(s) * 0.1 + (len(s) == 1)).astype(np.float32) for k, s in weight_shapes(cfg).items()}
+    w = random_weights(cfg, 4, scale=0.1)
     path = G.save_gguf(tmp_path / "m.gguf", cfg, w, None, "q8_0")
     types = {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
     assert types["blk.0.ffn_down.weight"] == GT.F16 and types["blk.0.ffn_up.weight"] == GT.Q8_0

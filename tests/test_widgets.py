@@ -11,6 +11,7 @@ from llama_ref.model import Llama, apply_rope_meta, rope_freqs
 from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 from llama_ref.trace import Trace
+from conftest import random_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,7 @@ def tiny_lm():
     tok = Tokenizer(paths.DEFAULT_TOKENIZER)
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
                       max_seq_len=64)
-    rng = np.random.default_rng(0)
-    w = {k: (np.ones(s) if len(s) == 1 else rng.standard_normal(s)).astype(np.float32)
-         for k, s in weight_shapes(cfg).items()}
+    w = random_weights(cfg, 0, scale=1.0)
     return Llama(cfg, w), tok
 
 
