@@ -41,6 +41,12 @@ PROMPT_LEN, DECODE = 32, 4
 GIB = 2 ** 30
 
 
+def logits_file(path, engine) -> Path:
+    """Where a child leaves its last-position logits for the comparison: beside a file, inside a directory."""
+    path = Path(path)
+    return path.with_suffix(f".{engine}.npy") if path.is_file() else path / f"{engine}.npy"
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024           # Linux reports KiB
 
@@ -102,7 +108,7 @@ def child_ours(path):
         tok = int(np.argmax(logits))
     t_floor = float(np.median(expand))
     first = model.forward(ids, last_only=True)                                 # for the peers' logits
-    np.save(Path(path).with_suffix(".ours.npy") if Path(path).is_file() else Path(path) / "ours.npy", first)
+    np.save(logits_file(path, "ours"), first)
     print(json.dumps({"load_s": t_load, "inspect_s": t_inspect, "decode_s": float(np.median(steps)),
                       "floor_s": t_floor, "rss": peak_rss(), "rss_after_load": rss_load, "path": model.memory.path,
                       "estimate": model.memory.anonymous_bytes, "kinds": model.memory.kinds}))
@@ -145,7 +151,7 @@ def child_llamacpp(path):
         llm.eval([tok])
         steps.append(time.perf_counter() - t0)
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    np.save(Path(path).with_suffix(".llamacpp.npy"), last)
+    np.save(logits_file(path, "llamacpp"), last)
     print(json.dumps({"load_s": t_load, "inspect_s": t_prefill, "decode_s": float(np.median(steps)), "rss": peak_rss()}))
 
 
@@ -169,7 +175,7 @@ def child_transformers(path):
             out = model(tok, past_key_values=past, use_cache=True)
             steps.append(time.perf_counter() - t0)
             past, tok = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-    np.save(Path(path) / "transformers.npy", last)
+    np.save(logits_file(path, "transformers"), last)
     print(json.dumps({"load_s": t_load, "inspect_s": t_prefill, "decode_s": float(np.median(steps)), "rss": peak_rss()}))
 
 
@@ -231,33 +237,24 @@ def main():
                              f"{r.get('seconds', 0):.0f} s, path: {r.get('path')}")
         if args.skip_peers:
             continue
-        if path.suffix == ".gguf":
-            try:
-                import llama_cpp  # noqa: F401
-                peer = run_child("llamacpp", path)
-            except ImportError:
-                peer = {"error": "llama-cpp-python not installed"}
-            print("  llama.cpp", peer, flush=True)
-            rows.append((name, "llama.cpp", size, peer))
-            theirs, mine = path.with_suffix(".llamacpp.npy"), path.with_suffix(".ours.npy")
-            if theirs.exists() and mine.exists():
-                a, b = np.load(mine), np.load(theirs)
-                notes.append(f"{name}: last-position logits, max |ours - llama.cpp| / max |llama.cpp| = "
-                             f"{np.abs(a - b).max() / np.abs(b).max():.1e}, same top-1: {int(a.argmax()) == int(b.argmax())}"
-                             " (llama.cpp rounds activations to 8 bits, and its KV cache to f16)")
-        else:
-            try:
-                import torch  # noqa: F401
-                peer = run_child("transformers", path)
-            except ImportError:
-                peer = {"error": "torch/transformers not installed (make reference-env)"}
-            print("  transformers", peer, flush=True)
-            rows.append((name, "transformers bf16", size, peer))
-            theirs, mine = path / "transformers.npy", path / "ours.npy"
-            if theirs.exists() and mine.exists():
-                a, b = np.load(mine), np.load(theirs)
-                notes.append(f"{name}: last-position logits, max |ours (f16 weights) - transformers (bf16)| / max = "
-                             f"{np.abs(a - b).max() / np.abs(b).max():.1e}, same top-1: {int(a.argmax()) == int(b.argmax())}")
+        # the peer on the same file: (child, module it needs, label, what the logits comparison is against)
+        child, module, label, vs = (("llamacpp", "llama_cpp", "llama.cpp", "llama.cpp rounds activations to 8 bits, "
+                                     "and its KV cache to f16") if path.suffix == ".gguf" else
+                                    ("transformers", "torch", "transformers bf16", "we run the float16 weights, it "
+                                     "rounds them to bfloat16"))
+        try:
+            __import__(module)
+            peer = run_child(child, path)
+        except ImportError:
+            peer = {"error": f"{module} not installed (llama-cpp-python; torch: make reference-env)"}
+        print(f"  {label}", peer, flush=True)
+        rows.append((name, label, size, peer))
+        theirs, mine = logits_file(path, child), logits_file(path, "ours")
+        if theirs.exists() and mine.exists():
+            a, b = np.load(mine), np.load(theirs)
+            notes.append(f"{name}: last-position logits, max |ours - {label}| / max |{label}| = "
+                         f"{np.abs(a - b).max() / np.abs(b).max():.1e}, same top-1: {int(a.argmax()) == int(b.argmax())}"
+                         f" ({vs})")
 
     line = machine_line(os.cpu_count())
     out = [f"{args.preset}-shaped random weights, {PROMPT_LEN}-token prefill, decode of {DECODE} tokens (median); "

@@ -91,8 +91,7 @@ def weight_kinds(weights: dict) -> dict[str, int]:
     """How many tensors of each stored kind a checkpoint holds: {"q4_k": 193, "q6_k": 33, "f32": 65}."""
     kinds = {}
     for w in weights.values():
-        kind = getattr(w, "kind", None) or str(np.asarray(w).dtype if isinstance(w, np.ndarray) else "?")
-        kind = {"float32": "f32", "float16": "f16", "float64": "f64"}.get(kind, kind)
+        kind = getattr(w, "kind", None) or {"float32": "f32", "float16": "f16"}.get(str(w.dtype), str(w.dtype))
         kinds[kind] = kinds.get(kind, 0) + 1
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 

@@ -114,12 +114,20 @@ class StoredMatrix:
         return f"{type(self).__name__}(shape={self.shape}, {self.bits_per_weight:.3g} bits/weight)"
 
 
-class Float32Matrix(StoredMatrix):
-    """A float32 (out, in) array used where it lies (a memory map): no packed copy."""
-    kind, quantized = "f32", False
+class _FloatMatrix(StoredMatrix):
+    """A float format held as one (out, in) array (float32, float16, or bfloat16 bits); expanding it loses nothing."""
+    quantized = False
 
     def __init__(self, data):
         self.data, self.shape = data, tuple(data.shape)
+
+    def arrays(self):
+        return {"weight": self.data}
+
+
+class Float32Matrix(_FloatMatrix):
+    """A float32 (out, in) array used where it lies (a memory map): no packed copy."""
+    kind = "f32"
 
     def _dequantize_rows(self, rows):
         return np.asarray(self.data[rows], F32)
@@ -130,36 +138,21 @@ class Float32Matrix(StoredMatrix):
         out = (self.data @ x2.T).T                                          # (N, out): W @ x, gemv-friendly
         return out.reshape(*x.shape[:-1], self.shape[0])
 
-    def arrays(self):
-        return {"weight": self.data}
 
-
-class Float16Matrix(StoredMatrix):
+class Float16Matrix(_FloatMatrix):
     """float16 (out, in), as in HF float16 checkpoints and GGUF F16 tensors."""
-    kind, quantized = "f16", False
-
-    def __init__(self, data):
-        self.data, self.shape = data, tuple(data.shape)
+    kind = "f16"
 
     def _dequantize_rows(self, rows):
         return f16_to_f32(self.data[rows])
 
-    def arrays(self):
-        return {"weight": self.data}
 
-
-class BFloat16Matrix(StoredMatrix):
+class BFloat16Matrix(_FloatMatrix):
     """bfloat16 bit patterns (uint16) (out, in), as in meta-llama's HF checkpoints and GGUF BF16 tensors."""
-    kind, quantized = "bf16", False
-
-    def __init__(self, bits):
-        self.data, self.shape = bits, tuple(bits.shape)
+    kind = "bf16"
 
     def _dequantize_rows(self, rows):
         return bf16_to_f32(self.data[rows])
-
-    def arrays(self):
-        return {"weight": self.data}
 
 
 class RowPermuted(StoredMatrix):

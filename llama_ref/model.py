@@ -263,7 +263,7 @@ class Llama:
         for i in range(cfg.n_layers):                        # {"attn_norm": (C,), "wq": (C, nh*hs) or stored, ...}
             layers.append({short: (_as_f32(name, w[name]) if short.endswith("norm") else matrix(name))
                            for short, name in layer_names(i).items()})
-        if cfg.tie_embeddings and not isinstance(embed, np.ndarray) and not (pack and not embed.quantized):
+        if cfg.tie_embeddings and not isinstance(embed, np.ndarray):                # stored (not packed) above:
             head = embed                                                           # one stored table, two uses
         else:
             head = matrix(embed_name if cfg.tie_embeddings else head_name)

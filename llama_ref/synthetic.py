@@ -105,19 +105,27 @@ def matrix_type(mix: str, gguf_name: str, n_layers: int) -> str:
     return q4_k_m_type(gguf_name, n_layers) if mix == "q4_k_m" else mix.upper()
 
 
-def _gguf_tensor(name, shape, config, mix, seed, std):
-    """(GGUF name, array to write, raw type name or None) of one tensor, in Meta's q/k row order like convert does."""
+def _layout(name, shape, config, mix):
+    """(GGUF name, block type or None, float dtype or None) of one tensor under a mix: norms float32, matrices the mix's
+    type. Both passes of write_gguf (tensor infos, then data) read it."""
     gname = hf_to_gguf_name(name)
     if len(shape) == 1 or mix == "f32":
-        a = random_tensor(name, shape, seed, std)
-    elif mix == "f16":
-        a = random_tensor(name, shape, seed, std).astype(np.float16)
-    else:
-        kind = matrix_type(mix, gname, config.n_layers)
-        return gname, random_blocks(kind, shape[0], shape[1], _seed(name, seed), std), kind
+        return gname, None, np.dtype(F32)
+    if mix == "f16":
+        return gname, None, np.dtype(np.float16)
+    return gname, matrix_type(mix, gname, config.n_layers), None
+
+
+def _gguf_tensor(name, shape, config, layout, seed, std):
+    """The array to write for one tensor: random blocks of its type, or random floats with q/k rows in Meta's pair
+    order, as convert_hf_to_gguf.py writes them."""
+    gname, kind, dtype = layout
+    if kind:
+        return random_blocks(kind, shape[0], shape[1], _seed(name, seed), std)
+    a = random_tensor(name, shape, seed, std).astype(dtype)
     if "attn_q" in gname or "attn_k" in gname:
         a = permute_qk_hf_to_meta(a, config.n_heads if "attn_q" in gname else config.n_kv_heads)
-    return gname, a, None
+    return a
 
 
 def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std: float = 0.02, progress=None) -> Path:
@@ -125,6 +133,7 @@ def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std:
     (gguf-py's streaming writer) into a temporary file, then renamed. mix: f32 | f16 | q4_k_m (llama.cpp's mix) | one
     block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k ... q6_k, iq4_nl, iq4_xs). Norms are float32."""
     import gguf
+    from gguf.constants import GGML_QUANT_SIZES
     if mix not in ("f32", "f16", "q4_k_m") and mix.upper() not in FP16_FIELDS:
         raise ValueError(f"mix {mix!r}: choose f32, f16, q4_k_m or one of {', '.join(k.lower() for k in FP16_FIELDS)}")
     shapes = weight_shapes(config)
@@ -132,25 +141,21 @@ def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std:
         w = gguf.GGUFWriter(str(tmp), "llama")
         add_llama_metadata(w, config, FILE_TYPE_IDS.get(mix, 0), vocabulary_for(config.vocab_size), f"random {mix} llama",
                            quantized=mix not in ("f32", "f16"))
+        layouts = {name: _layout(name, shape, config, mix) for name, shape in shapes.items()}
         for name, shape in shapes.items():                              # tensor infos first: sizes are known
-            gname, kind = hf_to_gguf_name(name), None
-            if len(shape) == 2 and mix not in ("f32", "f16"):
-                kind = matrix_type(mix, gname, config.n_layers)
+            gname, kind, dtype = layouts[name]
             if kind:
-                from gguf.constants import GGML_QUANT_SIZES
-                block, size = GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-                nbytes = shape[0] * shape[1] // block * size
-                w.add_tensor_info(gname, (shape[0], shape[1] // block * size), np.dtype(np.uint8), nbytes,
-                                  raw_dtype=gguf.GGMLQuantizationType[kind])
+                gt = gguf.GGMLQuantizationType[kind]
+                block, size = GGML_QUANT_SIZES[gt]
+                row_bytes = shape[1] // block * size
+                w.add_tensor_info(gname, (shape[0], row_bytes), np.dtype(np.uint8), shape[0] * row_bytes, raw_dtype=gt)
             else:
-                dt = np.dtype(np.float16 if (mix == "f16" and len(shape) == 2) else F32)
-                w.add_tensor_info(gname, shape, dt, int(np.prod(shape)) * dt.itemsize)
+                w.add_tensor_info(gname, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name, shape in shapes.items():
-            _, a, _ = _gguf_tensor(name, shape, config, mix, seed, std)
-            w.write_tensor_data(np.ascontiguousarray(a))
+            w.write_tensor_data(np.ascontiguousarray(_gguf_tensor(name, shape, config, layouts[name], seed, std)))
             if progress:
                 progress(name)
         w.close()
