@@ -292,8 +292,9 @@ def block_backward(config: LlamaConfig, P: dict, i: int, dout, cache, cos, sin, 
     return dx
 
 
-def model_forward(config: LlamaConfig, P: dict, tokens, rope=None):
-    """Logits (B, T, V) for tokens (B, T) at positions 0..T-1, and the caches the backward needs."""
+def trunk_forward(config: LlamaConfig, P: dict, tokens, rope=None):
+    """The final hidden states xn (B, T, C), after the last RMSNorm, for tokens (B, T) at positions 0..T-1, and the
+    caches the backward needs. The language-model head reads xn; so do rlhf.py's reward and value heads."""
     B, T = tokens.shape
     cos, sin = rope if rope is not None else rope_freqs(config.head_dim, T, config.rope_theta)
     cos, sin = cos[:T], sin[:T]
@@ -303,27 +304,41 @@ def model_forward(config: LlamaConfig, P: dict, tokens, rope=None):
         x, c = block_forward(config, P, i, x, cos, sin)
         caches.append(c)
     xn, c_norm = rmsnorm_forward(x, P[NORM], config.norm_eps)             # (B, T, C)
-    head = P[EMBED if config.tie_embeddings else HEAD]
-    logits = linear_forward(xn, head)                                                  # (B, T, V)
-    return logits, (tokens, caches, xn, c_norm, cos, sin)
+    return xn, (tokens, caches, c_norm, cos, sin)
 
 
-def model_backward(config: LlamaConfig, P: dict, dlogits, cache) -> dict:
-    """Gradients of every parameter (HF names, HF shapes) given d loss / d logits."""
-    tokens, caches, xn, c_norm, cos, sin = cache
-    grads = {}
-    head_name = EMBED if config.tie_embeddings else HEAD
-    dxn, dhead = linear_backward(dlogits, xn, P[head_name])                               # (B, T, C), (V, C)
+def trunk_backward(config: LlamaConfig, P: dict, dxn, cache, grads: dict) -> dict:
+    """Gradients of the trunk's parameters given d loss / d xn, added into `grads` (which may already hold the tied
+    embedding's head gradient). Returns grads."""
+    tokens, caches, c_norm, cos, sin = cache
     dx, grads[NORM] = rmsnorm_backward(dxn, c_norm)
     for i in reversed(range(config.n_layers)):
         dx = block_backward(config, P, i, dx, caches[i], cos, sin, grads)
     dwte = embedding_backward(dx, tokens, config.vocab_size)
-    if config.tie_embeddings:
-        dwte += dhead                                                                     # one matrix, two uses
+    if EMBED in grads:
+        grads[EMBED] += dwte                                                              # tied: one matrix, two uses
     else:
-        grads[HEAD] = dhead
-    grads[EMBED] = dwte
+        grads[EMBED] = dwte
     return grads
+
+
+def model_forward(config: LlamaConfig, P: dict, tokens, rope=None):
+    """Logits (B, T, V) for tokens (B, T) at positions 0..T-1, and the caches the backward needs."""
+    xn, trunk = trunk_forward(config, P, tokens, rope)
+    head = P[EMBED if config.tie_embeddings else HEAD]
+    logits = linear_forward(xn, head)                                                  # (B, T, V)
+    return logits, (xn, trunk)
+
+
+def model_backward(config: LlamaConfig, P: dict, dlogits, cache, dxn_extra=None) -> dict:
+    """Gradients of every parameter (HF names, HF shapes) given d loss / d logits (and, for a head that also reads
+    the final hidden states, such as PPO's value head, d loss / d xn from it)."""
+    xn, trunk = cache
+    head_name = EMBED if config.tie_embeddings else HEAD
+    dxn, dhead = linear_backward(dlogits, xn, P[head_name])                               # (B, T, C), (V, C)
+    if dxn_extra is not None:
+        dxn += dxn_extra
+    return trunk_backward(config, P, dxn, trunk, {head_name: dhead})
 
 
 def forward_backward(config: LlamaConfig, P: dict, tokens, targets, mask=None, rope=None):
