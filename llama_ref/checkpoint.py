@@ -29,7 +29,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, TokenizerError
-from .files import _fsync_dir, check_output, publish, temp_dir_beside
+from .files import _fsync_dir, check_output, publish, temp_dir_beside, write_text
 from .safetensors import _is_int, _write_safetensors, read_safetensors
 from .weights import check_weights, is_ignored, weight_shapes
 
@@ -130,13 +130,15 @@ def _to_model_dtype(a):
 
 
 def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, max_shard_bytes=None,
-               extra_files=None):
+               extra_files=None, extra_tensors=None, config_extra=None):
     """Write an HF model directory that llama_ref and transformers' LlamaForCausalLM.from_pretrained both load.
 
     Writes config.json, generation_config.json (bos/eos), model.safetensors in float32 (or, with max_shard_bytes,
     model-0000i-of-0000n.safetensors shards of at most that many bytes each plus model.safetensors.index.json;
     a tensor larger than the limit gets a shard of its own), tokenizer.model copied from tokenizer_path, and
     extra_files {file name: str | bytes | path to copy}. The weights are checked against the config first.
+    extra_tensors {name: array} go into the weight file beside the model's (a reward model's `score.weight`), and
+    config_extra {key: value} into config.json (its `architectures`); loaders of a causal LM refuse such a directory.
 
     Atomicity policy ("nothing a user owns is overwritten half-way"):
       - everything is first written complete into a temporary directory `<path>.tmp-XXXX` beside `path`;
@@ -168,6 +170,7 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
     check_output(path, force=True, kind="dir")
     with temp_dir_beside(path) as tmp:
         tensors = {n: weights[n] for n in weight_shapes(config)}              # HF order, lm_head only if untied
+        tensors.update(extra_tensors or {})
         weight_files = _write_weights(tmp, tensors, max_shard_bytes)
         gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
         (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(gen, indent=2) + "\n")
@@ -180,7 +183,7 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
                 (tmp / name).write_bytes(content)
             else:
                 shutil.copyfile(content, tmp / name)
-        config.save(tmp / CONFIG_NAME)
+        write_text(tmp / CONFIG_NAME, json.dumps({**config.to_hf(), **(config_extra or {})}, indent=2) + "\n")
         publish(tmp)
 
         if not path.exists():
