@@ -40,6 +40,10 @@ class InputError(LlamaRefError, ValueError):
     """Bad input to the forward pass: token ids out of range, wrong shapes or dtypes."""
 
 
+class PreferenceError(InputError):
+    """A preference file or record that cannot be used: an unknown degree, an empty reply, a mismatched pair."""
+
+
 class ContextLengthError(InputError):
     """Prompt plus new tokens do not fit into the model's context window (max_seq_len)."""
 

@@ -12,10 +12,14 @@ check of our NumPy forward. For each config below it
   4. for the configs in GRAD_CONFIGS, trains the llm.c way: PyTorch autograd writes data/reference/grads_<name>.npz
      with the cross-entropy loss and the gradient of every parameter, with and without a per-token loss mask, and
      the parameters after a few torch.optim.AdamW steps (weight decay on matrices only, gradient clipping);
-  5. when the embedded model data/models/tinyworld/ exists: loads it with LlamaForCausalLM.from_pretrained, tokenizes
+  5. for the configs in RLHF_CONFIGS, the RLHF losses (data/reference/rlhf_<name>.npz): a reward model
+     (LlamaForSequenceClassification, num_labels 1, on right-padded pairs) with the margin ranking loss
+     -logsigmoid(r_chosen - r_rejected - m), and PPO's clipped surrogate + value loss on a LlamaForCausalLM with a
+     value head on the final hidden states; each with its loss and the gradient of every parameter;
+  6. when the embedded model data/models/tinyworld/ exists: loads it with LlamaForCausalLM.from_pretrained, tokenizes
      real text with sentencepiece and writes data/reference/tinyworld.npz (logits, every layer's output, attention
      probabilities, final norm), so the trained model is checked too;
-  6. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
+  7. writes data/reference/manifest.json: this script's sha256, library versions, seeds, configs, file sha256s.
 
     python scripts/make_reference.py            # (re)write data/reference/
     python scripts/make_reference.py --check    # regenerate into a temp dir and compare with the committed files
@@ -195,6 +199,79 @@ def gradients(changes, model_seed, batch_seed, record_step_grads=False):
     return out
 
 
+# RLHF losses (llama_ref/rlhf.py is checked against these): name -> seed of the batch.
+RLHF_CONFIGS = {"gqa": 201, "tied": 202}
+RLHF_PAIRS, RLHF_BATCH = 3, (3, 14)           # preference pairs; (B, T) of the PPO batch
+PPO = dict(clip=0.2, vf_coef=0.1)
+PAD = 0
+
+
+def reward_model_loss(changes, model_seed, batch_seed):
+    """transformers' LlamaForSequenceClassification (the trunk of the seeded model, a seeded score head) on N chosen
+    and N rejected right-padded sequences; loss = mean -logsigmoid(r_c - r_r - margin); every parameter's gradient."""
+    lm = build_model(changes, model_seed)
+    cfg = lm.config
+    cfg.num_labels, cfg.pad_token_id = 1, PAD
+    rm = transformers.LlamaForSequenceClassification(cfg).eval()
+    rm.model.load_state_dict(lm.model.state_dict())
+    rng = np.random.default_rng(batch_seed)
+    with torch.no_grad():
+        rm.score.weight.copy_(torch.tensor(rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)))
+    N, T = RLHF_PAIRS, RLHF_BATCH[1]
+    lengths = rng.integers(T // 2, T + 1, 2 * N)
+    lengths[0] = T                                                   # at least one row without padding
+    tokens = np.full((2 * N, T), PAD, np.int64)
+    for b, n in enumerate(lengths):
+        tokens[b, :n] = rng.integers(3, cfg.vocab_size, n)           # no pad id inside a sequence
+    margins = np.array([1.0, 2 / 3, 0.0], np.float32)[:N]
+    rewards = rm(torch.tensor(tokens)).logits[:, 0]                  # (2N,): HF picks each row's last non-pad token
+    loss = -torch.nn.functional.logsigmoid(rewards[:N] - rewards[N:] - torch.tensor(margins)).mean()
+    loss.backward()
+    out = {"tokens": tokens, "last": lengths - 1, "margins": margins, "rewards": rewards.detach().numpy(),
+           "loss": np.array(loss.item(), np.float64), "score.weight": rm.score.weight.detach().numpy()}
+    for n, p in rm.named_parameters():
+        out[f"grad/{n}"] = p.grad.detach().numpy().astype(np.float32)
+    return out
+
+
+def ppo_loss(changes, model_seed, batch_seed):
+    """PPO's loss on the seeded LlamaForCausalLM with a seeded value head reading the final (normed) hidden states:
+    ratio = exp(logp - logp_old), policy loss = mean over masked tokens of max(-A ratio, -A clip(ratio, 1-e, 1+e)),
+    value loss = mean (V - R)^2 / 2, loss = policy + vf_coef * value; every parameter's gradient."""
+    model = build_model(changes, model_seed).train()
+    V = model.config.vocab_size
+    rng = np.random.default_rng(batch_seed)
+    B, T = RLHF_BATCH
+    seq = rng.integers(0, V, (B, T + 1)).astype(np.int64)             # inputs seq[:, :-1], actions seq[:, 1:]
+    tokens, actions = seq[:, :-1], seq[:, 1:]
+    mask = np.zeros((B, T), bool)
+    for b in range(B):                                               # one contiguous reply per row
+        start = rng.integers(1, T // 2)
+        mask[b, start:rng.integers(start + 2, T + 1)] = True
+    adv = rng.standard_normal((B, T)).astype(np.float32)
+    returns = rng.standard_normal((B, T)).astype(np.float32)
+    w_value = torch.tensor((rng.standard_normal((1, model.config.hidden_size)) * 0.3).astype(np.float32),
+                           requires_grad=True)
+    out_ = model(torch.tensor(tokens), output_hidden_states=True)
+    logp = torch.log_softmax(out_.logits, -1).gather(-1, torch.tensor(actions)[..., None])[..., 0]
+    logp_old = (logp.detach().numpy() + rng.normal(0, 0.3, (B, T))).astype(np.float32)   # some ratios leave the range
+    values = out_.hidden_states[-1] @ w_value[0]                     # hidden_states[-1]: after the final norm
+    m, a, r = torch.tensor(mask), torch.tensor(adv), torch.tensor(returns)
+    ratio = torch.exp(logp - torch.tensor(logp_old))
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - PPO["clip"], 1 + PPO["clip"]))
+    n = m.sum()
+    loss = (pg * m).sum() / n + PPO["vf_coef"] * (0.5 * (values - r) ** 2 * m).sum() / n
+    loss.backward()
+    out = {"seq": seq, "mask": mask, "adv": adv, "returns": returns, "logp_old": logp_old,
+           "value_head.weight": w_value.detach().numpy(), "loss": np.array(loss.item(), np.float64),
+           "clip": np.array(PPO["clip"]), "vf_coef": np.array(PPO["vf_coef"]),
+           "clipped_share": np.array(float(((torch.abs(ratio - 1) > PPO["clip"]) & m).sum() / n))}
+    for name, p in model.named_parameters():
+        out[f"grad/{name}"] = p.grad.detach().numpy().astype(np.float32)
+    out["grad/value_head.weight"] = w_value.grad.detach().numpy()
+    return out
+
+
 EMBEDDED = REPO / "data" / "models" / "tinyworld"
 EMBEDDED_TEXT = [                               # written out here, not taken from llama_ref: two texts of the world
     "Once upon a time, there was a brave girl named Mia. Mia had a pet cat. The cat liked to eat fish. "
@@ -261,11 +338,20 @@ def generate(out_dir: Path):
                                                   "adamw": ADAMW, "loss": float(g["loss"]),
                                                   "sha256": sha256(out_dir / f"grads_{name}.npz")}
             print(f"{'':10s} gradients: loss {float(g['loss']):.4f} (masked), {float(g['loss_nomask']):.4f} (all)")
+        if name in RLHF_CONFIGS:
+            rm, ppo = reward_model_loss(changes, seed, RLHF_CONFIGS[name]), ppo_loss(changes, seed, RLHF_CONFIGS[name])
+            np.savez_compressed(out_dir / f"rlhf_{name}.npz", **{f"rm/{k}": v for k, v in rm.items()},
+                                **{f"ppo/{k}": v for k, v in ppo.items()})
+            manifest["configs"][name]["rlhf"] = {"batch_seed": RLHF_CONFIGS[name], "pairs": RLHF_PAIRS,
+                                                 "ppo_batch": list(RLHF_BATCH), "ppo": PPO,
+                                                 "sha256": sha256(out_dir / f"rlhf_{name}.npz")}
+            print(f"{'':10s} RLHF: reward-model loss {float(rm['loss']):.4f}, PPO loss {float(ppo['loss']):.4f} "
+                  f"({float(ppo['clipped_share']):.0%} of ratios outside the clip range)")
     embedded = embedded_model_fixture(out_dir)
     if embedded is not None:
         manifest["embedded_model"] = embedded
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(("grads", "sampling", "tinyworld")))
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith(("grads", "rlhf", "sampling", "tinyworld")))
     print(f"wrote {out_dir} ({size / 1e6:.2f} MB)")
 
 
@@ -309,7 +395,8 @@ def check():
             for f in sorted((Path(tmp) / name).iterdir()):
                 if f.name == "model.safetensors" and f.read_bytes() != (OUT / name / f.name).read_bytes():
                     bad.append(f"{name}/{f.name}: weights differ")
-            for f in [f"{name}.npz"] + ([f"grads_{name}.npz"] if name in GRAD_CONFIGS else []):
+            for f in [f"{name}.npz"] + ([f"grads_{name}.npz"] if name in GRAD_CONFIGS else []) \
+                    + ([f"rlhf_{name}.npz"] if name in RLHF_CONFIGS else []):
                 compare_npz(Path(tmp) / f, OUT / f, bad)
         if (OUT / "tinyworld.npz").exists():
             if not (Path(tmp) / "tinyworld.npz").exists():

@@ -1,0 +1,336 @@
+"""RLHF (llama_ref/rlhf.py): the reward model's and PPO's backward against PyTorch autograd, the margin loss and GAE
+against hand-computed cases, the world's judge, the annotator, preference files, determinism per seed.
+
+Fixtures: data/reference/rlhf_<name>.npz, written by scripts/make_reference.py with transformers'
+LlamaForSequenceClassification (reward model) and LlamaForCausalLM plus a value head (PPO), torch autograd only.
+Tolerance: as tests/test_train.py's, 1e-4 of each gradient's scale (float32 sums in another order; a wrong sign,
+transpose or mask gives errors of order 1e-1); losses and rewards to 1e-5 relative.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import random_weights
+from llama_ref import paths, rlhf
+from llama_ref.config import LlamaConfig
+from llama_ref.errors import InputError, LlamaRefError, PreferenceError
+from llama_ref.gatt import Instruction
+from llama_ref.loader import read_checkpoint
+from llama_ref.model import Llama
+from llama_ref.tokenizer import Tokenizer
+
+GRAD_RTOL = 1e-4
+MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
+RLHF_NAMES = [n for n, c in MANIFEST["configs"].items() if "rlhf" in c]
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture(scope="module", params=RLHF_NAMES)
+def case(request):
+    name = request.param
+    config, weights = read_checkpoint(paths.REFERENCE_DIR / name)
+    ref = np.load(paths.REFERENCE_DIR / f"rlhf_{name}.npz")
+    return name, config, {k: np.array(v, np.float32) for k, v in weights.items()}, ref
+
+
+def sub(ref, prefix):
+    """The arrays of an npz (or dict) whose names start with prefix, without it."""
+    return {k[len(prefix):]: ref[k] for k in ref if k.startswith(prefix)}
+
+
+def test_fixtures_cover_tied_and_untied():
+    assert {MANIFEST["configs"][n]["hf_config"]["tie_word_embeddings"] for n in RLHF_NAMES} == {True, False}
+
+
+def test_reward_model_rewards_loss_and_gradients_match_pytorch(case):
+    name, config, weights, ref = case
+    rm = sub(ref, "rm/")
+    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {rlhf.SCORE: rm["score.weight"]}
+    assert (rm["last"] < rm["tokens"].shape[1] - 1).any()                  # some rows really are padded
+    r, cache = rlhf.reward_forward(config, P, rm["tokens"], rm["last"])
+    assert rel_err(r, rm["rewards"]) <= 1e-5
+    n = len(rm["margins"])
+    loss, z = rlhf.ranking_loss(r[:n], r[n:], rm["margins"])
+    assert abs(loss - float(rm["loss"])) <= 1e-5 * max(1.0, float(rm["loss"]))
+    dc, dr = rlhf.ranking_loss_backward(z)
+    grads = rlhf.reward_backward(config, P, np.concatenate([dc, dr]).astype(np.float32), cache)
+    torch_grads = sub(rm, "grad/")
+    assert set(grads) == set(torch_grads)
+    errs = {k: rel_err(g, torch_grads[k]) for k, g in grads.items()}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_RTOL, f"{name}: {worst} off by {errs[worst]:.2e} of its scale"
+
+
+def test_ppo_loss_and_gradients_match_pytorch(case):
+    name, config, weights, ref = case
+    f = sub(ref, "ppo/")
+    assert 0 < float(f["clipped_share"]) < 0.9                              # both branches of the clip are exercised
+    P = dict(weights) | {rlhf.VALUE: f["value_head.weight"]}
+    B = f["seq"].shape[0]
+    ro = rlhf.Rollout(tokens=f["seq"], mask=f["mask"], logp_old=f["logp_old"], logp_ref=None, values=None,
+                      scores=None, replies=[], quality=None, correct=None)
+    settings = rlhf.PPOSettings(clip=float(f["clip"]), vf_coef=float(f["vf_coef"]))
+    loss, grads, stats = rlhf.ppo_step(config, P, ro, np.arange(B), f["adv"], f["returns"], settings)
+    assert abs(loss - float(f["loss"])) <= 1e-5 * max(1.0, abs(float(f["loss"])))
+    torch_grads = sub(f, "grad/")
+    assert set(grads) == set(torch_grads)
+    errs = {k: rel_err(g, torch_grads[k]) for k, g in grads.items()}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_RTOL, f"{name}: {worst} off by {errs[worst]:.2e} of its scale"
+
+
+# ------------------------------------------------------------------------------------------------
+# small cases worked by hand
+
+def test_margin_ranking_loss_by_hand():
+    """z = r_c - r_r - m = [1, -1]: loss = (log(1 + e^-1) + log(1 + e^1)) / 2, d/dr_c = -sigmoid(-z) / 2."""
+    loss, z = rlhf.ranking_loss(np.array([1.0, 0.0]), np.array([0.0, 0.0]), np.array([0.0, 1.0]))
+    assert loss == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2, rel=1e-12)
+    dc, dr = rlhf.ranking_loss_backward(z)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert dc == pytest.approx([-sig(-1) / 2, -sig(1) / 2], rel=1e-12) and np.array_equal(dr, -dc)
+    # the margin asks for a gap: the same rewards with a margin of 1 cost more
+    assert rlhf.ranking_loss(np.array([1.0]), np.array([0.0]), np.array([1.0]))[0] > \
+        rlhf.ranking_loss(np.array([1.0]), np.array([0.0]), np.array([0.0]))[0]
+    assert np.isfinite(rlhf.ranking_loss(np.array([-1e4]), np.array([1e4]), np.array([0.0]))[0])   # no overflow
+
+
+def test_gae_by_hand():
+    """One reply of 3 tokens after a prompt position and before padding; rewards [0, 0, 1], values 0.5, gamma 1,
+    lambda 0.5: delta = [0, 0, 0.5], A = [0.125, 0.25, 0.5], returns = A + V."""
+    rewards = np.array([[9.0, 0.0, 0.0, 1.0, 9.0]])                     # masked positions must not leak in
+    values = np.array([[7.0, 0.5, 0.5, 0.5, 7.0]])
+    mask = np.array([[False, True, True, True, False]])
+    adv, ret = rlhf.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert adv == pytest.approx(np.array([[0, 0.125, 0.25, 0.5, 0]]))
+    assert ret[mask] == pytest.approx([0.625, 0.75, 1.0])
+    adv1, _ = rlhf.gae(rewards, values, mask, gamma=0.9, lam=1.0)       # lambda 1: discounted return - V
+    assert adv1[0, 1] == pytest.approx(0.9 ** 2 * 1.0 - 0.5)
+
+
+def test_kl_rewards_put_the_score_on_the_last_reply_token():
+    mask = np.array([[False, True, True, False], [True, True, True, True]])
+    ro = rlhf.Rollout(tokens=None, mask=mask, logp_old=np.full((2, 4), -1.0), logp_ref=np.full((2, 4), -1.5),
+                      values=None, scores=np.array([3.0, 1.0]), replies=[], quality=None, correct=None)
+    r = rlhf.kl_rewards(ro, beta=0.1, whiten=(1.0, 2.0))
+    assert r[0] == pytest.approx([0, -0.05, -0.05 + 1.0, 0]) and r[1] == pytest.approx([-0.05] * 3 + [-0.05 + 0.0])
+
+
+def test_ppo_loss_at_ratio_one_is_minus_the_mean_advantage():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, 5, 7)).astype(np.float32)
+    actions = rng.integers(0, 7, (1, 5))
+    logp, _ = rlhf.token_logprobs(logits, actions)
+    adv, mask = rng.standard_normal((1, 5)), np.array([[False, True, True, True, False]])
+    loss, stats, _ = rlhf.ppo_loss(logits, np.zeros((1, 5)), actions, mask, logp, adv, np.zeros((1, 5)), 0.2, 0.0)
+    assert loss == pytest.approx(-adv[mask].mean(), rel=1e-5) and stats["clipfrac"] == 0
+    with pytest.raises(InputError):
+        rlhf.ppo_loss(logits, np.zeros((1, 5)), actions, np.zeros((1, 5), bool), logp, adv, adv, 0.2, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# the world's judge and the annotator
+
+def prompt_with(instruction=None, answer="A cow says moo."):
+    dialog = ([{"role": "system", "content": instruction.text}] if instruction else []) + \
+             [{"role": "user", "content": "What does a cow say?"}]
+    return rlhf.Prompt(dialog, answer, instruction)
+
+
+def test_judge_scores_truth_obedience_grammar_and_brevity():
+    ins = Instruction(persona="Tom", style="cow")
+    p = prompt_with(ins)
+    best = rlhf.judge(p, "I am Tom. A cow says moo. Moo!")
+    assert best.exact and best.adherence == 1 and best.grammatical and best.quality == 4.0
+    assert rlhf.judge(p, "A cow says moo. Moo!").adherence == 0.5                     # persona missing
+    wrong = rlhf.judge(p, "I am Tom. A cow says quack. Moo!")
+    assert not wrong.correct and wrong.grammatical and wrong.quality == 2.0
+    chatty = rlhf.judge(p, "I am Tom. A cow says moo. A duck says quack. Moo!")
+    assert chatty.correct and not chatty.concise and not chatty.exact
+    broken = rlhf.judge(p, "I am Tom. A cow moo says. Moo!")
+    assert not broken.grammatical and not broken.correct
+    empty = rlhf.judge(p, "")
+    assert empty.quality == 0.0
+
+
+def test_annotator_degrees_and_noise():
+    a = rlhf.Annotator(noise=0.0)
+    assert [a.degree(g) for g in (3.0, 1.5, 0.5, 0.1)] == list(rlhf.DEGREES)
+    p = prompt_with()
+    rng = np.random.default_rng(0)
+    pref = a.compare(p, "A cow says quack.", "A cow says moo.", rng)       # noiseless: truth wins, by 2 points
+    assert pref.chosen == "A cow says moo." and pref.degree == "significantly better"
+    noisy = rlhf.Annotator(noise=5.0)
+    picks = [noisy.compare(p, "A cow says quack.", "A cow says moo.", rng).chosen for _ in range(200)]
+    assert 0.3 < np.mean([c == "A cow says quack." for c in picks]) < 0.5           # noise flips some
+
+
+def test_annotate_skips_identical_replies():
+    p = prompt_with()
+    prefs = rlhf.annotate([p], [["A cow says moo.", " A cow says moo. ", "A cow says moo.", "A cow says baa."]],
+                          rlhf.Annotator(noise=0.0))
+    assert len(prefs) == 1 and prefs[0].chosen == "A cow says moo."
+
+
+def test_prompts_are_deterministic_and_eval_prompts_are_held_out():
+    a, b = rlhf.make_prompts(50, "train", seed=3), rlhf.make_prompts(50, "train", seed=3)
+    assert [p.dialog for p in a] == [p.dialog for p in b] and len(a) == 50
+    ev = rlhf.make_prompts(50, "eval", seed=3)
+    train_texts = {json.dumps(p.dialog) for p in rlhf.make_prompts(400, "train", seed=3)}
+    assert all(p.instruction is not None for p in ev) and not train_texts & {json.dumps(p.dialog) for p in ev}
+    assert all(p.dialog[-1]["role"] == "user" and p.answer for p in a + ev)
+    assert {p.turn for p in a} >= {1, 2, 3}                              # earlier exchanges come before some questions
+    with pytest.raises(InputError):
+        rlhf.make_prompts(5, "test")
+
+
+# ------------------------------------------------------------------------------------------------
+# preference files: round trip and bad input
+
+def test_preference_file_round_trip(tmp_path):
+    prefs = rlhf.annotate([prompt_with()], [["A cow says moo.", "A cow says baa."]], rlhf.Annotator(noise=0.0))
+    path = rlhf.write_preferences(tmp_path / "p.jsonl", prefs)
+    back = rlhf.read_preferences(path)
+    assert [(b.dialog, b.chosen, b.rejected, b.degree) for b in back] == \
+           [(p.dialog, p.chosen, p.rejected, p.degree) for p in prefs]
+
+
+@pytest.mark.parametrize("record, what", [
+    ({"degree": "much better"}, "unknown degree"),
+    ({"chosen": "  "}, "empty reply"),
+    ({"rejected": ""}, "empty reply"),
+    ({"chosen": [{"role": "user", "content": "What does a pig say?"}, {"role": "assistant", "content": "Oink."}]},
+     "mismatched pair"),
+    ({"rejected": "A cow says moo."}, "the same reply"),
+    ({"prompt": [{"role": "assistant", "content": "Hi"}]}, "ending with the user's"),
+    ({"chosen": 5}, "empty reply"),
+])
+def test_bad_preferences_are_named(tmp_path, record, what):
+    good = {"prompt": [{"role": "user", "content": "What does a cow say?"}], "chosen": "A cow says moo.",
+            "rejected": "A cow says baa.", "degree": "better"}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **record}) + "\n")
+    with pytest.raises(PreferenceError, match=what) as e:
+        rlhf.read_preferences(path)
+    assert "line 2" in str(e.value)
+
+
+def test_whole_dialogue_replies_and_unsure_are_accepted(tmp_path):
+    prompt = [{"role": "user", "content": "What does a cow say?"}]
+    rec = {"prompt": prompt, "chosen": prompt + [{"role": "assistant", "content": "A cow says moo."}],
+           "rejected": prompt + [{"role": "assistant", "content": "A cow says baa."}], "degree": "unsure"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(rec) + "\n")
+    [p] = rlhf.read_preferences(tmp_path / "p.jsonl")
+    assert p.chosen == "A cow says moo." and p.degree == "negligibly better"
+
+
+@pytest.mark.parametrize("content", ["", "not json\n", "[1, 2]\n", b"\xff\xfe"])
+def test_unreadable_preference_files(tmp_path, content):
+    path = tmp_path / "p.jsonl"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(PreferenceError):
+        rlhf.read_preferences(path)
+    with pytest.raises(PreferenceError):
+        rlhf.read_preferences(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------
+# training, determinism, saving
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = Tokenizer(paths.DEFAULT_TOKENIZER)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
+                      max_seq_len=256)
+    return cfg, random_weights(cfg, seed=1, scale=0.1), tok
+
+
+def test_reward_model_training_is_deterministic_and_learns(tiny):
+    cfg, w, tok = tiny
+    p = prompt_with()
+    prefs = [rlhf.Preference(p.dialog, "A cow says moo.", r, "better") for r in
+             ("A cow says baa.", "A cow says quack.", "A cow says woof.", "A cow says oink.")]
+    runs = [rlhf.train_reward_model(cfg, rlhf.reward_model_init(cfg, w, seed=0), prefs, tok, steps=30, batch_size=4,
+                                    lr=3e-3, seed=0, progress=False, log=lambda m: None) for _ in range(2)]
+    assert all(np.array_equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
+    h = runs[0][1]["history"]
+    assert h[-1]["loss"] < 0.5 * h[0]["loss"] and h[-1]["accuracy"] == 1.0
+    assert np.array_equal(runs[0][0]["lm_head.weight"], w["lm_head.weight"])        # rides along untouched
+
+
+def test_reward_model_save_and_load(tiny, tmp_path):
+    cfg, w, tok = tiny
+    P = rlhf.reward_model_init(cfg, w, seed=2)
+    rlhf.save_reward_model(tmp_path / "rm", cfg, P)
+    cfg_json = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg_json["architectures"] == ["LlamaForSequenceClassification"] and cfg_json["num_labels"] == 1
+    rm = rlhf.load_reward_model(tmp_path / "rm")
+    d = [prompt_with().dialog] * 2
+    assert np.array_equal(rm.score(tok, d, ["A cow says moo.", "No."]),
+                          rlhf.RewardModel(cfg, P).score(tok, d, ["A cow says moo.", "No."]))
+    with pytest.raises(LlamaRefError):
+        from llama_ref import load
+        load(tmp_path / "rm")                        # a reward model is not a causal LM: refused with a reason
+    with pytest.raises(InputError, match="not a reward model"):
+        from llama_ref.checkpoint import save_model
+        save_model(tmp_path / "lm", cfg, w)
+        rlhf.load_reward_model(tmp_path / "lm")
+
+
+def test_ppo_iteration_is_deterministic_and_moves_the_policy(tiny):
+    cfg, w, tok = tiny
+    rm = rlhf.RewardModel(cfg, rlhf.reward_model_init(cfg, w, seed=3))
+    prompts = rlhf.make_prompts(8, "train", seed=0)
+    s = rlhf.PPOSettings(prompts_per_iteration=4, minibatch=2, max_new_tokens=6, lr=1e-3)
+    a = rlhf.ppo_train(cfg, w, w, rm, tok, prompts, s, 2, whiten=(0.0, 1.0), seed=5, progress=False, log=lambda m: None)
+    b = rlhf.ppo_train(cfg, w, w, rm, tok, prompts, s, 2, whiten=(0.0, 1.0), seed=5, progress=False, log=lambda m: None)
+    assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0]) and a[1][-1]["reward"] == b[1][-1]["reward"]
+    assert rlhf.VALUE not in a[0] and not np.array_equal(a[0]["model.norm.weight"], w["model.norm.weight"])
+    assert a[1][0]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)              # first rollout: policy == reference
+    with pytest.raises(InputError, match="beta"):
+        rlhf.ppo_train(cfg, w, w, rm, tok, prompts, rlhf.PPOSettings(beta=-1.0), 1, (0.0, 1.0), progress=False)
+
+
+def test_best_of_n_and_rejection_sampling_pick_the_top_reward(tiny):
+    _, _, tok = tiny
+    p = prompt_with()
+    replies = [["A cow says baa.", "A cow says moo.", "A cow says woof.", "A cow says moo. A cow says moo."]]
+    rewards = np.array([[0.0, 1.0, 2.0, -1.0]])                  # the reward model prefers a wrong answer at n = 4
+    bon = rlhf.best_of_n([p], replies, rewards, ns=(1, 2, 4, 8))
+    assert [b["n"] for b in bon] == [1, 2, 4]
+    assert [b["rm_pick_quality"] for b in bon] == [2.0, 4.0, 2.0] and [b["oracle_pick_quality"] for b in bon] == [2.0, 4.0, 4.0]
+    [ex] = rlhf.rejection_sampling_examples([p], replies, rewards, tok)
+    assert "woof" in tok.decode([i for i, m in zip(ex.ids, ex.loss_mask) if m])
+
+
+def test_make_rlhf_tiny_runs_end_to_end(tmp_path):
+    """scripts/make_rlhf.py --tiny: every stage on a tiny random model, every file written."""
+    r = subprocess.run([sys.executable, str(paths.REPO_DIR / "scripts" / "make_rlhf.py"), "--tiny", "--out-dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((tmp_path / "tinyworld-rlhf" / "rlhf_eval.json").read_text())
+    assert set(ev["policies"]) == {"sft", "rejection_sampling", "ppo"}
+    for p in ev["policies"].values():
+        assert set(p) >= {"answer_accuracy", "adherence", "grammar", "mean_reward", "kl_from_sft_per_token"}
+    assert set(ev["rm_accuracy_by_degree"]) >= set(rlhf.DEGREES) and ev["n_eval"] > 0 and "seed" in ev
+    assert all({"n", "rm_pick_quality", "oracle_pick_quality"} <= set(b) for b in ev["best_of_n"])
+    assert len(rlhf.read_preferences(tmp_path / "tinyworld-rm" / "preferences_train.jsonl")) > 0
+    rlhf.load_reward_model(tmp_path / "tinyworld-rm")
+    Llama(*read_checkpoint(tmp_path / "tinyworld-rlhf"))
+
+
+def test_make_rlhf_refuses_a_bad_preference_file_at_once(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "",
+                               "degree": "better"}) + "\n")
+    r = subprocess.run([sys.executable, str(paths.REPO_DIR / "scripts" / "make_rlhf.py"), "--tiny", "--out-dir",
+                        str(tmp_path / "out"), "--preferences", str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "empty reply" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
