@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv lab test test-fast test-any-cpu fuzz reference reference-env model gatt bench corpus tokenizer clean-venv
+.PHONY: help venv lab test test-fast test-any-cpu fuzz reference reference-env model gatt rlhf bench corpus tokenizer clean-venv
 
 help:
 	@echo "make lab        create .venv if missing, install, open JupyterLab on notebooks/00_overview.ipynb"
@@ -14,6 +14,7 @@ help:
 	@echo "make reference  regenerate reference fixtures with transformers (installs torch==2.13.0 + transformers)"
 	@echo "make model      train the embedded model data/models/tinyworld from scratch (79 min on 2 cores)"
 	@echo "make gatt       chat SFT baseline + Ghost Attention fine-tune + evaluation"
+	@echo "make rlhf       preferences, reward model, rejection sampling, PPO + evaluation (about 40 min on 2 cores)"
 	@echo "make bench      side-by-side benchmarks vs transformers, written into README.md (needs the reference extra)"
 
 # One set-up for everything: a venv with the package (editable) and the [dev] extra.
@@ -72,6 +73,11 @@ model: $(STAMP)
 
 gatt: $(STAMP)
 	$(BIN)/python scripts/make_gatt.py
+
+# Starts from data/models/tinyworld-chat (make gatt); RLHF_ARGS adds options, e.g. RLHF_ARGS="--time-budget-min 30"
+RLHF_ARGS ?=
+rlhf: $(STAMP)
+	$(BIN)/python scripts/make_rlhf.py $(RLHF_ARGS)
 
 bench: reference-env
 	$(BIN)/python benchmarks/forward.py --readme
