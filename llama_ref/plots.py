@@ -220,7 +220,7 @@ def logit_lens_grid(probs, pieces, layer_names=None, token_labels=None, title="l
 
 
 # ------------------------------------------------------------------------------------------------
-# Chat and Ghost Attention (chapter 08)
+# Ghost Attention (chapter 10)
 
 def adherence_curves(turns, adherence: dict, attention: dict) -> Figure:
     """Left: share of replies obeying the system message per turn, one line per model ({name: (turns,) in [0, 1]}).
@@ -258,7 +258,7 @@ def head_gain(gain, per_head: dict, layer: int, head: int) -> Figure:
 
 
 # ------------------------------------------------------------------------------------------------
-# Quantization (chapter 09) and on-device graphs (chapter 10)
+# Quantization (chapter 11) and on-device graphs (chapter 12)
 
 def q4_0_block(block, d, formats) -> Figure:
     """Top: the 18 bytes of one Q4_0 block (fp16 d, then 16 bytes of two nibbles each). Bottom: bits per weight of
@@ -318,4 +318,58 @@ def split_graphs(prompt_len: int) -> Figure:
         "out per layer: new key (nkv, hs, 1), new value (nkv, 1, hs)")
     ax.set(xlim=(-2.2, 12.6), ylim=(-1.1, 4.2))
     ax.axis("off")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# RLHF (chapter 09)
+
+def reward_model_accuracy(acc: dict, degrees) -> Figure:
+    """Held-out pair accuracy of the reward model per annotator degree (the paper's Table 8 as bars), chance at 50%."""
+    fig = Figure(figsize=(6.5, 3), layout="constrained")
+    ax = fig.subplots()
+    vals = [100 * (acc[d]["accuracy"] or 0) for d in degrees]
+    ax.bar(range(len(degrees)), vals, color="tab:blue")
+    for i, d in enumerate(degrees):
+        ax.text(i, vals[i] + 1, f"{vals[i]:.0f}%\n({acc[d]['pairs']})", ha="center", fontsize=8)
+    ax.axhline(50, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(degrees)), degrees, fontsize=8)
+    ax.set(ylim=(0, 115), ylabel="accuracy on held-out pairs (%)", title="reward model accuracy by how much better")
+    return fig
+
+
+def best_of_n_curves(bon: list[dict]) -> Figure:
+    """Left: the reward of the reward model's favourite of N samples (the paper's Figure 7). Right: the true quality of
+    that pick against the best pick an oracle could make from the same N, and the mean of all N."""
+    fig = Figure(figsize=(11, 3.4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ns = [b["n"] for b in bon]
+    ax1.plot(ns, [b["rm_pick_reward"] for b in bon], "o-")
+    ax1.set(xscale="log", xlabel="N samples", ylabel="reward of the best", title="max reward among N (Figure 7)")
+    ax2.plot(ns, [b["oracle_pick_quality"] for b in bon], "o-", label="oracle's pick")
+    ax2.plot(ns, [b["rm_pick_quality"] for b in bon], "o-", label="reward model's pick")
+    ax2.plot(ns, [b["mean_quality"] for b in bon], "o--", color="grey", label="a random sample")
+    ax2.set(xscale="log", xlabel="N samples", ylabel="true quality (max 4)", title="what the pick is really worth")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(ns, [str(n) for n in ns])
+    return fig
+
+
+def ppo_curves(runs: list[dict], smooth: int = 5) -> Figure:
+    """Reward, KL from the SFT model per token, and true quality per PPO iteration, one line per beta (a moving
+    average over `smooth` iterations: each point is one batch of samples)."""
+    fig = Figure(figsize=(12, 3.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for run in runs:
+        h = run["history"]
+        it = [x["iteration"] for x in h]
+        for ax, key in zip(axes, ("reward", "kl_per_token", "quality")):
+            y = np.array([x[key] for x in h], float)
+            k = min(smooth, len(y))
+            ys = np.convolve(y, np.ones(k) / k, mode="valid") if k > 1 else y
+            ax.plot(it[len(it) - len(ys):], ys, label=f"beta = {run['beta']:g}")
+    for ax, t in zip(axes, ("reward model's score", "KL from SFT per token", "true quality (the world's judge)")):
+        ax.set(xlabel="PPO iteration", title=t)
+    axes[0].legend(fontsize=8)
     return fig

@@ -1,6 +1,6 @@
-"""Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon.
+"""Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon, RLHF.
 
-Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention) and 06 (generation) display them.
+Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention), 06 (generation) and 09 (RLHF) display them.
 
 Each widget is a thin layer over a pure function that returns plain data, and tests call those directly:
 
@@ -8,8 +8,12 @@ Each widget is a thin layer over a pure function that returns plain data, and te
   generation_step(model, ids, k, temperature)    -> the k most likely next tokens           (generation_stepper)
   rope_view(head_dim, theta, position, pair)     -> the angle and rotation of one pair      (rope_explorer)
   rmsnorm_view(x, scale, eps)                    -> what RMSNorm does to a scaled vector    (rmsnorm_explorer)
+  annotator_view(prompts, replies, annotator)    -> preferences and their errors per degree  (annotator_explorer)
+  reward_probe(rm, tokenizer, prompt, replies)   -> rewards beside the world's verdict       (reward_probe_box)
+  ppo_run_view(runs, beta)                       -> a stored PPO run's end state             (beta_explorer)
+                                                                                           (side_by_side_chat)
 
-The builders return an ipywidgets container; a chapter displays it. Chapters 02-05 use them. Nothing in the core
+The builders return an ipywidgets container; a chapter displays it. Nothing in the core
 modules imports this one.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import html
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, LlamaRefError
 from .generate import sampling_probs
 from .model import rms_norm
 from .plots import attention_heatmap
@@ -293,3 +297,138 @@ def rmsnorm_explorer(x, eps=1e-5):
         w.observe(redraw, names="value")
     redraw()
     return W.VBox([W.HBox([scale, e]), text, out])
+
+
+# ------------------------------------------------------------------------------------------------
+# RLHF (chapter 09): probe a reward model, compare PPO runs, chat with several models
+
+def annotator_view(prompts, replies, annotator, seed: int = 0) -> dict:
+    """The simulated annotator (rlhf.Annotator) on sampled replies: its preferences, and per degree how many pairs it
+    labelled and in how many it chose the reply that is truly worse."""
+    from .rlhf import DEGREES, annotate, true_quality
+    pairs = annotate(prompts, replies, annotator, seed=seed)
+    by_prompt = {id(p.dialog): p for p in prompts}
+    out = {d: {"pairs": 0, "wrong": 0} for d in DEGREES}
+    for pref in pairs:
+        p = by_prompt[id(pref.dialog)]
+        out[pref.degree]["pairs"] += 1
+        out[pref.degree]["wrong"] += int(true_quality(p, pref.chosen) < true_quality(p, pref.rejected))
+    return {"pairs": pairs, "by_degree": out}
+
+
+def annotator_explorer(prompts, replies):
+    """Sliders for the annotator's noise and its three degree thresholds: how many pairs land in each degree, and how
+    often the annotator chose the truly worse reply."""
+    import ipywidgets as W
+    from .rlhf import DEGREES, Annotator
+    noise = W.FloatSlider(value=Annotator.noise, min=0.0, max=3.0, step=0.1, description="noise")
+    ts = [W.FloatSlider(value=t, min=0.0, max=4.0, step=0.1, description=f">= {d.split()[0]}")
+          for t, d in zip(Annotator.thresholds, DEGREES)]
+    out = W.HTML()
+
+    def redraw(_=None):
+        th = tuple(sorted((t.value for t in ts), reverse=True))
+        v = annotator_view(prompts, replies, Annotator(noise=noise.value, thresholds=th))["by_degree"]
+        out.value = "<table>" + "".join(
+            f"<tr><td>{d}</td><td>{v[d]['pairs']} pairs</td><td>truly worse chosen in {v[d]['wrong']}</td></tr>"
+            for d in DEGREES) + "</table>"
+
+    for w in (noise, *ts):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([noise, *ts, out])
+
+
+def reward_probe(rm, tokenizer, prompt, replies, judge=None) -> list[dict]:
+    """The reward model's score of each reply to `prompt` (an rlhf.Prompt), beside the world's verdict when `judge`
+    (rlhf.judge) is given: [{"reply", "reward", "quality"?, ...}] best first."""
+    if not replies or any(not isinstance(r, str) for r in replies):
+        raise InputError("replies must be a non-empty list of strings")
+    rewards = rm.score(tokenizer, [prompt.dialog] * len(replies), list(replies))
+    rows = []
+    for r, s in zip(replies, rewards):
+        row = {"reply": r, "reward": float(s)}
+        if judge is not None:
+            j = judge(prompt, r)
+            row.update(quality=j.quality, correct=j.correct, adherence=j.adherence, grammatical=j.grammatical)
+        rows.append(row)
+    return sorted(rows, key=lambda x: -x["reward"])
+
+
+def reward_probe_box(rm, tokenizer, prompt, judge, first_reply=""):
+    """Type a reply to a fixed prompt and see the reward model's score and the world's verdict side by side."""
+    import ipywidgets as W
+    shown = "<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in prompt.dialog)
+    box = W.Text(value=first_reply, description="reply", layout=W.Layout(width="90%"))
+    out = W.HTML()
+
+    def redraw(_=None):
+        if not box.value.strip():
+            out.value = "<i>type a reply</i>"
+            return
+        [row] = reward_probe(rm, tokenizer, prompt, [box.value], judge)
+        out.value = (f"reward <b>{row['reward']:+.2f}</b> &nbsp; | &nbsp; truth: quality {row['quality']:.2f} of 4 "
+                     f"(correct {row['correct']}, instructions obeyed {row['adherence']:.0%}, "
+                     f"grammatical {row['grammatical']})")
+
+    box.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HTML(shown + f"<br><i>the world's answer: {html.escape(prompt.answer)}</i>"), box, out])
+
+
+def ppo_run_view(runs: list[dict], beta: float) -> dict:
+    """The stored PPO run with this beta: its last iterations' mean reward, KL and true quality."""
+    match = [r for r in runs if r["beta"] == beta]
+    if not match:
+        raise InputError(f"no stored PPO run with beta={beta}; stored: {[r['beta'] for r in runs]}")
+    h = match[0]["history"][-5:]
+    return {k: float(np.mean([x[k] for x in h])) for k in ("reward", "kl_per_token", "quality", "exact")}
+
+
+def beta_explorer(runs: list[dict]):
+    """A slider over the stored PPO runs' betas: the curves of that run against the others, and its end state."""
+    import ipywidgets as W
+    from IPython.display import display
+    from .plots import ppo_curves
+    betas = sorted(r["beta"] for r in runs)
+    s = W.SelectionSlider(options=betas, value=betas[len(betas) // 2], description="beta")
+    text, out = W.HTML(), W.Output()
+
+    def redraw(_=None):
+        v = ppo_run_view(runs, s.value)
+        text.value = (f"beta {s.value:g}, last 5 iterations: reward {v['reward']:+.2f}, KL/token {v['kl_per_token']:.3f}, "
+                      f"true quality {v['quality']:.2f}, exact answers {v['exact']:.0%}")
+        fig = ppo_curves([r for r in runs if r["beta"] == s.value])
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+
+    s.observe(redraw, names="value")
+    redraw()
+    return W.VBox([s, text, out])
+
+
+def side_by_side_chat(models: dict, tokenizer, system="", question="What does a cow say?", max_new_tokens=40):
+    """One question (and an optional system message) to several chat models at once, greedy: {name: Llama}."""
+    import ipywidgets as W
+    from .chat import reply
+    sys_box = W.Text(value=system, description="system", layout=W.Layout(width="90%"))
+    q_box = W.Text(value=question, description="user", layout=W.Layout(width="90%"))
+    out = W.HTML()
+
+    def redraw(_=None):
+        dialog = ([{"role": "system", "content": sys_box.value}] if sys_box.value.strip() else []) + \
+                 [{"role": "user", "content": q_box.value}]
+        rows = []
+        for name, m in models.items():
+            try:
+                text = reply(m, tokenizer, dialog, max_new_tokens=max_new_tokens)[0]
+            except LlamaRefError as e:
+                text = f"(refused: {e})"
+            rows.append(f"<tr><td><b>{html.escape(name)}</b></td><td>{html.escape(text)}</td></tr>")
+        out.value = "<table>" + "".join(rows) + "</table>"
+
+    for w in (sys_box, q_box):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([sys_box, q_box, out])

@@ -118,8 +118,8 @@ def test_logit_lens_grid(traced):
     np.testing.assert_allclose(ax.images[0].get_array(), top)
 
 
-def test_chapter_figures_of_08_09_10():
-    """The figures chapters 08 (Ghost Attention), 09 (a Q4_0 block) and 10 (the split) draw, on small made-up data."""
+def test_chapter_figures_of_10_11_12():
+    """The figures chapters 10 (Ghost Attention), 11 (a Q4_0 block) and 12 (the split) draw, on small made-up data."""
     turns = [1, 2, 3]
     fig = plots.adherence_curves(turns, {"a": [1.0, 0.5, 0.0], "b": [1.0, 1.0, 1.0]},
                                  {"a": np.full((2, 3), 0.2), "b": np.full((2, 3), 0.4)})
@@ -135,3 +135,20 @@ def test_chapter_figures_of_08_09_10():
     assert "Q4_0 block" in _image_axes(fig)[0].get_title() and len(fig.axes[1].patches) == 4   # two bars per format
     fig = plots.split_graphs(64)
     assert any("P=64" in t.get_text() for t in fig.axes[0].texts)
+
+
+def test_rlhf_figures():
+    """Chapter 09's figures on made-up numbers: bars per degree, best-of-N curves, PPO curves per beta."""
+    degrees = ("significantly better", "better")
+    fig = plots.reward_model_accuracy({"significantly better": {"accuracy": 0.9, "pairs": 10},
+                                       "better": {"accuracy": 0.6, "pairs": 5}}, degrees)
+    assert [round(p.get_height()) for p in fig.axes[0].patches] == [90, 60]
+    bon = [{"n": n, "rm_pick_reward": n / 10, "rm_pick_quality": 2 + n / 10, "oracle_pick_quality": 3 + n / 10,
+            "mean_quality": 2.0} for n in (1, 2, 4)]
+    fig = plots.best_of_n_curves(bon)
+    assert [len(ax.lines) for ax in fig.axes] == [1, 3]
+    np.testing.assert_allclose(fig.axes[1].lines[1].get_ydata(), [2.1, 2.2, 2.4])
+    runs = [{"beta": b, "history": [{"iteration": i + 1, "reward": i * b, "kl_per_token": 0.1, "quality": 3.0}
+                                    for i in range(8)]} for b in (0.0, 0.1)]
+    fig = plots.ppo_curves(runs, smooth=4)
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2] and len(fig.axes[0].lines[1].get_xdata()) == 5

@@ -8,7 +8,6 @@ from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError
 from llama_ref.model import Llama, apply_rope_meta, rope_freqs
-from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 from llama_ref.trace import Trace
 from conftest import random_weights  # noqa: E402
@@ -175,3 +174,48 @@ def test_rmsnorm_explorer_builds():
     box = widgets.rmsnorm_explorer(np.ones(8, np.float32))
     _find(box, "FloatLogSlider", "scale").value = 1e-3
     assert "input RMS 0.001" in _find(box, "HTML").value
+
+
+# ------------------------------------------------------------------------------------------------
+# RLHF
+
+def test_annotator_view_counts_wrong_choices():
+    from llama_ref import rlhf
+    p = rlhf.Prompt([{"role": "user", "content": "What does a cow say?"}], "A cow says moo.", None)
+    replies = [["A cow says moo.", "A cow says baa."]] * 1
+    clean = widgets.annotator_view([p], replies, rlhf.Annotator(noise=0.0))
+    assert clean["by_degree"]["significantly better"] == {"pairs": 1, "wrong": 0}
+    noisy = [widgets.annotator_view([p], replies, rlhf.Annotator(noise=5.0), seed=s)["by_degree"] for s in range(40)]
+    assert 0 < sum(v[d]["wrong"] for v in noisy for d in rlhf.DEGREES) < 40
+    box = widgets.annotator_explorer([p], replies)
+    assert "1 pairs" in box.children[-1].value
+
+
+def test_reward_probe_sorts_by_reward_and_judges(tiny_lm):
+    from llama_ref import rlhf
+    model, tok = tiny_lm
+    rm = rlhf.RewardModel(model.config, rlhf.reward_model_init(model.config, model.weights, seed=0))
+    p = rlhf.Prompt([{"role": "user", "content": "What does a cow say?"}], "A cow says moo.", None)
+    rows = widgets.reward_probe(rm, tok, p, ["A cow says moo.", "A cow says baa."], judge=rlhf.judge)
+    assert rows[0]["reward"] >= rows[1]["reward"]
+    assert {r["reply"]: r["quality"] for r in rows} == {"A cow says moo.": 4.0, "A cow says baa.": 2.0}
+    with pytest.raises(InputError):
+        widgets.reward_probe(rm, tok, p, [])
+    assert "reward" in widgets.reward_probe_box(rm, tok, p, rlhf.judge, "A cow says moo.").children[-1].value
+
+
+def test_ppo_run_view_and_beta_explorer():
+    runs = [{"beta": b, "history": [{"iteration": i + 1, "reward": b * i, "kl_per_token": 0.1, "quality": 3.0,
+                                     "exact": 0.5} for i in range(6)]} for b in (0.0, 0.1)]
+    assert widgets.ppo_run_view(runs, 0.1)["reward"] == pytest.approx(0.1 * np.mean([1, 2, 3, 4, 5]))
+    with pytest.raises(InputError, match="no stored PPO run"):
+        widgets.ppo_run_view(runs, 0.5)
+    assert "beta" in widgets.beta_explorer(runs).children[1].value
+
+
+def test_side_by_side_chat_answers_for_every_model(tiny_lm):
+    model, tok = tiny_lm
+    box = widgets.side_by_side_chat({"a": model, "b": model}, tok, question="Hi!", max_new_tokens=3)
+    assert box.children[-1].value.count("<tr>") == 2
+    box.children[1].value = "[INST] nope"                      # a refused message is shown, not raised
+    assert "refused" in box.children[-1].value
