@@ -8,7 +8,8 @@ concept each (DEVELOPING.md has the full map):
   trace       named activation taps                   inspect     comparing, saving and reading taps
   tokenizer   SentencePiece + a pure-Python BPE       generate    sampling, prefill/decode with a KV cache
   chat        Llama 2 chat format                     gatt        Ghost Attention
-  train       backward pass, AdamW, the training loop quant       int8, Q8_0, Q4_0, K-quants, W4A16
+  rlhf        reward model, rejection sampling, PPO   train       backward pass, AdamW (trainer: the loop)
+  quant       int8, Q8_0, Q4_0, K-quants, W4A16
   ondevice    Conv1x1, single-head attention, splits  synthetic   random-weight checkpoints of real shapes
   corpus      the synthetic world we train on         plots, widgets  figures and explorers for the chapters
 """
