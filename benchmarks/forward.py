@@ -13,7 +13,6 @@ markers. Ratios move much less than tokens/s between runs on a shared machine; c
 Needs the [reference] extra (torch==2.13.0, transformers).
 """
 import argparse
-import os
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--threads", default="1,2", help="comma-separated thread counts, each measured (default: 1,2)")

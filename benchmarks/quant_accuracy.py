@@ -17,7 +17,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 from llama_ref import paths, quant as Q, evaluate as E, gguf_io as G
 from llama_ref.loader import read_checkpoint

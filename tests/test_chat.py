@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from llama_ref.chat import (ASSISTANT, MARKUP, SYSTEM, USER, check_dialog, encode_dialog, fit_dialog,
-                            format_dialog, reply, turn_strings)
+from llama_ref.chat import ASSISTANT, MARKUP, SYSTEM, USER, encode_dialog, fit_dialog, format_dialog, reply
 from llama_ref.errors import ChatFormatError, ContextLengthError
 from llama_ref.paths import DEFAULT_TOKENIZER
 from llama_ref.tokenizer import Tokenizer
@@ -120,7 +119,7 @@ LLAMA2_CHAT_TEMPLATE = (
 def hf_template_ids(dialog):
     """Render with the Jinja template (as transformers does: sandboxed, trim/lstrip blocks), then tokenize:
     <s>/</s> become BOS/EOS ids, each text run between them is encoded by sentencepiece on its own."""
-    jinja2 = pytest.importorskip("jinja2")
+    pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
@@ -240,7 +239,6 @@ def test_fit_dialog_drops_oldest_pairs_and_keeps_the_system(tok):
 def test_reply_with_a_long_chat_keeps_working(tok):
     from llama_ref.config import LlamaConfig
     from llama_ref.model import Llama
-    from llama_ref.weights import weight_shapes
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=96)
     model = Llama(cfg, random_weights(cfg, 0, scale=0.2))
     dialog = [{"role": "system", "content": "You love the beach."}]
@@ -285,7 +283,6 @@ def test_cli_format_only_errors():
 def chat_model_dir(tmp_path_factory, tok):
     from llama_ref.checkpoint import save_model
     from llama_ref.config import LlamaConfig
-    from llama_ref.weights import weight_shapes
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=128)
     weights = random_weights(cfg, 0, scale=0.2)
     d = tmp_path_factory.mktemp("chat") / "m"

@@ -14,7 +14,7 @@ from llama_ref import checkpoint as ck
 from llama_ref import weights as weights_mod
 from llama_ref import loader
 from llama_ref.checkpoint import check_weights, save_model
-from llama_ref.llama2c import load_llama2c, save_llama2c
+from llama_ref.llama2c import save_llama2c
 from llama_ref.safetensors import read_safetensors, read_safetensors_header, save_safetensors
 from llama_ref.loader import read_checkpoint
 from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32

@@ -17,7 +17,6 @@ import pytest
 from llama_ref import paths
 from llama_ref.checkpoint import save_model
 from llama_ref.config import LlamaConfig
-from llama_ref.weights import weight_shapes
 from conftest import random_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

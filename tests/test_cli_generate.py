@@ -8,7 +8,6 @@ import pytest
 
 from llama_ref.config import LlamaConfig
 from llama_ref.model import Llama
-from llama_ref.weights import weight_shapes
 from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32)

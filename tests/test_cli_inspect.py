@@ -9,7 +9,6 @@ import pytest
 
 from llama_ref import paths
 from llama_ref.config import LlamaConfig
-from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 from conftest import random_weights  # noqa: E402
 

@@ -122,7 +122,6 @@ def originals(tmp_path_factory):
     from llama_ref import gguf_io
     from llama_ref.checkpoint import save_model
     from llama_ref.llama2c import save_llama2c
-    from llama_ref.weights import weight_shapes
     d = tmp_path_factory.mktemp("fuzz-originals")
     weights = random_weights(CFG, 0, scale=0.05)
     save_model(d / "hf", CFG, weights, tokenizer_path=paths.DEFAULT_TOKENIZER)
@@ -328,7 +327,6 @@ def _gguf_with(path, key, value, weights_cfg=CFG, nan=False, drop=None):
     """A GGUF like ours, with metadata `key` set to `value` (any GGUF type), NaN weights, or a tensor dropped."""
     import gguf
     from llama_ref import gguf_io
-    from llama_ref.weights import weight_shapes
     weights = random_weights(weights_cfg, 1, scale=0.05)
     if nan:
         weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
@@ -479,7 +477,6 @@ def test_cli_answers_bad_files_with_one_error_line(originals, tmp_path):
 @pytest.mark.parametrize("fmt", ["llama2c", "gguf-f32"])
 def test_an_interrupted_export_leaves_the_old_file_and_no_temporary(originals, tmp_path, sig, fmt):
     from llama_ref.checkpoint import save_model
-    from llama_ref.weights import weight_shapes
     big = LlamaConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1536, vocab_size=1024, max_seq_len=64)
     save_model(tmp_path / "big", big, random_weights(big, 0, scale=0.02), tokenizer_path=paths.DEFAULT_TOKENIZER)
     out = tmp_path / "out" / "keep.bin"

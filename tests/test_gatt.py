@@ -5,14 +5,13 @@ import random
 import numpy as np
 import pytest
 
-from llama_ref.chat import ASSISTANT, SYSTEM, encode_dialog, format_dialog
+from llama_ref.chat import ASSISTANT, SYSTEM, encode_dialog
 from llama_ref.config import LlamaConfig
-from llama_ref.gatt import (FAMILIES, HOBBIES, PERSONAS, SOUNDS, STYLE_ANIMALS, Instruction, adherence,
+from llama_ref.gatt import (HOBBIES, PERSONAS, SOUNDS, STYLE_ANIMALS, Instruction, adherence,
                             baseline_sft_data, combo_split, corpus_dialogues, eval_dialogues, gatt_examples,
                             last_turn_example, random_instruction, run_chat, sample_gatt_dialogue, sft_example,
                             system_attention)
 from llama_ref.model import Llama
-from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer
 from conftest import random_weights  # noqa: E402
 

@@ -10,7 +10,6 @@ from llama_ref.config import LlamaConfig
 from llama_ref.errors import ContextLengthError, InputError, SamplingError
 from llama_ref.generate import GenerationResult, check_sampling, generate, sample, sampling_probs, stream
 from llama_ref.model import Llama
-from llama_ref.weights import weight_shapes
 from llama_ref.paths import REFERENCE_DIR
 from conftest import random_weights  # noqa: E402
 

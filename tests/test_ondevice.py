@@ -10,7 +10,6 @@ from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError
 from llama_ref.generate import generate
 from llama_ref.model import Llama
-from llama_ref.weights import weight_shapes
 from llama_ref.trace import Trace
 from conftest import random_weights  # noqa: E402
 

@@ -8,10 +8,9 @@ from gguf import GGMLQuantizationType as GT  # noqa: E402
 
 from llama_ref import quant as Q, evaluate as E  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
-from llama_ref.errors import QuantizationError, ShapeMismatchError, CheckpointError, OutputError  # noqa: E402
+from llama_ref.errors import QuantizationError, ShapeMismatchError, OutputError  # noqa: E402
 from llama_ref.loader import load  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
-from llama_ref.weights import weight_shapes
 from conftest import random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=96, max_seq_len=48)
