@@ -394,6 +394,14 @@ class RewardModel:
         """Rewards (N,) of replies[i] to dialogs[i]."""
         return self.score_ids([encode_reply(d, r, tokenizer) for d, r in zip(dialogs, replies)], batch_size)
 
+    def score_samples(self, tokenizer, dialogs, samples, batch_size: int = 32) -> np.ndarray:
+        """Rewards (P, K) of K sampled replies per prompt (samples[i] answers dialogs[i]), scored batch_size at a time
+        across prompts."""
+        K = len(samples[0])
+        flat = self.score(tokenizer, [d for d, s in zip(dialogs, samples) for _ in s], [r for s in samples for r in s],
+                          batch_size)
+        return flat.reshape(len(dialogs), K)
+
 
 def save_reward_model(path, config: LlamaConfig, P: dict, tokenizer_path=None, extra_files=None) -> Path:
     """An HF LlamaForSequenceClassification directory (num_labels 1, score.weight), atomically (save_model). The

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     bon_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in eval_prompts], args.best_of,
                                       args.seed + 2, max_new_tokens=mnt)
-    bon_rewards = np.array([rm.score(tok, [p.dialog] * len(rs), rs) for p, rs in zip(eval_prompts, bon_replies)])
+    bon_rewards = rm.score_samples(tok, [p.dialog for p in eval_prompts], bon_replies)
     best_of_n = rlhf.best_of_n(eval_prompts, bon_replies, bon_rewards, ns=(1, 2, 4, 8, 16, 32, 64))
     whiten = (float(bon_rewards.mean()), float(bon_rewards.std() + 1e-6))
     log(f"best of N ({time.time() - t0:.0f} s): {best_of_n}")
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     rs_prompts = rlhf.make_prompts(args.rs_prompts, "train", args.seed + 1)
     rs_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in rs_prompts], args.rs_k, args.seed + 3,
                                      max_new_tokens=mnt)
-    rs_rewards = np.array([rm.score(tok, [p.dialog] * len(rs), rs) for p, rs in zip(rs_prompts, rs_replies)])
+    rs_rewards = rm.score_samples(tok, [p.dialog for p in rs_prompts], rs_replies)
     examples = rlhf.rejection_sampling_examples(rs_prompts, rs_replies, rs_rewards, tok)
     rs_weights, rs_metrics = trainer.finetune(config, sft, gatt.make_batches(examples, 8, args.seed), args.rs_steps,
                                               args.rs_lr, seed=args.seed, time_budget_s=0.1 * budget,

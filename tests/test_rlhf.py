@@ -334,3 +334,14 @@ def test_make_rlhf_refuses_a_bad_preference_file_at_once(tmp_path):
                         str(tmp_path / "out"), "--preferences", str(bad)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "empty reply" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_score_samples_is_score_per_prompt(tiny):
+    cfg, w, tok = tiny
+    rm = rlhf.RewardModel(cfg, rlhf.reward_model_init(cfg, w, seed=4))
+    prompts = rlhf.make_prompts(3, "train", seed=2)
+    samples = [["A cow says moo.", "No.", "Yes, a dog is bigger than a cat."]] * 3
+    got = rm.score_samples(tok, [p.dialog for p in prompts], samples, batch_size=4)     # batches cut across prompts
+    want = np.array([rm.score(tok, [p.dialog] * 3, s) for p, s in zip(prompts, samples)])
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)        # float32 rounding of other batch shapes
