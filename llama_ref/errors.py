@@ -66,3 +66,7 @@ class OutputError(LlamaRefError):
 
 class TrainingError(LlamaRefError):
     """Training cannot go on: bad settings, a loss that became NaN/Inf, a resume state that does not fit."""
+
+
+class ExtraMissingError(LlamaRefError):
+    """A feature needs an optional extra that is not installed; the message names the pip command."""

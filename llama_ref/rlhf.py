@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import numpy as np
 from .chat import encode_dialog, format_dialog
 from .checkpoint import save_model
 from .config import LlamaConfig
-from .corpus import generate_dialogues, is_grammatical, make_world, split_sentences
+from .corpus import PETS, generate_dialogues, is_grammatical, make_world, split_sentences
 from .errors import InputError, PreferenceError
 from .files import write_text
 from .gatt import Example, Instruction, last_turn_example, random_instruction, strip_instruction
@@ -114,14 +115,14 @@ QUALITY_WEIGHTS = {"correct": 2.0, "adherence": 1.0, "grammatical": 0.5, "concis
 
 @dataclass(frozen=True)
 class Judgement:
-    correct: bool          # the true answer is one of the reply's sentences
+    correct: bool          # the true answer (or its paraphrase) is one of the reply's sentences
     adherence: float       # share of the system message's instructions obeyed (1 without one)
     grammatical: bool      # every sentence of the answer is one the world's grammar makes
-    concise: bool          # the answer says nothing beyond the true answer
+    concise: bool          # the answer is one sentence: nothing said beyond it
 
     @property
     def exact(self) -> bool:
-        """The answer part (instruction decorations removed) is exactly the world's answer."""
+        """The answer part (instruction decorations removed) is exactly the world's answer, or its paraphrase."""
         return self.correct and self.concise
 
     @property
@@ -129,18 +130,37 @@ class Judgement:
         return sum(w * float(getattr(self, k)) for k, w in QUALITY_WEIGHTS.items())
 
 
+PARAPHRASES = [   # the world's two ways of stating one fact (corpus.Q_CHAR): either answers the question
+    (r"(\w+) has an? (\w+)\.", r"\1's pet is a \2."), (r"(\w+)'s pet is an? (\w+)\.", r"\1 has a \2."),
+    (r"(\w+)'s favourite colour is (\w+)\.", r"\1 loves the colour \2."),
+    (r"(\w+) loves the colour (\w+)\.", r"\1's favourite colour is \2."),
+    (r"(\w+) likes to eat (\w+)\.", r"\1's favourite food is \2."),
+    (r"(\w+)'s favourite food is (\w+)\.", r"\1 likes to eat \2."),
+]
+
+
+def true_answers(answer: str) -> set[str]:
+    """The world's answer and its paraphrases ("Mia has a cat." and "Mia's pet is a cat."), any of which is right.
+    (A toy is never a pet: "Mia has a ball." keeps its one form.)"""
+    out = {answer}
+    for pattern, other in PARAPHRASES:
+        m = re.fullmatch(pattern, answer)
+        if m and not (other.startswith(r"\1's pet") and m.group(2) not in PETS):
+            out.add(m.expand(other))
+    return out
+
+
 def judge(prompt: Prompt, reply: str) -> Judgement:
     """The world's verdict on a reply (gatt.strip_instruction separates the answer from persona/hobby/sound)."""
     answer = strip_instruction(reply)
     said = split_sentences(answer)
-    truth = split_sentences(prompt.answer)
     adherence = 1.0
     if prompt.instruction is not None:
         checks = prompt.instruction.check(reply)
         adherence = sum(checks.values()) / len(checks)
-    return Judgement(correct=all(s in said for s in truth), adherence=adherence,
+    return Judgement(correct=any(s in true_answers(prompt.answer) for s in said), adherence=adherence,
                      grammatical=bool(said) and all(is_grammatical(s) for s in said),
-                     concise=bool(said) and len(said) <= len(truth))
+                     concise=len(said) == 1)
 
 
 def true_quality(prompt: Prompt, reply: str) -> float:

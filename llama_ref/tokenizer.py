@@ -415,6 +415,52 @@ class BPETokenizer:
         return self.pieces[i]
 
 
+def hf_tokenizer_json(path=DEFAULT_TOKENIZER, data: bytes | None = None) -> dict:
+    """The same tokenizer as Hugging Face's tokenizer.json (what ONNX Runtime GenAI and `tokenizers` read).
+
+    A BPE model there is a vocabulary plus *merges* in priority order. SentencePiece has no merge list, only piece
+    scores; the merges are implied: every piece that two other pieces concatenate to is a merge, ranked by the
+    merged piece's score (higher first). Normalization is step 1 above as a rule list (prepend "▁", spaces to "▁");
+    decoding turns "▁" back into spaces, byte pieces into bytes and drops the dummy-prefix space.
+    """
+    t = BPETokenizer(path, data)
+    if t.remove_extra_whitespaces or not t.escape_whitespaces:
+        raise TokenizerError(f"{path}: only Llama 2's whitespace rules can be written as tokenizer.json")
+    merges = []
+    for piece, i in t.mergeable.items():
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in t.mergeable and b in t.mergeable:
+                merges.append((-t.scores[i], t.mergeable[a], t.mergeable[b], f"{a} {b}"))
+    merges.sort()
+    special = [i for i, kind in enumerate(t.types) if kind in (UNKNOWN, CONTROL)]
+    bos = [{"SpecialToken": {"id": t.pieces[t.bos_id], "type_id": 0}}] if t.bos_id >= 0 else []
+    normalizers = ([{"type": "Prepend", "prepend": SPACE}] if t.add_dummy_prefix else []) + \
+        [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}]
+                                     if t.add_dummy_prefix else [])
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t.pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in special],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": bos + [{"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": bos + [{"Sequence": {"id": "A", "type_id": 0}}] + bos
+                           + [{"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": ({t.pieces[t.bos_id]: {"id": t.pieces[t.bos_id], "ids": [t.bos_id],
+                                                                    "tokens": [t.pieces[t.bos_id]]}}
+                                              if t.bos_id >= 0 else {})},
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": t.pieces[t.unk_id], "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": t.byte_fallback,
+                  "ignore_merges": False, "vocab": {p: i for i, p in enumerate(t.pieces)},
+                  "merges": [m[3] for m in merges]},
+    }
+
+
 def _decode_utf8_bytes(data: bytes) -> str:
     """UTF-8 to text, one character at a time; each byte that starts no valid character becomes U+FFFD."""
     out, i = [], 0

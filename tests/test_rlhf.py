@@ -160,6 +160,17 @@ def test_judge_scores_truth_obedience_grammar_and_brevity():
     assert empty.quality == 0.0
 
 
+def test_a_paraphrase_of_the_true_answer_is_right():
+    """The world states some facts two ways (corpus.Q_CHAR); a follow-up question may be answered with either."""
+    p = prompt_with(answer="Nina likes to eat carrots.")
+    assert rlhf.judge(p, "Nina's favourite food is carrots.").exact
+    assert not rlhf.judge(p, "Nina's favourite food is cookies.").correct
+    assert rlhf.true_answers("Mia has a cat.") == {"Mia has a cat.", "Mia's pet is a cat."}
+    assert rlhf.true_answers("Mia has a ball.") == {"Mia has a ball."}                  # a toy is not a pet
+    assert rlhf.true_answers("Tim loves the colour red.") == {"Tim loves the colour red.", "Tim's favourite colour is red."}
+    assert rlhf.true_answers("Yes, Mia has a cat.") == {"Yes, Mia has a cat."}
+
+
 def test_annotator_degrees_and_noise():
     a = rlhf.Annotator(noise=0.0)
     assert [a.degree(g) for g in (3.0, 1.5, 0.5, 0.1)] == list(rlhf.DEGREES)
