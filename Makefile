@@ -17,11 +17,11 @@ help:
 	@echo "make rlhf       preferences, reward model, rejection sampling, PPO + evaluation (about 40 min on 2 cores)"
 	@echo "make bench      side-by-side benchmarks vs transformers, written into README.md (needs the reference extra)"
 
-# One set-up for everything: a venv with the package (editable) and the [dev] extra.
+# One set-up for everything: a venv with the package (editable), the [dev] extra and the [onnx] extra (its tests).
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -56,7 +56,7 @@ fuzz: $(STAMP)
 # torch must be installed first and exactly as 2.13.0 (a local CPU wheel); anything else pulls CUDA.
 reference-env: $(STAMP)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,reference]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,reference]'
 
 reference: reference-env
 	$(BIN)/python scripts/make_reference.py
@@ -83,6 +83,7 @@ bench: reference-env
 	$(BIN)/python benchmarks/forward.py --readme
 	$(BIN)/python benchmarks/train_step.py --readme
 	$(BIN)/python benchmarks/quant_accuracy.py --readme
+	$(BIN)/python benchmarks/onnx_runtime.py --readme
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,7 @@ Chapter 13 runs `inspect --save / --compare`; chapter 08 shows `chat`.
   inspect    run a prompt and print/save named activations (taps) to compare with another engine
   chat       talk to a chat model in the Llama 2 chat format
   quantize   write a quantized copy of a model (q8_0, q4_0, w4a16-g64, int8-channel)
-  export     write a model as GGUF or llama2.c .bin
+  export     write a model as GGUF, llama2.c .bin, or ONNX (ONNX Runtime GenAI, int4, on-device graphs)
   train      train a model with the NumPy trainer
 
 Every command takes --help. Errors in what you give (paths, ids, settings) print one `error:` line and exit 2.
@@ -31,7 +31,7 @@ from .gguf_io import read_gguf_vocab
 from .llama2c import save_llama2c
 from .loader import find_tokenizer, load, read_checkpoint
 from .model import Llama
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, proto_from_vocab
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +336,10 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Write a model as GGUF (f32/f16/q8_0/q4_0) or as a llama2.c .bin (float32)."""
+    """Write a model as GGUF (f32/f16/q8_0/q4_0), a llama2.c .bin (float32), or ONNX: a decoder for ONNX Runtime
+    (GenAI) in float32 or int4, or Qualcomm-style on-device graphs (W4A16, 2 static graphs per part)."""
+    if args.format.startswith(("onnx", "qnn")):
+        return export_onnx_formats(args)
     _check_out(args.out, args.force)
     tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer)) if args.format != "llama2c" else None
     config, weights = read_checkpoint(args.model)
@@ -346,6 +349,34 @@ def cmd_export(args) -> int:
     else:
         gguf_io.save_gguf(args.out, config, weights, tok, args.format.removeprefix("gguf-"), force=args.force)
     print(json.dumps({"out": str(args.out), "format": args.format}) if args.json else f"wrote {args.out} ({args.format})")
+    return 0
+
+
+def export_onnx_formats(args) -> int:
+    """--format onnx / onnx-int4 / qnn-onnx: every input is checked (the extra, --out, the tokenizer, --parts, int4
+    block shapes) before a file is written."""
+    from . import ondevice_onnx, onnx_export
+    onnx_export.require_onnx()
+    _check_out(args.out, args.force, kind="dir")
+    tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer))
+    if isinstance(tok, gguf_io.GGUFVocab):
+        tok = proto_from_vocab(*tok)
+    config, weights = read_checkpoint(args.model)
+    if args.format != "onnx":
+        onnx_export.check_int4_shapes(config)
+    model = Llama(config, weights, pack=False)
+    if args.format == "qnn-onnx":
+        if tok is None:
+            raise InputError("qnn-onnx calibrates its int16 activation scales on text: give --tokenizer")
+        cal = ondevice_onnx.calibration_prompts_for(Tokenizer(None, data=onnx_export.tokenizer_bytes(tok))
+                                                    if isinstance(tok, bytes) else Tokenizer(tok))
+        ondevice_onnx.export_qnn_onnx(model, args.out, cal, n_parts=args.parts, prompt_len=args.prompt_len,
+                                      context=args.context, tokenizer=tok, force=args.force)
+    else:
+        onnx_export.export_onnx(model, args.out, int4=args.format == "onnx-int4", tokenizer=tok, force=args.force)
+    files = sorted(p.name for p in Path(args.out).iterdir())
+    print(json.dumps({"out": str(args.out), "format": args.format, "files": files}) if args.json
+          else f"wrote {args.out} ({args.format}): {', '.join(files)}")
     return 0
 
 
@@ -462,12 +493,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("export", help="write a model as GGUF or llama2.c .bin",
-                       description="Export a model: GGUF with llama.cpp's names, Llama metadata and the tokenizer, or "
-                                   "a llama2.c .bin (float32, what run.c reads).")
+    e = sub.add_parser("export", help="write a model as GGUF, llama2.c .bin or ONNX",
+                       description="Export a model: GGUF with llama.cpp's names, Llama metadata and the tokenizer; "
+                                   "a llama2.c .bin (float32, what run.c reads); or ONNX (needs the [onnx] extra: "
+                                   "pip install -e '.[onnx]'): 'onnx' / 'onnx-int4' write a directory ONNX Runtime "
+                                   "GenAI runs (model.onnx + external data, genai_config.json, tokenizer files; "
+                                   "int4 = MatMulNBits, block 32), 'qnn-onnx' writes Qualcomm-style on-device graphs "
+                                   "(W4A16 QDQ, 1x1 convs, single-head attention, --parts parts x {prompt processor, "
+                                   "token generator}, static shapes).")
     e.add_argument("--model", default=None)
-    e.add_argument("--format", required=True, choices=["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "llama2c"])
-    e.add_argument("--out", required=True)
+    e.add_argument("--format", required=True, choices=["gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "llama2c",
+                                                       "onnx", "onnx-int4", "qnn-onnx"])
+    e.add_argument("--out", required=True, help="a file (gguf, llama2c) or a directory (onnx formats)")
+    e.add_argument("--parts", type=int, default=4, help="qnn-onnx: parts the layers are split into (default: 4)")
+    e.add_argument("--prompt-len", type=int, default=None,
+                   help="qnn-onnx: the prompt processor's fixed length (default: min(64, context))")
+    e.add_argument("--context", type=int, default=None,
+                   help="qnn-onnx: the token generator's KV-cache length incl. the new token (default: the model's)")
     e.add_argument("--tokenizer", default=None)
     e.add_argument("--force", action="store_true")
     e.add_argument("--json", action="store_true")

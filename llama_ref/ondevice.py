@@ -13,6 +13,9 @@ at 2-D convolutions on NCHW tensors. So the same maths is rewritten, step by ste
                                logits and the new keys/values) and a *token generator* (1 token, a fixed-size KV
                                cache in, only the new key/value out). RoPE's cos/sin are inputs, not computed inside.
   5. the bandwidth bound       decoding one token reads every weight once: tokens/s <= bandwidth / bytes per token.
+  6. static A16 activations    (optional, act_scales) every Conv's input rounded to int16 with one scale per tensor,
+                               fixed ahead of time by `calibrate`: the numbers the exported QDQ graphs compute
+                               (ondevice_onnx.py writes them as ONNX files).
 
 Conventions (batch 1, as on the device):
   activations  NCHW (1, C, 1, T)                   (executorch's Qualcomm static Llama uses the same layout)
@@ -25,13 +28,14 @@ Conventions (batch 1, as on the device):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError
 from .model import Llama, apply_rope_hf, silu, softmax
+from .trace import Trace
 from .weights import MODEL_TENSORS, layer_names
 
 F32 = np.float32
@@ -67,6 +71,14 @@ def conv1x1(x, kernel):
     return y.reshape(B, kernel.shape[0], H, W)
 
 
+def fake_quant16(x, scale):
+    """Static A16: x rounded to int16 steps of `scale` (half to even, saturating), as float. None: x unchanged.
+    What a QuantizeLinear / DequantizeLinear int16 pair computes."""
+    if scale is None:
+        return x
+    return (np.clip(np.rint(x / F32(scale)), -32768, 32767) * F32(scale)).astype(F32)
+
+
 def rms_norm_nchw(x, weight, eps):
     """RMSNorm over the channel axis of (B, C, 1, T)."""
     ms = np.mean(np.square(x), axis=1, keepdims=True)
@@ -88,6 +100,7 @@ class ConvLayer:
     w_gate: np.ndarray             # (H, C, 1, 1)
     w_up: np.ndarray               # (H, C, 1, 1)
     w_down: np.ndarray             # (C, H, 1, 1)
+    act: dict = field(default_factory=dict)   # static int16 scales of the Convs' inputs by tap name (none: float)
 
 
 def _float(w):
@@ -126,6 +139,7 @@ def single_head_attention(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask,
     new_v (nkv, T, hs)); mask (T, S0 + T) additive.
     """
     hs, rep = cfg.head_dim, cfg.n_rep
+    x = fake_quant16(x, layer.act.get("attn_norm"))                   # the q/k/v convs' input
     new_k, new_v = [], []
     for j in range(cfg.n_kv_heads):
         k = conv1x1(x, layer.wk[j])[0, :, 0, :].T                      # (T, hs)
@@ -139,7 +153,7 @@ def single_head_attention(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask,
         q = apply_rope_hf(conv1x1(x, layer.wq[h])[0, :, 0, :].T, cos, sin)                       # (T, hs)
         scores = (q * F32(1.0 / np.sqrt(hs))) @ keys + mask                                       # (T, S)
         heads.append(softmax(scores) @ vals)                                                      # (T, hs)
-    y = np.concatenate(heads, axis=1)                                  # (T, nh*hs)
+    y = fake_quant16(np.concatenate(heads, axis=1), layer.act.get("attn.heads"))   # (T, nh*hs)
     out = conv1x1(y.T[None, :, None, :], layer.wo)                     # (1, C, 1, T)
     return out, np.stack(new_k), np.stack(new_v)
 
@@ -149,9 +163,36 @@ def conv_block(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask, past_k=Non
     attn, k, v = single_head_attention(rms_norm_nchw(x, layer.attn_norm, cfg.norm_eps), layer, cfg,
                                        cos, sin, mask, past_k, past_v)
     h = x + attn
-    hn = rms_norm_nchw(h, layer.ffn_norm, cfg.norm_eps)
+    hn = fake_quant16(rms_norm_nchw(h, layer.ffn_norm, cfg.norm_eps), layer.act.get("ffn_norm"))
     hidden = silu(conv1x1(hn, layer.w_gate)) * conv1x1(hn, layer.w_up)   # (1, H, 1, T)
-    return h + conv1x1(hidden, layer.w_down), k, v
+    return h + conv1x1(fake_quant16(hidden, layer.act.get("ffn.hidden")), layer.w_down), k, v
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Static A16: one int16 scale per activation tensor, fixed ahead of time
+
+ACT_TAPS = ("attn_norm", "attn.heads", "ffn_norm", "ffn.hidden", "norm.out")   # every Conv's input, by tap name
+ACT_MARGIN = 2.0          # the fixed range is 2x the calibration maximum: one of int16's 15 bits spent as headroom
+CALIBRATION_TEXTS = (     # the world's kinds of text: a story, facts, a chat turn
+    "Once upon a time, there was a happy girl named Lucy. Lucy lived near the river. Lucy liked to eat honey. "
+    "One morning, Lucy and Leo went to the lake. The sun was bright and the sky was blue.",
+    "Sam was a little boy. Sam's book was red. Sam found four apples. Then Dan picked one more apples. "
+    "Now they had five apples.",
+    "[INST] <<SYS>>\nAnswer in one sentence.\n<</SYS>>\n\nWhat does a mouse say? [/INST] A mouse says squeak.",
+)
+
+
+def calibrate(model: Llama, prompts) -> dict:
+    """{tap name: int16 scale} for every Conv input: ACT_MARGIN x the largest |value| seen over float forwards of the
+    (weight-quantized) model on the calibration prompts (lists of ids), / 32767. Values beyond the range saturate."""
+    trace_names = [f"*.{t}" for t in ACT_TAPS[:4]] + ["norm.out"]
+    amax = {}
+    for ids in prompts:
+        trace = Trace(*trace_names)
+        model.forward(np.asarray([ids]), trace=trace)
+        for k, v in trace.items():
+            amax[k] = max(amax.get(k, 0.0), float(np.abs(v).max()))
+    return {k: (ACT_MARGIN * a / 32767) or 1.0 for k, a in amax.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,13 +202,17 @@ class OnDeviceLlama:
     """A Llama rewritten for a static-graph runtime: conv kernels, single-head attention, n_parts parts.
 
     prompt_len P: the prompt processor's fixed length (Qualcomm: 1024); context: the KV-cache capacity of the token
-    generator including the new token (past slots = context - 1).
+    generator including the new token (past slots = context - 1). act_scales ({tap name: scale}, from `calibrate`):
+    static A16 activations at every Conv's input; None keeps them float.
     """
 
-    def __init__(self, model: Llama, n_parts=4, prompt_len=None, context=None):
+    def __init__(self, model: Llama, n_parts=4, prompt_len=None, context=None, act_scales=None):
         cfg = model.config
         self.config = cfg
         self.layers = conv_layers(model)
+        self.act_scales = act_scales or {}
+        for i, layer in enumerate(self.layers):
+            layer.act = {k: v for k in ACT_TAPS[:4] if (v := self.act_scales.get(f"layers.{i}.{k}")) is not None}
         embed, norm, head = (MODEL_TENSORS[k][0] for k in ("embed", "norm", "lm_head"))   # HF names
         self.embed = _float(model.weights[embed])                                  # (V, C)
         self.norm = np.asarray(model.weights[norm], F32)
@@ -196,7 +241,7 @@ class OnDeviceLlama:
             ks.append(k)
             vs.append(v)
         if p == len(self.parts) - 1:
-            h = rms_norm_nchw(h, self.norm, cfg.norm_eps)
+            h = fake_quant16(rms_norm_nchw(h, self.norm, cfg.norm_eps), self.act_scales.get("norm.out"))
             h = conv1x1(h, self.lm_head)[0, :, 0, :].T                          # (T, V) logits
         return h, ks, vs
 

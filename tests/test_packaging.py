@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _pyproject_pins():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     reqs = list(data["project"]["dependencies"])
-    for extra in ("dev", "lab"):
+    for extra in ("dev", "lab", "onnx"):
         reqs += data["project"]["optional-dependencies"][extra]
     pins = {}
     for r in reqs:

@@ -1,0 +1,307 @@
+"""Qualcomm's on-device Llama 2 recipe as real ONNX files: ondevice.py's rewrites, written as 2 x n_parts static graphs.
+
+Chapter 12 builds the rewrites in NumPy (ondevice.py) and ends with these files. Each function below writes the nodes
+of the ondevice.py function of the same name, so the two read side by side:
+
+    rms_norm_nchw -> conv1x1 (W4 weights, A16 activations) -> single_head_attention -> conv_block -> part_graph
+
+For each part p (layers split evenly, as OnDeviceLlama.parts), two graphs with static shapes only:
+    part{p}_prompt.onnx   the prompt processor: P tokens (left-padded), mask (P, P) -> the part's keys and values
+    part{p}_token.onnx    the token generator: 1 token, past keys (nkv, hs, ctx-1) / values (nkv, ctx-1, hs) per
+                          layer in -> only the new key (nkv, hs, 1) / value (nkv, 1, hs) out
+Part 0 takes input_ids and holds the embedding; the last part holds the final norm and the classifier and gives
+logits (T, V); the others take and give the hidden state as an image (1, C, 1, T). cos/sin (T, hs/2) and the additive
+mask are inputs: the host computes them (OnDeviceLlama.prompt_inputs / generator_inputs), as on the phone.
+
+W4A16 as QuantizeLinear/DequantizeLinear pairs (the QDQ form a QNN toolchain compiles):
+    block weights   int4 codes, one fp16-rounded scale per 32 inputs (blocked DequantizeLinear): quant.quantize_w4's
+                    numbers, so the float weights equal our w4a16-g32 scheme's exactly
+    W8A16 exceptions the embedding and the classifier, int8 per output channel (our scheme's policy for them)
+    activations     int16, one static scale per tensor, at the input of every Conv (ondevice.calibrate: 2x the largest
+                    |value| seen on calibration prompts / 32767). Norms, RoPE and softmax stay float.
+OnDeviceLlama(quantized_for_device(model), act_scales=...) is the NumPy twin of these graphs: same weights, same
+static activation steps, so the logits agree to float rounding.
+
+`OnnxOnDeviceLlama(dir)` is the host loop: OnDeviceLlama.generate's own code with the two graphs replaced by the 2 x
+n_parts ONNX sessions chained part by part. Needs the `[onnx]` extra.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import CheckpointError, InputError
+from .files import atomic_dir, check_output
+from .model import Llama, rope_freqs
+from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate
+from .onnx_export import Graph, check_int4_shapes, require_onnx, tokenizer_bytes
+from .quant import Int8Matrix, W4Matrix, quantize_model
+from .weights import MODEL_TENSORS, layer_names
+
+F32 = np.float32
+OPSET = 21                       # int4 tensors and blocked DequantizeLinear
+SCHEME = "w4a16-g32"
+# The op types these graphs may use, every one in ONNX Runtime's list of operators its QNN execution provider runs
+# on Qualcomm's HTP (NPU) backend: https://onnxruntime.ai/docs/execution-providers/QNN-ExecutionProvider.html
+# ("Supported ONNX operators"). tests/test_onnx.py checks every graph against it.
+HTP_OPS = frozenset({"Add", "Concat", "Conv", "DequantizeLinear", "Div", "Gather", "MatMul", "Mul", "QuantizeLinear",
+                     "ReduceMean", "Reshape", "Sigmoid", "Softmax", "Split", "Sqrt", "Sub", "Transpose", "Unsqueeze"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces of ondevice.py, as nodes
+
+def qdq16(g, x, scale):
+    """Activation x as int16 with a static scale, and back: what the device computes with."""
+    s, zp = g.const(scale, F32), g.const(0, np.int16)
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, zp), s, zp)
+
+
+def w4_kernel(g, name, w: W4Matrix, rows=slice(None)):
+    """A W4 matrix's rows as a (out, in, 1, 1) conv kernel: int4 codes + blocked DequantizeLinear (block = group)."""
+    import ml_dtypes
+    codes = np.empty((w.packed.shape[0], w.shape[1]), np.int8)
+    codes[:, 0::2] = (w.packed & 0x0F).astype(np.int8) - 8
+    codes[:, 1::2] = (w.packed >> 4).astype(np.int8) - 8
+    codes = codes[rows]
+    q = g.weight(name + ".q", codes[:, :, None, None].astype(ml_dtypes.int4))
+    s = g.weight(name + ".scale", w.scales[rows].astype(F32)[:, :, None, None])
+    return g.op("DequantizeLinear", q, s, axis=1, block_size=w.group)
+
+
+def int8_rows(g, name, w: Int8Matrix, kernel=False):
+    """An int8 per-row matrix (V, C), dequantized per output channel; as a (V, C, 1, 1) kernel if asked."""
+    q = w.q[:, :, None, None] if kernel else w.q
+    s = g.weight(name + ".scale", np.ascontiguousarray(w.scale.reshape(-1), F32))
+    return g.op("DequantizeLinear", g.weight(name + ".q", q), s, axis=0)
+
+
+def rms_norm_nchw(g, x, weight, eps):
+    """RMSNorm over the channel axis of (1, C, 1, T)."""
+    ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([1]), keepdims=1)
+    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.const(eps, F32)))),
+                g.weight(g.fresh("norm"), np.asarray(weight, F32)[None, :, None, None]))
+
+
+def conv1x1(g, x, kernel, act_scale):
+    """A Linear as a 1x1 Conv, its input activation through int16: (1, Cin, 1, T) -> (1, Cout, 1, T)."""
+    return g.op("Conv", qdq16(g, x, act_scale), kernel)
+
+
+def rope_rows(g, x, cos, sin, hs):
+    """HF rotate-half on rows: x (T, hs), cos/sin (T, hs/2)."""
+    x1, x2 = g.op("Split", x, g.const([hs // 2, hs // 2]), outputs=2, axis=1)
+    return g.op("Concat", g.op("Sub", g.op("Mul", x1, cos), g.op("Mul", x2, sin)),
+                g.op("Add", g.op("Mul", x2, cos), g.op("Mul", x1, sin)), axis=1)
+
+
+def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
+    """nh single-head attentions on x (1, C, 1, T). Returns (out (1, C, 1, T), new keys (nkv, hs, T), values
+    (nkv, T, hs)); past = (past keys name (nkv, hs, S0), past values name (nkv, S0, hs)) for the token generator."""
+    names, hs, rep = layer_names(i), cfg.head_dim, cfg.n_rep
+    a = scales[f"layers.{i}.attn_norm"]
+
+    def rows(t):                                        # (1, hs, 1, T) -> (T, hs)
+        return g.op("Transpose", g.op("Reshape", t, g.const([hs, T])), perm=[1, 0])
+
+    new_k, new_v, keys, vals = [], [], [], []
+    for j in range(cfg.n_kv_heads):
+        sl = slice(j * hs, (j + 1) * hs)
+        k = rope_rows(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wk']}.head{j}", W["wk"], sl), a)),
+                      "cos", "sin", hs)
+        new_k.append(g.op("Transpose", k, perm=[1, 0]))                                           # (hs, T)
+        new_v.append(rows(conv1x1(g, x, w4_kernel(g, f"{names['wv']}.head{j}", W["wv"], sl), a)))  # (T, hs)
+        if past is None:
+            keys.append(new_k[j])
+            vals.append(new_v[j])
+        else:
+            keys.append(g.op("Concat", g.op("Gather", past[0], g.const(j), axis=0), new_k[j], axis=1))   # (hs, S)
+            vals.append(g.op("Concat", g.op("Gather", past[1], g.const(j), axis=0), new_v[j], axis=0))   # (S, hs)
+    heads = []
+    for h in range(cfg.n_heads):
+        j = h // rep
+        sl = slice(h * hs, (h + 1) * hs)
+        q = rope_rows(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wq']}.head{h}", W["wq"], sl), a)),
+                      "cos", "sin", hs)
+        scores = g.op("Add", g.op("MatMul", g.op("Mul", q, g.const(1.0 / np.sqrt(hs), F32)), keys[j]), "mask")
+        heads.append(g.op("MatMul", g.op("Softmax", scores, axis=-1), vals[j]))                 # (T, hs)
+    y = g.op("Reshape", g.op("Transpose", g.op("Concat", *heads, axis=1), perm=[1, 0]),
+             g.const([1, cfg.n_heads * hs, 1, T]))                                              # (1, nh*hs, 1, T)
+    out = conv1x1(g, y, w4_kernel(g, names["wo"], W["wo"]), scales[f"layers.{i}.attn.heads"])
+    stack_k = g.op("Concat", *[g.op("Unsqueeze", k, g.const([0])) for k in new_k], axis=0)
+    stack_v = g.op("Concat", *[g.op("Unsqueeze", v, g.const([0])) for v in new_v], axis=0)
+    return out, stack_k, stack_v
+
+
+def conv_block(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
+    """One block on (1, C, 1, T), convs only. Returns (x, new keys, new values)."""
+    names = layer_names(i)
+    attn, k, v = single_head_attention(g, rms_norm_nchw(g, x, W["attn_norm"], cfg.norm_eps), i, W, cfg, T, scales,
+                                       past)
+    h = g.op("Add", x, attn)
+    hn = rms_norm_nchw(g, h, W["ffn_norm"], cfg.norm_eps)
+    a = scales[f"layers.{i}.ffn_norm"]
+    gate = conv1x1(g, hn, w4_kernel(g, names["w_gate"], W["w_gate"]), a)
+    up = conv1x1(g, hn, w4_kernel(g, names["w_up"], W["w_up"]), a)
+    hidden = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)                           # (1, H, 1, T)
+    return g.op("Add", h, conv1x1(g, hidden, w4_kernel(g, names["w_down"], W["w_down"]),
+                                  scales[f"layers.{i}.ffn.hidden"])), k, v
+
+
+def part_graph(qmodel: Llama, p: int, layers: list[int], last: bool, kind: str, T: int, S: int, scales: dict):
+    """Part p as one static graph: kind "prompt" (T = P tokens, S = P) or "token" (T = 1, S = context)."""
+    onnx = require_onnx()
+    TP = onnx.TensorProto
+    cfg, Wall = qmodel.config, qmodel.weights
+    C, hs, nkv = cfg.dim, cfg.head_dim, cfg.n_kv_heads
+    g = Graph(f"part{p}_{kind}")
+    if p == 0:
+        g.input("input_ids", TP.INT64, [T])
+        embed = int8_rows(g, MODEL_TENSORS["embed"][0], Wall[MODEL_TENSORS["embed"][0]])
+        x = g.op("Gather", embed, "input_ids", axis=0)                                           # (T, C)
+        x = g.op("Reshape", g.op("Transpose", x, perm=[1, 0]), g.const([1, C, 1, T]))           # (1, C, 1, T)
+    else:
+        x = g.input("hidden_in", TP.FLOAT, [1, C, 1, T])
+    g.input("cos", TP.FLOAT, [T, hs // 2])
+    g.input("sin", TP.FLOAT, [T, hs // 2])
+    g.input("mask", TP.FLOAT, [T, S])
+    outs = []
+    for i in layers:
+        W = {short: Wall[full] for short, full in layer_names(i).items()}
+        past = None
+        if kind == "token":
+            past = (g.input(f"past_key.{i}", TP.FLOAT, [nkv, hs, S - 1]),
+                    g.input(f"past_value.{i}", TP.FLOAT, [nkv, S - 1, hs]))
+        x, k, v = conv_block(g, x, i, W, cfg, T, scales, past)
+        outs += [(k, f"key.{i}", [nkv, hs, T]), (v, f"value.{i}", [nkv, T, hs])]
+    if last:
+        xn = rms_norm_nchw(g, x, Wall[MODEL_TENSORS["norm"][0]], cfg.norm_eps)
+        head = MODEL_TENSORS["embed" if cfg.tie_embeddings else "lm_head"][0]
+        y = conv1x1(g, xn, int8_rows(g, head, Wall[head], kernel=True), scales["norm.out"])      # (1, V, 1, T)
+        g.rename(g.op("Transpose", g.op("Reshape", y, g.const([cfg.vocab_size, T])), perm=[1, 0]), "logits")
+        g.output("logits", TP.FLOAT, [T, cfg.vocab_size])
+    else:
+        g.rename(x, "hidden")
+        g.output("hidden", TP.FLOAT, [1, C, 1, T])
+    for tensor, out_name, out_shape in outs:
+        g.rename(tensor, out_name)
+        g.output(out_name, TP.FLOAT, out_shape)
+    return g.model({"": OPSET})
+
+
+# ------------------------------------------------------------------------------------------------
+# Export and the host loop
+
+def quantized_for_device(model: Llama) -> Llama:
+    """The model with our w4a16-g32 scheme's weights (W4 block matmuls, int8 embedding and classifier)."""
+    return quantize_model(model, SCHEME)
+
+
+def calibration_prompts_for(tokenizer, texts=CALIBRATION_TEXTS, max_len=None) -> list[list[int]]:
+    """Token ids of the calibration texts (BOS first), each cut to max_len."""
+    return [tokenizer.encode(t, bos=True)[:max_len] for t in texts]
+
+
+def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_len=None, context=None,
+                    tokenizer=None, force=False) -> Path:
+    """Write out/: part{p}_prompt.onnx and part{p}_token.onnx for every part, ondevice.json (shapes, parts, activation
+    scales) and, with a tokenizer, tokenizer.model. calibration_prompts: lists of ids (calibration_prompts_for).
+    Atomic: an existing directory is replaced whole, and only with force."""
+    onnx = require_onnx()
+    cfg = model.config
+    out = check_output(out, force=force, kind="dir")
+    host = OnDeviceLlama.__new__(OnDeviceLlama)               # the host side only: parts, lengths (checked)
+    host_setup(host, cfg, n_parts, prompt_len, context)
+    check_int4_shapes(cfg)
+    qmodel = quantized_for_device(model)
+    scales = calibrate(qmodel, calibration_prompts)
+    graphs = {}
+    for p, layers in enumerate(host.parts):
+        last = p == len(host.parts) - 1
+        graphs[f"part{p}_prompt.onnx"] = part_graph(qmodel, p, layers, last, "prompt", host.prompt_len,
+                                                    host.prompt_len, scales)
+        graphs[f"part{p}_token.onnx"] = part_graph(qmodel, p, layers, last, "token", 1, host.context, scales)
+    manifest = {"config": cfg.to_hf(), "parts": host.parts, "prompt_len": host.prompt_len, "context": host.context,
+                "scheme": SCHEME, "activation_scales": scales, "graphs": sorted(graphs)}
+    with atomic_dir(out, force=force) as tmp:
+        for name, proto in graphs.items():
+            onnx.save_model(proto, str(tmp / name))
+        (tmp / "ondevice.json").write_text(json.dumps(manifest, indent=1))
+        if tokenizer is not None:
+            (tmp / "tokenizer.model").write_bytes(tokenizer_bytes(tokenizer))
+    return Path(out)
+
+
+def host_setup(host: OnDeviceLlama, cfg: LlamaConfig, n_parts, prompt_len, context):
+    """The host's side of OnDeviceLlama (lengths, rope tables, the parts) without its weights."""
+    if not 1 <= n_parts <= cfg.n_layers:
+        raise InputError(f"--parts {n_parts}: the model has {cfg.n_layers} layers, so 1..{cfg.n_layers} parts")
+    host.config = cfg
+    host.prompt_len = prompt_len or min(cfg.max_seq_len, 64)
+    host.context = context or cfg.max_seq_len
+    if host.prompt_len > host.context:
+        raise InputError(f"prompt length {host.prompt_len} exceeds the context {host.context}")
+    host.cos, host.sin = rope_freqs(cfg.head_dim, host.context, cfg.rope_theta)
+    bounds = np.linspace(0, cfg.n_layers, n_parts + 1).round().astype(int)
+    host.parts = [list(range(bounds[i], bounds[i + 1])) for i in range(n_parts)]
+
+
+class OnnxOnDeviceLlama(OnDeviceLlama):
+    """OnDeviceLlama's host loop (prompt_inputs, generator_inputs, the cache shift in generate) driving the exported
+    graphs: each of its two graphs is n_parts ONNX sessions run in sequence, the hidden state handed on."""
+
+    def __init__(self, path, threads=None):
+        require_onnx()
+        import onnxruntime as ort
+        path = Path(path)
+        try:
+            manifest = json.loads((path / "ondevice.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not an on-device export (ondevice.json: {e}); write one with "
+                                  "`python -m llama_ref export --format qnn-onnx --out DIR`") from None
+        cfg = LlamaConfig.from_hf(manifest["config"])
+        host_setup(self, cfg, len(manifest["parts"]), manifest["prompt_len"], manifest["context"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.sessions = {name: ort.InferenceSession(str(path / name), opts, providers=["CPUExecutionProvider"])
+                         for name in manifest["graphs"]}
+
+    def _run_parts(self, kind, tokens, cos, sin, mask, past_k=None, past_v=None):
+        h, ks, vs = None, [], []
+        for p, layers in enumerate(self.parts):
+            feed = {"cos": cos, "sin": sin, "mask": mask}
+            feed.update({"input_ids": np.asarray(tokens, np.int64)} if p == 0 else {"hidden_in": h})
+            if kind == "token":
+                feed.update({f"past_key.{i}": past_k[i] for i in layers})
+                feed.update({f"past_value.{i}": past_v[i] for i in layers})
+            sess = self.sessions[f"part{p}_{kind}.onnx"]
+            names = [o.name for o in sess.get_outputs()]
+            outs = dict(zip(names, sess.run(names, feed)))
+            h = outs["logits"] if p == len(self.parts) - 1 else outs["hidden"]
+            ks += [outs[f"key.{i}"] for i in layers]
+            vs += [outs[f"value.{i}"] for i in layers]
+        return h, ks, vs
+
+    def prompt_processor(self, tokens, cos, sin, mask):
+        return self._run_parts("prompt", tokens, cos, sin, mask)
+
+    def token_generator(self, token, cos, sin, mask, past_k, past_v):
+        logits, ks, vs = self._run_parts("token", token, cos, sin, mask, past_k, past_v)
+        return logits[0], ks, vs
+
+
+def op_census(path) -> dict:
+    """{graph file: {op type: count}} of an on-device export."""
+    onnx = require_onnx()
+    out = {}
+    for f in sorted(Path(path).glob("part*.onnx")):
+        counts = {}
+        for node in onnx.load(str(f), load_external_data=False).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        out[f.name] = dict(sorted(counts.items()))
+    return out
+
