@@ -20,6 +20,59 @@ from .files import write_text
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are changed for a longer context (transformers' `rope_type`; model.rope_freqs applies it):
+
+      linear   position interpolation: every frequency / factor (position p looks like p / factor)
+      dynamic  NTK-aware: past the trained length L, the base theta grows with the sequence length S to
+               theta * (factor * S / L - (factor - 1)) ** (hs / (hs - 2)); up to L nothing changes
+      llama3   Llama 3.1's rule: slow frequencies (wavelength > L / low_freq_factor) / factor, fast ones
+               (wavelength < L / high_freq_factor) unchanged, a smooth blend between; L = original_max_len
+    """
+    kind: str                        # "linear" | "dynamic" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0     # llama3 only
+    high_freq_factor: float = 4.0    # llama3 only
+    original_max_len: int = 8192     # llama3 only: the context the model was pretrained with
+
+    def to_hf(self) -> dict:
+        d = {"rope_type": self.kind, "factor": float(self.factor)}
+        if self.kind == "llama3":
+            d.update(low_freq_factor=float(self.low_freq_factor), high_freq_factor=float(self.high_freq_factor),
+                     original_max_position_embeddings=int(self.original_max_len))
+        return d
+
+
+ROPE_TYPES = ("linear", "dynamic", "llama3")
+
+
+def parse_rope_scaling(d: dict, key: str, source: str) -> RopeScaling | None:
+    """transformers' rope_scaling / rope_parameters object -> RopeScaling (None for plain RoPE); ConfigError for a
+    type llama_ref does not implement or a field out of range."""
+    kind = d.get("rope_type", d.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{source}: {key} asks for RoPE scaling of type {kind!r}; llama_ref implements "
+                          f"{', '.join(ROPE_TYPES)} (running without it would give wrong outputs)")
+    def number(name, default=None, integer=False):
+        v = d.get(name, default)
+        ok = _is_int(v) if integer else (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if not ok or v <= 0:
+            raise ConfigError(f"{source}: {key}.{name}={v!r} must be a positive {'integer' if integer else 'number'}")
+        return int(v) if integer else float(v)
+    factor = number("factor")
+    if kind != "llama3":
+        if factor < 1:
+            raise ConfigError(f"{source}: {key}.factor={factor} must be >= 1 (it stretches the context)")
+        return RopeScaling(kind, factor)
+    low, high = number("low_freq_factor"), number("high_freq_factor")
+    if high <= low:
+        raise ConfigError(f"{source}: {key}: high_freq_factor={high} must exceed low_freq_factor={low}")
+    return RopeScaling(kind, factor, low, high, number("original_max_position_embeddings", integer=True))
+
+
+@dataclass(frozen=True)
 class LlamaConfig:
     dim: int = 288                 # C: model (residual stream) width
     n_layers: int = 6              # number of transformer blocks
@@ -33,6 +86,7 @@ class LlamaConfig:
     tie_embeddings: bool = False   # classifier shares the token-embedding matrix
     bos_id: int = 1
     eos_id: int = 2
+    rope_scaling: RopeScaling | None = None   # RoPE for a longer context (linear, dynamic NTK, llama3); None: plain
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -48,6 +102,13 @@ class LlamaConfig:
     def head_dim(self) -> int:
         """hs: width of one attention head."""
         return self.dim // self.n_heads
+
+    @property
+    def context_len(self) -> int:
+        """The longest sequence the model may run: max_seq_len, or factor x that with dynamic NTK scaling (whose
+        purpose is to run past the trained length)."""
+        s = self.rope_scaling
+        return int(self.max_seq_len * s.factor) if s is not None and s.kind == "dynamic" else self.max_seq_len
 
     @property
     def n_rep(self) -> int:
@@ -114,7 +175,7 @@ class LlamaConfig:
             "head_dim": self.head_dim,
             "initializer_range": 0.02,
             "pretraining_tp": 1,
-            "rope_scaling": None,
+            "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.to_hf(),
             "torch_dtype": "float32",
             "use_cache": True,
         }
@@ -122,7 +183,8 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
         """Read an HF Llama config dict: every field checked for its JSON type, then the config validated.
-        Refuses the features this implementation does not have (other architectures, biases, RoPE scaling)."""
+        Refuses the features this implementation does not have (other architectures, biases, RoPE scaling types other
+        than linear, dynamic and llama3), from either spelling of the RoPE settings (rope_scaling, rope_parameters)."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source} must hold a JSON object, got {type(d).__name__}")
         if d.get("model_type", "llama") != "llama":
@@ -134,7 +196,7 @@ class LlamaConfig:
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ConfigError(f"{source}: attention_bias/mlp_bias=True is not Llama 2; these checkpoints are not "
                               "supported")
-        rope_theta = d.get("rope_theta")
+        rope_theta, rope_scaling = d.get("rope_theta"), None
         for key in ("rope_scaling", "rope_parameters"):            # transformers 4 / transformers 5 spelling
             scaling = d.get(key)
             if scaling is None:
@@ -142,10 +204,11 @@ class LlamaConfig:
             if not isinstance(scaling, dict):
                 raise ConfigError(f"{source}: {key}={scaling!r} must be an object like {{\"rope_type\": \"default\"}} "
                                   "or null")
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in (None, "default"):
-                raise ConfigError(f"{source}: {key} asks for RoPE scaling of type {kind!r}, which llama_ref does not "
-                                  "implement (Llama 2 uses plain RoPE); running it without would give wrong outputs")
+            parsed = parse_rope_scaling(scaling, key, source)
+            if rope_scaling is not None and parsed != rope_scaling:
+                raise ConfigError(f"{source}: rope_scaling and rope_parameters disagree ({rope_scaling} vs {parsed}); "
+                                  "keep one of them")
+            rope_scaling = rope_scaling or parsed
             if key == "rope_parameters" and rope_theta is None:
                 rope_theta = scaling.get("rope_theta")
         eos = d.get("eos_token_id")
@@ -170,6 +233,8 @@ class LlamaConfig:
             if key not in d:
                 raise ConfigError(f"{source} lacks the field {key!r} that a Llama config must have")
         cfg = config_from_fields(fields, source)
+        if rope_scaling is not None:
+            cfg = cfg.replace(rope_scaling=rope_scaling)
         hd = d.get("head_dim")
         if hd is not None and (not _is_int(hd) or hd != cfg.head_dim):
             raise ConfigError(f"{source}: head_dim={hd!r} differs from hidden_size/num_attention_heads={cfg.head_dim}; "
@@ -200,7 +265,9 @@ class LlamaConfig:
         return cls.from_hf(d, source=str(path))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_hf()
+        return d
 
 
 def _is_int(v) -> bool:

@@ -167,7 +167,7 @@ def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=N
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
     model.check_tokens(prompt_ids)                     # ids in the vocabulary: the forward's own check, done now
-    limit = model.config.max_seq_len
+    limit = model.config.context_len
     if len(prompt_ids) + max_new_tokens > limit:
         raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
                                  f"{len(prompt_ids) + max_new_tokens} exceeds the context window of {limit} tokens; "
@@ -237,9 +237,9 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
     if not prompts or any(not p for p in prompts):
         raise InputError("generate_batch needs a non-empty list of non-empty prompts")
     B, P = len(prompts), max(len(p) for p in prompts)
-    if P + max_new_tokens > model.config.max_seq_len:
+    if P + max_new_tokens > model.config.context_len:
         raise ContextLengthError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                 f"context window of {model.config.max_seq_len} tokens")
+                                 f"context window of {model.config.context_len} tokens")
     check_memory(model, B, P + max_new_tokens)
     seeds = list(range(B)) if seeds is None else list(seeds)
     rngs = [np.random.default_rng(s) for s in seeds]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LlamaConfig, config_from_fields
+from .config import LlamaConfig, config_from_fields, parse_rope_scaling
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .files import atomic_file, check_output
 from .weights import GGUF, HF, check_weights, rename
@@ -167,6 +167,9 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     if file_type in ("f32", "f16"):
         weights = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
     path = check_output(path, force=force)
+    if config.rope_scaling is not None and config.rope_scaling.kind != "linear":
+        raise CheckpointError(f"GGUF (as llama.cpp reads it) has no {config.rope_scaling.kind!r} RoPE scaling for Llama; "
+                              "only 'linear' can be written: save this model as an HF directory instead")
     too_big = {k: v for k, v in (("context_length", config.max_seq_len), ("embedding_length", config.dim),
                                  ("block_count", config.n_layers), ("feed_forward_length", config.hidden_dim),
                                  ("vocab_size", config.vocab_size)) if v >= 2 ** 32}
@@ -216,6 +219,9 @@ def add_llama_metadata(w, config: LlamaConfig, file_type: int, vocab=None, name=
     w.add_rope_freq_base(float(config.rope_theta))
     w.add_layer_norm_rms_eps(float(config.norm_eps))
     w.add_rope_dimension_count(config.head_dim)
+    if config.rope_scaling is not None:                   # llama.cpp stores linear scaling as metadata
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(config.rope_scaling.factor))
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(file_type)
     if quantized:
@@ -286,6 +292,14 @@ def gguf_config(reader, source="the GGUF") -> LlamaConfig:
             raise CheckpointError(f"{source} lacks {fields[name][0]}, a hyper-parameter every Llama GGUF has; was it "
                                   "written for Llama?")
     config = config_from_fields(fields, f"{source} (GGUF metadata)")
+    scaling = _field(reader, a + "rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise CheckpointError(f"{source}: llama.rope.scaling.type={scaling!r}; llama_ref reads GGUF RoPE scaling of type "
+                              "'linear' only (running without it would give wrong outputs)")
+    if scaling == "linear":
+        factor = _field(reader, a + "rope.scaling.factor")
+        config = config.replace(rope_scaling=parse_rope_scaling({"rope_type": "linear", "factor": factor},
+                                                                "llama.rope.scaling", f"{source} (GGUF metadata)"))
     rope_dims = _field(reader, a + "rope.dimension_count")
     if rope_dims is not None and rope_dims != config.head_dim:
         raise CheckpointError(f"{source}: llama.rope.dimension_count={rope_dims!r} differs from the head size "

@@ -155,6 +155,10 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True
     path = check_output(path, force=force)
     if version not in (0, 1):
         raise CheckpointError(f"llama2.c version {version!r} is not written by llama_ref; use version=0 (run.c) or 1")
+    if config.rope_scaling is not None:
+        raise CheckpointError(f"a llama2.c .bin cannot store RoPE scaling ({config.rope_scaling.kind}, factor "
+                              f"{config.rope_scaling.factor:g}); run.c knows plain RoPE only: save this model as an HF "
+                              "directory (save_model) instead")
     if config.rope_theta != LLAMA2C_THETA or config.norm_eps != LLAMA2C_EPS:
         raise CheckpointError(f"a llama2.c .bin cannot store rope_theta={config.rope_theta} / norm_eps="
                               f"{config.norm_eps}; run.c hard-codes {LLAMA2C_THETA:g} / {LLAMA2C_EPS:g}: save this "

@@ -39,14 +39,41 @@ def rms_norm(x, weight, eps):
 # ------------------------------------------------------------------------------------------------
 # RoPE: rotary position embeddings
 
-def rope_freqs(head_dim, max_len, theta=10000.0):
+def rope_freqs(head_dim, max_len, theta=10000.0, scaling=None, trained_len=None):
     """cos and sin tables, each (max_len, hs/2): angle[p, i] = p * theta^(-2i/hs).
 
     Computed in float64 and rounded once to float32 (at position 4096 the float32 angle would already be off by ~1e-4 rad).
+    scaling (config.RopeScaling) stretches the frequencies for a longer context, as transformers' rope types do;
+    trained_len is the context the model was trained for (dynamic NTK changes nothing up to it).
     """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (hs/2,)
+    if scaling is not None:
+        inv_freq = scaled_inv_freq(inv_freq, head_dim, max_len, theta, scaling, trained_len)
     angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)                       # (max_len, hs/2)
     return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+
+
+def rope_tables(config, length):
+    """cos, sin (length, hs/2) for a config: its theta and its RoPE scaling (every caller builds them here)."""
+    return rope_freqs(config.head_dim, length, config.rope_theta, config.rope_scaling, config.max_seq_len)
+
+
+def scaled_inv_freq(inv_freq, head_dim, seq_len, theta, scaling, trained_len):
+    """The three ways to stretch RoPE past the trained context (config.RopeScaling), on the frequencies (hs/2,)."""
+    f = scaling.factor
+    if scaling.kind == "linear":                        # position interpolation: p -> p / factor
+        return inv_freq / f
+    if scaling.kind == "dynamic":                       # NTK: a larger base once the sequence outgrows training
+        if seq_len <= trained_len:
+            return inv_freq
+        base = theta * ((f * seq_len / trained_len) - (f - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    L = scaling.original_max_len                        # llama3: by wavelength, slow ones / factor, fast ones kept
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (L / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / f + smooth * inv_freq
+    return np.where(wavelen > L / scaling.low_freq_factor, inv_freq / f,
+                    np.where(wavelen < L / scaling.high_freq_factor, inv_freq, blended))
 
 
 def apply_rope_hf(x, cos, sin):
@@ -140,7 +167,7 @@ class KVCache:
     """
 
     def __init__(self, config: LlamaConfig, batch_size=1, max_len=None):
-        self.max_len = max_len or config.max_seq_len
+        self.max_len = max_len or config.context_len
         self.shape = (batch_size, config.n_kv_heads, config.head_dim)             # (B, nkv, hs) around the time axis
         capacity = min(self.max_len, 256)
         self.k = [self._zeros(capacity) for _ in range(config.n_layers)]
@@ -226,10 +253,16 @@ class Llama:
 
     def rope(self, end):
         """cos, sin (end, hs/2) for positions [0, end). Built on first use and grown by doubling (up to
-        max_seq_len), so a config may declare a context of 2^40 tokens and only the positions used cost memory."""
-        if end > self._cos.shape[0]:
-            n = min(self.config.max_seq_len, max(end, 2 * self._cos.shape[0], 256))
-            self._cos, self._sin = rope_freqs(self.config.head_dim, n, self.config.rope_theta)
+        max_seq_len), so a config may declare a context of 2^40 tokens and only the positions used cost memory.
+        Dynamic NTK scaling past max_seq_len: the tables of a sequence of length `end` (as transformers computes them
+        for the longest position seen), rebuilt when end changes."""
+        cfg = self.config
+        dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic" and end > cfg.max_seq_len
+        if dynamic and end != self._cos.shape[0]:
+            self._cos, self._sin = rope_tables(cfg, end)
+        elif not dynamic and (end > self._cos.shape[0] or self._cos.shape[0] > cfg.max_seq_len):
+            n = min(cfg.max_seq_len, max(end, 2 * self._cos.shape[0], 256))
+            self._cos, self._sin = rope_tables(cfg, n)
         return self._cos[:end], self._sin[:end]
 
     @property
@@ -367,7 +400,7 @@ class Llama:
         if not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
             raise InputError(f"start_pos must be a non-negative integer, got {start_pos!r}")
         end = start_pos + arr.shape[1]
-        limit = cfg.max_seq_len if cache is None else min(cfg.max_seq_len, cache.max_len)
+        limit = cfg.context_len if cache is None else min(cfg.context_len, cache.max_len)
         if end > limit:
             raise ContextLengthError(f"positions {start_pos}..{end - 1} exceed the context window of {limit} tokens "
                                      f"(max_seq_len={cfg.max_seq_len}); shorten the prompt or generate fewer tokens")

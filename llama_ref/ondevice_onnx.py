@@ -35,9 +35,9 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, InputError
 from .files import atomic_dir, check_output
-from .model import Llama, rope_freqs
+from .model import Llama, rope_tables
 from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate
-from .onnx_export import Graph, check_int4_shapes, require_onnx, tokenizer_bytes
+from .onnx_export import Graph, check_int4_shapes, check_static_rope, require_onnx, tokenizer_bytes
 from .quant import Int8Matrix, W4Matrix, quantize_model
 from .weights import MODEL_TENSORS, layer_names
 
@@ -239,12 +239,13 @@ def host_setup(host: OnDeviceLlama, cfg: LlamaConfig, n_parts, prompt_len, conte
     """The host's side of OnDeviceLlama (lengths, rope tables, the parts) without its weights."""
     if not 1 <= n_parts <= cfg.n_layers:
         raise InputError(f"--parts {n_parts}: the model has {cfg.n_layers} layers, so 1..{cfg.n_layers} parts")
+    check_static_rope(cfg)
     host.config = cfg
     host.prompt_len = prompt_len or min(cfg.max_seq_len, 64)
     host.context = context or cfg.max_seq_len
     if host.prompt_len > host.context:
         raise InputError(f"prompt length {host.prompt_len} exceeds the context {host.context}")
-    host.cos, host.sin = rope_freqs(cfg.head_dim, host.context, cfg.rope_theta)
+    host.cos, host.sin = rope_tables(cfg, host.context)
     bounds = np.linspace(0, cfg.n_layers, n_parts + 1).round().astype(int)
     host.parts = [list(range(bounds[i], bounds[i + 1])) for i in range(n_parts)]
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import ExtraMissingError, QuantizationError
+from .errors import ExtraMissingError, InputError, QuantizationError
 from .files import atomic_dir, check_output
-from .model import Llama, rope_freqs
+from .model import Llama, rope_tables
 from .quant import W4Matrix
 from .tokenizer import hf_tokenizer_json
 from .weights import MODEL_TENSORS, layer_names, tensor_shape
@@ -155,6 +155,14 @@ def linear(g, x, name, w, int4):
                 K=K, N=N, bits=4, block_size=INT4_BLOCK)
 
 
+def check_static_rope(cfg: LlamaConfig) -> None:
+    """The graphs hold fixed cos/sin tables: dynamic NTK scaling (tables that change with the sequence length) cannot
+    be one."""
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic":
+        raise InputError("this model uses dynamic NTK RoPE scaling, whose tables change with the sequence length; the "
+                         "ONNX graphs hold fixed tables: export a copy with linear scaling or none")
+
+
 def check_int4_shapes(cfg: LlamaConfig) -> None:
     """QuantizationError naming the first block matmul whose inputs are no multiple of the int4 block."""
     for short in BLOCK_MATMULS:
@@ -216,6 +224,7 @@ def decoder_graph(model: Llama, int4=False, max_len=None):
     """The whole decoder as an onnx.ModelProto: embedding, n_layers blocks, final norm, classifier."""
     onnx = require_onnx()
     cfg, W = model.config, model.weights
+    check_static_rope(cfg)
     TP = onnx.TensorProto
     g = Graph("llama_ref_decoder")
     g.input("input_ids", TP.INT64, ["batch", "sequence"])
@@ -226,7 +235,7 @@ def decoder_graph(model: Llama, int4=False, max_len=None):
         g.input(f"past_key_values.{i}.key", TP.FLOAT, kv_shape)
         g.input(f"past_key_values.{i}.value", TP.FLOAT, kv_shape)
 
-    cos_table, sin_table = rope_freqs(cfg.head_dim, max_len or cfg.max_seq_len, cfg.rope_theta)   # (L, hs/2)
+    cos_table, sin_table = rope_tables(cfg, max_len or cfg.max_seq_len)   # (L, hs/2)
     pos = "position_ids"
     cos = g.op("Unsqueeze", g.op("Gather", g.weight("rope.cos", cos_table), pos), g.const([1]))   # (B, 1, T, hs/2)
     sin = g.op("Unsqueeze", g.op("Gather", g.weight("rope.sin", sin_table), pos), g.const([1]))

@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError, TrainingError
-from .model import apply_rope_hf, causal_mask, rope_freqs
+from .model import apply_rope_hf, causal_mask, rope_tables
 from .weights import MODEL_TENSORS, layer_names, weight_shapes
 
 F32 = np.float32
@@ -296,7 +296,7 @@ def trunk_forward(config: LlamaConfig, P: dict, tokens, rope=None):
     """The final hidden states xn (B, T, C), after the last RMSNorm, for tokens (B, T) at positions 0..T-1, and the
     caches the backward needs. The language-model head reads xn; so do rlhf.py's reward and value heads."""
     B, T = tokens.shape
-    cos, sin = rope if rope is not None else rope_freqs(config.head_dim, T, config.rope_theta)
+    cos, sin = rope if rope is not None else rope_tables(config, T)
     cos, sin = cos[:T], sin[:T]
     x = embedding_forward(P[EMBED], tokens)                     # (B, T, C)
     caches = []

@@ -18,7 +18,7 @@ from .checkpoint import save_model
 from .config import LlamaConfig
 from .errors import InputError, TrainingError
 from .files import save_npz, write_text
-from .model import rope_freqs
+from .model import rope_tables
 from .train import AdamW, clip_grad_norm, forward_backward, global_norm, loss_only, lr_schedule
 
 F32 = np.float32
@@ -67,7 +67,7 @@ def evaluate_loss(config: LlamaConfig, P: dict, data: np.ndarray, batch_size: in
                   max_batches: int | None = None) -> float:
     """Mean next-token loss over non-overlapping windows of `data` (token-weighted)."""
     total, count = 0.0, 0
-    rope = rope_freqs(config.head_dim, seq_len, config.rope_theta)
+    rope = rope_tables(config, seq_len)
     for b, (x, y) in enumerate(sequential_windows(data, batch_size, seq_len)):
         if max_batches is not None and b >= max_batches:
             break
@@ -153,7 +153,7 @@ def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: n
     if resume:
         step, history = load_training_state(out_dir, params, opt)
         log(f"resumed at step {step}")
-    rope = rope_freqs(config.head_dim, s.seq_len, config.rope_theta)
+    rope = rope_tables(config, s.seq_len)
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)
     t_start = time.time()
     bar = tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=not progress)
@@ -202,7 +202,7 @@ def finetune(config: LlamaConfig, weights: dict, batches, steps: int, lr: float,
     opt = AdamW(params, weight_decay=weight_decay)
     warmup = max(1, steps // 20) if warmup is None else warmup
     max_len = max(config.max_seq_len, 1)
-    rope = rope_freqs(config.head_dim, max_len, config.rope_theta)
+    rope = rope_tables(config, max_len)
     history, t0, tokens_seen, smooth = [], time.time(), 0, None
     bar = tqdm(total=steps, desc="finetune", unit="step", disable=not progress)
     step = 0

@@ -23,6 +23,7 @@ check of our NumPy forward. For each config below it
 
     python scripts/make_reference.py            # (re)write data/reference/
     python scripts/make_reference.py --check    # regenerate into a temp dir and compare with the committed files
+    python scripts/make_reference.py --only rope_linear   # write one (new) config, keep the rest
 
 Note: transformers' `hidden_states[-1]` is taken *after* the final norm, so layer outputs are recorded with hooks
 on the decoder layers instead.
@@ -55,6 +56,12 @@ CONFIGS = {
     "tied":       (dict(tie_word_embeddings=True, num_key_value_heads=2), 1, 20, 5),
     "odd_seq":    (dict(num_key_value_heads=1), 1, 37, 6),            # odd length, multi-query (one k/v head)
     "batch":      (dict(num_key_value_heads=2), 3, 19, 7),
+    # RoPE scaling, the three types llama_ref implements; T reaches past the trained length where it matters
+    "rope_linear":  (dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}), 1, 40, 8),
+    "rope_dynamic": (dict(max_position_embeddings=32, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 1, 48, 9),
+    "rope_llama3":  (dict(num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 64}), 1, 40, 10),
 }
 
 # Gradients (llama_ref/train.py is checked against these): name -> seed of the batch (tokens, targets, loss mask).
@@ -304,10 +311,13 @@ def embedded_model_fixture(out_dir: Path):
     return entry
 
 
-def generate(out_dir: Path):
+def generate(out_dir: Path, only=None):
+    """Write every fixture into out_dir; with `only` (config names), just those, merged into the existing manifest
+    (the other fixtures stay as they are)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)                     # one thread: the same summation order on every run
+    old = json.loads((out_dir / "manifest.json").read_text()) if only else None
     manifest = {
         "generator": "scripts/make_reference.py",
         "generator_sha256": sha256(__file__),
@@ -317,7 +327,12 @@ def generate(out_dir: Path):
         "note": "random LlamaForCausalLM models (float32, eager attention); taps captured with forward hooks",
         "configs": {},
     }
+    if old is not None:
+        manifest = {**old, "generator_sha256": sha256(__file__), "versions": manifest["versions"],
+                    "configs": {n: old["configs"][n] for n in CONFIGS if n in old["configs"]}}
     for name, (changes, B, T, seed) in CONFIGS.items():
+        if only and name not in only:
+            continue
         model = build_model(changes, seed)
         model.save_pretrained(out_dir / name, safe_serialization=True)
         tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (B, T)).astype(np.int64)
@@ -347,7 +362,7 @@ def generate(out_dir: Path):
                                                  "sha256": sha256(out_dir / f"rlhf_{name}.npz")}
             print(f"{'':10s} RLHF: reward-model loss {float(rm['loss']):.4f}, PPO loss {float(ppo['loss']):.4f} "
                   f"({float(ppo['clipped_share']):.0%} of ratios outside the clip range)")
-    embedded = embedded_model_fixture(out_dir)
+    embedded = embedded_model_fixture(out_dir) if not only else None
     if embedded is not None:
         manifest["embedded_model"] = embedded
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -413,5 +428,7 @@ def check():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare; exit 1 on mismatch")
+    ap.add_argument("--only", default=None, help="comma-separated config names: write just these (new fixtures), "
+                                                 "keeping the others and merging them into the manifest")
     args = ap.parse_args()
-    sys.exit(check() if args.check else generate(OUT))
+    sys.exit(check() if args.check else generate(OUT, args.only.split(",") if args.only else None))

@@ -244,3 +244,34 @@ def test_cli_quantize_and_export(model, tokenizer_path, tmp_path, capsys):
     from llama_ref.loader import read_checkpoint
     config, weights = read_checkpoint(tmp_path / "m.bin")
     np.testing.assert_allclose(Llama(config, weights).forward(tokens), model.forward(tokens), atol=1e-5, rtol=0)
+
+
+def test_linear_rope_scaling_round_trips_and_other_scalings_are_refused(tmp_path):
+    """llama.cpp keeps linear RoPE scaling as llama.rope.scaling.type/factor: written and read back, so a long-context
+    fine-tune keeps its positions; dynamic/llama3 have no Llama GGUF form and are refused, as a GGUF with yarn is."""
+    from llama_ref.config import RopeScaling
+    from llama_ref.llama2c import save_llama2c
+    cfg = CFG.replace(rope_scaling=RopeScaling("linear", 4.0))
+    weights = random_weights(cfg, seed=5)
+    path = G.save_gguf(tmp_path / "lin.gguf", cfg, weights, None, "f32")
+    r = GGUFReader(path)
+    assert G._field(r, "llama.rope.scaling.type") == "linear" and G._field(r, "llama.rope.scaling.factor") == 4.0
+    config, loaded = G.load_gguf(path)
+    assert config == cfg
+    tokens = np.arange(40) % cfg.vocab_size
+    np.testing.assert_array_equal(Llama(config, loaded).forward(tokens), Llama(cfg, weights).forward(tokens))
+    assert np.abs(Llama(CFG, weights).forward(tokens) - Llama(cfg, weights).forward(tokens)).max() > 1e-2
+    for kind in ("dynamic", "llama3"):
+        with pytest.raises(CheckpointError, match=kind):
+            G.save_gguf(tmp_path / f"{kind}.gguf", cfg.replace(rope_scaling=RopeScaling(kind, 2.0)), weights, None, "f32")
+        assert not (tmp_path / f"{kind}.gguf").exists()
+    with pytest.raises(CheckpointError, match="RoPE scaling"):
+        save_llama2c(tmp_path / "lin.bin", cfg, weights)
+    w = gguf.GGUFWriter(str(tmp_path / "yarn.gguf"), "llama")                  # metadata only: what is read first
+    G.add_llama_metadata(w, CFG, 0, quantized=False)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="yarn"):
+        G.gguf_config(GGUFReader(tmp_path / "yarn.gguf"))

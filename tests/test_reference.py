@@ -35,6 +35,8 @@ def test_every_reference_config_is_there():
     assert {c["tie_word_embeddings"] for c in cfgs.values()} == {True, False}                     # tied, untied
     shapes = [c["tokens_shape"] for c in MANIFEST["configs"].values()]
     assert any(T % 2 for _, T in shapes) and any(B > 1 for B, _ in shapes)                         # odd T, batch
+    kinds = {c.get("rope_parameters", {}).get("rope_type", "default") for c in cfgs.values()}
+    assert {"linear", "dynamic", "llama3"} <= kinds                                                # RoPE scaling
 
 
 @pytest.fixture(scope="module", params=NAMES)
