@@ -1,4 +1,4 @@
-"""Figures for the chapters: attention heatmaps, RoPE, residual norms, histograms, logit lens (02-05), the reward model,
+"""Figures for the chapters: attention heatmaps, RoPE and its scaling past the context, residual norms, histograms, logit lens (02-05), the reward model,
 best-of-N and PPO (09), Ghost Attention's adherence and attention (10), a Q4_0 block and bits per weight (11), the
 on-device split (12).
 
@@ -150,6 +150,23 @@ def rope_relative_scores(scores, title="q.k after RoPE") -> Figure:
 
 # ------------------------------------------------------------------------------------------------
 # The residual stream and activations
+
+def loss_by_position(curves: dict, trained_len: int, window: int = 32) -> Figure:
+    """Next-token loss against position (a moving average over `window` positions), one line per curve name, with the
+    trained context marked: what RoPE scaling does past it."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for name, nll in curves.items():
+        nll = np.asarray(nll, np.float64)
+        smooth = np.convolve(nll, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window // 2, smooth, label=name)
+    ax.axvline(trained_len, color="gray", ls="--", lw=1)
+    ax.text(trained_len, ax.get_ylim()[1], " trained context", va="top", fontsize=8, color="gray")
+    ax.set_xlabel("position")
+    ax.set_ylabel(f"loss (mean over {window} positions)")
+    ax.legend(fontsize=8)
+    return fig
+
 
 def residual_norms(norms, names=None, labels=None) -> Figure:
     """The residual stream's L2 norm per token after each block.

@@ -1,6 +1,8 @@
-"""Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon, RLHF.
+"""Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon, training
+knobs, a chat box, RLHF, a device's bandwidth.
 
-Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention), 06 (generation) and 09 (RLHF) display them.
+Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention), 06 (generation), 07 (training), 08 (chat), 09 (RLHF) and 12 (on
+device) display them.
 
 Each widget is a thin layer over a pure function that returns plain data, and tests call those directly:
 
@@ -12,6 +14,9 @@ Each widget is a thin layer over a pure function that returns plain data, and te
   reward_probe(rm, tokenizer, prompt, replies)   -> rewards beside the world's verdict       (reward_probe_box)
   ppo_run_view(runs, beta)                       -> a stored PPO run's end state             (beta_explorer)
                                                                                            (side_by_side_chat)
+  mini_run(config, data, val, lr, warmup, batch) -> a short training run's history          (training_explorer)
+  chat_turn(model, tokenizer, dialog, text)      -> the dialogue with the model's reply     (chat_box)
+  device_view(config, bits, bandwidth, parts)    -> tokens/s ceiling, bytes per part        (device_explorer)
 
 The builders return an ipywidgets container; a chapter displays it. Nothing in the core
 modules imports this one.
@@ -432,3 +437,139 @@ def side_by_side_chat(models: dict, tokenizer, system="", question="What does a 
         w.observe(redraw, names="value")
     redraw()
     return W.VBox([sys_box, q_box, out])
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 07: learning rate, warmup and batch size over a live mini run
+
+def mini_run(config, train_data, val_data, lr=3e-3, warmup=8, batch_size=16, steps=60, seq_len=64, seed=0) -> list[dict]:
+    """A short trainer.train run of a fresh model with these settings: its history (train loss per step, validation
+    loss every 20 steps). A loss that becomes NaN/Inf (a learning rate too high) ends the run early, as the trainer
+    refuses to go on."""
+    from . import train, trainer
+    from .errors import TrainingError
+    s = trainer.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
+                              eval_every=20, eval_batches=2, seed=seed)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):          # a diverging run: the trainer reports it
+            return trainer.train(config, train.init_weights(config, seed=seed), train_data, val_data, s,
+                                 progress=False, log=lambda m: None)[1]
+    except TrainingError as e:
+        return [{"step": 0, "train_loss": float("nan"), "error": str(e)}]
+
+
+def training_explorer(config, train_data, val_data, steps=60):
+    """Sliders for learning rate (log scale), warmup and batch size; each change trains a fresh mini model for `steps`
+    steps and draws its loss curve over the previous ones."""
+    import ipywidgets as W
+    from matplotlib.figure import Figure
+    lr = W.FloatLogSlider(value=3e-3, base=10, min=-4, max=-0.5, step=0.25, description="lr")
+    warmup = W.IntSlider(value=8, min=0, max=40, step=4, description="warmup")
+    batch = W.IntSlider(value=16, min=2, max=32, step=2, description="batch")
+    go = W.Button(description=f"train {steps} steps")
+    out, runs = W.Output(), []
+
+    def run(_=None):
+        hist = mini_run(config, train_data, val_data, lr.value, warmup.value, batch.value, steps)
+        runs.append((f"lr {lr.value:.0e}, warmup {warmup.value}, batch {batch.value}", hist))
+        fig = Figure(figsize=(7, 3), layout="constrained")
+        ax = fig.subplots()
+        for label, h in runs[-5:]:
+            ax.plot([r["step"] for r in h], [r["train_loss"] for r in h], label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.legend(fontsize=7)
+        out.clear_output(wait=True)
+        with out:
+            from IPython.display import display
+            display(fig)
+            if "error" in runs[-1][1][-1]:
+                print(runs[-1][1][-1]["error"])
+
+    go.on_click(run)
+    run()
+    return W.VBox([W.HBox([lr, warmup, batch, go]), out])
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 08: a chat box (system message, turns, which model)
+
+def chat_turn(model, tokenizer, dialog: list[dict], user_text: str, max_new_tokens=48) -> list[dict]:
+    """The dialogue with the user's message and the model's greedy reply appended."""
+    from .chat import reply
+    dialog = dialog + [{"role": "user", "content": user_text}]
+    return dialog + [{"role": "assistant", "content": reply(model, tokenizer, dialog, max_new_tokens=max_new_tokens)[0]}]
+
+
+def chat_box(models: dict, tokenizer, system="", max_new_tokens=48):
+    """Talk to one of `models` ({name: Llama}): a system message, a message box, Send and New chat."""
+    import ipywidgets as W
+    pick = W.Dropdown(options=list(models), description="model")
+    sys_box = W.Text(value=system, description="system", layout=W.Layout(width="90%"))
+    msg = W.Text(value="What does a cow say?", description="you", layout=W.Layout(width="90%"))
+    send, new = W.Button(description="Send"), W.Button(description="New chat")
+    log = W.HTML()
+    state = {"dialog": []}
+
+    def show():
+        rows = [f"<tr><td><b>{m['role']}</b></td><td>{html.escape(m['content'])}</td></tr>" for m in state["dialog"]]
+        log.value = "<table>" + "".join(rows) + "</table>"
+
+    def on_send(_=None):
+        if not state["dialog"] and sys_box.value.strip():
+            state["dialog"] = [{"role": "system", "content": sys_box.value.strip()}]
+        try:
+            state["dialog"] = chat_turn(models[pick.value], tokenizer, state["dialog"], msg.value, max_new_tokens)
+        except LlamaRefError as e:
+            state["dialog"] = state["dialog"] + [{"role": "error", "content": str(e)}]
+        show()
+
+    def on_new(_=None):
+        state["dialog"] = []
+        show()
+
+    send.on_click(on_send)
+    new.on_click(on_new)
+    return W.VBox([pick, sys_box, W.HBox([msg, send, new]), log])
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 12: bits per weight and device bandwidth -> tokens/s and memory per part
+
+def device_view(config, bits_per_weight: float, bandwidth_gb_s: float, n_parts: int = 4, kv_len: int = 1024) -> dict:
+    """What a device can do with a model at a given weight precision: bytes per decoded token, the tokens/s ceiling,
+    and the weight bytes of each part (layers split evenly; part 0 carries the embedding, the last the classifier)."""
+    from .ondevice import decode_bytes_per_token, tokens_per_second_bound
+    if not 1 <= n_parts <= config.n_layers:
+        raise InputError(f"n_parts={n_parts} must be between 1 and n_layers={config.n_layers}")
+    b = decode_bytes_per_token(config, bits_per_weight, kv_len=kv_len)
+    C, H, V = config.dim, config.hidden_dim, config.vocab_size
+    per_layer = (C * config.n_heads * config.head_dim * 2 + C * config.n_kv_heads * config.head_dim * 2
+                 + 3 * C * H) * bits_per_weight / 8
+    bounds = np.linspace(0, config.n_layers, n_parts + 1).round().astype(int)
+    parts = [(bounds[i + 1] - bounds[i]) * per_layer for i in range(n_parts)]
+    parts[0] += V * C * bits_per_weight / 8
+    parts[-1] += V * C * bits_per_weight / 8
+    return {"bytes_per_token": b["total"], "tokens_per_s": tokens_per_second_bound(b["total"], bandwidth_gb_s),
+            "part_bytes": parts}
+
+
+def device_explorer(config, name="Llama 2 7B"):
+    """Sliders for bits per weight, bandwidth and parts -> the decode ceiling and memory per part."""
+    import ipywidgets as W
+    bits = W.FloatSlider(value=4.5, min=2, max=16, step=0.5, description="bits/weight")
+    bw = W.FloatSlider(value=60, min=5, max=200, step=5, description="GB/s")
+    parts = W.IntSlider(value=4, min=1, max=min(8, config.n_layers), description="parts")
+    out = W.HTML()
+
+    def redraw(_=None):
+        v = device_view(config, bits.value, bw.value, parts.value)
+        sizes = ", ".join(f"{b / 2**30:.2f}" for b in v["part_bytes"])
+        out.value = (f"<b>{name}</b> at {bits.value:g} bits/weight on {bw.value:g} GB/s: "
+                     f"{v['bytes_per_token'] / 1e9:.2f} GB read per token &rarr; at most "
+                     f"<b>{v['tokens_per_s']:.1f} tokens/s</b>; parts of {sizes} GiB")
+
+    for w in (bits, bw, parts):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([bits, bw, parts]), out])

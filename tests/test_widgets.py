@@ -219,3 +219,63 @@ def test_side_by_side_chat_answers_for_every_model(tiny_lm):
     assert box.children[-1].value.count("<tr>") == 2
     box.children[1].value = "[INST] nope"                      # a refused message is shown, not raised
     assert "refused" in box.children[-1].value
+
+
+# ------------------------------------------------------------------------------------------------
+# the knobs of chapters 07, 08 and 12
+
+@pytest.fixture(scope="module")
+def mini_data():
+    tok = Tokenizer(paths.DEFAULT_TOKENIZER)
+    rng = np.random.default_rng(0)
+    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
+                      max_seq_len=32)
+    data = (rng.integers(0, 8, 4000) * 3 + 5).astype(np.int64)            # a low-entropy stream: learnable fast
+    return cfg, data, data[:800]
+
+
+def test_mini_run_learns_and_an_absurd_learning_rate_is_reported(mini_data):
+    cfg, data, val = mini_data
+    hist = widgets.mini_run(cfg, data, val, lr=1e-2, warmup=4, batch_size=4, steps=20, seq_len=32)
+    assert len(hist) == 20 and hist[-1]["train_loss"] < hist[0]["train_loss"] - 1.0 and "val_loss" in hist[-1]
+    assert hist[0]["train_loss"] == pytest.approx(np.log(cfg.vocab_size), abs=0.5)   # starts near uniform
+    wild = widgets.mini_run(cfg, data, val, lr=1e6, warmup=0, batch_size=4, steps=10, seq_len=32)
+    assert "error" in wild[-1] or all(np.isfinite(r["train_loss"]) for r in wild)
+
+
+def test_training_explorer_trains_again_on_click(mini_data):
+    cfg, data, val = mini_data
+    box = widgets.training_explorer(cfg, data, val, steps=4)
+    _find(box, "Button").click()                                              # a second run is drawn
+    assert _find(box, "Output") is not None
+
+
+def test_chat_turn_appends_the_reply_and_the_box_keeps_the_dialogue(tiny_lm):
+    model, tok = tiny_lm
+    d = widgets.chat_turn(model, tok, [{"role": "system", "content": "Be brief."}], "Hi!", max_new_tokens=3)
+    assert [m["role"] for m in d] == ["system", "user", "assistant"]
+    box = widgets.chat_box({"tiny": model}, tok, system="Be brief.", max_new_tokens=3)
+    send = _find(box, "Button", "Send")
+    send.click()
+    send.click()
+    assert box.children[-1].value.count("<tr>") == 5                         # system + 2 x (user, assistant)
+    _find(box, "Text", "you").value = "[INST] nope"
+    send.click()
+    assert "error" in box.children[-1].value                                  # a refused message is shown
+    _find(box, "Button", "New chat").click()
+    assert box.children[-1].value == "<table></table>"
+
+
+def test_device_view_is_the_bandwidth_bound_and_sums_the_weights():
+    from llama_ref import PRESETS, ondevice as D
+    c7 = PRESETS["llama2-7b"]
+    v = widgets.device_view(c7, 4.0, 60.0, n_parts=4)
+    b = D.decode_bytes_per_token(c7, 4.0, kv_len=1024)["total"]
+    assert v["tokens_per_s"] == pytest.approx(60e9 / b)
+    weights = (c7.n_params() - (2 * c7.n_layers + 1) * c7.dim) * 4 / 8             # every matrix at 4 bits
+    assert sum(v["part_bytes"]) == pytest.approx(weights, rel=1e-6) and len(v["part_bytes"]) == 4
+    with pytest.raises(InputError):
+        widgets.device_view(c7, 4.0, 60.0, n_parts=33)
+    box = widgets.device_explorer(c7)
+    _find(box, "FloatSlider", "bits/weight").value = 8.0
+    assert "tokens/s" in box.children[-1].value
