@@ -38,7 +38,7 @@ from .files import atomic_dir, check_output
 from .model import Llama, rope_tables
 from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate
 from .onnx_export import Graph, check_int4_shapes, check_static_rope, require_onnx, tokenizer_bytes
-from .quant import Int8Matrix, W4Matrix, quantize_model
+from .quant import Int8Matrix, W4Matrix, quantize_model, unpack_w4
 from .weights import MODEL_TENSORS, layer_names
 
 F32 = np.float32
@@ -63,10 +63,7 @@ def qdq16(g, x, scale):
 def w4_kernel(g, name, w: W4Matrix, rows=slice(None)):
     """A W4 matrix's rows as a (out, in, 1, 1) conv kernel: int4 codes + blocked DequantizeLinear (block = group)."""
     import ml_dtypes
-    codes = np.empty((w.packed.shape[0], w.shape[1]), np.int8)
-    codes[:, 0::2] = (w.packed & 0x0F).astype(np.int8) - 8
-    codes[:, 1::2] = (w.packed >> 4).astype(np.int8) - 8
-    codes = codes[rows]
+    codes = unpack_w4(w.packed[rows])                                   # (out, in) in [-8, 7]
     q = g.weight(name + ".q", codes[:, :, None, None].astype(ml_dtypes.int4))
     s = g.weight(name + ".scale", w.scales[rows].astype(F32)[:, :, None, None])
     return g.op("DequantizeLinear", q, s, axis=1, block_size=w.group)

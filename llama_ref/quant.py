@@ -235,12 +235,18 @@ def quantize_w4(w, group=64):
     return packed, scales[..., 0]
 
 
-def dequantize_w4(packed, scales):
-    """Inverse of quantize_w4: float32 (out, in)."""
-    n = packed.shape[-1] * 2
-    q = np.empty((*packed.shape[:-1], n), np.int8)
+def unpack_w4(packed):
+    """The int4 codes of a packed W4 matrix: int8 (out, in) in [-8, 7] (element 2k from the low nibble)."""
+    q = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.int8)
     q[..., 0::2] = (packed & np.uint8(0x0F)).astype(np.int8) - np.int8(8)
     q[..., 1::2] = (packed >> np.uint8(4)).astype(np.int8) - np.int8(8)
+    return q
+
+
+def dequantize_w4(packed, scales):
+    """Inverse of quantize_w4: float32 (out, in)."""
+    q = unpack_w4(packed)
+    n = q.shape[-1]
     group = n // scales.shape[-1]
     w = q.reshape(*q.shape[:-1], -1, group).astype(F32) * scales.astype(F32)[..., None]
     return w.reshape(*q.shape)
