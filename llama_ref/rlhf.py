@@ -30,6 +30,7 @@ Read top to bottom:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -48,7 +49,7 @@ from .errors import InputError, PreferenceError
 from .files import write_text
 from .gatt import Example, Instruction, last_turn_example, random_instruction, strip_instruction
 from .generate import generate_batch
-from .model import Llama, rope_freqs
+from .model import Llama, rope_tables
 from .safetensors import read_safetensors
 from .train import (AdamW, HEAD, clip_grad_norm, linear_backward, lr_schedule, model_backward, model_forward,
                     trunk_backward, trunk_forward)
@@ -212,14 +213,15 @@ class Annotator:
 
 
 def annotate(prompts: list[Prompt], replies: list[list[str]], annotator: Annotator, seed: int = 0) -> list[Preference]:
-    """Preferences from K sampled replies per prompt: the distinct replies are compared in pairs (1st with 2nd, 3rd
-    with 4th, ...). Identical replies are never shown to the annotator: there is nothing to prefer."""
+    """Preferences from K sampled replies per prompt: every pair of distinct replies is compared (up to K(K-1)/2 per
+    prompt; sampling is the expensive part, so each sample is used in every comparison it can be). Identical replies
+    are never shown to the annotator: there is nothing to prefer."""
     rng = np.random.default_rng(seed)
     out = []
     for p, rs in zip(prompts, replies):
         distinct = list(dict.fromkeys(r.strip() for r in rs))
-        for i in range(0, len(distinct) - 1, 2):
-            out.append(annotator.compare(p, distinct[i], distinct[i + 1], rng))
+        for i, j in itertools.combinations(range(len(distinct)), 2):
+            out.append(annotator.compare(p, distinct[i], distinct[j], rng))
     return out
 
 
@@ -672,7 +674,7 @@ def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel, token
     P[VALUE] = np.zeros((1, config.dim), F32)
     opt = AdamW(P, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    rope = rope_freqs(config.head_dim, config.max_seq_len, config.rope_theta)
+    rope = rope_tables(config, config.max_seq_len)
     history, t0 = [], time.time()
     bar = tqdm(total=iterations, desc=f"PPO beta={settings.beta:g}", unit="it", disable=not progress)
     for it in range(iterations):

@@ -87,8 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(paths.MODELS_DIR), help="where tinyworld-rm/ and tinyworld-rlhf/ go")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model and minimal sizes (a smoke test)")
     ap.add_argument("--pref-prompts", type=int, default=2000, help="training prompts the annotator compares")
-    ap.add_argument("--pref-k", type=int, default=4, help="replies sampled per prompt for comparison (K/2 pairs)")
-    ap.add_argument("--rm-steps", type=int, default=450)
+    ap.add_argument("--pref-k", type=int, default=6,
+                    help="replies sampled per prompt; every pair of distinct ones is compared")
+    ap.add_argument("--rm-steps", type=int, default=600)
     ap.add_argument("--rm-batch", type=int, default=8, help="pairs per reward-model step")
     ap.add_argument("--rm-lr", type=float, default=2e-4)
     ap.add_argument("--preferences", default=None,
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ppo-iterations", type=int, default=100)
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--sweep-betas", default="0,0.1", help="further betas, each a shorter PPO run (the beta slider)")
-    ap.add_argument("--sweep-iterations", type=int, default=40)
+    ap.add_argument("--sweep-iterations", type=int, default=30)
     ap.add_argument("--time-budget-min", type=float, default=45.0,
                     help="soft budget: each stage gets a share and stops early when it is used")
     ap.add_argument("--seed", type=int, default=0)

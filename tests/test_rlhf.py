@@ -188,6 +188,9 @@ def test_annotate_skips_identical_replies():
     prefs = rlhf.annotate([p], [["A cow says moo.", " A cow says moo. ", "A cow says moo.", "A cow says baa."]],
                           rlhf.Annotator(noise=0.0))
     assert len(prefs) == 1 and prefs[0].chosen == "A cow says moo."
+    three = rlhf.annotate([p], [["A cow says moo.", "A cow says baa.", "A cow says moo.", "A pig says moo."]],
+                          rlhf.Annotator(noise=0.0))
+    assert len(three) == 3                                            # every pair of the three distinct replies
 
 
 def test_prompts_are_deterministic_and_eval_prompts_are_held_out():
