@@ -1,4 +1,8 @@
-"""Our NumPy forward vs transformers' LlamaForCausalLM: same weights, same thread count, one process.
+"""Our NumPy forward vs transformers' LlamaForCausalLM and llama.cpp's F32 path: same weights, same thread count.
+
+llama.cpp (where llama-cpp-python is installed, see benchmarks/llamacpp_check.py for the AMX build note) runs the same
+weights exported by us as an F32 GGUF, in a child process per thread count (its own threads: n_threads), with an F32
+KV cache. Greedy ids must agree across all three (printed).
 
 Prefill: one forward over a 256-token prompt (all logits, as both libraries compute them by default).
 Decode: greedy generation of new tokens one at a time with a KV cache, after a short prompt; prompt tokens are
@@ -19,6 +23,9 @@ ap.add_argument("--threads", default="1,2", help="comma-separated thread counts,
 ap.add_argument("--prompt-len", type=int, default=256)
 ap.add_argument("--decode-tokens", type=int, default=128)
 ap.add_argument("--repeats", type=int, default=5, help="prefill repeats (median is reported)")
+ap.add_argument("--shape", default="stories15M", choices=["stories15M", "tinyworld"],
+                help="stories15M (dim 288, vocab 32000) or the embedded model's shape (dim 256, GQA, vocab 1024)")
+ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out even if llama-cpp-python is installed")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
 from _bench import import_reference, machine_line, median_time, pin_threads, write_readme_block  # noqa: E402
@@ -26,17 +33,20 @@ threads = [int(t) for t in args.threads.split(",")]
 pin_threads(max(threads))                                                  # before numpy/torch load BLAS
 
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 torch, transformers = import_reference("forward.py")
 
-from llama_ref.config import PRESETS  # noqa: E402
+from llama_ref import gguf_io, paths, synthetic  # noqa: E402
+from llama_ref.config import PRESETS, LlamaConfig  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-cfg = PRESETS["stories15M"].replace(max_seq_len=max(512, args.prompt_len + args.decode_tokens + 8))
+base = PRESETS["stories15M"] if args.shape == "stories15M" else LlamaConfig.load(paths.DEFAULT_MODEL)
+cfg = base.replace(max_seq_len=max(512, args.prompt_len + args.decode_tokens + 8))
 
 # one set of weights, made by transformers, shared by both
 torch.manual_seed(0)
@@ -79,7 +89,19 @@ with torch.inference_mode():
     ref_logits = hf(prompt_t).logits[0].numpy()
 err = float(np.abs(ours.forward(prompt) - ref_logits).max())
 n = args.decode_tokens
-rows, same = [], True
+llamacpp = None
+if not args.no_llamacpp:
+    try:
+        import llama_cpp  # noqa: F401
+        import tempfile
+        from llamacpp_check import llamacpp_speed
+        llamacpp_dir = tempfile.TemporaryDirectory()
+        gguf = gguf_io.save_gguf(Path(llamacpp_dir.name) / "bench-f32.gguf", cfg, weights,
+                                 gguf_io.GGUFVocab(synthetic.vocabulary_for(cfg.vocab_size)), "f32")
+        llamacpp = {nt: llamacpp_speed(gguf, [int(t) for t in prompt], n, nt) for nt in threads}
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp column (pip install llama-cpp-python==0.3.36)")
+rows, same, agree_lc = [], True, []
 for nt in threads:
     with threadpool_limits(nt):
         torch.set_num_threads(nt)
@@ -90,21 +112,34 @@ for nt in threads:
         t_ours_dec, ids_ours = decode_ours(n)
         t_hf_dec, ids_hf = decode_hf(n)
         same = same and ids_ours == ids_hf
+    lc = llamacpp[nt] if llamacpp else None
+    if lc is not None:                       # tokens until the first disagreement (random weights: near-ties happen)
+        agree_lc.append(next((i for i, (a, b) in enumerate(zip(lc["ids"], ids_ours)) if a != b), n))
     rows.append((f"prefill ({args.prompt_len}-token prompt), {nt} thread{'s' * (nt > 1)}, tok/s",
-                 args.prompt_len / t_ours_pf, args.prompt_len / t_hf_pf))
+                 args.prompt_len / t_ours_pf, args.prompt_len / t_hf_pf, lc and args.prompt_len / lc["prefill_s"]))
     rows.append((f"decode with KV cache ({n} tokens), {nt} thread{'s' * (nt > 1)}, tok/s",
-                 n / t_ours_dec, n / t_hf_dec))
+                 n / t_ours_dec, n / t_hf_dec, lc and n / lc["decode_s"]))
 
-table = ["| stories15M-shaped (dim 288, 6 layers, vocab 32000), float32 | llama_ref (NumPy) | transformers (PyTorch) "
-         "| ratio |",
-         "|---|---:|---:|---:|"]
-for name, a, b in rows:
-    table.append(f"| {name} | {a:,.0f} | {b:,.0f} | **{a / b:.2f}x** |")
-notes = (f"\nmax abs logit difference {err:.1e}; greedy decode produced the same {n} tokens: {same}. "
+shape = ("stories15M-shaped (dim 288, 6 layers, vocab 32000)" if args.shape == "stories15M"
+         else f"tinyworld-shaped (dim {cfg.dim}, {cfg.n_layers} layers, GQA {cfg.n_heads}/{cfg.n_kv_heads}, vocab {cfg.vocab_size})")
+table = [f"| {shape}, float32 | llama_ref (NumPy) | transformers (PyTorch) | ours / transformers "
+         "| llama.cpp F32 | ours / llama.cpp |", "|---|---:|---:|---:|---:|---:|"]
+for name, a, b, c in rows:
+    lc_cells = f"{c:,.0f} | **{a / c:.2f}x**" if c else "– | –"
+    table.append(f"| {name} | {a:,.0f} | {b:,.0f} | **{a / b:.2f}x** | {lc_cells} |")
+lc_note = ""
+if agree_lc and min(agree_lc) == n:
+    lc_note = f" llama.cpp decoded the same {n} tokens at every thread count."
+elif agree_lc:
+    lc_note = (f" llama.cpp's greedy ids equal ours for the first {', '.join(map(str, agree_lc))} of {n} tokens at "
+               f"{args.threads} threads (its F32 path sums in another order; random weights have near-ties).")
+notes = (f"\nmax abs logit difference to transformers {err:.1e}; ours and transformers decoded the same {n} tokens: "
+         f"{same}.{lc_note} "
          f"numpy {np.__version__}, torch {torch.__version__}, transformers {transformers.__version__}.\n"
          f"Machine: {machine_line(args.threads)}.")
 text = "\n".join(table) + "\n" + notes
 print(text)
 
 if args.readme:
-    write_readme_block("BENCH-FORWARD", text)
+    write_readme_block("BENCH-FORWARD" if args.shape == "stories15M" else "BENCH-FORWARD-TINYWORLD", text,
+                       anchor="<!-- /BENCH-FORWARD -->")

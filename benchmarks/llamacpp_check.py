@@ -77,6 +77,54 @@ def worker(gguf_path: str, out: str, tokens: str, one_by_one: str = "0") -> int:
     return 0
 
 
+def llamacpp_speed(gguf_path: Path, prompt: list[int], n_decode: int, threads: int) -> dict:
+    """llama.cpp's prefill and greedy decode timed in a child process (a crash is reported as in llamacpp_logits):
+    {"prefill_s", "decode_s", "ids"}; the decode starts after the first 8 prompt tokens, as benchmarks/forward.py's."""
+    out = gguf_path.with_suffix(f".speed{threads}.npy")
+    cmd = [sys.executable, __file__, "--speed-worker", str(gguf_path), str(out), ",".join(map(str, prompt)),
+           str(n_decode), str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:
+        sig = -proc.returncode
+        what = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        raise LlamaCppCrashed(AMX_ADVICE.format(what=what, name=gguf_path.name,
+                                                amx="; this CPU has AMX" if cpu_has_amx() else ""))
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp failed on {gguf_path.name}:\n{proc.stderr.strip()[-2000:]}")
+    r = np.load(out, allow_pickle=False)
+    return {"prefill_s": float(r[0]), "decode_s": float(r[1]), "ids": [int(i) for i in r[2:]]}
+
+
+def speed_worker(gguf_path: str, out: str, tokens: str, n_decode: str, threads: str) -> int:
+    """Child process: median of 3 prefills of the whole prompt, then a greedy decode of n_decode tokens after the
+    first 8 prompt tokens, one token per eval (the F32 KV cache, as in `worker`)."""
+    import statistics
+    import time
+    from llama_cpp import Llama as LlamaCpp
+    ids, n, nt = [int(t) for t in tokens.split(",")], int(n_decode), int(threads)
+    llm = LlamaCpp(model_path=gguf_path, n_ctx=max(512, len(ids) + n + 16), n_batch=max(512, len(ids)),
+                   n_threads=nt, n_threads_batch=nt, verbose=False, type_k=0, type_v=0)
+    times = []
+    for _ in range(4):                                                    # a warm-up, then 3 timed prefills
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        times.append(time.perf_counter() - t0)
+    def last_logits():                   # without logits_all, llama-cpp-python keeps no scores: read the context's
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    llm.reset()
+    llm.eval(ids[:8])
+    tok, new = int(np.argmax(last_logits())), []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        new.append(tok)
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+    decode = time.perf_counter() - t0
+    np.save(out, np.array([statistics.median(times[1:]), decode] + new, dtype=np.float64))
+    return 0
+
+
 def main(argv=None):
     from llama_ref import paths, quant as Q, evaluate as E, gguf_io as G, synthetic
     from llama_ref.config import LlamaConfig
@@ -135,4 +183,6 @@ def main(argv=None):
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--worker":
         sys.exit(worker(*sys.argv[2:]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--speed-worker":
+        sys.exit(speed_worker(*sys.argv[2:]))
     sys.exit(main())
