@@ -17,8 +17,10 @@ MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 
 
 def llama2c_compatible(name):
+    """run.c hard-codes theta 10000, eps 1e-5 and plain RoPE (save_llama2c refuses anything else, tests/test_gguf.py)."""
     cfg = MANIFEST["configs"][name]["hf_config"]
-    return cfg.get("rope_theta", 10000.0) == 10000.0 and cfg.get("rms_norm_eps") == 1e-5
+    plain = (cfg.get("rope_parameters") or {}).get("rope_type", "default") == "default" and not cfg.get("rope_scaling")
+    return cfg.get("rope_theta", 10000.0) == 10000.0 and cfg.get("rms_norm_eps") == 1e-5 and plain
 
 
 @pytest.mark.parametrize("name", [n for n in MANIFEST["configs"] if llama2c_compatible(n)])
