@@ -3,7 +3,7 @@ int4 twin, and Qualcomm-style on-device graphs chained by the host loop. Needs t
 
 Tolerances.
   * float32 export: ONNX Runtime's kernels sum in another order than NumPy/OpenBLAS: a few 1e-7 of the logits' scale
-    measured (9e-7 on the embedded model). Bound: 1e-4 of the logit scale, as the issue of trust in every engine asks;
+    measured (9e-7 on the embedded model). Bound: 1e-4 of the logit scale, the bound every engine comparison here uses;
     a wrong RoPE pair, head or mask gives errors of order 1e-1.
   * int4 export: MatMulNBits holds exactly our W4 codes and fp16-rounded scales, so it equals our W4 path to float
     rounding (1.2e-6 measured); same bound.
