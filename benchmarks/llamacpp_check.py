@@ -51,8 +51,14 @@ def llamacpp_logits(gguf_path: Path, tokens: list[int], one_by_one=False) -> np.
     """(T, V) float32 logits of llama.cpp on `tokens`, computed in a child process (see `worker`). one_by_one feeds
     the tokens one at a time (decoding: llama.cpp's vec_dot kernels) instead of as one batch (its GEMM kernels)."""
     out = gguf_path.with_suffix(".logits.npy")
-    cmd = [sys.executable, __file__, "--worker", str(gguf_path), str(out), ",".join(map(str, tokens)),
-           "1" if one_by_one else "0"]
+    run_child(gguf_path, "--worker", out, ",".join(map(str, tokens)), "1" if one_by_one else "0")
+    return np.load(out)
+
+
+def run_child(gguf_path: Path, mode: str, out: Path, *args) -> None:
+    """Run this file's worker `mode` on a GGUF in a child process; a crash (a signal) becomes LlamaCppCrashed with the
+    AMX advice, another failure a RuntimeError with llama.cpp's last words."""
+    cmd = [sys.executable, __file__, mode, str(gguf_path), str(out), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode < 0:                                              # killed by a signal: a crash in C++
         sig = -proc.returncode
@@ -61,7 +67,6 @@ def llamacpp_logits(gguf_path: Path, tokens: list[int], one_by_one=False) -> np.
         raise LlamaCppCrashed(AMX_ADVICE.format(what=what, name=gguf_path.name, amx=amx))
     if proc.returncode != 0:
         raise RuntimeError(f"llama.cpp failed on {gguf_path.name}:\n{proc.stderr.strip()[-2000:]}")
-    return np.load(out)
 
 
 def worker(gguf_path: str, out: str, tokens: str, one_by_one: str = "0") -> int:
@@ -81,16 +86,7 @@ def llamacpp_speed(gguf_path: Path, prompt: list[int], n_decode: int, threads: i
     """llama.cpp's prefill and greedy decode timed in a child process (a crash is reported as in llamacpp_logits):
     {"prefill_s", "decode_s", "ids"}; the decode starts after the first 8 prompt tokens, as benchmarks/forward.py's."""
     out = gguf_path.with_suffix(f".speed{threads}.npy")
-    cmd = [sys.executable, __file__, "--speed-worker", str(gguf_path), str(out), ",".join(map(str, prompt)),
-           str(n_decode), str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode < 0:
-        sig = -proc.returncode
-        what = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
-        raise LlamaCppCrashed(AMX_ADVICE.format(what=what, name=gguf_path.name,
-                                                amx="; this CPU has AMX" if cpu_has_amx() else ""))
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp failed on {gguf_path.name}:\n{proc.stderr.strip()[-2000:]}")
+    run_child(gguf_path, "--speed-worker", out, ",".join(map(str, prompt)), n_decode, threads)
     r = np.load(out, allow_pickle=False)
     return {"prefill_s": float(r[0]), "decode_s": float(r[1]), "ids": [int(i) for i in r[2:]]}
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError
-from .model import Llama, apply_rope_hf, silu, softmax
+from .model import Llama, apply_rope_hf, rope_tables, silu, softmax
 from .trace import Trace
 from .weights import MODEL_TENSORS, layer_names
 
@@ -198,6 +198,14 @@ def calibrate(model: Llama, prompts) -> dict:
 # ------------------------------------------------------------------------------------------------
 # 3. The model cut into parts, and 4. the two static graphs
 
+def split_layers(n_layers: int, n_parts: int) -> list[list[int]]:
+    """The layers cut into n_parts parts of whole layers, as evenly as they go: [[0, 1], [2], [3], [4, 5]]."""
+    if not 1 <= n_parts <= n_layers:
+        raise InputError(f"n_parts={n_parts} (--parts {n_parts}): the model has {n_layers} layers, so 1..{n_layers} parts")
+    bounds = np.linspace(0, n_layers, n_parts + 1).round().astype(int)
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(n_parts)]
+
+
 class OnDeviceLlama:
     """A Llama rewritten for a static-graph runtime: conv kernels, single-head attention, n_parts parts.
 
@@ -208,7 +216,7 @@ class OnDeviceLlama:
 
     def __init__(self, model: Llama, n_parts=4, prompt_len=None, context=None, act_scales=None):
         cfg = model.config
-        self.config = cfg
+        self.set_host(cfg, n_parts, prompt_len, context)
         self.layers = conv_layers(model)
         self.act_scales = act_scales or {}
         for i, layer in enumerate(self.layers):
@@ -218,13 +226,15 @@ class OnDeviceLlama:
         self.norm = np.asarray(model.weights[norm], F32)
         head = embed if cfg.tie_embeddings else head
         self.lm_head = linear_to_conv(_float(model.weights[head]))              # (V, C, 1, 1)
+
+    def set_host(self, cfg: LlamaConfig, n_parts, prompt_len=None, context=None):
+        """The host's side, without weights (OnnxOnDeviceLlama has only this): the lengths, the RoPE tables it slices,
+        the parts."""
+        self.config = cfg
         self.prompt_len = prompt_len or min(cfg.max_seq_len, 64)
         self.context = context or cfg.max_seq_len
-        self.cos, self.sin = model.rope(self.context)                           # tables the host slices
-        if n_parts < 1 or n_parts > cfg.n_layers:
-            raise InputError(f"n_parts={n_parts} must be between 1 and n_layers={cfg.n_layers}")
-        bounds = np.linspace(0, cfg.n_layers, n_parts + 1).round().astype(int)   # layers split evenly
-        self.parts = [list(range(bounds[i], bounds[i + 1])) for i in range(n_parts)]
+        self.cos, self.sin = rope_tables(cfg, self.context)                     # (context, hs/2) each
+        self.parts = split_layers(cfg.n_layers, n_parts)
 
     # -- one part: a graph of its own ----------------------------------------------------------------
     def run_part(self, p, h, cos, sin, mask, past_k=None, past_v=None):

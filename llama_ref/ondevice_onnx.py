@@ -4,6 +4,7 @@ Chapter 12 builds the rewrites in NumPy (ondevice.py) and ends with these files.
 of the ondevice.py function of the same name, so the two read side by side:
 
     rms_norm_nchw -> conv1x1 (W4 weights, A16 activations) -> single_head_attention -> conv_block -> part_graph
+(RoPE and SwiGLU are onnx_export's: the same nodes on (T, hs) rows and (1, H, 1, T) images.)
 
 For each part p (layers split evenly, as OnDeviceLlama.parts), two graphs with static shapes only:
     part{p}_prompt.onnx   the prompt processor: P tokens (left-padded), mask (P, P) -> the part's keys and values
@@ -35,9 +36,10 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, InputError
 from .files import atomic_dir, check_output
-from .model import Llama, rope_tables
-from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate
-from .onnx_export import Graph, check_int4_shapes, check_static_rope, require_onnx, tokenizer_bytes
+from .model import Llama
+from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate, split_layers
+from .onnx_export import (Graph, check_int4_shapes, check_static_rope, require_onnx, rope, session, swiglu,
+                          tokenizer_bytes)
 from .quant import Int8Matrix, W4Matrix, quantize_model, unpack_w4
 from .weights import MODEL_TENSORS, layer_names
 
@@ -88,13 +90,6 @@ def conv1x1(g, x, kernel, act_scale):
     return g.op("Conv", qdq16(g, x, act_scale), kernel)
 
 
-def rope_rows(g, x, cos, sin, hs):
-    """HF rotate-half on rows: x (T, hs), cos/sin (T, hs/2)."""
-    x1, x2 = g.op("Split", x, g.const([hs // 2, hs // 2]), outputs=2, axis=1)
-    return g.op("Concat", g.op("Sub", g.op("Mul", x1, cos), g.op("Mul", x2, sin)),
-                g.op("Add", g.op("Mul", x2, cos), g.op("Mul", x1, sin)), axis=1)
-
-
 def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
     """nh single-head attentions on x (1, C, 1, T). Returns (out (1, C, 1, T), new keys (nkv, hs, T), values
     (nkv, T, hs)); past = (past keys name (nkv, hs, S0), past values name (nkv, S0, hs)) for the token generator."""
@@ -107,7 +102,7 @@ def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
     new_k, new_v, keys, vals = [], [], [], []
     for j in range(cfg.n_kv_heads):
         sl = slice(j * hs, (j + 1) * hs)
-        k = rope_rows(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wk']}.head{j}", W["wk"], sl), a)),
+        k = rope(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wk']}.head{j}", W["wk"], sl), a)),
                       "cos", "sin", hs)
         new_k.append(g.op("Transpose", k, perm=[1, 0]))                                           # (hs, T)
         new_v.append(rows(conv1x1(g, x, w4_kernel(g, f"{names['wv']}.head{j}", W["wv"], sl), a)))  # (T, hs)
@@ -121,7 +116,7 @@ def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
     for h in range(cfg.n_heads):
         j = h // rep
         sl = slice(h * hs, (h + 1) * hs)
-        q = rope_rows(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wq']}.head{h}", W["wq"], sl), a)),
+        q = rope(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wq']}.head{h}", W["wq"], sl), a)),
                       "cos", "sin", hs)
         scores = g.op("Add", g.op("MatMul", g.op("Mul", q, g.const(1.0 / np.sqrt(hs), F32)), keys[j]), "mask")
         heads.append(g.op("MatMul", g.op("Softmax", scores, axis=-1), vals[j]))                 # (T, hs)
@@ -143,7 +138,7 @@ def conv_block(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
     a = scales[f"layers.{i}.ffn_norm"]
     gate = conv1x1(g, hn, w4_kernel(g, names["w_gate"], W["w_gate"]), a)
     up = conv1x1(g, hn, w4_kernel(g, names["w_up"], W["w_up"]), a)
-    hidden = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)                           # (1, H, 1, T)
+    hidden = swiglu(g, gate, up)                                                                   # (1, H, 1, T)
     return g.op("Add", h, conv1x1(g, hidden, w4_kernel(g, names["w_down"], W["w_down"]),
                                   scales[f"layers.{i}.ffn.hidden"])), k, v
 
@@ -210,18 +205,20 @@ def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_le
     onnx = require_onnx()
     cfg = model.config
     out = check_output(out, force=force, kind="dir")
-    host = OnDeviceLlama.__new__(OnDeviceLlama)               # the host side only: parts, lengths (checked)
-    host_setup(host, cfg, n_parts, prompt_len, context)
+    check_static_rope(cfg)
+    parts = split_layers(cfg.n_layers, n_parts)
+    prompt_len, context = prompt_len or min(cfg.max_seq_len, 64), context or cfg.max_seq_len
+    if prompt_len > context:
+        raise InputError(f"prompt length {prompt_len} exceeds the context {context}")
     check_int4_shapes(cfg)
     qmodel = quantized_for_device(model)
     scales = calibrate(qmodel, calibration_prompts)
     graphs = {}
-    for p, layers in enumerate(host.parts):
-        last = p == len(host.parts) - 1
-        graphs[f"part{p}_prompt.onnx"] = part_graph(qmodel, p, layers, last, "prompt", host.prompt_len,
-                                                    host.prompt_len, scales)
-        graphs[f"part{p}_token.onnx"] = part_graph(qmodel, p, layers, last, "token", 1, host.context, scales)
-    manifest = {"config": cfg.to_hf(), "parts": host.parts, "prompt_len": host.prompt_len, "context": host.context,
+    for p, layers in enumerate(parts):
+        last = p == len(parts) - 1
+        graphs[f"part{p}_prompt.onnx"] = part_graph(qmodel, p, layers, last, "prompt", prompt_len, prompt_len, scales)
+        graphs[f"part{p}_token.onnx"] = part_graph(qmodel, p, layers, last, "token", 1, context, scales)
+    manifest = {"config": cfg.to_hf(), "parts": parts, "prompt_len": prompt_len, "context": context,
                 "scheme": SCHEME, "activation_scales": scales, "graphs": sorted(graphs)}
     with atomic_dir(out, force=force) as tmp:
         for name, proto in graphs.items():
@@ -232,28 +229,12 @@ def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_le
     return Path(out)
 
 
-def host_setup(host: OnDeviceLlama, cfg: LlamaConfig, n_parts, prompt_len, context):
-    """The host's side of OnDeviceLlama (lengths, rope tables, the parts) without its weights."""
-    if not 1 <= n_parts <= cfg.n_layers:
-        raise InputError(f"--parts {n_parts}: the model has {cfg.n_layers} layers, so 1..{cfg.n_layers} parts")
-    check_static_rope(cfg)
-    host.config = cfg
-    host.prompt_len = prompt_len or min(cfg.max_seq_len, 64)
-    host.context = context or cfg.max_seq_len
-    if host.prompt_len > host.context:
-        raise InputError(f"prompt length {host.prompt_len} exceeds the context {host.context}")
-    host.cos, host.sin = rope_tables(cfg, host.context)
-    bounds = np.linspace(0, cfg.n_layers, n_parts + 1).round().astype(int)
-    host.parts = [list(range(bounds[i], bounds[i + 1])) for i in range(n_parts)]
-
-
 class OnnxOnDeviceLlama(OnDeviceLlama):
     """OnDeviceLlama's host loop (prompt_inputs, generator_inputs, the cache shift in generate) driving the exported
     graphs: each of its two graphs is n_parts ONNX sessions run in sequence, the hidden state handed on."""
 
     def __init__(self, path, threads=None):
         require_onnx()
-        import onnxruntime as ort
         path = Path(path)
         try:
             manifest = json.loads((path / "ondevice.json").read_text())
@@ -261,12 +242,8 @@ class OnnxOnDeviceLlama(OnDeviceLlama):
             raise CheckpointError(f"{path} is not an on-device export (ondevice.json: {e}); write one with "
                                   "`python -m llama_ref export --format qnn-onnx --out DIR`") from None
         cfg = LlamaConfig.from_hf(manifest["config"])
-        host_setup(self, cfg, len(manifest["parts"]), manifest["prompt_len"], manifest["context"])
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.sessions = {name: ort.InferenceSession(str(path / name), opts, providers=["CPUExecutionProvider"])
-                         for name in manifest["graphs"]}
+        self.set_host(cfg, len(manifest["parts"]), manifest["prompt_len"], manifest["context"])
+        self.sessions = {name: session(path / name, threads) for name in manifest["graphs"]}
 
     def _run_parts(self, kind, tokens, cos, sin, mask, past_k=None, past_v=None):
         h, ks, vs = None, [], []

@@ -120,7 +120,8 @@ def rms_norm(g, x, weight, eps):
 
 
 def rope(g, x, cos, sin, hs):
-    """HF's rotate-half: x (B, h, T, hs), cos/sin (B, 1, T, hs/2). [x1 cos - x2 sin, x2 cos + x1 sin]."""
+    """HF's rotate-half on the last axis: x (..., hs), cos/sin broadcast against (..., hs/2) (the decoder's
+    (B, h, T, hs) with (B, 1, T, hs/2); the on-device graphs' (T, hs) rows). [x1 cos - x2 sin, x2 cos + x1 sin]."""
     x1, x2 = g.op("Split", x, g.const([hs // 2, hs // 2]), outputs=2, axis=-1)
     return g.op("Concat", g.op("Sub", g.op("Mul", x1, cos), g.op("Mul", x2, sin)),
                 g.op("Add", g.op("Mul", x2, cos), g.op("Mul", x1, sin)), axis=-1)
@@ -297,15 +298,16 @@ def genai_config(cfg: LlamaConfig, max_length: int) -> dict:
     }
 
 
-def tokenizer_files(cfg: LlamaConfig, model_bytes: bytes) -> dict:
-    """The files ONNX Runtime GenAI's tokenizer reads: Hugging Face's tokenizer.json (tokenizer.hf_tokenizer_json)
-    and a tokenizer config naming a Llama tokenizer that adds BOS, not EOS; and the SentencePiece model itself."""
+def tokenizer_files(cfg: LlamaConfig, model_bytes: bytes) -> dict[str, bytes]:
+    """The files ONNX Runtime GenAI's tokenizer reads, as bytes: Hugging Face's tokenizer.json
+    (tokenizer.hf_tokenizer_json), a tokenizer config naming a Llama tokenizer that adds BOS, not EOS, and the
+    SentencePiece model itself."""
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+              "legacy": True, "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
     return {"tokenizer.model": model_bytes,
-            "tokenizer.json": json.dumps(hf_tokenizer_json("tokenizer.model", model_bytes), ensure_ascii=False),
-            "tokenizer_config.json": json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-        "legacy": True, "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}, indent=2)}
+            "tokenizer.json": json.dumps(hf_tokenizer_json("tokenizer.model", model_bytes), ensure_ascii=False).encode(),
+            "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
 
 def tokenizer_bytes(tokenizer) -> bytes | None:
@@ -329,7 +331,7 @@ def export_onnx(model: Llama, out, int4=False, tokenizer=None, force=False, max_
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model.config, max_length), indent=2))
         if tokenizer is not None:
             for name, content in tokenizer_files(model.config, tokenizer_bytes(tokenizer)).items():
-                (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+                (tmp / name).write_bytes(content)
     return Path(out)
 
 

@@ -539,15 +539,13 @@ def chat_box(models: dict, tokenizer, system="", max_new_tokens=48):
 def device_view(config, bits_per_weight: float, bandwidth_gb_s: float, n_parts: int = 4, kv_len: int = 1024) -> dict:
     """What a device can do with a model at a given weight precision: bytes per decoded token, the tokens/s ceiling,
     and the weight bytes of each part (layers split evenly; part 0 carries the embedding, the last the classifier)."""
-    from .ondevice import decode_bytes_per_token, tokens_per_second_bound
-    if not 1 <= n_parts <= config.n_layers:
-        raise InputError(f"n_parts={n_parts} must be between 1 and n_layers={config.n_layers}")
+    from .ondevice import decode_bytes_per_token, split_layers, tokens_per_second_bound
+    layers = split_layers(config.n_layers, n_parts)
     b = decode_bytes_per_token(config, bits_per_weight, kv_len=kv_len)
     C, H, V = config.dim, config.hidden_dim, config.vocab_size
     per_layer = (C * config.n_heads * config.head_dim * 2 + C * config.n_kv_heads * config.head_dim * 2
                  + 3 * C * H) * bits_per_weight / 8
-    bounds = np.linspace(0, config.n_layers, n_parts + 1).round().astype(int)
-    parts = [(bounds[i + 1] - bounds[i]) * per_layer for i in range(n_parts)]
+    parts = [len(part) * per_layer for part in layers]
     parts[0] += V * C * bits_per_weight / 8
     parts[-1] += V * C * bits_per_weight / 8
     return {"bytes_per_token": b["total"], "tokens_per_s": tokens_per_second_bound(b["total"], bandwidth_gb_s),
