@@ -6,7 +6,8 @@ KV cache. Greedy ids must agree across all three (printed).
 
 Prefill: one forward over a 256-token prompt (all logits, as both libraries compute them by default).
 Decode: greedy generation of new tokens one at a time with a KV cache, after a short prompt; prompt tokens are
-never counted as generated tokens. Both sides decode the same tokens (checked), so they do the same work.
+never counted as generated tokens. Ours is generate()'s loop (decode.decode_step, the fused one-token step); the
+plain Llama.forward per token is timed beside it and its ratio printed. Both sides decode the same tokens (checked), so they do the same work.
 
     python benchmarks/forward.py [--threads 1,2] [--prompt-len 256] [--decode-tokens 128] [--repeats 5]
 
@@ -41,6 +42,7 @@ torch, transformers = import_reference("forward.py")
 
 from llama_ref import gguf_io, paths, synthetic  # noqa: E402
 from llama_ref.config import PRESETS, LlamaConfig  # noqa: E402
+from llama_ref.decode import decode_step  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
 
 from threadpoolctl import threadpool_limits  # noqa: E402
@@ -60,15 +62,20 @@ prompt = rng.integers(3, cfg.vocab_size, args.prompt_len)
 prompt_t = torch.tensor(prompt[None])
 
 
-def decode_ours(n):
+def decode_ours(n, step=lambda tok, pos, cache: decode_step(ours, [tok], pos, cache)[0]):
+    """generate()'s decode loop: decode.decode_step per token (or another step, e.g. the plain forward)."""
     cache = ours.new_cache(1, cfg.max_seq_len)
     logits = ours.forward(prompt[:8], 0, cache, last_only=True)
     tok, out = int(np.argmax(logits)), []
     t0 = time.perf_counter()
     for pos in range(8, 8 + n):
         out.append(tok)
-        tok = int(np.argmax(ours.forward([tok], pos, cache, last_only=True)))
+        tok = int(np.argmax(step(tok, pos, cache)))
     return time.perf_counter() - t0, out
+
+
+def plain_step(tok, pos, cache):
+    return ours.forward([tok], pos, cache, last_only=True)
 
 
 @torch.inference_mode()
@@ -101,7 +108,7 @@ if not args.no_llamacpp:
         llamacpp = {nt: llamacpp_speed(gguf, [int(t) for t in prompt], n, nt) for nt in threads}
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp column (pip install llama-cpp-python==0.3.36)")
-rows, same, agree_lc = [], True, []
+rows, same, agree_lc, fused_gain = [], True, [], []
 for nt in threads:
     with threadpool_limits(nt):
         torch.set_num_threads(nt)
@@ -111,7 +118,9 @@ for nt in threads:
         decode_ours(8), decode_hf(8)                                                          # --- decode (warm-up)
         t_ours_dec, ids_ours = decode_ours(n)
         t_hf_dec, ids_hf = decode_hf(n)
-        same = same and ids_ours == ids_hf
+        t_plain_dec, ids_plain = decode_ours(n, plain_step)
+        same = same and ids_ours == ids_hf == ids_plain
+        fused_gain.append(f"{t_plain_dec / t_ours_dec:.2f}x ({nt}T)")
     lc = llamacpp[nt] if llamacpp else None
     if lc is not None:                       # tokens until the first disagreement (random weights: near-ties happen)
         agree_lc.append(next((i for i, (a, b) in enumerate(zip(lc["ids"], ids_ours)) if a != b), n))
@@ -133,8 +142,9 @@ if agree_lc and min(agree_lc) == n:
 elif agree_lc:
     lc_note = (f" llama.cpp's greedy ids equal ours for the first {', '.join(map(str, agree_lc))} of {n} tokens at "
                f"{args.threads} threads (its F32 path sums in another order; random weights have near-ties).")
-notes = (f"\nmax abs logit difference to transformers {err:.1e}; ours and transformers decoded the same {n} tokens: "
-         f"{same}.{lc_note} "
+notes = (f"\nmax abs logit difference to transformers {err:.1e}; ours (fused decode step and plain forward) and "
+         f"transformers decoded the same {n} tokens: {same}.{lc_note} Our decode row is generate()'s loop "
+         f"(decode.decode_step); the same loop over the plain Llama.forward is {', '.join(fused_gain)} slower. "
          f"numpy {np.__version__}, torch {torch.__version__}, transformers {transformers.__version__}.\n"
          f"Machine: {machine_line(args.threads)}.")
 text = "\n".join(table) + "\n" + notes

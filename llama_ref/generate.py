@@ -3,7 +3,8 @@
 Chapter 06 teaches it. Generation has two phases with very different costs, and we time them separately:
   prefill  one forward over the whole prompt (matrix-matrix products; fills the KV cache), ends with the
            first new token: its time is the *time to first token*;
-  decode   one forward per new token (matrix-vector products over the cache): *tokens per second*.
+  decode   one step per new token (matrix-vector products over the cache): *tokens per second*. The step is
+           decode.decode_step, forward's arithmetic for one token in fewer NumPy calls.
 Counting prompt tokens as generated tokens overstates decode speed, so we never do.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ContextLengthError, InputError, SamplingError
+from .decode import decode_step
 from .loader import available_ram_bytes
 from .model import Llama, kv_cache_bytes, softmax
 
@@ -203,7 +205,7 @@ def _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, s
         if len(result.ids) == max_new_tokens:
             break
         t1 = time.perf_counter()
-        logits = model.forward([token], pos, cache, last_only=True)               # decode: one token in
+        logits = decode_step(model, [token], pos, cache)[0]                        # decode: one token in
         token = _draw(logits, rng, temperature, top_k, top_p)
         decode_s += time.perf_counter() - t1
         pos += 1
@@ -227,7 +229,7 @@ def padded_mask(key_ok, start_pos, S):
 
 def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seeds=None,
                    stop_at_eos=True) -> list[list[int]]:
-    """generate() for many prompts at once: one padded prefill, then one decode forward per step for all rows.
+    """generate() for many prompts at once: one padded prefill, then one decode step per new token for all rows.
 
     Decode is memory-bound (every weight is read once per forward), so B rows cost little more than one. Row b
     samples with its own default_rng(seeds[b]); a row stops at its EOS (included in its ids). Returns new ids per row.
@@ -265,6 +267,5 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
                 done[b] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        logits = model.forward(nxt[:, None], P + step, cache, last_only=True,                   # decode: one per row
-                               mask=padded_mask(key_ok, P + step, P + step + 1))
+        logits = decode_step(model, nxt, P + step, cache, mask=padded_mask(key_ok, P + step, P + step + 1))
     return out

@@ -126,9 +126,10 @@ def qk_rows_hf_to_meta(n_rows, n_heads):
 
 def softmax(x, axis=-1):
     """Numerically stable softmax; rows that are entirely -inf would give NaN, a causal mask never makes one."""
-    x = x - np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = x - np.max(x, axis=axis, keepdims=True)          # one new array, then in place: a long prefill's
+    np.exp(e, out=e)                                      # (B, nh, T, S) scores are megabytes, and every
+    e /= np.sum(e, axis=axis, keepdims=True)              # temporary of that size costs fresh pages
+    return e
 
 
 def causal_mask(T, S):
@@ -151,10 +152,29 @@ def attention(q, k, v, mask=None):
     qg = q.reshape(B, nkv, rep, T, hs) * F32(1.0 / np.sqrt(hs))             # (B, nkv, rep, T, hs)
     scores = qg @ k[:, :, None].swapaxes(-1, -2)                            # (B, nkv, rep, T, S)
     if mask is not None:
-        scores = scores + mask
+        scores += mask                                                      # scores is our own new array
     probs = softmax(scores)                                                 # (B, nkv, rep, T, S)
     out = probs @ v[:, :, None]                                             # (B, nkv, rep, T, hs)
     return out.reshape(B, nh, T, hs), probs.reshape(B, nh, T, S)
+
+
+ATTENTION_BLOCK = 128      # queries per block: small score matrices that stay in cache (the trainer uses it too)
+
+
+def causal_attention(q, k, v, block: int = ATTENTION_BLOCK):
+    """attention(q, k, v, causal_mask(T, S)) for a prompt, `block` queries at a time: a block whose last query sits at
+    position p is scored against keys 0..p only, so most of the masked upper triangle is never computed (half the
+    scores of a long prompt). Same numbers as one masked call up to float32 summation order. Returns out (B, nh, T, hs);
+    a trace asks for every probability, so forward then makes the one masked call instead."""
+    T, S = q.shape[2], k.shape[2]
+    if T == 1:
+        return attention(q, k, v)[0]                                        # one new token sees every key
+    out = np.empty_like(q)                                                  # (B, nh, T, hs)
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        seen = S - T + t1                                                   # keys 0..seen-1 visible to this block
+        out[:, :, t0:t1] = attention(q[:, :, t0:t1], k[:, :, :seen], v[:, :, :seen], causal_mask(t1 - t0, seen))[0]
+    return out
 
 
 class KVCache:
@@ -234,6 +254,25 @@ def _as_f32(name, w, transpose=False):
     return a
 
 
+def _side_by_side(layer, groups):
+    """Weights read by the same input, packed as one (in, out1+out2+..) array: {"wqkv": [wq | wk | wv], ...}.
+
+    The layer's own entries become column views of it (no copy, same numbers, same matmul speed), so forward reads
+    wq, wk, wv as before while the one-token decode step (decode.py) makes one matmul of three. Only when all of a
+    group are packed float32 arrays; quantized or stored weights keep their own matmul and get no entry."""
+    fused = {}
+    for name, parts in groups.items():
+        if not all(isinstance(layer[p], np.ndarray) for p in parts):
+            continue
+        fused[name] = np.concatenate([layer[p] for p in parts], axis=1)            # (in, sum of outs)
+        start = 0
+        for p in parts:
+            width = layer[p].shape[1]
+            layer[p] = fused[name][:, start:start + width]                          # (in, out) column view
+            start += width
+    return fused
+
+
 class Llama:
     """A Llama 2 model: config + weights (HF names, HF layout), ready for a float32 forward.
 
@@ -292,10 +331,12 @@ class Llama:
             embed = _as_f32(embed_name, embed)
         else:
             embed = as_stored(embed)
-        layers = []
+        layers, self.fused = [], []
         for i in range(cfg.n_layers):                        # {"attn_norm": (C,), "wq": (C, nh*hs) or stored, ...}
-            layers.append({short: (_as_f32(name, w[name]) if short.endswith("norm") else matrix(name))
-                           for short, name in layer_names(i).items()})
+            layer = {short: (_as_f32(name, w[name]) if short.endswith("norm") else matrix(name))
+                     for short, name in layer_names(i).items()}
+            self.fused.append(_side_by_side(layer, {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}))
+            layers.append(layer)
         if cfg.tie_embeddings and not isinstance(embed, np.ndarray):                # stored (not packed) above:
             head = embed                                                           # one stored table, two uses
         else:
@@ -326,8 +367,6 @@ class Llama:
         B, T = tokens.shape
         S = start_pos + T
         cos, sin = (t[start_pos:S] for t in self.rope(S))                      # (T, hs/2)
-        if mask is None:
-            mask = causal_mask(T, S) if T > 1 else None                         # one new token may see everything
 
         x = tap(trace, "embed", P["embed"][tokens].astype(F32, copy=False))   # (B, T, C)
         for i, layer in enumerate(P["layers"]):
@@ -356,8 +395,11 @@ class Llama:
         v = tap(trace, name + "attn.v", v)
         if cache is not None:
             k, v = cache.update(i, start_pos, k, v)                                           # (B, nkv, S, hs)
-        heads, probs = attention(q, k, v, mask)
-        tap(trace, name + "attn.probs", probs)                                                 # (B, nh, T, S)
+        if mask is None and trace is None:
+            heads = causal_attention(q, k, v)                                                 # (B, nh, T, hs)
+        else:                                                 # a trace records the probabilities of every query
+            heads, probs = attention(q, k, v, causal_mask(T, k.shape[2]) if mask is None else mask)
+            tap(trace, name + "attn.probs", probs)                                             # (B, nh, T, S)
         heads = tap(trace, name + "attn.heads", heads)                                         # (B, nh, T, hs)
         attn_out = linear(heads.transpose(0, 2, 1, 3).reshape(B, T, nh * hs), layer["wo"])   # (B, T, C)
         attn_out = tap(trace, name + "attn.out", attn_out)

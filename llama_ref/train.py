@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError, TrainingError
-from .model import apply_rope_hf, causal_mask, rope_tables
+from .model import ATTENTION_BLOCK, apply_rope_hf, causal_mask, rope_tables
 from .weights import MODEL_TENSORS, layer_names, weight_shapes
 
 F32 = np.float32
@@ -111,9 +111,6 @@ def rope_backward(dy, cos, sin):
 
 # ------------------------------------------------------------------------------------------------
 # Causal attention with grouped-query heads
-
-ATTENTION_BLOCK = 128      # queries per block: small score matrices that stay in cache, masked work mostly skipped
-
 
 def attention_forward(q, k, v, block: int = ATTENTION_BLOCK):
     """q (B, nh, T, hs), k and v (B, nkv, T, hs) -> out (B, nh, T, hs).

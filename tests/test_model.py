@@ -8,8 +8,8 @@ import pytest
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import (CheckpointError, ContextLengthError, InputError, LlamaRefError,
                               NonFiniteWeightsError, ShapeMismatchError)
-from llama_ref.model import (Llama, apply_rope_hf, apply_rope_meta, attention, causal_mask, permute_qk_hf_to_meta,
-                             permute_qk_meta_to_hf, rms_norm, rope_freqs, softmax)
+from llama_ref.model import (Llama, apply_rope_hf, apply_rope_meta, attention, causal_attention, causal_mask,
+                             permute_qk_hf_to_meta, permute_qk_meta_to_hf, rms_norm, rope_freqs, softmax)
 from llama_ref.trace import Trace
 from conftest import random_weights  # noqa: E402
 
@@ -33,6 +33,18 @@ def test_kv_cache_decode_equals_full_forward(model):
     # the logits' scale; a wrong position, mask or cache slot gives errors of order 1.
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5 * np.abs(full).max(), rtol=0)
     assert cache.length == 25
+
+
+@pytest.mark.parametrize("T, S, block", [(300, 300, 128), (300, 310, 128), (37, 50, 7), (5, 5, 1), (1, 9, 128)])
+def test_causal_attention_in_blocks_equals_one_masked_call(T, S, block):
+    """Blocks of queries scored against the keys they may see == one call with the full causal mask. Only float32
+    summation order differs (a sum over fewer terms, the masked ones having been exact zeros): 1e-6 of the scale."""
+    rng = np.random.default_rng(T + S)
+    q = rng.standard_normal((2, 6, T, 16), dtype=np.float32)
+    k, v = (rng.standard_normal((2, 2, S, 16), dtype=np.float32) for _ in range(2))
+    ref, _ = attention(q, k, v, causal_mask(T, S))
+    got = causal_attention(q, k, v, block)
+    np.testing.assert_allclose(got, ref, atol=1e-6 * np.abs(ref).max(), rtol=0)
 
 
 def test_chunked_prefill_equals_full_forward(model):
@@ -63,8 +75,13 @@ def test_forward_stays_float32(model):
     assert len(trace) > 10
     wrong = {name: t.dtype for name, t in trace.items() if t.dtype != np.float32}
     assert not wrong, f"taps that left float32: {wrong}"
-    for layer in model.params["layers"]:
-        assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in layer.values())
+    for layer, fused in zip(model.params["layers"], model.fused):
+        assert all(a.dtype == np.float32 for a in layer.values())
+        assert all(a.flags.c_contiguous for a in fused.values())        # (in, out) rows, read once per matmul
+        for key in ("attn_norm", "wo", "ffn_norm", "w_down"):
+            assert layer[key].flags.c_contiguous
+        for name, parts in (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up"))):
+            assert all(layer[p].base is fused[name] and layer[p].strides[1] == 4 for p in parts)   # column views
 
 
 def test_every_documented_tap_is_recorded(model):
