@@ -6,6 +6,9 @@ few lines and then call these functions. Read top to bottom:
     rms_norm -> rope (HF rotate-half and Meta interleaved pairs, and the q/k permutation between them)
     -> softmax -> attention (causal, MHA/GQA, KV cache) -> swiglu -> block -> Llama.forward
 
+Generation decodes with decode.decode_step: this file's arithmetic for one new token, grouped into fewer NumPy calls
+(tested equal to forward). Read this file first; that one is an optimisation of it.
+
 Notation (llm.c style): B batch, T new tokens, S = start_pos + T attended positions, C model dim,
 nh query heads, nkv key/value heads, hs head size, H SwiGLU hidden size, V vocabulary size.
 
