@@ -1,6 +1,6 @@
 """Command line: `python -m llama_ref <command> --help`. All CLI code lives here; each command calls the library.
 
-Chapter 13 runs `inspect --save / --compare`; chapter 08 shows `chat`.
+Chapter 14 runs `inspect --save / --compare`; chapter 08 shows `chat`.
 
   generate   continue a prompt (text or ids) with a model; prefill and decode timed separately
   tokenize   show the ids and pieces of a text

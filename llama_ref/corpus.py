@@ -1,6 +1,6 @@
 """The synthetic world we train on: characters, animals and toys; stories and dialogues about them.
 
-Chapter 01 (tokenizer) trains on this text, chapter 07 (training) learns it, chapters 08-10 (chat, RLHF, Ghost
+Chapter 01 (tokenizer) trains on this text, chapter 07 (training) learns it, chapters 08-11 (chat, RLHF, Ghost
 Attention) fine-tunes on the dialogues. No download: everything is made here from a seed.
 
 The language is deliberately SMALL (about 300 word types) and regular: every sentence comes from one

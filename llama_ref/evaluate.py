@@ -10,7 +10,7 @@ and writes them to the model's metrics.json and model card. Every score uses the
     sample_continuations / grammar_report      200 samples at temperature 0.8 / top-p 0.9, share of grammatical sentences
     qa_report                                  greedy answers to held-out questions, exact-match accuracy
 
-and what quantization costs (chapter 11, benchmarks/quant_accuracy.py): compare_logits (KL, top-1, perplexity of two
+and what quantization costs (chapter 12, benchmarks/quant_accuracy.py): compare_logits (KL, top-1, perplexity of two
 models' next-token distributions), validation_batches (held-out documents as token batches), accuracy_study (every
 scheme of quant.py against float32).
 """
@@ -145,7 +145,7 @@ def qa_report(model: Llama, tokenizer, n: int = 200, split: str = "test", seed: 
 
 
 # ------------------------------------------------------------------------------------------------
-# What quantization costs: the accuracy study of chapter 11 and benchmarks/quant_accuracy.py
+# What quantization costs: the accuracy study of chapter 12 and benchmarks/quant_accuracy.py
 
 def log_softmax(z):
     z = np.asarray(z, np.float64)

@@ -1,6 +1,6 @@
 """Ghost Attention (GAtt, Llama 2 paper sec. 3.3 / appendix A.3.5) reproduced on our tiny chat model.
 
-Chapter 10 walks through it. The problem: a chat model told something in the system message ("Act as Tom")
+Chapter 11 walks through it. The problem: a chat model told something in the system message ("Act as Tom")
 obeys at turn 1 and forgets a few turns later. The paper's fix is a *data* trick, not an architecture change:
 
   1. take multi-turn dialogues and an instruction; concatenate the instruction to EVERY user message;

@@ -1,8 +1,8 @@
 """GGUF: write our models the way llama.cpp expects them, and read GGUF files back into our forward.
 
-Chapter 11 uses it; `python -m llama_ref export --format gguf-q8_0` and `quantize --scheme q4_0 --out x.gguf`
+Chapter 12 uses it; `python -m llama_ref export --format gguf-q8_0` and `quantize --scheme q4_0 --out x.gguf`
 call it; loader.read_checkpoint sends `.gguf` paths to load_gguf, which reads every tensor type gguf-py can
-dequantize (chapter 13).
+dequantize (chapter 14).
 
 A GGUF file is: header, key/value metadata (architecture hyper-parameters, the tokenizer), tensor infos
 (name, ggml type, dims), then the tensor data, aligned to 32 bytes. We write it with the `gguf` package

@@ -1,6 +1,6 @@
 """Loading a model: one function for every checkpoint a user brings, memory-mapped and in bounded memory.
 
-Chapter 13 (the real Llama 2) teaches it; every command, chapter, script and benchmark loads through it.
+Chapter 14 (the real Llama 2) teaches it; every command, chapter, script and benchmark loads through it.
 
     model = llama_ref.load("llama-2-7b-chat.Q4_K_M.gguf")     # -> Llama
     model = llama_ref.load("Llama-2-7b-chat-hf")               # HF directory: float32/float16/bfloat16, sharded or not

@@ -1,6 +1,6 @@
 """Weight matrices kept as they are stored: float16, bfloat16, float32, every GGUF type; multiplied a tile at a time.
 
-Chapter 13 (the real Llama 2) teaches it; chapter 11's quantized matrices (quant.py) are the same idea.
+Chapter 14 (the real Llama 2) teaches it; chapter 12's quantized matrices (quant.py) are the same idea.
 
 A 7B model is 6.7 billion weights: 27 GB as float32, 13.5 GB as float16, 7.2 GB as Q8_0. To run it in the memory of a
 laptop, the weights stay in the file's form, memory-mapped (the OS reads a page when it is touched and may drop it

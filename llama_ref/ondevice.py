@@ -1,6 +1,6 @@
 """On-device rewrites of the Llama forward (as in Qualcomm's on-device Llama 2), each proven equal to model.forward.
 
-Chapter 12 teaches it. A phone NPU runs a *static graph*: fixed shapes, no Python, few op types, and it is fastest
+Chapter 13 teaches it. A phone NPU runs a *static graph*: fixed shapes, no Python, few op types, and it is fastest
 at 2-D convolutions on NCHW tensors. So the same maths is rewritten, step by step:
 
   1. Linear -> 1x1 Conv       x (B, T, C) becomes an image (B, C, 1, T): channels = features, width = tokens;

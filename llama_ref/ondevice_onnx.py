@@ -1,6 +1,6 @@
 """Qualcomm's on-device Llama 2 recipe as real ONNX files: ondevice.py's rewrites, written as 2 x n_parts static graphs.
 
-Chapter 12 builds the rewrites in NumPy (ondevice.py) and ends with these files. Each function below writes the nodes
+Chapter 13 builds the rewrites in NumPy (ondevice.py) and ends with these files. Each function below writes the nodes
 of the ondevice.py function of the same name, so the two read side by side:
 
     rms_norm_nchw -> conv1x1 (W4 weights, A16 activations) -> single_head_attention -> conv_block -> part_graph

@@ -1,6 +1,6 @@
 """Llama 2 as an ONNX graph, written by our own code: the decoder ONNX Runtime and ONNX Runtime GenAI run.
 
-Chapter 12 uses it (the Windows / ONNX Runtime section). Each function below writes the nodes of one piece of
+Chapter 13 uses it (the Windows / ONNX Runtime section). Each function below writes the nodes of one piece of
 model.py, under the same name, so the two files read side by side:
 
     rms_norm -> rope -> attention (GQA, KV cache, causal + padding mask) -> swiglu -> block -> decoder_graph

@@ -238,7 +238,7 @@ def logit_lens_grid(probs, pieces, layer_names=None, token_labels=None, title="l
 
 
 # ------------------------------------------------------------------------------------------------
-# Ghost Attention (chapter 10)
+# Ghost Attention (chapter 11)
 
 def adherence_curves(turns, adherence: dict, attention: dict) -> Figure:
     """Left: share of replies obeying the system message per turn, one line per model ({name: (turns,) in [0, 1]}).
@@ -276,7 +276,7 @@ def head_gain(gain, per_head: dict, layer: int, head: int) -> Figure:
 
 
 # ------------------------------------------------------------------------------------------------
-# Quantization (chapter 11) and on-device graphs (chapter 12)
+# Quantization (chapter 12) and on-device graphs (chapter 13)
 
 def q4_0_block(block, d, formats) -> Figure:
     """Top: the 18 bytes of one Q4_0 block (fp16 d, then 16 bytes of two nibbles each). Bottom: bits per weight of
@@ -340,7 +340,7 @@ def split_graphs(prompt_len: int) -> Figure:
 
 
 # ------------------------------------------------------------------------------------------------
-# RLHF (chapter 09)
+# RLHF (chapters 09-10)
 
 def reward_model_accuracy(acc: dict, degrees) -> Figure:
     """Held-out pair accuracy of the reward model per annotator degree (the paper's Table 8 as bars), chance at 50%."""

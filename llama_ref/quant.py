@@ -1,13 +1,13 @@
 """Quantization: int8 (per tensor / per channel), GGUF's Q8_0 and Q4_0, grouped 4-bit (W4A16), activation quant.
 
-Chapter 11 teaches it. Read top to bottom:
+Chapter 12 teaches it. Read top to bottom:
 
     rounding -> int8 symmetric -> Q8_0 (bytes = GGUF's) -> Q4_0 (bytes = GGUF's) -> grouped int4 + fp16 scales
     -> activation quantization (int8/int16, dynamic per token) -> the Q8_0 x Q8_0 integer dot product
     -> quantized matrices (hold only the quantized bytes, matmul dequantizes tile by tile)
     -> quantize_model (the policy for embeddings, norms and the classifier) -> save / load
 
-What each scheme costs in accuracy is measured by evaluate.accuracy_study (chapter 11's table).
+What each scheme costs in accuracy is measured by evaluate.accuracy_study (chapter 12's table).
 
 Conventions. A weight matrix is an HF-layout (out, in) array: one row per output channel. Every format here cuts
 a row into blocks (or groups) *along `in`*, exactly as GGUF does (GGUF's ne0, the contiguous axis, is `in`).
@@ -324,7 +324,7 @@ class QuantizedMatrix(StoredMatrix):
     The forward (model.linear) calls .matmul; the embedding lookup calls [ids]. Only the quantized bytes are
     held: a matmul dequantizes `matrices.TILE_FLOATS` floats (4 MB) at a time, uses them and drops them (the tile
     loop is matrices.StoredMatrix's, shared with float16/bfloat16 weights). That costs a dequantization per call
-    (measured in chapter 11), the price of never keeping a float32 copy.
+    (measured in chapter 12), the price of never keeping a float32 copy.
     Subclasses define `_dequantize_rows(rows)` and the arrays they hold (`arrays()`).
     """
     act_bits = None                       # 8 or 16: activations are quantized per token before the matmul

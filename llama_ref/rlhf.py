@@ -1,6 +1,6 @@
 """RLHF in miniature: how Llama 2-Chat was made from its SFT model (Llama 2 paper, sec. 3.2), on our tiny world.
 
-Chapter 09 walks through it; `make rlhf` (scripts/make_rlhf.py) runs it. The paper's pipeline, and ours:
+Chapters 09 (preferences, reward model) and 10 (rejection sampling, PPO) walk through it; `make rlhf` (scripts/make_rlhf.py) runs it. The paper's pipeline, and ours:
 
     paper                                              here
     human annotators compare two replies and say       a simulated annotator compares two sampled replies by their

@@ -1,4 +1,4 @@
-"""Random-weight checkpoints of real shapes, in the formats users download: for tests, benchmarks and chapter 13.
+"""Random-weight checkpoints of real shapes, in the formats users download: for tests, benchmarks and chapter 14.
 
 No model hub is reachable from here, and none is needed to check a loader: a Llama-2-7B-shaped file with seeded random
 weights has the same tensors, types, byte layouts and sizes as the real one, so loading, memory and speed are measured

@@ -2,7 +2,7 @@
 
 The one table of tensor names (as llama2.c has one TransformerWeights and llm.c one ParameterTensors): each tensor's
 short name (the keys of Llama.params and of the training layer dicts), its Hugging Face name, its GGUF name and its
-llama2.c array, and its shape from the config. Chapter 00 prints the tensors of a checkpoint; chapter 13 reads every
+llama2.c array, and its shape from the config. Chapter 00 prints the tensors of a checkpoint; chapter 14 reads every
 format through this table. Every loader and writer reads it. Every loader (checkpoint.py,
 gguf_io.py, quant.py) ends with `check_weights(config, weights)`: exactly the tensors the config describes, with the
 config's shapes, and no NaN/Inf, float or quantized. Chapter 00 shows the tensor table.

@@ -305,7 +305,7 @@ def rmsnorm_explorer(x, eps=1e-5):
 
 
 # ------------------------------------------------------------------------------------------------
-# RLHF (chapter 09): probe a reward model, compare PPO runs, chat with several models
+# RLHF (chapters 09-10): probe a reward model, compare PPO runs, chat with several models
 
 def annotator_view(prompts, replies, annotator, seed: int = 0) -> dict:
     """The simulated annotator (rlhf.Annotator) on sampled replies: its preferences, and per degree how many pairs it
@@ -534,7 +534,7 @@ def chat_box(models: dict, tokenizer, system="", max_new_tokens=48):
 
 
 # ------------------------------------------------------------------------------------------------
-# Chapter 12: bits per weight and device bandwidth -> tokens/s and memory per part
+# Chapter 13: bits per weight and device bandwidth -> tokens/s and memory per part
 
 def device_view(config, bits_per_weight: float, bandwidth_gb_s: float, n_parts: int = 4, kv_len: int = 1024) -> dict:
     """What a device can do with a model at a given weight precision: bytes per decoded token, the tokens/s ceiling,

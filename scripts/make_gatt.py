@@ -78,7 +78,7 @@ def write_model_cards(base_dir: Path, gatt_dir: Path) -> None:
               f"Llama 2's (`llama_ref/chat.py`).\n\n"
               f"Instruction adherence per turn on {ev['n_dialogues']} held-out dialogues ({ev['eval']['split']}), "
               f"{ev['eval']['decoding']} decoding, the instruction only in the system message "
-              f"(`tinyworld-gatt/gatt_eval.json`, chapter 10):\n\n{table}")
+              f"(`tinyworld-gatt/gatt_eval.json`, chapter 11):\n\n{table}")
     write_text_atomic(base_dir / "README.md",
         "# tinyworld-chat: the SFT baseline\n\n"
         f"Ordinary supervised fine-tuning: {sft['n_examples']} examples (multi-turn corpus dialogues without a system "

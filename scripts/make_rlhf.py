@@ -10,7 +10,7 @@ Writes
     data/models/tinyworld-rlhf/   the PPO policy (a causal LM like tinyworld-chat), metrics.json, README.md and
                                   rlhf_eval.json: rm_accuracy_by_degree, rm_pairs, best_of_n, policies (sft,
                                   rejection_sampling, ppo), ppo_runs (one history per beta), examples, n_eval, seed.
-The steps are in llama_ref/rlhf.py; chapter 09 reads what this writes.
+The steps are in llama_ref/rlhf.py; chapters 09-10 read what this writes.
 """
 from __future__ import annotations
 

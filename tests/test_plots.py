@@ -119,7 +119,7 @@ def test_logit_lens_grid(traced):
 
 
 def test_chapter_figures_of_10_11_12():
-    """The figures chapters 10 (Ghost Attention), 11 (a Q4_0 block) and 12 (the split) draw, on small made-up data."""
+    """The figures chapters 11 (Ghost Attention), 12 (a Q4_0 block) and 13 (the split) draw, on small made-up data."""
     turns = [1, 2, 3]
     fig = plots.adherence_curves(turns, {"a": [1.0, 0.5, 0.0], "b": [1.0, 1.0, 1.0]},
                                  {"a": np.full((2, 3), 0.2), "b": np.full((2, 3), 0.4)})
@@ -138,7 +138,7 @@ def test_chapter_figures_of_10_11_12():
 
 
 def test_rlhf_figures():
-    """Chapter 09's figures on made-up numbers: bars per degree, best-of-N curves, PPO curves per beta."""
+    """Chapters 09-10's figures on made-up numbers: bars per degree, best-of-N curves, PPO curves per beta."""
     degrees = ("significantly better", "better")
     fig = plots.reward_model_accuracy({"significantly better": {"accuracy": 0.9, "pairs": 10},
                                        "better": {"accuracy": 0.6, "pairs": 5}}, degrees)

@@ -222,7 +222,7 @@ def test_side_by_side_chat_answers_for_every_model(tiny_lm):
 
 
 # ------------------------------------------------------------------------------------------------
-# the knobs of chapters 07, 08 and 12
+# the knobs of chapters 07, 08 and 13
 
 @pytest.fixture(scope="module")
 def mini_data():
