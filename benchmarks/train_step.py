@@ -3,24 +3,27 @@
 Same config (the embedded model's shape: dim 256, 6 layers, 8/4 heads, hidden 768, vocab 1024), same weights, same
 batch of tokens, same thread count. A step is forward + backward + gradient clipping + AdamW; both sides compute the
 same loss (checked). transformers is run with its eager attention and with PyTorch's fused SDPA attention.
+Ours is what the trainer runs, train.forward_backward_parallel: the batch's rows split across as many threads as the
+thread count, each with one BLAS thread (PyTorch gets the same count for its own threads); the single call stream,
+train.forward_backward with that many BLAS threads, is timed beside it.
 
-    python benchmarks/train_step.py [--threads 2] [--batch 8] [--seq-len 512] [--steps 5] [--readme]
+    python benchmarks/train_step.py [--threads 1,2] [--batch 8] [--seq-len 512] [--steps 5] [--readme]
 
 Prints a markdown table of tokens/s and ratios; `--readme` writes it into README.md between the BENCH-TRAIN markers.
 Needs the [reference] extra (torch==2.13.0, transformers).
 """
 import argparse
-import os
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both BLAS libraries (default: all cores)")
+ap.add_argument("--threads", default="1,2", help="comma-separated thread counts, each measured (default: 1,2)")
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--seq-len", type=int, default=512)
 ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median is reported)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
 from _bench import import_reference, machine_line, median_time, pin_threads, write_readme_block  # noqa: E402
-pin_threads(args.threads)                                                  # before numpy/torch load BLAS
+threads = [int(t) for t in args.threads.split(",")]
+pin_threads(max(threads))                                                  # before numpy/torch load BLAS
 
 
 import numpy as np  # noqa: E402
@@ -31,7 +34,8 @@ from llama_ref import train  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.model import rope_freqs  # noqa: E402
 
-torch.set_num_threads(args.threads)
+from threadpoolctl import threadpool_limits  # noqa: E402
+
 cfg = LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=768, vocab_size=1024,
                   max_seq_len=max(512, args.seq_len))
 B, T = args.batch, args.seq_len
@@ -56,11 +60,15 @@ rope = rope_freqs(cfg.head_dim, T, cfg.rope_theta)
 losses = {}
 
 
-def step_ours():
-    loss, grads = train.forward_backward(cfg, params, x, y, rope=rope)
-    train.clip_grad_norm(grads, 1.0)
-    opt.step(params, grads, ADAMW["lr"])
-    losses.setdefault("ours", loss)
+def stepper_ours(workers):
+    def step():
+        if workers == 0:                                                   # the single call stream
+            loss, grads = train.forward_backward(cfg, params, x, y, rope=rope)
+        else:
+            loss, grads = train.forward_backward_parallel(cfg, params, x, y, rope=rope, workers=workers)
+        train.clip_grad_norm(grads, 1.0)
+        opt.step(params, grads, ADAMW["lr"])
+    return step
 
 
 # --- PyTorch eager ----------------------------------------------------------------------------------
@@ -83,21 +91,31 @@ def torch_stepper(model):
     return step
 
 
-t_ours = median_time(step_ours, args.steps)
-t_eager = median_time(torch_stepper(hf0), args.steps)
-t_sdpa = median_time(torch_stepper(make_hf("sdpa")), args.steps)
-same_loss = abs(losses["ours"] - losses["eager"]) < 1e-4 and abs(losses["ours"] - losses["sdpa"]) < 1e-4
-
+hf_sdpa = make_hf("sdpa")
+losses["ours"] = train.forward_backward(cfg, params, x, y, rope=rope)[0]                  # at the starting weights,
+losses["ours, 2 threads"] = train.forward_backward_parallel(cfg, params, x, y, rope=rope)[0]   # as torch's first steps
 ntok = B * T
-table = [f"| training step (forward + backward + AdamW), embedded-model shape (5.2M params), batch {B} x {T}, "
-         f"float32, {args.threads} threads | tokens/s | llama_ref / this |",
-         "|---|---:|---:|",
-         f"| llama_ref (NumPy, `llama_ref/train.py`) | {ntok / t_ours:,.0f} | 1.00x |",
-         f"| PyTorch eager, transformers eager attention | {ntok / t_eager:,.0f} | **{t_eager / t_ours:.2f}x** |",
-         f"| PyTorch eager, transformers SDPA attention | {ntok / t_sdpa:,.0f} | **{t_sdpa / t_ours:.2f}x** |"]
-notes = (f"\nfirst-step loss: ours {losses['ours']:.6f}, eager {losses['eager']:.6f}, sdpa {losses['sdpa']:.6f} "
-         f"(agree to 1e-4: {same_loss}). numpy {np.__version__}, torch {torch.__version__}, transformers "
-         f"{transformers.__version__}.\nMachine: {machine_line(args.threads)}.")
+table = [f"| training step (forward + backward + AdamW), embedded-model shape (5.2M params), batch {B} x {T}, float32 "
+         "| tokens/s | llama_ref / this |", "|---|---:|---:|"]
+for nt in threads:
+    with threadpool_limits(nt):
+        torch.set_num_threads(nt)
+        t_ours = median_time(stepper_ours(nt), args.steps)
+        t_serial = median_time(stepper_ours(0), args.steps) if nt > 1 else t_ours
+        t_eager = median_time(torch_stepper(hf0), args.steps)
+        t_sdpa = median_time(torch_stepper(hf_sdpa), args.steps)
+    th = f"{nt} thread{'s' * (nt > 1)}"
+    table += [f"| llama_ref (NumPy, `train.forward_backward_parallel`, {nt} x 1 BLAS thread), {th} "
+              f"| {ntok / t_ours:,.0f} | 1.00x |"]
+    if nt > 1:
+        table += [f"| llama_ref, one call stream (`train.forward_backward`, {nt} BLAS threads), {th} "
+                  f"| {ntok / t_serial:,.0f} | **{t_serial / t_ours:.2f}x** |"]
+    table += [f"| PyTorch eager, transformers eager attention, {th} | {ntok / t_eager:,.0f} | **{t_eager / t_ours:.2f}x** |",
+              f"| PyTorch eager, transformers SDPA attention, {th} | {ntok / t_sdpa:,.0f} | **{t_sdpa / t_ours:.2f}x** |"]
+same_loss = all(abs(v - losses["ours"]) < 1e-4 for v in losses.values())
+notes = ("\nfirst-step loss: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) +
+         f" (agree to 1e-4: {same_loss}). numpy {np.__version__}, "
+         f"torch {torch.__version__}, transformers {transformers.__version__}.\nMachine: {machine_line(args.threads)}.")
 text = "\n".join(table) + "\n" + notes
 print(text)
 

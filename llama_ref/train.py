@@ -346,6 +346,39 @@ def forward_backward(config: LlamaConfig, P: dict, tokens, targets, mask=None, r
     return loss, grads
 
 
+def forward_backward_parallel(config: LlamaConfig, P: dict, tokens, targets, mask=None, rope=None, workers: int = 2):
+    """forward_backward with the batch's rows split across `workers` threads: data parallelism on one machine.
+
+    Each thread runs the same layer pairs on its rows with one BLAS thread; losses and gradients are combined weighted
+    by each part's share of the loss tokens, which is what one forward_backward over the whole batch computes. Why it
+    pays: a single NumPy call stream does the elementwise work (softmax, SwiGLU, RoPE, RMSNorm) on one core, and NumPy
+    releases the GIL inside its loops and BLAS, so the threads keep every core busy, as data-parallel training keeps
+    many GPUs busy. Same loss and gradients as forward_backward up to float32 summation order (tests/test_train.py).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+    B = tokens.shape[0]
+    keep = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)          # (B, T)
+    parts = [rows for rows in np.array_split(np.arange(B), min(workers, B)) if keep[rows].any()]
+    if len(parts) < 2:
+        return forward_backward(config, P, tokens, targets, mask, rope)
+    counts = [int(keep[rows].sum()) for rows in parts]
+
+    def part(rows):
+        return forward_backward(config, P, tokens[rows], targets[rows], None if mask is None else keep[rows], rope)
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
+        results = list(pool.map(part, parts))
+    n = sum(counts)
+    loss = sum(c * l for c, (l, _) in zip(counts, results)) / n
+    grads = {}
+    for c, (_, g) in zip(counts, results):                  # sum of (share of tokens) x (that part's mean gradient)
+        for k, v in g.items():
+            grads[k] = grads[k] + (c / n) * v if k in grads else (c / n) * v
+    return loss, grads
+
+
 def loss_only(config: LlamaConfig, P: dict, tokens, targets, mask=None, rope=None) -> float:
     logits, _ = model_forward(config, P, tokens, rope)
     return cross_entropy_forward(logits, targets, mask)[0]

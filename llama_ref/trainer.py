@@ -19,7 +19,7 @@ from .config import LlamaConfig
 from .errors import InputError, TrainingError
 from .files import save_npz, write_text
 from .model import rope_tables
-from .train import AdamW, clip_grad_norm, forward_backward, global_norm, loss_only, lr_schedule
+from .train import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
 
 F32 = np.float32
 
@@ -95,9 +95,11 @@ class TrainSettings:
     ckpt_every: int = 200
     seed: int = 0
     time_budget_s: float | None = None          # stop early (cleanly, with a checkpoint) when this is used up
+    workers: int = 2                            # threads the batch is split across (train.forward_backward_parallel);
+                                                # fixed, not the core count, so every machine sums in the same order
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every", "workers"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise TrainingError(f"training setting {name}={v!r} must be a positive integer")
@@ -161,7 +163,7 @@ def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: n
     while step < s.steps:
         lr = lr_schedule(step, s.lr, s.warmup, s.steps, s.min_lr_ratio)
         x, y = random_windows(train_data, s.batch_size, s.seq_len, s.seed, step)
-        loss, grads = forward_backward(config, params, x, y, rope=rope)
+        loss, grads = forward_backward_parallel(config, params, x, y, rope=rope, workers=s.workers)
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at step {step}: lower the learning rate ({s.lr}) "
                                 "or raise warmup, then resume from the last checkpoint")
@@ -192,7 +194,7 @@ def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: n
 
 def finetune(config: LlamaConfig, weights: dict, batches, steps: int, lr: float, seed: int = 0,
              time_budget_s: float | None = None, warmup: int | None = None, weight_decay: float = 0.0,
-             grad_clip: float = 1.0, log=print, progress: bool = True):
+             grad_clip: float = 1.0, log=print, progress: bool = True, workers: int = 2):
     """Fine-tune on an iterator of (tokens, targets, mask) batches with a loss mask (chat SFT, Ghost Attention).
 
     Returns (weights, metrics) with the loss curve in metrics["history"]. Weights are copied, never modified in place.
@@ -211,7 +213,7 @@ def finetune(config: LlamaConfig, weights: dict, batches, steps: int, lr: float,
         if x.shape[1] > max_len:
             raise InputError(f"a batch of length {x.shape[1]} exceeds the context window {max_len}")
         lr_now = lr_schedule(step, lr, warmup, steps)
-        loss, grads = forward_backward(config, params, x, y, m, rope=rope)
+        loss, grads = forward_backward_parallel(config, params, x, y, m, rope=rope, workers=workers)
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at fine-tuning step {step}: lower the learning rate ({lr})")
         norm = clip_grad_norm(grads, grad_clip)

@@ -45,13 +45,21 @@ def test_reference_configs_cover_mha_gqa_mqa_and_tied():
     assert {c["tie_word_embeddings"] for c in cfgs.values()} == {True, False}
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3], ids=["serial", "2-threads", "3-threads"])
 @pytest.mark.parametrize("tag", ["", "_nomask"])
-def test_loss_and_every_gradient_match_pytorch(case, tag):
+def test_loss_and_every_gradient_match_pytorch(case, tag, workers):
+    """forward_backward, and forward_backward_parallel (the batch's rows split across threads, the parts' gradients
+    weighted by their share of the loss tokens), against PyTorch's loss and gradients over the whole batch."""
     name, config, params, ref = case
     mask = ref["mask"] if tag == "" else None
     if tag == "":
         assert 0 < ref["mask"].sum() < ref["mask"].size            # the mask really drops positions
-    loss, grads = train.forward_backward(config, params, ref["tokens"], ref["targets"], mask)
+    if workers == 1:
+        loss, grads = train.forward_backward(config, params, ref["tokens"], ref["targets"], mask)
+    else:
+        assert ref["tokens"].shape[0] >= 2                         # there really are rows to split
+        loss, grads = train.forward_backward_parallel(config, params, ref["tokens"], ref["targets"], mask,
+                                                      workers=workers)
     assert abs(loss - float(ref["loss" + tag])) <= 1e-5 * max(1.0, abs(float(ref["loss" + tag])))
     ref_names = {k.split("/", 1)[1] for k in ref if k.startswith(f"grad{tag}/")}
     assert set(grads) == ref_names
@@ -59,6 +67,19 @@ def test_loss_and_every_gradient_match_pytorch(case, tag):
     worst = max(errs, key=errs.get)
     assert errs[worst] <= GRAD_RTOL, f"{name}{tag}: {worst} off by {errs[worst]:.2e} of its scale"
     assert all(g.dtype == np.float32 for g in grads.values())
+
+
+def test_parallel_part_with_no_loss_tokens_is_left_out(case):
+    """A part whose rows are all masked out has no mean loss; it is skipped, and the rest give the whole batch's."""
+    _, config, params, ref = case
+    mask = ref["mask"].copy()
+    mask[: mask.shape[0] // 2] = False
+    serial = train.forward_backward(config, params, ref["tokens"], ref["targets"], mask)
+    loss, grads = train.forward_backward_parallel(config, params, ref["tokens"], ref["targets"], mask, workers=2)
+    assert abs(loss - serial[0]) <= 1e-6 * abs(serial[0])
+    assert all(rel_err(grads[k], serial[1][k]) <= 1e-5 for k in grads)
+    with pytest.raises(InputError, match="selects no token"):
+        train.forward_backward_parallel(config, params, ref["tokens"], ref["targets"], np.zeros_like(mask), workers=2)
 
 
 def test_masked_positions_get_no_gradient(case):
@@ -280,6 +301,8 @@ def test_bad_settings_and_empty_masks_are_clear_errors():
         trainer.TrainSettings(lr=-1.0).check()
     with pytest.raises(LlamaRefError, match="warmup"):
         trainer.TrainSettings(steps=10, warmup=20).check()
+    with pytest.raises(LlamaRefError, match="workers=0"):
+        trainer.TrainSettings(workers=0).check()
     with pytest.raises(InputError, match="no token"):
         train.cross_entropy_forward(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2), int), np.zeros((1, 2), bool))
     with pytest.raises(LlamaRefError, match="nothing to resume"):
