@@ -51,8 +51,8 @@ from .gatt import Example, Instruction, last_turn_example, random_instruction, s
 from .generate import generate_batch
 from .model import Llama, rope_tables
 from .safetensors import read_safetensors
-from .train import (AdamW, HEAD, clip_grad_norm, linear_backward, lr_schedule, model_backward, model_forward,
-                    trunk_backward, trunk_forward)
+from .train import (AdamW, HEAD, clip_grad_norm, data_parallel, linear_backward, lr_schedule, model_backward,
+                    model_forward, split_rows, trunk_backward, trunk_forward)
 from .weights import check_weights, weight_shapes
 
 F32 = np.float32
@@ -347,6 +347,31 @@ def preference_batch(prefs: list[Preference], tokenizer, max_len: int):
     return tokens, last, np.array([MARGINS[p.degree] for p in prefs], F32)
 
 
+def ranking_step(config: LlamaConfig, P: dict, tokens, last, margins):
+    """Loss, gradients and the pairs ranked right (N,) of one batch of N pairs (tokens: the N chosen rows, then the N
+    rejected ones, as preference_batch lays them out)."""
+    n = len(margins)
+    r, cache = reward_forward(config, P, tokens, last)
+    loss, z = ranking_loss(r[:n], r[n:], margins)
+    dc, dr = ranking_loss_backward(z)
+    return loss, reward_backward(config, P, np.concatenate([dc, dr]).astype(F32), cache), r[:n] > r[n:]
+
+
+def ranking_step_parallel(config: LlamaConfig, P: dict, tokens, last, margins, workers: int = 2):
+    """ranking_step with the pairs split across threads (train.data_parallel), each pair's two rows kept together."""
+    n = len(margins)
+    parts = split_rows(n, workers)
+    if len(parts) < 2:
+        return ranking_step(config, P, tokens, last, margins)
+
+    def part(pairs):
+        rows = np.concatenate([pairs, n + pairs])                                     # its chosen, then its rejected
+        return ranking_step(config, P, tokens[rows], last[rows], margins[pairs])
+
+    loss, grads, right = data_parallel(part, parts, [len(pairs) for pairs in parts])
+    return loss, grads, np.concatenate(right)
+
+
 def reward_model_init(config: LlamaConfig, chat_weights: dict, seed: int = 0) -> dict:
     """The paper initialises its reward models from the chat model: its weights, and a small random score head."""
     P = {k: np.array(v, F32) for k, v in chat_weights.items()}
@@ -356,11 +381,12 @@ def reward_model_init(config: LlamaConfig, chat_weights: dict, seed: int = 0) ->
 
 def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], tokenizer, steps: int,
                        batch_size: int = 16, lr: float = 5e-5, seed: int = 0, time_budget_s: float | None = None,
-                       log=print, progress: bool = True):
+                       log=print, progress: bool = True, workers: int = 2):
     """Train reward-model parameters P (from reward_model_init) on preferences with the margin ranking loss.
 
     AdamW with warmup and cosine decay, gradient clipping 1.0, no weight decay; the chat model's lm_head rides along
-    untouched (the reward model never reads it). Returns (P, metrics) with the loss and pair accuracy per step.
+    untouched (the reward model never reads it). Each batch's pairs are split across `workers` threads
+    (ranking_step_parallel). Returns (P, metrics) with the loss and pair accuracy per step.
     """
     from tqdm.auto import tqdm
     if not prefs:
@@ -377,14 +403,10 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
         batch = [prefs[i] for i in order[pos:pos + batch_size]]
         pos += batch_size
         tokens, last, margins = preference_batch(batch, tokenizer, config.max_seq_len)
-        r, cache = reward_forward(config, P, tokens, last)
-        n = len(batch)
-        loss, z = ranking_loss(r[:n], r[n:], margins)
-        dc, dr_ = ranking_loss_backward(z)
-        grads = reward_backward(config, P, np.concatenate([dc, dr_]).astype(F32), cache)
+        loss, grads, right = ranking_step_parallel(config, P, tokens, last, margins, workers)
         norm = clip_grad_norm(grads, 1.0)
         opt.step(trainable, grads, lr_schedule(step, lr, max(1, steps // 20), steps))
-        history.append({"step": step + 1, "loss": loss, "accuracy": float(np.mean(r[:n] > r[n:])), "grad_norm": norm})
+        history.append({"step": step + 1, "loss": loss, "accuracy": float(np.mean(right)), "grad_norm": norm})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % max(1, steps // 10) == 0:
@@ -451,19 +473,27 @@ def load_reward_model(path) -> RewardModel:
 # best of N, and rejection sampling
 
 def sample_replies(model: Llama, tokenizer, dialogs, k: int, seed: int, temperature=1.0,
-                   max_new_tokens: int = 40, batch_size: int = 32) -> list[list[str]]:
+                   max_new_tokens: int = 40, batch_size: int = 32, time_budget_s: float | None = None,
+                   log=print) -> list[list[str]]:
     """k sampled replies (text) to each prompt dialogue; sample j of prompt i uses the seed (seed, i, j).
-    temperature: one for all samples, or a sequence cycled over j (the paper varies it for diverse comparisons)."""
+    temperature: one for all samples, or a sequence cycled over j (the paper varies it for diverse comparisons).
+    With time_budget_s, stops after the batch of prompts that uses it up: the list then answers only the first
+    prompts (each with all k replies), and callers keep that many prompts."""
     temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
     prompts = [format_dialog(d, tokenizer) for d in dialogs]
-    out = [[] for _ in prompts]
-    for j in range(k):
-        for c in range(0, len(prompts), batch_size):
-            idx = range(c, min(c + batch_size, len(prompts)))
+    out, t0 = [], time.time()
+    for c in range(0, len(prompts), batch_size):
+        idx = range(c, min(c + batch_size, len(prompts)))
+        replies = [[] for _ in idx]
+        for j in range(k):
             new = generate_batch(model, [prompts[i] for i in idx], max_new_tokens, temps[j % len(temps)],
                                  seeds=[seed * 1_000_003 + i * 1009 + j for i in idx])
-            for i, ids in zip(idx, new):
-                out[i].append(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]).strip())
+            for r, ids in zip(replies, new):
+                r.append(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]).strip())
+        out += replies
+        if time_budget_s is not None and time.time() - t0 > time_budget_s and len(out) < len(prompts):
+            log(f"sampling: time budget used after {len(out)} of {len(prompts)} prompts")
+            break
     return out
 
 
@@ -513,6 +543,7 @@ class PPOSettings:
     temperature: float = 1.0
     max_new_tokens: int = 40
     grad_clip: float = 1.0
+    workers: int = 2              # threads each minibatch's rows are split across (train.data_parallel)
 
     def check(self) -> None:
         for name in ("beta", "clip", "vf_coef", "lr"):
@@ -521,7 +552,7 @@ class PPOSettings:
                 raise InputError(f"PPO setting {name}={v!r} must be a finite number >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise InputError(f"gamma={self.gamma} and lam={self.lam} must lie in [0, 1]")
-        for name in ("prompts_per_iteration", "epochs", "minibatch", "max_new_tokens"):
+        for name in ("prompts_per_iteration", "epochs", "minibatch", "max_new_tokens", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"PPO setting {name}={getattr(self, name)!r} must be a positive integer")
 
@@ -659,6 +690,20 @@ def ppo_step(config: LlamaConfig, P: dict, ro: Rollout, rows, adv, returns, sett
     return loss, grads, stats
 
 
+def ppo_step_parallel(config: LlamaConfig, P: dict, ro: Rollout, rows, adv, returns, settings: PPOSettings, rope=None):
+    """ppo_step with the minibatch's rows split across settings.workers threads (train.data_parallel). The loss and
+    every stat are means over reply tokens, so the parts are weighted by their reply tokens."""
+    rows = np.asarray(rows)
+    parts = [rows[i] for i in split_rows(len(rows), settings.workers) if ro.mask[rows[i]].any()]
+    if len(parts) < 2:
+        return ppo_step(config, P, ro, rows, adv, returns, settings, rope)
+    weights = [int(ro.mask[part].sum()) for part in parts]
+    loss, grads, stats = data_parallel(lambda part: ppo_step(config, P, ro, part, adv, returns, settings, rope),
+                                       parts, weights)
+    total = sum(weights)
+    return loss, grads, {k: sum(w * st[k] for w, st in zip(weights, stats)) / total for k in stats[0]}
+
+
 def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel, tokenizer, prompts: list[Prompt],
               settings: PPOSettings, iterations: int, whiten: tuple[float, float], seed: int = 0,
               time_budget_s: float | None = None, log=print, progress: bool = True):
@@ -690,7 +735,7 @@ def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel, token
             order = rng.permutation(len(batch))
             for c in range(0, len(order), settings.minibatch):
                 rows = order[c:c + settings.minibatch]
-                loss, grads, st = ppo_step(config, P, ro, rows, adv, returns, settings, rope)
+                loss, grads, st = ppo_step_parallel(config, P, ro, rows, adv, returns, settings, rope)
                 clip_grad_norm(grads, settings.grad_clip)
                 opt.step(P, grads, settings.lr)
                 stats.append({"loss": loss, **st})

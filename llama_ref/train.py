@@ -349,34 +349,47 @@ def forward_backward(config: LlamaConfig, P: dict, tokens, targets, mask=None, r
 def forward_backward_parallel(config: LlamaConfig, P: dict, tokens, targets, mask=None, rope=None, workers: int = 2):
     """forward_backward with the batch's rows split across `workers` threads: data parallelism on one machine.
 
-    Each thread runs the same layer pairs on its rows with one BLAS thread; losses and gradients are combined weighted
-    by each part's share of the loss tokens, which is what one forward_backward over the whole batch computes. Why it
-    pays: a single NumPy call stream does the elementwise work (softmax, SwiGLU, RoPE, RMSNorm) on one core, and NumPy
-    releases the GIL inside its loops and BLAS, so the threads keep every core busy, as data-parallel training keeps
-    many GPUs busy. Same loss and gradients as forward_backward up to float32 summation order (tests/test_train.py).
-    """
+    Each part's loss is a mean over its loss tokens, so weighting the parts by their share of those tokens gives what
+    one forward_backward over the whole batch computes, up to float32 summation order (tests/test_train.py). A part
+    whose rows hold no loss token is left out."""
+    keep = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)          # (B, T)
+    parts = [rows for rows in split_rows(tokens.shape[0], workers) if keep[rows].any()]
+    if len(parts) < 2:
+        return forward_backward(config, P, tokens, targets, mask, rope)
+
+    def part(rows):
+        loss, grads = forward_backward(config, P, tokens[rows], targets[rows], None if mask is None else keep[rows], rope)
+        return loss, grads, None
+
+    loss, grads, _ = data_parallel(part, parts, [int(keep[rows].sum()) for rows in parts])
+    return loss, grads
+
+
+def split_rows(n_rows: int, workers: int) -> list[np.ndarray]:
+    """Row indices 0..n_rows-1 in at most `workers` contiguous, non-empty parts."""
+    return [rows for rows in np.array_split(np.arange(n_rows), max(1, min(workers, n_rows))) if len(rows)]
+
+
+def data_parallel(step, parts, weights):
+    """Run step(rows) -> (loss, grads, extra) for every part on its own thread, each with one BLAS thread, and combine:
+    loss and gradients weighted by each part's share of `weights` (a part's loss being a mean over weights[i] items).
+
+    Why it pays: a single NumPy call stream does a step's elementwise work (softmax, SwiGLU, RoPE, RMSNorm) on one
+    core, and a second BLAS thread only helps its matmuls. NumPy releases the GIL inside its loops and BLAS, so threads
+    with a part of the batch each keep every core busy, as data-parallel training keeps many GPUs busy. The trainer,
+    the reward model and PPO all train this way. Returns (loss, grads, [extra of each part])."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
-    B = tokens.shape[0]
-    keep = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)          # (B, T)
-    parts = [rows for rows in np.array_split(np.arange(B), min(workers, B)) if keep[rows].any()]
-    if len(parts) < 2:
-        return forward_backward(config, P, tokens, targets, mask, rope)
-    counts = [int(keep[rows].sum()) for rows in parts]
-
-    def part(rows):
-        return forward_backward(config, P, tokens[rows], targets[rows], None if mask is None else keep[rows], rope)
-
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
-        results = list(pool.map(part, parts))
-    n = sum(counts)
-    loss = sum(c * l for c, (l, _) in zip(counts, results)) / n
+        results = list(pool.map(step, parts))
+    total = sum(weights)
+    loss = sum(w * r[0] for w, r in zip(weights, results)) / total
     grads = {}
-    for c, (_, g) in zip(counts, results):                  # sum of (share of tokens) x (that part's mean gradient)
+    for w, (_, g, _) in zip(weights, results):              # sum of (share) x (that part's mean gradient)
         for k, v in g.items():
-            grads[k] = grads[k] + (c / n) * v if k in grads else (c / n) * v
-    return loss, grads
+            grads[k] = grads[k] + (w / total) * v if k in grads else (w / total) * v
+    return loss, grads, [r[2] for r in results]
 
 
 def loss_only(config: LlamaConfig, P: dict, tokens, targets, mask=None, rope=None) -> float:

@@ -1,7 +1,7 @@
 """`make rlhf`: preference data -> reward model -> best of N -> rejection sampling -> PPO -> evaluation.
 
-    python scripts/make_rlhf.py                        # the real run from data/models/tinyworld-chat (~40 min on 2
-                                                       # cores; --time-budget-min caps it, default 45)
+    python scripts/make_rlhf.py                        # the real run from data/models/tinyworld-chat (under 45 min
+                                                       # on 2 cores; --time-budget-min caps it, default 45)
     python scripts/make_rlhf.py --tiny --out-dir /tmp/r   # a tiny random model, a handful of steps: proves the code
 
 Writes
@@ -117,6 +117,11 @@ def main(argv=None) -> int:
         write_model_cards(rm_dir, rlhf_dir)
         return 0
     t_start, budget = time.time(), args.time_budget_min * 60
+    # Each stage gets a share of the budget and stops early (logging it) when that is used: sampling stages keep the
+    # prompts they finished, training stages the steps they took. The shares add up to 0.82; the held-out sampling
+    # and the evaluation, the same size whatever the settings, take the rest.
+    share = {"preferences": 0.10, "reward_model": 0.18, "best_of_n": 0.05, "rs_sampling": 0.05, "rs_finetune": 0.08,
+             "ppo": 0.22, "ppo_sweep": 0.07}
     user_prefs = rlhf.read_preferences(args.preferences) if args.preferences else None     # a bad file fails first
     tok_path = paths.DEFAULT_TOKENIZER
     tok = Tokenizer(tok_path)
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
     log(f"sampling {args.pref_k} replies to {len(train_prompts)} training and {len(eval_prompts)} held-out prompts")
     temps = (1.0, 1.3)                                  # varied, as the paper did, for more distinct pairs
     train_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in train_prompts], args.pref_k, args.seed,
-                                        temps, max_new_tokens=mnt)
+                                        temps, max_new_tokens=mnt, time_budget_s=share["preferences"] * budget, log=log)
+    train_prompts = train_prompts[:len(train_replies)]
     heldout_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in eval_prompts], args.pref_k,
                                           args.seed + 1, temps, max_new_tokens=mnt)
     prefs = rlhf.annotate(train_prompts, train_replies, annotator, seed=args.seed)
@@ -149,11 +155,13 @@ def main(argv=None) -> int:
         log(f"training the reward model on {len(prefs)} preferences from {args.preferences}")
     heldout = rlhf.annotate(eval_prompts, heldout_replies, annotator, seed=args.seed + 1)
     log(f"{len(prefs)} training and {len(heldout)} held-out preferences in {time.time() - t0:.0f} s")
+    stage_s = {"preferences": time.time() - t0}
 
     # 2. reward model ------------------------------------------------------------------------------------
     P = rlhf.reward_model_init(config, sft, seed=args.seed)
     P, rm_metrics = rlhf.train_reward_model(config, P, prefs, tok, args.rm_steps, args.rm_batch, args.rm_lr,
-                                            seed=args.seed, time_budget_s=0.2 * budget, log=log)
+                                            seed=args.seed, time_budget_s=share["reward_model"] * budget, log=log)
+    stage_s["reward_model"] = rm_metrics["time_s"]
     rm = rlhf.RewardModel(config, P)
     rm_acc = rm_accuracy_by_degree(rm, tok, heldout)
     log("reward model accuracy on held-out pairs: "
@@ -164,26 +172,31 @@ def main(argv=None) -> int:
     # 3. best of N on held-out prompts, and the whitening statistics of the SFT model's rewards -------------
     t0 = time.time()
     bon_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in eval_prompts], args.best_of,
-                                      args.seed + 2, max_new_tokens=mnt)
-    bon_rewards = rm.score_samples(tok, [p.dialog for p in eval_prompts], bon_replies)
-    best_of_n = rlhf.best_of_n(eval_prompts, bon_replies, bon_rewards, ns=(1, 2, 4, 8, 16, 32, 64))
+                                      args.seed + 2, max_new_tokens=mnt, time_budget_s=share["best_of_n"] * budget,
+                                      log=log)
+    bon_prompts = eval_prompts[:len(bon_replies)]
+    bon_rewards = rm.score_samples(tok, [p.dialog for p in bon_prompts], bon_replies)
+    best_of_n = rlhf.best_of_n(bon_prompts, bon_replies, bon_rewards, ns=(1, 2, 4, 8, 16, 32, 64))
     whiten = (float(bon_rewards.mean()), float(bon_rewards.std() + 1e-6))
-    log(f"best of N ({time.time() - t0:.0f} s): {best_of_n}")
+    stage_s["best_of_n"] = time.time() - t0
+    log(f"best of N ({stage_s['best_of_n']:.0f} s): {best_of_n}")
 
     # 4. rejection sampling fine-tune --------------------------------------------------------------------
     t0 = time.time()
     rs_prompts = rlhf.make_prompts(args.rs_prompts, "train", args.seed + 1)
     rs_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in rs_prompts], args.rs_k, args.seed + 3,
-                                     max_new_tokens=mnt)
+                                     max_new_tokens=mnt, time_budget_s=share["rs_sampling"] * budget, log=log)
+    rs_prompts = rs_prompts[:len(rs_replies)]
     rs_rewards = rm.score_samples(tok, [p.dialog for p in rs_prompts], rs_replies)
     examples = rlhf.rejection_sampling_examples(rs_prompts, rs_replies, rs_rewards, tok)
     rs_weights, rs_metrics = trainer.finetune(config, sft, gatt.make_batches(examples, 8, args.seed), args.rs_steps,
-                                              args.rs_lr, seed=args.seed, time_budget_s=0.1 * budget,
+                                              args.rs_lr, seed=args.seed, time_budget_s=share["rs_finetune"] * budget,
                                               log=lambda m: log(f"rejection sampling: {m}"))
     rs_metrics.update({"prompts": len(rs_prompts), "k": args.rs_k, "time_s": time.time() - t0,
                        "picked_quality": float(np.mean([rlhf.true_quality(p, rs[b]) for p, rs, b in
                                                         zip(rs_prompts, rs_replies, rs_rewards.argmax(1))]))})
-    log(f"rejection sampling done in {time.time() - t0:.0f} s")
+    stage_s["rejection_sampling"] = time.time() - t0
+    log(f"rejection sampling done in {stage_s['rejection_sampling']:.0f} s")
 
     # 5. PPO on top of rejection sampling, one run per beta -------------------------------------------------
     ppo_prompts = rlhf.make_prompts(args.rs_prompts, "train", args.seed + 2)
@@ -192,10 +205,10 @@ def main(argv=None) -> int:
     for i, beta in enumerate(betas):
         s = rlhf.PPOSettings(**{**ppo.__dict__, "beta": beta})
         iters = args.ppo_iterations if i == 0 else args.sweep_iterations
-        share = 0.25 if i == 0 else 0.1
-        weights, hist = rlhf.ppo_train(config, rs_weights, sft, rm, tok, ppo_prompts, s, iters, whiten,
-                                       seed=args.seed, time_budget_s=share * budget, log=log)
+        weights, hist = rlhf.ppo_train(config, rs_weights, sft, rm, tok, ppo_prompts, s, iters, whiten, seed=args.seed,
+                                       time_budget_s=share["ppo" if i == 0 else "ppo_sweep"] * budget, log=log)
         runs.append({"beta": beta, "iterations": len(hist), "history": hist})
+        stage_s[f"ppo_beta_{beta:g}"] = hist[-1]["time_s"]
         if i == 0:
             policy = weights
 
@@ -209,6 +222,7 @@ def main(argv=None) -> int:
         u = rlhf.sample_replies(Llama(config, w), tok, [p.dialog for p in unseen], 1, 0, 0.0, mnt)
         unseen_acc[name] = float(np.mean([rlhf.judge(p, r[0]).exact for p, r in zip(unseen, u)]))
         log(f"{name}: {policies[name]}, unseen facts exact {unseen_acc[name]:.3f}")
+    stage_s["evaluation"] = time.time() - t0
     examples_out = [{"prompt": p.dialog, "answer": p.answer, **{k: replies[k][i] for k in replies}}
                     for i, p in enumerate(eval_prompts[:24])]
 
@@ -225,6 +239,8 @@ def main(argv=None) -> int:
            "settings": {"annotator": {"noise": annotator.noise, "thresholds": list(annotator.thresholds)},
                         "quality_weights": rlhf.QUALITY_WEIGHTS, "margins": rlhf.MARGINS, "pref_k": args.pref_k,
                         "rs_k": args.rs_k, "rs_prompts": args.rs_prompts, "ppo": ppo.__dict__},
+           "stage_time_s": stage_s, "prompts_used": {"preferences": len(train_prompts), "best_of_n": len(bon_prompts),
+                                                     "rejection_sampling": len(rs_prompts)},
            "n_eval": len(eval_prompts), "seed": args.seed, "tiny": args.tiny, "total_time_s": time.time() - t_start}
     write_json(rlhf_dir / "rlhf_eval.json", out)
     write_model_cards(rm_dir, rlhf_dir)

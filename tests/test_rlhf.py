@@ -68,6 +68,30 @@ def test_reward_model_rewards_loss_and_gradients_match_pytorch(case):
     assert errs[worst] <= GRAD_RTOL, f"{name}: {worst} off by {errs[worst]:.2e} of its scale"
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threaded_ranking_and_ppo_steps_match_pytorch(case, workers):
+    """The training steps with the batch split across threads (train.data_parallel) give PyTorch's loss and gradients
+    over the whole batch: pairs weighted by count, PPO's parts by their reply tokens."""
+    name, config, weights, ref = case
+    rm = sub(ref, "rm/")
+    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {rlhf.SCORE: rm["score.weight"]}
+    assert len(rm["margins"]) >= 2
+    loss, grads, right = rlhf.ranking_step_parallel(config, P, rm["tokens"], rm["last"], rm["margins"], workers)
+    assert abs(loss - float(rm["loss"])) <= 1e-5 * max(1.0, float(rm["loss"])) and len(right) == len(rm["margins"])
+    assert max(rel_err(g, rm[f"grad/{k}"]) for k, g in grads.items()) <= GRAD_RTOL
+    f = sub(ref, "ppo/")
+    P = dict(weights) | {rlhf.VALUE: f["value_head.weight"]}
+    ro = rlhf.Rollout(tokens=f["seq"], mask=f["mask"], logp_old=f["logp_old"], logp_ref=None, values=None,
+                      scores=None, replies=[], quality=None, correct=None)
+    settings = rlhf.PPOSettings(clip=float(f["clip"]), vf_coef=float(f["vf_coef"]), workers=workers)
+    loss, grads, stats = rlhf.ppo_step_parallel(config, P, ro, np.arange(f["seq"].shape[0]), f["adv"], f["returns"],
+                                                settings)
+    assert abs(loss - float(f["loss"])) <= 1e-5 * max(1.0, abs(float(f["loss"])))
+    assert max(rel_err(g, f[f"grad/{k}"]) for k, g in grads.items()) <= GRAD_RTOL
+    one = rlhf.ppo_step(config, P, ro, np.arange(f["seq"].shape[0]), f["adv"], f["returns"], settings)[2]
+    assert all(abs(stats[k] - one[k]) <= 1e-6 * max(1.0, abs(one[k])) for k in one)
+
+
 def test_ppo_loss_and_gradients_match_pytorch(case):
     name, config, weights, ref = case
     f = sub(ref, "ppo/")
