@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import F32, KVCache, Llama
+from .model import F32, KVCache, Llama, softmax, swiglu
 
 
 def can_fuse(model: Llama) -> bool:
@@ -69,18 +69,13 @@ def decode_step(model: Llama, tokens, pos: int, cache: KVCache, mask=None):
         scores = q @ keys.swapaxes(-1, -2)                                            # (B, nkv, rep, S)
         if key_mask is not None:
             scores = scores + key_mask
-        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)                                    # (B, nkv, rep, S)
-        heads = (probs @ values).reshape(B, nq)                                       # (B, nh*hs)
+        heads = (softmax(scores) @ values).reshape(B, nq)                             # (B, nh*hs)
         x = x + heads @ layer["wo"]                                                   # (B, C)
 
         # feed-forward (SwiGLU)
         xn = rms_norm_row(x, layer["ffn_norm"], cfg.norm_eps)                         # (B, C)
         gate_up = xn @ fused["w_gate_up"]                                             # (B, 2H)
         H = gate_up.shape[1] // 2
-        gate = gate_up[:, :H]
-        with np.errstate(over="ignore"):
-            hidden = gate / (F32(1.0) + np.exp(-gate)) * gate_up[:, H:]               # (B, H)
-        x = x + hidden @ layer["w_down"]                                              # (B, C)
+        x = x + swiglu(gate_up[:, :H], gate_up[:, H:]) @ layer["w_down"]             # (B, C)                                              # (B, C)
     cache.length = pos + 1
     return model.head(x)                                                              # (B, V)
