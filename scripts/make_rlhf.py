@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     # Each stage gets a share of the budget and stops early (logging it) when that is used: sampling stages keep the
     # prompts they finished, training stages the steps they took. The shares add up to 0.82; the held-out sampling
     # and the evaluation, the same size whatever the settings, take the rest.
-    share = {"preferences": 0.10, "reward_model": 0.18, "best_of_n": 0.05, "rs_sampling": 0.05, "rs_finetune": 0.08,
+    share = {"preferences": 0.14, "reward_model": 0.14, "best_of_n": 0.05, "rs_sampling": 0.05, "rs_finetune": 0.08,
              "ppo": 0.22, "ppo_sweep": 0.07}
     user_prefs = rlhf.read_preferences(args.preferences) if args.preferences else None     # a bad file fails first
     tok_path = paths.DEFAULT_TOKENIZER
