@@ -381,8 +381,14 @@ def data_parallel(step, parts, weights):
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
+    errors = np.geterr()                          # NumPy's errstate is per thread: the parts run under the caller's
+
+    def run(rows):
+        with np.errstate(**errors):
+            return step(rows)
+
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
-        results = list(pool.map(step, parts))
+        results = list(pool.map(run, parts))
     total = sum(weights)
     loss = sum(w * r[0] for w, r in zip(weights, results)) / total
     grads = {}

@@ -317,3 +317,17 @@ def test_diverging_loss_stops_with_advice():
     with pytest.raises(TrainingError, match="learning rate"):
         trainer.train(cfg, params, np.zeros(100, np.uint16), None, trainer.TrainSettings(steps=2, warmup=1, seq_len=8),
                     progress=False)
+
+
+def test_parallel_parts_run_under_the_callers_errstate():
+    """NumPy's errstate is per thread; data_parallel carries the caller's into every part (a diverging mini run that
+    silences overflow must stay silent)."""
+    seen = []
+
+    def step(rows):
+        seen.append(np.geterr()["over"])
+        return 1.0, {"w": np.ones(1, np.float32)}, None
+
+    with np.errstate(over="raise"):
+        loss, grads, _ = train.data_parallel(step, [np.arange(1), np.arange(1, 3)], [1, 2])
+    assert seen == ["raise", "raise"] and loss == 1.0 and np.allclose(grads["w"], 1.0)
