@@ -1,7 +1,7 @@
-"""The one-token decode step, fused: Llama.forward's arithmetic for T = 1 in about half the NumPy calls.
+"""The one-token decode step, fused: Llama.forward's arithmetic for T = 1 in fewer NumPy calls.
 
 Decoding reads every weight once per new token and does little arithmetic with it, so for small models the time goes
-to memory traffic and to NumPy's per-call overhead (a few microseconds per call, ~40 calls per layer in forward).
+to memory traffic and to NumPy's per-call overhead (a few microseconds per call, dozens of calls per layer).
 `decode_step` computes what `model.forward([token], pos, cache, last_only=True)` computes; it differs in how:
 
     q, k, v      one matmul against [wq | wk | wv] (Llama packs them side by side; forward reads column views of it)
