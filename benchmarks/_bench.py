@@ -21,6 +21,21 @@ def pin_threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
+def pin_thread_counts(spec: str) -> list[int]:
+    """The thread counts of a `--threads 1,2` option, with every library pinned to the largest (pin_threads): call it
+    before numpy or torch is imported. Anything but comma-separated positive integers exits with status 2."""
+    try:
+        threads = [int(t) for t in spec.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        print(f"error: --threads {spec!r}: give comma-separated positive thread counts, e.g. --threads 1,2",
+              file=sys.stderr)
+        sys.exit(2)
+    pin_threads(max(threads))
+    return threads
+
+
 def import_reference(script: str):
     """(torch, transformers), or exit with the install command: the [reference] extra is optional."""
     try:

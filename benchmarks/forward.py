@@ -29,9 +29,8 @@ ap.add_argument("--shape", default="stories15M", choices=["stories15M", "tinywor
 ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out even if llama-cpp-python is installed")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
-from _bench import import_reference, machine_line, median_time, pin_threads, write_readme_block  # noqa: E402
-threads = [int(t) for t in args.threads.split(",")]
-pin_threads(max(threads))                                                  # before numpy/torch load BLAS
+from _bench import import_reference, machine_line, median_time, pin_thread_counts, write_readme_block  # noqa: E402
+threads = pin_thread_counts(args.threads)                                  # before numpy/torch load BLAS
 
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402

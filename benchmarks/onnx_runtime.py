@@ -23,10 +23,9 @@ ap.add_argument("--decode-tokens", type=int, default=64)
 ap.add_argument("--repeats", type=int, default=5, help="prefill repeats (median is reported)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
-from _bench import machine_line, median_time, pin_threads, write_readme_block  # noqa: E402
+from _bench import machine_line, median_time, pin_thread_counts, write_readme_block  # noqa: E402
 
-threads = [int(t) for t in args.threads.split(",")]
-pin_threads(max(threads))                                                  # before numpy loads its BLAS
+threads = pin_thread_counts(args.threads)                                  # before numpy loads its BLAS
 
 import sys  # noqa: E402
 import tempfile  # noqa: E402

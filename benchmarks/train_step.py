@@ -21,9 +21,8 @@ ap.add_argument("--seq-len", type=int, default=512)
 ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median is reported)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 args = ap.parse_args()
-from _bench import import_reference, machine_line, median_time, pin_threads, write_readme_block  # noqa: E402
-threads = [int(t) for t in args.threads.split(",")]
-pin_threads(max(threads))                                                  # before numpy/torch load BLAS
+from _bench import import_reference, machine_line, median_time, pin_thread_counts, write_readme_block  # noqa: E402
+threads = pin_thread_counts(args.threads)                                  # before numpy/torch load BLAS
 
 
 import numpy as np  # noqa: E402

@@ -63,3 +63,20 @@ def test_machine_line_names_cpu_simd_blas_and_threads():
     line = bench.machine_line(2)
     assert "2 threads" in line and "BLAS" in line
     assert any(s in line for s in ("AVX-512", "AVX2", "AVX", "SSE", "NEON", "SIMD unknown"))
+
+
+@pytest.mark.parametrize("spec", ["0", "a,b", "", "1,-2", "1.5"])
+def test_bad_thread_counts_exit_2_with_the_fix(spec, capsys, monkeypatch):
+    bench = _load("_bench")
+    with pytest.raises(SystemExit) as e:
+        bench.pin_thread_counts(spec)
+    assert e.value.code == 2 and "--threads 1,2" in capsys.readouterr().err
+
+
+def test_thread_counts_pin_the_largest(monkeypatch):
+    bench = _load("_bench")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    assert bench.pin_thread_counts("1,2") == [1, 2]
+    import os
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2"
