@@ -115,10 +115,15 @@ class LlamaConfig:
         """How many query heads share one key/value head (1 for MHA)."""
         return self.n_heads // self.n_kv_heads
 
+    def layer_matrix_params(self) -> int:
+        """Weights in one layer's matrices: q and o (C x nh*hs), k and v (C x nkv*hs), gate, up and down (C x H)."""
+        C, hs = self.dim, self.head_dim
+        return C * self.n_heads * hs * 2 + C * self.n_kv_heads * hs * 2 + 3 * C * self.hidden_dim
+
     def n_params(self) -> int:
         """Number of parameters (the classifier counted once if tied)."""
-        C, H, V, hs = self.dim, self.hidden_dim, self.vocab_size, self.head_dim
-        per_layer = 2 * C + C * self.n_heads * hs * 2 + C * self.n_kv_heads * hs * 2 + 3 * C * H
+        C, V = self.dim, self.vocab_size
+        per_layer = 2 * C + self.layer_matrix_params()                          # two norm gains + the matrices
         return V * C + self.n_layers * per_layer + C + (0 if self.tie_embeddings else V * C)
 
     def validate(self) -> None:

@@ -351,9 +351,9 @@ def decode_bytes_per_token(config: LlamaConfig, bits_per_weight: float, kv_len: 
                            head_bits: float | None = None) -> dict:
     """Bytes read from memory to decode one token: every matmul weight once (the embedding only one row),
     plus the KV cache of kv_len past positions (2 x layers x nkv x hs x kv_len x kv_bytes)."""
-    C, H, V, L = config.dim, config.hidden_dim, config.vocab_size, config.n_layers
-    hs, nh, nkv = config.head_dim, config.n_heads, config.n_kv_heads
-    layer_params = L * (C * nh * hs * 2 + C * nkv * hs * 2 + 3 * C * H)
+    C, V, L = config.dim, config.vocab_size, config.n_layers
+    hs, nkv = config.head_dim, config.n_kv_heads
+    layer_params = L * config.layer_matrix_params()
     head_params = V * C
     weights = layer_params * bits_per_weight / 8 + head_params * (head_bits or bits_per_weight) / 8
     kv = 2 * L * nkv * hs * kv_len * kv_bytes

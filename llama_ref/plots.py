@@ -1,6 +1,6 @@
 """Figures for the chapters: attention heatmaps, RoPE and its scaling past the context, residual norms, histograms, logit lens (02-05), the reward model,
-best-of-N and PPO (09), Ghost Attention's adherence and attention (10), a Q4_0 block and bits per weight (11), the
-on-device split (12).
+best-of-N and PPO (09-10), Ghost Attention's adherence and attention (11), a Q4_0 block and bits per weight (12), the
+on-device split (13).
 
 Every function takes NumPy arrays (usually what a `Trace` recorded) and returns a matplotlib `Figure`. None calls
 plt.show and none touches pyplot's global state: a notebook shows the figure where it displays it (the last

@@ -1,7 +1,7 @@
 """Explorers for the chapters (ipywidgets): attention, token-by-token generation, RoPE, RMSNorm's epsilon, training
 knobs, a chat box, RLHF, a device's bandwidth.
 
-Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention), 06 (generation), 07 (training), 08 (chat), 09 (RLHF) and 12 (on
+Chapters 02 (RMSNorm), 03 (RoPE), 04 (attention), 06 (generation), 07 (training), 08 (chat), 09-10 (RLHF) and 13 (on
 device) display them.
 
 Each widget is a thin layer over a pure function that returns plain data, and tests call those directly:
@@ -542,12 +542,11 @@ def device_view(config, bits_per_weight: float, bandwidth_gb_s: float, n_parts: 
     from .ondevice import decode_bytes_per_token, split_layers, tokens_per_second_bound
     layers = split_layers(config.n_layers, n_parts)
     b = decode_bytes_per_token(config, bits_per_weight, kv_len=kv_len)
-    C, H, V = config.dim, config.hidden_dim, config.vocab_size
-    per_layer = (C * config.n_heads * config.head_dim * 2 + C * config.n_kv_heads * config.head_dim * 2
-                 + 3 * C * H) * bits_per_weight / 8
+    per_layer = config.layer_matrix_params() * bits_per_weight / 8
+    table = config.vocab_size * config.dim * bits_per_weight / 8
     parts = [len(part) * per_layer for part in layers]
-    parts[0] += V * C * bits_per_weight / 8
-    parts[-1] += V * C * bits_per_weight / 8
+    parts[0] += table                                                 # the embedding
+    parts[-1] += table                                                # the classifier
     return {"bytes_per_token": b["total"], "tokens_per_s": tokens_per_second_bound(b["total"], bandwidth_gb_s),
             "part_bytes": parts}
 
