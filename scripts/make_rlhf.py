@@ -118,8 +118,9 @@ def main(argv=None) -> int:
         return 0
     t_start, budget = time.time(), args.time_budget_min * 60
     # Each stage gets a share of the budget and stops early (logging it) when that is used: sampling stages keep the
-    # prompts they finished, training stages the steps they took. The shares add up to 0.82; the held-out sampling
-    # and the evaluation, the same size whatever the settings, take the rest.
+    # prompts they finished, training stages the steps they took. With the two default sweep betas (ppo_sweep each)
+    # the shares add up to 0.82; the held-out sampling and the evaluation, the same size whatever the settings, take
+    # the rest.
     share = {"preferences": 0.14, "reward_model": 0.14, "best_of_n": 0.05, "rs_sampling": 0.05, "rs_finetune": 0.08,
              "ppo": 0.22, "ppo_sweep": 0.07}
     user_prefs = rlhf.read_preferences(args.preferences) if args.preferences else None     # a bad file fails first
