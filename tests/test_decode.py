@@ -28,11 +28,11 @@ CONFIGS = {
 TOL = 2e-5
 
 
-def forward_steps(model, tokens, start, steps_from):
-    """Logits of tokens[:, t] for t >= start, one Llama.forward per position (the plain path)."""
+def forward_steps(model, tokens, start, end):
+    """Logits of tokens[:, t] for start <= t < end, one Llama.forward per position (the plain path)."""
     cache = model.new_cache(tokens.shape[0])
     model.forward(tokens[:, :start], 0, cache)
-    return np.stack([model.forward(tokens[:, t:t + 1], t, cache, last_only=True) for t in range(start, steps_from)], 1)
+    return np.stack([model.forward(tokens[:, t:t + 1], t, cache, last_only=True) for t in range(start, end)], 1)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
