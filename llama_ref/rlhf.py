@@ -372,6 +372,22 @@ def ranking_step_parallel(config: LlamaConfig, P: dict, tokens, last, margins, w
     return loss, grads, np.concatenate(right)
 
 
+def length_grouped_batches(lengths, batch_size: int, rng, group: int = 32) -> list[np.ndarray]:
+    """One epoch of batches (arrays of indices) whose rows have similar lengths: shuffle, sort each run of
+    group * batch_size by length, cut it into batches, shuffle the batches. Every row of a batch is padded to its
+    longest, and random batches of our preferences were a third padding; grouped, each batch is still a random draw
+    from the data, with little padding. The few rows that do not fill a last batch sit out that epoch."""
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    order = order[:len(order) // batch_size * batch_size]
+    span = group * batch_size
+    for s in range(0, len(order), span):
+        run = order[s:s + span]
+        order[s:s + span] = run[np.argsort(lengths[run], kind="stable")]
+    batches = order.reshape(-1, batch_size)
+    return list(batches[rng.permutation(len(batches))])
+
+
 def reward_model_init(config: LlamaConfig, chat_weights: dict, seed: int = 0) -> dict:
     """The paper initialises its reward models from the chat model: its weights, and a small random score head."""
     P = {k: np.array(v, F32) for k, v in chat_weights.items()}
@@ -385,8 +401,8 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
     """Train reward-model parameters P (from reward_model_init) on preferences with the margin ranking loss.
 
     AdamW with warmup and cosine decay, gradient clipping 1.0, no weight decay; the chat model's lm_head rides along
-    untouched (the reward model never reads it). Each batch's pairs are split across `workers` threads
-    (ranking_step_parallel). Returns (P, metrics) with the loss and pair accuracy per step.
+    untouched (the reward model never reads it). Batches hold pairs of similar length (length_grouped_batches), and
+    each batch's pairs are split across `workers` threads (ranking_step_parallel). Returns (P, metrics) with the loss and pair accuracy per step.
     """
     from tqdm.auto import tqdm
     if not prefs:
@@ -394,14 +410,14 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
     trainable = {k: v for k, v in P.items() if k != HEAD}
     opt = AdamW(trainable, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    order, pos = rng.permutation(len(prefs)), 0
-    history, t0 = [], time.time()
+    lengths = [max(len(encode_reply(p.dialog, p.chosen, tokenizer)), len(encode_reply(p.dialog, p.rejected, tokenizer)))
+               for p in prefs]
+    batches, history, t0 = [], [], time.time()
     bar = tqdm(total=steps, desc="reward model", unit="step", disable=not progress)
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(prefs)), 0
-        batch = [prefs[i] for i in order[pos:pos + batch_size]]
-        pos += batch_size
+        if not batches:
+            batches = length_grouped_batches(lengths, min(batch_size, len(prefs)), rng)
+        batch = [prefs[i] for i in batches.pop()]
         tokens, last, margins = preference_batch(batch, tokenizer, config.max_seq_len)
         loss, grads, right = ranking_step_parallel(config, P, tokens, last, margins, workers)
         norm = clip_grad_norm(grads, 1.0)
