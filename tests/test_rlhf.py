@@ -303,6 +303,22 @@ def test_reward_model_training_is_deterministic_and_learns(tiny):
     assert np.array_equal(runs[0][0]["lm_head.weight"], w["lm_head.weight"])        # rides along untouched
 
 
+def test_length_grouped_batches_are_an_epoch_of_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 130, size=1003)
+    batches = rlhf.length_grouped_batches(lengths, 8, np.random.default_rng(1), group=16)
+    seen = np.concatenate(batches)
+    assert len(batches) == 1003 // 8 and all(len(b) == 8 for b in batches)
+    assert len(set(seen.tolist())) == len(seen)                                     # no row twice in an epoch
+    padded = sum(8 * lengths[b].max() for b in batches)
+    random_padded = sum(8 * lengths[b].max() for b in rng.permutation(1003)[:len(seen)].reshape(-1, 8))
+    assert padded < 0.8 * random_padded                                             # what grouping is for
+    again = rlhf.length_grouped_batches(lengths, 8, np.random.default_rng(1), group=16)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))                # a seed decides the epoch
+    longest = [lengths[b].max() for b in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)   # the batches are shuffled
+
+
 def test_reward_model_save_and_load(tiny, tmp_path):
     cfg, w, tok = tiny
     P = rlhf.reward_model_init(cfg, w, seed=2)
