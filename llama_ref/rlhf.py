@@ -402,7 +402,8 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
 
     AdamW with warmup and cosine decay, gradient clipping 1.0, no weight decay; the chat model's lm_head rides along
     untouched (the reward model never reads it). Batches hold pairs of similar length (length_grouped_batches), and
-    each batch's pairs are split across `workers` threads (ranking_step_parallel). Returns (P, metrics) with the loss and pair accuracy per step.
+    each batch's pairs are split across `workers` threads (ranking_step_parallel). Returns (P, metrics) with the loss
+    and pair accuracy per step.
     """
     from tqdm.auto import tqdm
     if not prefs:
