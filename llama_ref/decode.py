@@ -76,6 +76,6 @@ def decode_step(model: Llama, tokens, pos: int, cache: KVCache, mask=None):
         xn = rms_norm_row(x, layer["ffn_norm"], cfg.norm_eps)                         # (B, C)
         gate_up = xn @ fused["w_gate_up"]                                             # (B, 2H)
         H = gate_up.shape[1] // 2
-        x = x + swiglu(gate_up[:, :H], gate_up[:, H:]) @ layer["w_down"]             # (B, C)                                              # (B, C)
+        x = x + swiglu(gate_up[:, :H], gate_up[:, H:]) @ layer["w_down"]             # (B, C)
     cache.length = pos + 1
     return model.head(x)                                                              # (B, V)
