@@ -336,15 +336,22 @@ def pad_right(seqs, pad_id: int = 0):
     return tokens, np.array([len(s) - 1 for s in seqs], np.int64)
 
 
-def preference_batch(prefs: list[Preference], tokenizer, max_len: int):
-    """(tokens (2N, T), last (2N,), margins (N,)): the N chosen sequences, then the N rejected ones."""
-    seqs = [encode_reply(p.dialog, p.chosen, tokenizer) for p in prefs] + \
-           [encode_reply(p.dialog, p.rejected, tokenizer) for p in prefs]
-    if max(len(s) for s in seqs) > max_len:
-        raise InputError(f"a preference is {max(len(s) for s in seqs)} tokens long, more than the reward model's "
-                         f"context of {max_len}; shorten the prompt")
-    tokens, last = pad_right(seqs)
-    return tokens, last, np.array([MARGINS[p.degree] for p in prefs], F32)
+def encode_preferences(prefs: list[Preference], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) of every preference, the sequences the reward model reads; a preference longer than
+    the model's context max_len is refused before any training."""
+    pairs = [(encode_reply(p.dialog, p.chosen, tokenizer), encode_reply(p.dialog, p.rejected, tokenizer)) for p in prefs]
+    longest = max(len(s) for pair in pairs for s in pair)
+    if longest > max_len:
+        raise InputError(f"a preference is {longest} tokens long, more than the reward model's context of {max_len}; "
+                         "shorten the prompt")
+    return pairs
+
+
+def preference_batch(pairs: list[tuple[list[int], list[int]]], degrees: list[str]):
+    """(tokens (2N, T), last (2N,), margins (N,)) of N encoded pairs (encode_preferences) and their degrees: the N
+    chosen sequences, then the N rejected ones."""
+    tokens, last = pad_right([c for c, _ in pairs] + [r for _, r in pairs])
+    return tokens, last, np.array([MARGINS[d] for d in degrees], F32)
 
 
 def ranking_step(config: LlamaConfig, P: dict, tokens, last, margins):
@@ -411,15 +418,15 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
     trainable = {k: v for k, v in P.items() if k != HEAD}
     opt = AdamW(trainable, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    lengths = [max(len(encode_reply(p.dialog, p.chosen, tokenizer)), len(encode_reply(p.dialog, p.rejected, tokenizer)))
-               for p in prefs]
+    pairs = encode_preferences(prefs, tokenizer, config.max_seq_len)
+    lengths = [max(len(c), len(r)) for c, r in pairs]
     batches, history, t0 = [], [], time.time()
     bar = tqdm(total=steps, desc="reward model", unit="step", disable=not progress)
     for step in range(steps):
         if not batches:
             batches = length_grouped_batches(lengths, min(batch_size, len(prefs)), rng)
-        batch = [prefs[i] for i in batches.pop()]
-        tokens, last, margins = preference_batch(batch, tokenizer, config.max_seq_len)
+        rows = batches.pop()
+        tokens, last, margins = preference_batch([pairs[i] for i in rows], [prefs[i].degree for i in rows])
         loss, grads, right = ranking_step_parallel(config, P, tokens, last, margins, workers)
         norm = clip_grad_norm(grads, 1.0)
         opt.step(trainable, grads, lr_schedule(step, lr, max(1, steps // 20), steps))

@@ -319,6 +319,17 @@ def test_length_grouped_batches_are_an_epoch_of_similar_lengths():
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)   # the batches are shuffled
 
 
+def test_a_preference_longer_than_the_context_is_refused_before_training(tiny):
+    cfg, w, tok = tiny
+    p = prompt_with()
+    long_reply = " ".join(["A cow says moo."] * 80)
+    prefs = [rlhf.Preference(p.dialog, "A cow says moo.", "A cow says baa.", "better"),
+             rlhf.Preference(p.dialog, long_reply, "A cow says baa.", "better")]
+    with pytest.raises(InputError, match="more than the reward model's context of 256; shorten the prompt"):
+        rlhf.train_reward_model(cfg, rlhf.reward_model_init(cfg, w, seed=0), prefs, tok, steps=1, batch_size=1,
+                                progress=False, log=lambda m: None)
+
+
 def test_reward_model_save_and_load(tiny, tmp_path):
     cfg, w, tok = tiny
     P = rlhf.reward_model_init(cfg, w, seed=2)
