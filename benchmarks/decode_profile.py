@@ -70,14 +70,9 @@ H = gate_up.shape[1] // 2
 hidden = swiglu(gate_up[:, :H], gate_up[:, H:])
 
 
-def rope():
-    swapped = qk.reshape(1, nh + nkv, 2, hs // 2)[:, :, ::-1].reshape(1, nh + nkv, hs)
-    return qk * cos + swapped * sin
-
-
 OPS = [("RMSNorm (x2)", lambda: decode.rms_norm_row(x, layer["attn_norm"], cfg.norm_eps), 2),
        ("x @ [wq | wk | wv]", lambda: x @ fused["wqkv"], 1),
-       ("RoPE on q and k", rope, 1),
+       ("RoPE on q and k", lambda: decode.rope_row(qk, cos, sin), 1),
        ("KV cache write", lambda: cache.update(0, POS, qk[:, nh:, None], qk[:, nh:, None]), 1),
        ("scores q k^T", lambda: q @ keys.swapaxes(-1, -2), 1),
        ("softmax", lambda: softmax(scores), 1),

@@ -33,6 +33,13 @@ def rope_rows(model: Llama, pos: int):
     return np.concatenate([cos, cos]), np.concatenate([-sin, sin])          # (hs,)
 
 
+def rope_row(x, cos, sin):
+    """RoPE at one position for rows x (B, n, hs) with rope_rows' tables: x * cos + swap_halves(x) * sin."""
+    B, n, hs = x.shape
+    swapped = x.reshape(B, n, 2, hs // 2)[:, :, ::-1].reshape(B, n, hs)
+    return x * cos + swapped * sin
+
+
 def rms_norm_row(x, weight, eps):
     """rms_norm for rows x (B, C): x / sqrt(mean(x^2) + eps) * weight, the mean square from one dot per row."""
     ms = np.einsum("bc,bc->b", x, x) / F32(x.shape[-1])                         # (B,)
@@ -49,7 +56,7 @@ def decode_step(model: Llama, tokens, pos: int, cache: KVCache, mask=None):
     tokens, _ = model.check_tokens(np.asarray(tokens)[:, None], pos, cache)
     B = tokens.shape[0]
     nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    nq, half, rep = nh * hs, hs // 2, nh // nkv
+    nq, rep = nh * hs, nh // nkv
     cos, sin = rope_rows(model, pos)                                                    # (hs,)
     scale = F32(1.0 / np.sqrt(hs))
     key_mask = None if mask is None else mask.reshape(B, 1, 1, -1)                    # (B, 1, 1, S)
@@ -60,8 +67,7 @@ def decode_step(model: Llama, tokens, pos: int, cache: KVCache, mask=None):
         xn = rms_norm_row(x, layer["attn_norm"], cfg.norm_eps)                        # (B, C)
         qkv = xn @ fused["wqkv"]                                                      # (B, nq + 2*nkv*hs)
         qk = qkv[:, :nq + nkv * hs].reshape(B, nh + nkv, hs)                          # (B, nh+nkv, hs)
-        swapped = qk.reshape(B, nh + nkv, 2, half)[:, :, ::-1].reshape(B, nh + nkv, hs)
-        qk = qk * cos + swapped * sin                                                 # RoPE at pos
+        qk = rope_row(qk, cos, sin)                                                   # RoPE at pos
         k = qk[:, nh:, None]                                                          # (B, nkv, 1, hs)
         v = qkv[:, nq + nkv * hs:].reshape(B, nkv, 1, hs)                             # (B, nkv, 1, hs)
         keys, values = cache.update(i, pos, k, v)                                     # (B, nkv, S, hs)
