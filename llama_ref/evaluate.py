@@ -13,8 +13,15 @@ and writes them to the model's metrics.json and model card. Every score uses the
 and what quantization costs (chapter 12, benchmarks/quant_accuracy.py): compare_logits (KL, top-1, perplexity of two
 models' next-token distributions), validation_batches (held-out documents as token batches), accuracy_study (every
 scheme of quant.py against float32).
+
+and how sure a measured rate is (every chapter that prints one): rate (k of n, or 0/1 outcomes) -> an Estimate with its
+binomial standard error and n, mean_estimate for a mean score, difference(a, b) for two rates or means (paired when given
+the outcomes of the same items), called a real difference only beyond twice its standard error.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -227,3 +234,85 @@ def accuracy_study(model: Llama, tokens, lengths, schemes=("f16", *quant.SCHEMES
     for r in rows:
         r["ppl_change"] = r["ppl"] / rows[0]["ppl"] - 1
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# How sure is a measured rate? Standard errors, n, and when a difference is real
+
+REAL_DIFFERENCE_SE = 2.0        # a difference is called real beyond 2 standard errors (about a 95% interval)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A measured value with its standard error and the n it was measured on (percent: print it as a rate)."""
+    value: float
+    se: float
+    n: int
+    percent: bool = False
+    k: int | None = None         # successes, for a rate
+
+    def __str__(self) -> str:
+        if not self.percent:
+            return f"{self.value:.3g} ± {self.se:.2g} (n = {self.n})"
+        if self.k in (0, self.n) and self.n:                   # p = 0 or 1: the SE is 0; give the 95% bound (3/n)
+            bound = min(1.0, 3 / self.n)
+            side = f"<= {100 * bound:.1f}%" if self.k == 0 else f">= {100 * (1 - bound):.1f}%"
+            return f"{100 * self.value:.0f}% (n = {self.n}; 95% interval {side})"
+        return f"{100 * self.value:.1f}% ± {100 * self.se:.1f} (n = {self.n})"
+
+
+def rate(k_or_outcomes, n: int | None = None) -> Estimate:
+    """A rate with its binomial standard error sqrt(p (1 - p) / n): rate(k, n) or rate(outcomes of 0/1 or bools)."""
+    if n is None:
+        x = np.asarray(k_or_outcomes, dtype=np.float64).ravel()
+        if x.size == 0 or not np.all((x == 0) | (x == 1)):
+            raise ValueError("rate(outcomes) takes a non-empty sequence of 0/1 or booleans; or call rate(k, n)")
+        k, n = int(x.sum()), int(x.size)
+    else:
+        k, n = int(k_or_outcomes), int(n)
+        if n <= 0 or not 0 <= k <= n:
+            raise ValueError(f"rate(k={k}, n={n}) needs 0 <= k <= n and n > 0")
+    p = k / n
+    return Estimate(p, math.sqrt(p * (1 - p) / n), n, percent=True, k=k)
+
+
+def mean_estimate(values) -> Estimate:
+    """The mean of per-item scores with its standard error std / sqrt(n) (sample std, ddof=1)."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size < 2:
+        raise ValueError("mean_estimate needs at least two values")
+    return Estimate(float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)), int(x.size))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """b - a with its standard error; `real` when it exceeds REAL_DIFFERENCE_SE standard errors."""
+    value: float
+    se: float
+    n: int
+    paired: bool
+    percent: bool
+
+    @property
+    def real(self) -> bool:
+        return abs(self.value) > REAL_DIFFERENCE_SE * self.se
+
+    def __str__(self) -> str:
+        scale, unit = (100, " points") if self.percent else (1, "")
+        how = "paired, " if self.paired else ""
+        verdict = "a real difference" if self.real else "no difference"
+        return (f"{scale * self.value:+.1f} ± {scale * self.se:.1f}{unit} ({how}n = {self.n}): {verdict} "
+                f"(|difference| {'>' if self.real else '<='} {REAL_DIFFERENCE_SE:g} standard errors)")
+
+
+def difference(a, b) -> Difference:
+    """b - a, for two Estimates (independent samples: se = sqrt(se_a^2 + se_b^2)) or for two equal-length arrays of
+    per-item outcomes on the same items (paired: se = std(b - a) / sqrt(n), which the shared items make smaller)."""
+    if isinstance(a, Estimate) and isinstance(b, Estimate):
+        return Difference(b.value - a.value, math.hypot(a.se, b.se), min(a.n, b.n), False, a.percent and b.percent)
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size < 2:
+        raise ValueError("difference(a, b) takes two Estimates, or per-item outcomes of the same items (equal lengths)")
+    d = y - x
+    binary = bool(np.all((x == 0) | (x == 1)) and np.all((y == 0) | (y == 1)))
+    return Difference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size), True, binary)

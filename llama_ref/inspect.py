@@ -1,7 +1,8 @@
 """Looking at taps: compare them with a reference, read the residual stream through the logit lens, ablate heads,
 summarize and save them.
 
-Chapter 00 compares every tap with transformers'; chapter 05 reads the logit lens and ablates a head;
+Chapter 00 compares every tap with transformers'; chapter 05 reads the logit lens and ablates a head; every chapter
+prints its numerical checks (a measured error, a tolerance and why) as one table per section with `Checks`;
 `python -m llama_ref inspect` prints and saves taps for someone comparing another engine with this one. The taps
 themselves are recorded by trace.py (Trace, tap, tap names); the .npz writer is files.save_npz.
 """
@@ -123,6 +124,97 @@ def format_table(rows: list[dict]) -> str:
 def compare_table(trace: Trace | dict, reference: str | os.PathLike | Mapping, names: list[str] | None = None) -> str:
     """compare() printed by format_table(): the one-liner a chapter or a port's test prints."""
     return format_table(compare(trace, reference, names))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks: measured errors against stated tolerances, one table per chapter section
+
+class Checks:
+    """The numerical checks of one chapter section: each a measured error, a tolerance and why that tolerance.
+
+        checks = Checks("section 5 · the KV cache")
+        checks.close("cached decode vs one full forward", cached, full, 1e-5, "gemv and gemm sum in other orders",
+                     relative=True)                              # max|a - b| / max|b| <= 1e-5
+        checks.add("logits vs transformers", err, 1e-4, "float32 logits of order 10 keep ~6 digits")
+        checks.exact("embed tap vs E[ids]", tap, E[ids], "a lookup does no arithmetic")
+        checks.differs("Meta rows with HF's RoPE", wrong, right, 1.0, "a real mistake is of order one")
+        checks.report()        # prints one table; an AssertionError names every check that failed
+
+    The measured column of a tolerance check is float32 noise whose digits move between CPUs (BLAS kernels, threads).
+    It is printed as `x.xe-yy` just before ` <= `, a pattern notebooks/nbval_sanitize.cfg replaces, so a stored chapter
+    shows the reader the error while nbval compares the verdict. `differs` rows print their (large) value as it is.
+    """
+
+    def __init__(self, title: str = ""):
+        self.title = title
+        self.rows: list[dict] = []
+
+    def add(self, name: str, error: float, tol: float, why: str, relative: bool = False) -> bool:
+        """Record an error measured elsewhere; passes when error <= tol (NaN fails)."""
+        error = float(error)
+        ok = bool(error <= tol)
+        self.rows.append({"name": name, "error": error, "op": "<=", "tol": float(tol), "why": why,
+                          "unit": "rel" if relative else "abs", "ok": ok})
+        return ok
+
+    def close(self, name: str, ours, ref, tol: float, why: str, relative: bool = False) -> bool:
+        """max |ours - ref| (divided by max |ref| when relative) <= tol; shapes must agree."""
+        a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+        if a.shape != b.shape:
+            return self.add(f"{name} (shape {a.shape} vs {b.shape})", float("nan"), tol, why, relative)
+        err = float(np.abs(a - b).max()) if a.size else 0.0
+        if relative:
+            scale = float(np.abs(b).max()) if b.size else 0.0
+            err = err / scale if scale > 0 else err
+        return self.add(name, err, tol, why, relative)
+
+    def exact(self, name: str, ours, ref, why: str) -> bool:
+        """Bit for bit: the same shape and the same values (tolerance 0)."""
+        a, b = np.asarray(ours), np.asarray(ref)
+        same = a.shape == b.shape and bool(np.array_equal(a, b))
+        err = 0.0 if same else (float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+                                if a.shape == b.shape else float("nan"))
+        self.rows.append({"name": name, "error": err, "op": "<=", "tol": 0.0, "why": why, "unit": "exact",
+                          "ok": same})
+        return same
+
+    def differs(self, name: str, ours, ref, at_least: float, why: str) -> bool:
+        """A planted mistake must show: max |ours - ref| >= at_least (a check that a wrong version is caught)."""
+        a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+        err = float(np.abs(a - b).max()) if a.shape == b.shape and a.size else float("nan")
+        ok = bool(err >= at_least)
+        self.rows.append({"name": name, "error": err, "op": ">=", "tol": float(at_least), "why": why,
+                          "unit": "abs", "ok": ok})
+        return ok
+
+    @property
+    def failed(self) -> list[str]:
+        return [r["name"] for r in self.rows if not r["ok"]]
+
+    def table(self) -> str:
+        """The checks as an aligned text table: check, measured, relation, tolerance, why; then a one-line verdict."""
+        width = max([len(r["name"]) for r in self.rows] + [len(self.title), 5])
+        lines = [f"{self.title or 'check':{width}s}  {'measured':>9s}     {'tolerance':11s} why this tolerance"]
+        for r in self.rows:
+            if r["op"] == ">=":                                  # a large, stable number: printed as it is
+                measured = f"{r['error']:9.3g}"
+            else:                                                # float32 noise: x.xe-yy, sanitized before ' <= '
+                measured = f"{r['error']:9.1e}"
+            tol = "0 (exact)" if r["unit"] == "exact" else f"{r['tol']:{'g' if r['tol'] >= 0.01 else '.0e'}} {r['unit']}"
+            flag = "" if r["ok"] else "   <-- FAILED"
+            lines.append(f"{r['name']:{width}s}  {measured} {r['op']:>2s}  {tol:11s} {r['why']}{flag}")
+        n_bad = len(self.failed)
+        lines.append(f"{len(self.rows) - n_bad} of {len(self.rows)} checks passed" + (f"; FAILED: {self.failed}"
+                                                                                     if n_bad else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def report(self) -> None:
+        """Print the table, then fail loudly (AssertionError naming them) if any check failed."""
+        print(self.table())
+        assert not self.failed, f"checks outside their tolerance: {self.failed}"
 
 
 # ------------------------------------------------------------------------------------------------

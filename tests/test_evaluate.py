@@ -59,3 +59,29 @@ def test_complete_sentences_drops_an_unfinished_tail():
 def test_story_prompts_are_first_sentences_of_the_split():
     p = evaluate.story_prompts(3, "val", seed=0)
     assert len(p) == 3 and all(corpus.is_grammatical(s) for s in p)
+
+
+def test_rates_carry_their_standard_error_and_n():
+    from llama_ref.evaluate import difference, mean_estimate, rate
+    r = rate(250, 300)
+    assert abs(r.se - np.sqrt(r.value * (1 - r.value) / 300)) < 1e-12 and str(r) == "83.3% ± 2.2 (n = 300)"
+    assert rate([1, 0, 1, 1]).k == 3 and rate([True, False]).n == 2
+    assert str(rate(0, 200)) == "0% (n = 200; 95% interval <= 1.5%)"                  # rule of three, not "± 0"
+    assert str(rate(200, 200)) == "100% (n = 200; 95% interval >= 98.5%)"
+    for bad in [(5, 3), (-1, 3), (0, 0)]:
+        with pytest.raises(ValueError):
+            rate(*bad)
+    with pytest.raises(ValueError):
+        rate([0, 2])
+    # two rates of 300 prompts 1.7 points apart (SE 3.8): no difference; 20 points apart: real
+    assert not difference(rate(202, 300), rate(207, 300)).real
+    assert difference(rate(150, 300), rate(210, 300)).real
+    assert "no difference" in str(difference(rate(202, 300), rate(207, 300)))
+    # paired outcomes of the same items: the shared items shrink the standard error
+    a = np.random.default_rng(0).random(300) < 0.67
+    b = a.copy()
+    b[np.flatnonzero(~a)[:10]] = True                                 # 10 items fixed, nothing broken
+    paired, unpaired = difference(a, b), difference(rate(a), rate(b))
+    assert paired.paired and paired.se < unpaired.se and paired.real and not unpaired.real
+    m = mean_estimate([3, 4, 3, 2, 4])
+    assert m.n == 5 and abs(m.value - 3.2) < 1e-12 and abs(m.se - np.std([3, 4, 3, 2, 4], ddof=1) / np.sqrt(5)) < 1e-12

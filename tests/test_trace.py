@@ -227,3 +227,21 @@ def test_save_npz_round_trip_and_atomic(tmp_path, monkeypatch):
     assert load_reference(tmp_path / "new" / "dir.npz").keys() == arrays.keys()
     with pytest.raises(OutputError, match="is a directory"):
         save_npz(tmp_path / "new", arrays)
+
+
+def test_checks_table_passes_fails_loudly_and_names_the_failure():
+    from llama_ref.inspect import Checks
+    c = Checks("section 1")
+    assert c.close("a vs b", np.ones(3) * (1 + 1e-7), np.ones(3), 1e-5, "float32 rounding", relative=True)
+    assert c.exact("lookup", np.arange(3), np.arange(3), "no arithmetic")
+    assert c.differs("the bug shows", np.full(3, 9.0), np.zeros(3), 1.0, "a real mistake is of order one")
+    c.report()                                                        # all pass: no exception
+    table = c.table()
+    assert "3 of 3 checks passed" in table and "1e-05 rel" in table and "0 (exact)" in table
+    assert not c.close("shapes differ", np.ones(3), np.ones(4), 1e-5, "x")
+    assert not c.add("nan never passes", float("nan"), 1.0, "x")
+    assert not c.differs("a bug that does not show", np.zeros(3), np.zeros(3), 1.0, "x")
+    assert not c.exact("not bitwise", np.ones(2), np.ones(2) + 1e-9, "x")
+    with pytest.raises(AssertionError, match="shapes differ"):
+        c.report()
+    assert "FAILED" in c.table() and len(c.failed) == 4
