@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import ContextLengthError, InputError, SamplingError
 from .decode import decode_step
-from .loader import available_ram_bytes
-from .model import Llama, kv_cache_bytes, softmax
+from .memory import available_ram_bytes, kv_cache_bytes
+from .model import Llama, softmax
 
 F32 = np.float32
 
