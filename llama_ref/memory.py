@@ -3,7 +3,13 @@
 Chapter 14 (the real Llama 2) teaches it; the loader, generation, training and the readers of untrusted files ask it
 before they allocate anything large.
 
-What this process may still allocate is MemAvailable (/proc/meminfo).
+What this process may still allocate is the smallest of what three places allow:
+    MemAvailable      /proc/meminfo: RAM the kernel can hand out without swapping
+    cgroup limit      memory.max (v2) or memory.limit_in_bytes (v1) of this process's cgroup and its ancestors,
+                      minus what the group already uses (less its inactive file cache, which the kernel drops first)
+    RLIMIT_AS         the address-space limit (`ulimit -v`, `prlimit --as`) minus the address space already mapped
+                      (VmSize; mapped checkpoint files count there too)
+`memory_limit()` says which one binds; `available_ram_bytes()` is its number (None where none can be read).
 
 The contract of a loaded model (`plan_memory`, kept as `model.memory`):
     peak RSS  <=  file pages touched (at most the file size)
@@ -11,10 +17,14 @@ The contract of a loaded model (`plan_memory`, kept as `model.memory`):
                 + KV cache for the tokens requested (capacity max(256, 2n) positions: it grows by doubling)
                 + activations of one forward over n tokens (incl. one layer's (B, nh, T, T) scores)
                 + CONSTANT_BYTES (interpreter, NumPy, OpenBLAS buffers)
+`require(nbytes, what, fix)` is the same question for anything else: a KV cache, a training batch, an archive member.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
+from pathlib import Path
 
 import numpy as np
 
@@ -31,10 +41,18 @@ GIB = 2 ** 30
 # ------------------------------------------------------------------------------------------------
 # What this process may still allocate
 
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (RAM the kernel can hand out without swapping), or None off Linux."""
+def _int_file(path) -> int | None:
+    """The integer in a one-line kernel file (None for 'max', a missing file or anything else)."""
     try:
-        with open("/proc/meminfo") as f:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _meminfo_available(meminfo="/proc/meminfo") -> int | None:
+    try:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024                         # the file says kB (KiB)
@@ -43,9 +61,87 @@ def available_ram_bytes() -> int | None:
     return None
 
 
+def _inactive_file(stat_path, key) -> int:
+    try:
+        for line in Path(stat_path).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_headroom(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> int | None:
+    """Bytes this process's cgroup (v2 or v1) may still take: min over the group and its ancestors of limit - usage
+    (+ inactive file cache). None when no limit is set or nothing can be read."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hid == "0" and controllers == "":                                  # v2: one unified hierarchy
+            mounts = [Path(root), Path(root) / "unified"]
+            files = ("memory.max", "memory.current", "memory.stat", "inactive_file")
+        elif "memory" in controllers.split(","):                               # v1: the memory controller's tree
+            mounts = [Path(root) / "memory"]
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+        else:
+            continue
+        limit_name, usage_name, stat_name, inactive_key = files
+        for mount in mounts:
+            d = mount / rel.lstrip("/")
+            if not d.is_dir():
+                d = mount                                                      # a cgroup namespace shows "/" as root
+            while True:
+                limit = _int_file(d / limit_name)
+                usage = _int_file(d / usage_name)
+                if limit is not None and usage is not None and limit < 2 ** 60:   # v1 writes ~2^63 for "no limit"
+                    room = max(0, limit - usage + _inactive_file(d / stat_name, inactive_key))
+                    best = room if best is None else min(best, room)
+                if d == mount or mount not in d.parents:
+                    break
+                d = d.parent
+    return best
+
+
+def _address_space_headroom(status="/proc/self/status") -> int | None:
+    """RLIMIT_AS minus the address space mapped now (VmSize), or None without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    mapped = 0
+    try:
+        for line in Path(status).read_text().splitlines():
+            if line.startswith("VmSize:"):
+                mapped = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(0, soft - mapped)
+
+
 def memory_limit() -> tuple[int | None, str]:
-    """(bytes this process may still allocate, the limit that says so)."""
-    return available_ram_bytes(), "MemAvailable"
+    """(bytes this process may still allocate, which limit binds: "MemAvailable", "cgroup memory limit" or
+    "RLIMIT_AS"); (None, "unknown") where none can be read (off Linux)."""
+    found = [(b, name) for b, name in ((_meminfo_available(), "MemAvailable"), (_cgroup_headroom(), "cgroup memory limit"),
+                                       (_address_space_headroom(), "RLIMIT_AS")) if b is not None]
+    return min(found) if found else (None, "unknown")
+
+
+def available_ram_bytes() -> int | None:
+    """The smallest of MemAvailable, the cgroup's headroom and RLIMIT_AS's headroom (None if none is known)."""
+    return memory_limit()[0]
+
+
+def require(nbytes: int, what: str, fix: str, error=MemoryBudgetError) -> None:
+    """Refuse, before allocating, `nbytes` for `what` when they cannot fit in what this process may still take."""
+    have, limit = memory_limit()
+    if have is not None and nbytes > have:
+        raise error(f"{what} needs {nbytes / GIB:.2f} GiB, more than the {have / GIB:.2f} GiB available "
+                    f"({limit}); {fix}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +237,8 @@ def plan_memory(config: LlamaConfig, weights: dict, file_bytes: int = 0, n_token
     norms = 4 * config.dim * (2 * config.n_layers + 1)
     base = norms + TILE_BYTES + kv + act + CONSTANT_BYTES
     copies = packed_bytes(config, weights)
-    if copies > 0 and (pack == "always" or (pack == "auto" and base + copies <= budget)):
+    fits = available is None or base + copies <= available
+    if copies > 0 and (pack == "always" or (pack == "auto" and base + copies <= budget and fits)):
         path, anonymous = "packed", base + copies
     else:
         path, anonymous = "as stored", base

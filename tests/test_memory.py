@@ -47,3 +47,79 @@ def test_available_ram_reads_meminfo():
         assert isinstance(have, int) and have > 0
     else:
         assert have is None
+
+
+# ------------------------------------------------------------------------------------------------
+# what "available" means: the smallest of MemAvailable, the cgroup's headroom, RLIMIT_AS's headroom
+
+def _tree(tmp_path, files):
+    for rel, text in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return tmp_path
+
+
+def test_cgroup_v2_limit_is_the_smallest_headroom_up_the_tree(tmp_path):
+    root = _tree(tmp_path / "sys", {
+        "a/memory.max": "max\n", "a/memory.current": "100\n",
+        "a/b/memory.max": str(3 * 2 ** 30), "a/b/memory.current": str(2 ** 30),
+        "a/b/memory.stat": f"anon 1\ninactive_file {2 ** 28}\n",
+        "memory.max": str(10 * 2 ** 30), "memory.current": str(9 * 2 ** 30)})
+    proc = _tree(tmp_path / "proc", {"cgroup": "0::/a/b\n"}) / "cgroup"
+    assert memory._cgroup_headroom(proc, root) == 2 ** 30                  # the root's 10 - 9 GiB binds
+    (root / "memory.max").write_text("max\n")
+    assert memory._cgroup_headroom(proc, root) == 2 * 2 ** 30 + 2 ** 28    # a/b: 3 - 1 GiB + inactive file cache
+
+
+def test_cgroup_v1_limit_and_no_limit(tmp_path):
+    root = _tree(tmp_path / "sys", {
+        "memory/grp/memory.limit_in_bytes": str(2 ** 31), "memory/grp/memory.usage_in_bytes": str(2 ** 30),
+        "memory/grp/memory.stat": "total_inactive_file 4096\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "5"})
+    proc = _tree(tmp_path / "proc", {"cgroup": "4:memory:/grp\n1:cpu:/\n"}) / "cgroup"
+    assert memory._cgroup_headroom(proc, root) == 2 ** 30 + 4096
+    (root / "memory/grp/memory.limit_in_bytes").write_text("9223372036854771712")
+    assert memory._cgroup_headroom(proc, root) is None                      # v1's "no limit" is ~2^63
+    assert memory._cgroup_headroom(tmp_path / "missing", root) is None
+
+
+def test_rlimit_as_is_honoured_by_the_plan(tmp_path):
+    """Under `prlimit --as`, the headroom is the limit minus the address space already mapped, and the plan packs
+    only what fits in it (a child process: the limit cannot be lifted once set)."""
+    import subprocess
+    import sys
+    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
+    code = f"""
+import resource
+from llama_ref import load, memory
+from llama_ref.memory import _address_space_headroom
+assert _address_space_headroom() is None
+vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:')][0]
+limit = vm + 600 * 2 ** 20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+have, which = memory.memory_limit()
+assert which == 'RLIMIT_AS' and 0 < have <= 600 * 2 ** 20, (have, which)
+model = load({str(tmp_path / 'm')!r})
+assert model.memory.limited_by == 'RLIMIT_AS' and 'RLIMIT_AS' in str(model.memory)
+try:
+    memory.require(2 ** 40, 'a 1 TiB batch', 'use a smaller one')
+except memory.MemoryBudgetError as e:
+    assert 'RLIMIT_AS' in str(e) and 'use a smaller one' in str(e), e
+else:
+    raise AssertionError('1 TiB fitted under a 600 MiB limit')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_auto_falls_back_to_as_stored_when_copies_do_not_fit(monkeypatch):
+    """A --memory-budget larger than what is available cannot make auto pack into an out-of-memory death."""
+    cfg7 = PRESETS["llama2-7b"]
+    f16 = {n: np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), s, (0,) * len(s))
+           for n, s in weight_shapes(cfg7).items()}
+    _available(monkeypatch, 3 * 2 ** 30, "cgroup memory limit")
+    plan = memory.plan_memory(cfg7, f16, n_tokens=16, budget=2 ** 40)
+    assert plan.path == "as stored" and plan.limited_by == "cgroup memory limit"
+    with pytest.raises(MemoryBudgetError, match=r"cgroup memory limit"):
+        memory.plan_memory(cfg7, f16, n_tokens=16, pack="always")
