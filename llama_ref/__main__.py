@@ -25,7 +25,7 @@ import numpy as np
 from .errors import ChatFormatError, ConfigError, InputError, LlamaRefError, TokenizerError
 from . import gguf_io, inspect as ins, paths, quant, tinyworld, trace as tr
 from .chat import default_chat_model, format_dialog, read_dialog_json, read_stdin, reply
-from .files import check_output
+from .output import check_output
 from .generate import GenerationResult, check_sampling, stream
 from .gguf_io import read_gguf_vocab
 from .llama2c import save_llama2c

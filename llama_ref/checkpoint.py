@@ -29,7 +29,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, TokenizerError
-from .files import _fsync_dir, check_output, publish, temp_dir_beside, write_text
+from .output import _fsync_dir, check_output, publish, temp_dir_beside, write_text
 from .safetensors import _is_int, _write_safetensors, read_safetensors
 from .weights import check_weights, is_ignored, weight_shapes
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .files import write_text
+from .output import write_text
 
 
 @dataclass(frozen=True)

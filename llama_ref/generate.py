@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import ContextLengthError, InputError, SamplingError
 from .decode import decode_step
-from .loader import available_ram_bytes
-from .model import Llama, kv_cache_bytes, softmax
+from .memory import kv_cache_bytes, require
+from .model import Llama, softmax
 
 F32 = np.float32
 
@@ -146,14 +146,11 @@ def generate(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k
 
 def check_memory(model: Llama, batch_size: int, length: int) -> None:
     """Refuse, before anything is allocated, a generation whose KV cache and RoPE tables for `length` positions
-    (float32) would not fit in the RAM this machine has available. The cache grows as tokens come, so this is
-    the worst case of the request, not what is taken up front."""
+    (float32) would not fit in the memory this process may still take (memory.require). The cache grows as tokens
+    come, so this is the worst case of the request, not what is taken up front."""
     need = kv_cache_bytes(model.config, batch_size, length) + length * model.config.head_dim * 4   # + cos/sin
-    have = available_ram_bytes()
-    if have is not None and need > have:
-        gib = 1024 ** 3
-        raise ContextLengthError(f"{length:,} positions need a {need / gib:.1f} GiB KV cache (batch {batch_size}), "
-                                 f"more than the {have / gib:.1f} GiB available; ask for fewer tokens")
+    require(need, f"{length:,} positions (a KV cache for batch {batch_size})", "ask for fewer tokens",
+            ContextLengthError)
 
 
 def stream(model: Llama, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=0,

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import LlamaConfig, config_from_fields, parse_rope_scaling
 from .errors import CheckpointError, LlamaRefError, QuantizationError
-from .files import atomic_file, check_output
+from .output import atomic_file, check_output
 from .weights import GGUF, HF, check_weights, rename
 from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32
 from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf

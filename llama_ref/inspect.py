@@ -4,7 +4,7 @@ summarize and save them.
 Chapter 00 compares every tap with transformers'; chapter 05 reads the logit lens and ablates a head; every chapter
 prints its numerical checks (a measured error, a tolerance and why) as one table per section with `Checks`;
 `python -m llama_ref inspect` prints and saves taps for someone comparing another engine with this one. The taps
-themselves are recorded by trace.py (Trace, tap, tap names); the .npz writer is files.save_npz.
+themselves are recorded by trace.py (Trace, tap, tap names); the .npz writer is output.save_npz.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .errors import InputError
-from .files import save_npz  # noqa: F401  (taps are saved with the package's one atomic writer)
+from .output import save_npz  # noqa: F401  (taps are saved with the package's one atomic writer)
 from .trace import Trace
 
 

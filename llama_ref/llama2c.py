@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, ConfigError
-from .files import atomic_file, check_output
+from .output import atomic_file, check_output
 from .matrices import Float32Matrix
 from .model import permute_qk_hf_to_meta, qk_rows_meta_to_hf, rope_freqs
 from .weights import HF, LAYER_TENSORS, LLAMA2C, MODEL_TENSORS, check_weights, layer_names

@@ -21,30 +21,23 @@ The memory contract. A process holds two kinds of memory:
     peak RSS  <=  file pages touched + anonymous estimate (MemoryPlan.anonymous_bytes)
 `plan_memory` computes the estimate before anything large is allocated and picks the path:
     packed       float weights become contiguous (in, out) float32 copies once: the fastest forward. Taken when the
-                 anonymous estimate with the copies fits the budget (half of MemAvailable unless given).
+                 anonymous estimate with the copies fits the budget (half of what is available unless given).
     as stored    weights stay in the file's type; each matmul expands one tile (matrices.py). A model is refused
-                 only when even this does not fit in MemAvailable.
+                 only when even this does not fit in what is available.
+memory.py holds the plan and what "available" means (MemAvailable, the cgroup limit, RLIMIT_AS: the smallest).
 Quantized weights are never packed: a Q4_K model runs as Q4_K ("as stored", with nothing to pack).
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-
-import numpy as np
 
 from .checkpoint import INDEX_NAME, load_hf_dir
 from .llama2c import load_llama2c
 from .config import LlamaConfig
-from .errors import CheckpointError, MemoryBudgetError, TokenizerError
-from .matrices import TILE_FLOATS
-from .model import Llama, kv_cache_bytes
-from .weights import weight_shapes
+from .errors import CheckpointError, TokenizerError
+from .memory import plan_memory
+from .model import Llama
 from . import gguf_io, paths, quant, tokenizer
-
-CONSTANT_BYTES = 320 * 2 ** 20          # Python, NumPy, OpenBLAS buffers, this package (measured: benchmarks/big_model.py)
-TILE_BYTES = 8 * TILE_FLOATS * 4        # one expanded tile and the decoders' temporaries (K-quants need the most)
-GIB = 2 ** 30
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,117 +78,6 @@ def checkpoint_bytes(path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-def weight_kinds(weights: dict) -> dict[str, int]:
-    """How many tensors of each stored kind a checkpoint holds: {"q4_k": 193, "q6_k": 33, "f32": 65}."""
-    kinds = {}
-    for w in weights.values():
-        kind = getattr(w, "kind", None) or {"float32": "f32", "float16": "f16"}.get(str(w.dtype), str(w.dtype))
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
-
-
-# ------------------------------------------------------------------------------------------------
-# The memory plan
-
-@dataclasses.dataclass
-class MemoryPlan:
-    """Which path a model takes and what it will hold, in bytes. anonymous_bytes is the contract's right-hand side
-    (without the file pages): the packed copies (when packed), the norms, one tile, the KV cache and activations for
-    `n_tokens`, and CONSTANT_BYTES."""
-    path: str                   # "packed" or "as stored"
-    file_bytes: int
-    packed_bytes: int           # the float32 copies packing makes (0 for a model with nothing to pack)
-    anonymous_bytes: int
-    kv_cache_bytes: int
-    activation_bytes: int
-    n_tokens: int
-    budget: int
-    available: int | None
-    kinds: dict
-
-    def __str__(self):
-        how = ("float weights packed as float32 (in, out) copies" if self.path == "packed" else
-               "weights as stored, memory-mapped; one tile expanded to float32 per matmul")
-        kinds = ", ".join(f"{k} x{n}" for k, n in self.kinds.items())
-        avail = f"{self.available / GIB:.1f} GiB" if self.available is not None else "unknown"
-        return (f"{how} ({kinds}). Memory: file {self.file_bytes / GIB:.2f} GiB mapped + {self.anonymous_bytes / GIB:.2f}"
-                f" GiB allocated (KV cache for {self.n_tokens} tokens {self.kv_cache_bytes / 2**20:.0f} MiB"
-                + (f", float32 copies {self.packed_bytes / GIB:.2f} GiB" if self.path == "packed" else "")
-                + f"); available {avail}")
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (RAM the kernel can hand out without swapping), or None off Linux."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024                         # the file says kB (KiB)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def packed_bytes(config: LlamaConfig, weights: dict) -> int:
-    """Bytes of the float32 copies Llama(pack=True) makes: every float (not quantized) matrix, the embedding when it is
-    not float32 already, and the (C, V) classifier a tied float embedding is packed into."""
-    total = 0
-    for name, shape in weight_shapes(config).items():
-        w = weights[name]
-        if len(shape) != 2 or getattr(w, "quantized", False):
-            continue
-        if name == "model.embed_tokens.weight":
-            is_f32_array = isinstance(w, np.ndarray) and w.dtype == np.float32
-            total += (0 if is_f32_array else 4 * shape[0] * shape[1]) + (4 * shape[0] * shape[1] if config.tie_embeddings else 0)
-        else:
-            total += 4 * shape[0] * shape[1]
-    return total
-
-
-def activation_bytes(config: LlamaConfig, n_tokens: int, batch_size: int = 1) -> int:
-    """A forward over n_tokens at once (the prefill): the residual stream and its norms, q/k/v, SwiGLU's three (T, H)
-    arrays, the logits, and the attention scores and probabilities of one layer (B, nh, T, S) with S = T."""
-    T, B = n_tokens, batch_size
-    per_token = 8 * config.dim + 4 * config.hidden_dim + config.vocab_size
-    return 4 * B * (T * per_token + 2 * config.n_heads * T * T)
-
-
-def plan_memory(config: LlamaConfig, weights: dict, file_bytes: int = 0, n_tokens: int | None = None,
-                batch_size: int = 1, pack: str = "auto", budget: int | None = None) -> MemoryPlan:
-    """Choose packed or as stored (pack = "auto" | "always" | "never") and estimate the memory, or refuse with a
-    MemoryBudgetError naming the numbers, before anything large is allocated."""
-    if pack not in ("auto", "always", "never"):
-        raise CheckpointError(f"pack={pack!r}: choose auto, always or never")
-    n_tokens = min(config.max_seq_len, 4096) if n_tokens is None else max(1, int(n_tokens))
-    available = available_ram_bytes()
-    if budget is None:
-        budget = available // 2 if available is not None else 4 * GIB
-    capacity = min(config.max_seq_len, max(256, 2 * n_tokens))         # the KV cache grows by doubling
-    kv = kv_cache_bytes(config, batch_size, capacity)
-    act = activation_bytes(config, n_tokens, batch_size)
-    norms = 4 * config.dim * (2 * config.n_layers + 1)
-    base = norms + TILE_BYTES + kv + act + CONSTANT_BYTES
-    copies = packed_bytes(config, weights)
-    if copies > 0 and (pack == "always" or (pack == "auto" and base + copies <= budget)):
-        path, anonymous = "packed", base + copies
-    else:
-        path, anonymous = "as stored", base
-    plan = MemoryPlan(path, file_bytes, copies, anonymous, kv, act, n_tokens, budget, available,
-                      weight_kinds(weights))
-    if available is not None and anonymous > available:
-        what = ("with float32 copies of its weights" if path == "packed" else
-                "even with its weights left as stored")
-        raise MemoryBudgetError(
-            f"this model needs ~{anonymous / GIB:.1f} GiB of memory {what} (KV cache for {n_tokens} tokens "
-            f"{kv / GIB:.2f} GiB, activations {act / GIB:.2f} GiB), more than the {available / GIB:.1f} GiB available; "
-            + ("let it run as stored (--pack never / pack='never')" if path == "packed" else
-               "ask for fewer tokens, or use a smaller or more quantized model"))
-    return plan
 
 
 # ------------------------------------------------------------------------------------------------

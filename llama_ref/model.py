@@ -216,13 +216,8 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def nbytes(self):
-        """Bytes held now (the arrays grow as positions are written; kv_cache_bytes gives a full cache's)."""
+        """Bytes held now (the arrays grow as positions are written; memory.kv_cache_bytes gives a full cache's)."""
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-
-
-def kv_cache_bytes(config: LlamaConfig, batch_size: int, length: int) -> int:
-    """Bytes of a float32 KV cache holding `length` positions: K and V, every layer, every key/value head."""
-    return 2 * config.n_layers * batch_size * config.n_kv_heads * length * config.head_dim * 4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, InputError
-from .files import atomic_dir, check_output
+from .output import atomic_dir, check_output
 from .model import Llama
 from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate, split_layers
 from .onnx_export import (Graph, check_int4_shapes, check_static_rope, require_onnx, rope, session, swiglu,

@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ExtraMissingError, InputError, QuantizationError
-from .files import atomic_dir, check_output
+from .output import atomic_dir, check_output
 from .model import Llama, rope_tables
 from .quant import W4Matrix
 from .tokenizer import hf_tokenizer_json

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError
-from .files import atomic_dir, check_output
+from .output import atomic_dir, check_output
 from .matrices import StoredMatrix
 from .model import Llama, _as_f32
 from .weights import check_layer_count, check_weights, short_name, weight_shapes

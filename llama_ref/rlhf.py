@@ -46,7 +46,7 @@ from .checkpoint import save_model
 from .config import LlamaConfig
 from .corpus import PETS, generate_dialogues, is_grammatical, make_world, split_sentences
 from .errors import InputError, PreferenceError
-from .files import write_text
+from .output import write_text
 from .gatt import Example, Instruction, last_turn_example, random_instruction, strip_instruction
 from .generate import generate_batch
 from .model import Llama, rope_tables

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
-from .files import atomic_file
+from .output import atomic_file
 from .matrices import BFloat16Matrix, bf16_to_f32
 
 # safetensors dtype -> (NumPy dtype as stored, bytes per element)

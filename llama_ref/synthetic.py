@@ -23,7 +23,7 @@ import numpy as np
 
 from .checkpoint import INDEX_NAME
 from .config import LlamaConfig
-from .files import atomic_dir, atomic_file
+from .output import atomic_dir, atomic_file
 from .gguf_io import FILE_TYPES, GGUFMatrix, add_llama_metadata, hf_to_gguf_name, sentencepiece_vocab
 from .model import permute_qk_hf_to_meta
 from .safetensors import write_safetensors_stream

@@ -33,7 +33,7 @@ import numpy as np
 from . import corpus, evaluate, paths, train, trainer
 from .loader import read_checkpoint
 from .config import LlamaConfig
-from .files import atomic_file, write_text
+from .output import atomic_file, write_text
 from .model import Llama
 from .tokenizer import Tokenizer
 

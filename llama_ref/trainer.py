@@ -17,7 +17,7 @@ import numpy as np
 from .checkpoint import save_model
 from .config import LlamaConfig
 from .errors import InputError, TrainingError
-from .files import save_npz, write_text
+from .output import save_npz, write_text
 from .model import rope_tables
 from .train import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
 

@@ -36,7 +36,7 @@ from llama_ref.model import Llama  # noqa: E402
 from llama_ref.weights import weight_shapes
 from llama_ref.tokenizer import Tokenizer                            # noqa: E402
 from llama_ref.tinyworld import log                                   # noqa: E402
-from llama_ref.files import write_text as write_text_atomic            # noqa: E402
+from llama_ref.output import write_text as write_text_atomic            # noqa: E402
 
 
 def _jsonable(x):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from llama_ref import gatt, paths, rlhf, trainer                                  # noqa: E402
 from llama_ref.checkpoint import save_model                                       # noqa: E402
 from llama_ref.errors import LlamaRefError                                        # noqa: E402
-from llama_ref.files import write_text                                            # noqa: E402
+from llama_ref.output import write_text                                            # noqa: E402
 from llama_ref.loader import read_checkpoint                                      # noqa: E402
 from llama_ref.model import Llama                                                 # noqa: E402
 from llama_ref.tinyworld import log                                               # noqa: E402

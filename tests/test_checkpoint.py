@@ -18,7 +18,7 @@ from llama_ref.llama2c import save_llama2c
 from llama_ref.safetensors import read_safetensors, read_safetensors_header, save_safetensors
 from llama_ref.loader import read_checkpoint
 from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
-from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.config import LlamaConfig
 from llama_ref.errors import CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError
 from llama_ref.model import permute_qk_hf_to_meta
 from llama_ref.weights import weight_shapes
@@ -498,37 +498,6 @@ def test_safetensors_file_path_loads_its_directory(tmp_path):
     w = random_weights(GQA, scale=1.0)
     save_model(tmp_path / "m", GQA, w)
     assert_same(read_checkpoint(tmp_path / "m" / "model.safetensors")[1], w)
-
-
-def test_memory_plan_packs_what_fits_and_refuses_what_cannot(tmp_path, monkeypatch):
-    # Llama 2 7B has 6,738,415,616 parameters (untied): packing every float matrix makes ~25.1 GiB of float32 copies
-    cfg7 = PRESETS["llama2-7b"]
-    f16 = {n: np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), s, (0,) * len(s))
-           for n, s in weight_shapes(cfg7).items()}                  # the shapes of a float16 7B, no memory
-    assert loader.packed_bytes(cfg7, f16) == (6_738_415_616 - cfg7.dim * (2 * cfg7.n_layers + 1)) * 4
-    monkeypatch.setattr(loader, "available_ram_bytes", lambda: 24 * 2 ** 30)
-    plan = loader.plan_memory(cfg7, f16, n_tokens=36)
-    assert plan.path == "as stored" and plan.anonymous_bytes < 1 * 2 ** 30     # KV cache of 256 positions: 128 MiB
-    assert plan.kv_cache_bytes == 2 * 32 * 32 * 256 * 128 * 4
-    with pytest.raises(loader.MemoryBudgetError, match=r"needs ~2.*GiB of memory with float32 copies .* more than the 24.0 GiB"):
-        loader.plan_memory(cfg7, f16, n_tokens=36, pack="always")
-    with pytest.raises(loader.MemoryBudgetError, match=r"even with its weights left as stored .* ask for fewer tokens"):
-        loader.plan_memory(cfg7, f16, n_tokens=4096 * 8, pack="never")     # a 32k-token prefill's scores
-    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
-    assert loader.load(tmp_path / "m").memory.path == "packed"
-    model = loader.load(tmp_path / "m", pack="never")
-    assert model.memory.path == "as stored" and not model.packed
-    monkeypatch.setattr(loader, "available_ram_bytes", lambda: 1000)
-    with pytest.raises(loader.MemoryBudgetError, match="more than the 0.0 GiB available"):
-        loader.load(tmp_path / "m")
-
-
-def test_available_ram_reads_meminfo():
-    have = loader.available_ram_bytes()
-    if os.path.exists("/proc/meminfo"):
-        assert isinstance(have, int) and have > 0
-    else:
-        assert have is None
 
 
 # ------------------------------------------------------------------------------------------------

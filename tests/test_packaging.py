@@ -79,3 +79,16 @@ def test_no_import_cycles_in_the_package():
         return any(n == b or (n not in seen and not seen.add(n) and reaches(n, b, seen)) for n in graph.get(a, ()))
     cycles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a, set())})
     assert not cycles, f"import cycles in llama_ref: {cycles}"
+
+
+def test_generate_does_not_import_the_loader():
+    """Generation needs a model and the memory plan, not the file formats: memory.py holds the plan for both."""
+    graph = _package_imports()
+
+    def reach(a, seen):
+        for n in graph.get(a, ()):
+            if n not in seen:
+                seen.add(n)
+                reach(n, seen)
+        return seen
+    assert "loader" not in reach("generate", set())

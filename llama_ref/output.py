@@ -1,4 +1,4 @@
-"""Writing files a user owns: the one atomic writer every output of the package goes through.
+"""The one output policy: every file or directory llama_ref writes for a user goes through this module.
 
 No chapter teaches it (chapters write only into temporary directories); DEVELOPING.md states the contract.
 
