@@ -217,3 +217,19 @@ def test_llama_cpp_agrees_on_a_q4_k_m_file(files):
     plain = loader.load(files["q4_k_m"]).forward(TOKENS)
     assert np.abs(plain - theirs).max() < 5e-2 * scale
     assert np.abs(plain - theirs).max() > 1e-5 * scale               # the rounding is real: the two runs differ
+
+
+def test_writers_carry_the_tokenizer_find_tokenizer_finds(files, tmp_path):
+    """One rule for which tokenizer came with a model (loader.tokenizer_source): quantizing a .gguf into a directory
+    writes the GGUF's own vocabulary as tokenizer.model, and chat --format-only reads the GGUF's vocabulary too."""
+    out = tmp_path / "q"
+    r = cli("quantize", "--model", files["q8_0"], "--scheme", "q8_0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    want = loader.find_tokenizer(files["q8_0"])
+    got = Tokenizer(out / "tokenizer.model")
+    text = "Mia has a cat."
+    assert got.vocab_size == want.vocab_size == CFG.vocab_size and got.encode(text) == want.encode(text)
+    r = subprocess.run([sys.executable, "-m", "llama_ref", "chat", "--format-only", "--model", str(files["q8_0"])],
+                       input=json.dumps([{"role": "user", "content": text}]), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [int(i) for i in r.stdout.split()] == want.encode(f"[INST] {text} [/INST]", bos=True)
