@@ -29,7 +29,7 @@ from .output import check_output
 from .generate import GenerationResult, check_sampling, stream
 from .gguf_io import read_gguf_vocab
 from .llama2c import save_llama2c
-from .loader import find_tokenizer, load, read_checkpoint
+from .loader import find_tokenizer, load, read_checkpoint, tokenizer_source
 from .model import Llama
 from .tokenizer import Tokenizer, proto_from_vocab
 
@@ -82,23 +82,13 @@ def parse_ids(text: str, vocab_size: int | None = None) -> list[int]:
     return ids
 
 
-def _check_tokenizer(tok):
-    """A --tokenizer path is loaded (TokenizerError for a missing, directory or corrupt file) before any work."""
-    if isinstance(tok, Path):
-        Tokenizer(tok)
-    return tok
-
-
-def _tokenizer_for(model_path, tokenizer):
-    """--tokenizer, else tokenizer.model beside the model directory, else the vocabulary inside a source .gguf."""
-    if tokenizer:
-        return Path(tokenizer)
-    p = Path(model_path) if model_path else paths.DEFAULT_MODEL
-    if p.is_dir() and (p / "tokenizer.model").exists():
-        return p / "tokenizer.model"
-    if p.suffix == ".gguf":
-        return read_gguf_vocab(p)
-    return None
+def writer_tokenizer(args):
+    """The tokenizer a writer puts beside the weights (the one find_tokenizer finds: a .model path, or a GGUF's
+    vocabulary), loaded once first so a missing or corrupt one is refused before any work."""
+    src = tokenizer_source(args.model, args.tokenizer)
+    if src is None or find_tokenizer(args.model, args.tokenizer) is None:
+        return None
+    return read_gguf_vocab(src) if src.suffix == ".gguf" else src
 
 
 def _check_out(out, force, kind="file"):
@@ -221,12 +211,7 @@ def cmd_chat(args) -> int:
     """`python -m llama_ref chat`: --format-only prints prompt ids; stdin JSON -> one answer; a TTY -> a chat."""
 
     if args.format_only:
-        if args.tokenizer:
-            tok = Tokenizer(args.tokenizer)
-        elif args.model and (Path(args.model) / "tokenizer.model").exists():
-            tok = Tokenizer(Path(args.model) / "tokenizer.model")
-        else:
-            tok = Tokenizer(paths.DEFAULT_TOKENIZER)
+        tok = find_tokenizer(args.model, args.tokenizer) or Tokenizer(paths.DEFAULT_TOKENIZER)
         dialog = read_dialog_json(read_stdin())
         if args.system is not None:
             if isinstance(dialog, list) and dialog and isinstance(dialog[0], dict) and dialog[0].get("role") == "system":
@@ -316,7 +301,7 @@ def cmd_quantize(args) -> int:
     args.scheme = args.scheme.lower()
     policy = quant.parse_scheme(args.scheme)
     _check_out(args.out, args.force, "file" if str(args.out).endswith(".gguf") else "dir")
-    tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer))
+    tok = writer_tokenizer(args)
     config, weights = read_checkpoint(args.model)
     qweights = quant.quantize_weights(config, weights, args.scheme)
     if str(args.out).endswith(".gguf"):
@@ -325,6 +310,8 @@ def cmd_quantize(args) -> int:
                              "or choose --scheme q8_0 / q4_0")
         gguf_io.save_gguf(args.out, config, qweights, tok, args.scheme, force=args.force)
     else:
+        if isinstance(tok, gguf_io.GGUFVocab):                       # a .gguf's vocabulary, as a .model's bytes
+            tok = proto_from_vocab(*tok)
         quant.save_quantized(args.out, Llama(config, qweights), args.scheme, tokenizer_path=tok, force=args.force)
     n = sum(math.prod(w.shape) for w in qweights.values())
     held = sum(w.nbytes for w in qweights.values())
@@ -341,7 +328,7 @@ def cmd_export(args) -> int:
     if args.format.startswith(("onnx", "qnn")):
         return export_onnx_formats(args)
     _check_out(args.out, args.force)
-    tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer)) if args.format != "llama2c" else None
+    tok = writer_tokenizer(args) if args.format != "llama2c" else None
     config, weights = read_checkpoint(args.model)
     if args.format == "llama2c":
         floats = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
@@ -358,7 +345,7 @@ def export_onnx_formats(args) -> int:
     from . import ondevice_onnx, onnx_export
     onnx_export.require_onnx()
     _check_out(args.out, args.force, kind="dir")
-    tok = _check_tokenizer(_tokenizer_for(args.model, args.tokenizer))
+    tok = writer_tokenizer(args)
     if isinstance(tok, gguf_io.GGUFVocab):
         tok = proto_from_vocab(*tok)
     config, weights = read_checkpoint(args.model)

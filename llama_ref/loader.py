@@ -98,19 +98,27 @@ def load(path=None, pack: str = "auto", memory_budget: int | None = None, n_toke
     return model
 
 
-def find_tokenizer(model_path=None, tokenizer_path=None, impl="sentencepiece"):
-    """The tokenizer for a model: `tokenizer_path` if given (a SentencePiece .model, or a .gguf whose vocabulary to
-    use), else tokenizer.model beside an HF or quantized directory, else the vocabulary inside a .gguf; None if none."""
-    model_path = Path(model_path) if model_path is not None else paths.DEFAULT_MODEL
+def tokenizer_source(model_path=None, tokenizer_path=None) -> Path | None:
+    """Where the tokenizer that came with a model is: `tokenizer_path` if given (a SentencePiece .model, or a .gguf
+    whose vocabulary to use), else tokenizer.model beside an HF or quantized directory, else the .gguf itself; None."""
     if tokenizer_path is not None:
-        p = Path(tokenizer_path)
-        return gguf_tokenizer(p, impl) if p.suffix == ".gguf" else tokenizer.Tokenizer(p, impl=impl)
-    beside = model_path / "tokenizer.model"
-    if model_path.is_dir() and beside.exists():
-        return tokenizer.Tokenizer(beside, impl=impl)
+        return Path(tokenizer_path)
+    model_path = Path(model_path) if model_path is not None else paths.DEFAULT_MODEL
+    if model_path.is_dir() and (model_path / "tokenizer.model").exists():
+        return model_path / "tokenizer.model"
     if model_path.is_file() and model_path.suffix == ".gguf":
-        return gguf_tokenizer(model_path, impl, required=False)
+        return model_path
     return None
+
+
+def find_tokenizer(model_path=None, tokenizer_path=None, impl="sentencepiece"):
+    """The tokenizer for a model (tokenizer_source), loaded: a Tokenizer, or None if the model came without one."""
+    src = tokenizer_source(model_path, tokenizer_path)
+    if src is None:
+        return None
+    if src.suffix == ".gguf":
+        return gguf_tokenizer(src, impl, required=tokenizer_path is not None)
+    return tokenizer.Tokenizer(src, impl=impl)
 
 
 def gguf_tokenizer(path, impl="sentencepiece", required=True):

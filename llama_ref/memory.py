@@ -22,7 +22,6 @@ The contract of a loaded model (`plan_memory`, kept as `model.memory`):
 from __future__ import annotations
 
 import dataclasses
-import os
 import resource
 from pathlib import Path
 

@@ -592,7 +592,9 @@ def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=F
     with atomic_dir(path, force=force) as tmp:                             # the old directory stays until the end
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": QUANT_FORMAT, "scheme": scheme})
-        if tokenizer_path:
+        if isinstance(tokenizer_path, bytes):                               # a vocabulary taken from a GGUF
+            (tmp / "tokenizer.model").write_bytes(tokenizer_path)
+        elif tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
     return path
 

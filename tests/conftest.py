@@ -1,11 +1,24 @@
-"""What many test files share: random weights of a config, one convention for all.
+"""What many test files share, written once: random weights, the CLI runner and its error check, the relative error,
+the reference fixtures' manifest, and the default tokenizer.
 
-`from conftest import random_weights` (pytest puts tests/ on sys.path); a plain function rather than a fixture, because
+`from conftest import random_weights, cli, assert_error, rel_err, MANIFEST, REPO` (pytest puts tests/ on sys.path);
+`tok` is a fixture every test file can ask for. random_weights is a plain function rather than a fixture, because
 module-scoped fixtures and parametrize lists need weights when the module is collected.
 """
-import numpy as np
+import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from llama_ref import paths
+from llama_ref.tokenizer import Tokenizer
 from llama_ref.weights import weight_shapes
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())      # what the reference fixtures hold
 
 
 def random_weights(cfg, seed=0, scale=0.3):
@@ -17,3 +30,34 @@ def random_weights(cfg, seed=0, scale=0.3):
         if w[k].ndim == 1:
             w[k] = (1.0 + 0.1 * rng.standard_normal(w[k].shape)).astype(np.float32)
     return w
+
+
+def rel_err(a, b):
+    """max |a - b| relative to max |b|, in float64 (the tolerance convention of the reference comparisons)."""
+    b = np.asarray(b, np.float64)
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def cli(*args, stdin=None, timeout=300, env=None):
+    """`python -m llama_ref ARGS` as a subprocess from the repository root. stdin: text or bytes (bytes reach the
+    command unchanged, e.g. invalid UTF-8); stdout and stderr come back as text (undecodable bytes replaced)."""
+    data = stdin.encode("utf-8", "surrogatepass") if isinstance(stdin, str) else stdin
+    r = subprocess.run([sys.executable, "-m", "llama_ref", *map(str, args)], input=data, capture_output=True,
+                       timeout=timeout, cwd=REPO, env=env)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
+
+
+def assert_error(proc, message=""):
+    """The CLI's answer to bad input: exit 2 and exactly one stderr line `error: ...` containing `message`."""
+    err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, f"exit {proc.returncode}: {err[-1500:]}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-1500:]
+    assert "Traceback" not in err and message in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The project's SentencePiece tokenizer (data/tokenizer/tokenizer.model)."""
+    return Tokenizer(paths.DEFAULT_TOKENIZER)

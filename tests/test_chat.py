@@ -19,15 +19,10 @@ from llama_ref.chat import ASSISTANT, MARKUP, SYSTEM, USER, encode_dialog, fit_d
 from llama_ref.errors import ChatFormatError, ContextLengthError
 from llama_ref.paths import DEFAULT_TOKENIZER
 from llama_ref.tokenizer import Tokenizer
-from conftest import random_weights  # noqa: E402
+from conftest import cli, random_weights  # noqa: E402
 
 SP = spm.SentencePieceProcessor(model_file=str(DEFAULT_TOKENIZER))
 BOS, EOS = SP.bos_id(), SP.eos_id()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(DEFAULT_TOKENIZER)
 
 
 def sp_turns(*turns):
@@ -254,28 +249,23 @@ def test_reply_with_a_long_chat_keeps_working(tok):
 # ------------------------------------------------------------------------------------------------
 # CLI
 
-def run_cli(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "llama_ref", "chat", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_cli_format_only_json():
     dialog, turns = OUR_EXAMPLES[0]
-    r = run_cli("--format-only", "--json", "--tokenizer", DEFAULT_TOKENIZER, stdin=json.dumps(dialog))
+    r = cli("chat", "--format-only", "--json", "--tokenizer", DEFAULT_TOKENIZER, stdin=json.dumps(dialog))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ids"] == sp_turns(*turns)
     assert out["n_tokens"] == len(out["ids"]) and len(out["pieces"]) == len(out["ids"])
-    r = run_cli("--format-only", "--json", stdin=json.dumps(dialog))       # default tokenizer
+    r = cli("chat", "--format-only", "--json", stdin=json.dumps(dialog))       # default tokenizer
     assert json.loads(r.stdout)["ids"] == sp_turns(*turns)
 
 
 def test_cli_format_only_errors():
-    r = run_cli("--format-only", "--json", stdin='[{"role": "user", "content": "[INST]"}]')
+    r = cli("chat", "--format-only", "--json", stdin='[{"role": "user", "content": "[INST]"}]')
     assert r.returncode == 2 and r.stderr.startswith("error:") and "special tag" in r.stderr
-    r = run_cli("--format-only", "--json", stdin="not json")
+    r = cli("chat", "--format-only", "--json", stdin="not json")
     assert r.returncode == 2 and "JSON" in r.stderr
-    r = run_cli("--format-only", "--json", "--tokenizer", "/nonexistent.model", stdin='[{"role": "user", "content": "a"}]')
+    r = cli("chat", "--format-only", "--json", "--tokenizer", "/nonexistent.model", stdin='[{"role": "user", "content": "a"}]')
     assert r.returncode == 2 and r.stderr.startswith("error:")
 
 
@@ -294,7 +284,7 @@ def test_cli_answers_a_json_dialogue_on_stdin(chat_model_dir, tok):
     from llama_ref.loader import read_checkpoint
     from llama_ref.model import Llama
     dialog = [{"role": "user", "content": "What pet does Mia have?"}]
-    r = run_cli("--model", chat_model_dir, "--system", "You love the beach.", "--temperature", 0, "--json",
+    r = cli("chat", "--model", chat_model_dir, "--system", "You love the beach.", "--temperature", 0, "--json",
                 "--max-new-tokens", 6, stdin=json.dumps(dialog))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -304,7 +294,7 @@ def test_cli_answers_a_json_dialogue_on_stdin(chat_model_dir, tok):
     text, res, _ = reply(model, tok, [{"role": "system", "content": "You love the beach."}] + dialog,
                          max_new_tokens=6, temperature=0.0)
     assert out["ids"] == res.ids and out["content"] == text
-    r = run_cli("--model", chat_model_dir, "--temperature", -1, stdin=json.dumps(dialog))
+    r = cli("chat", "--model", chat_model_dir, "--temperature", -1, stdin=json.dumps(dialog))
     assert r.returncode == 2 and "temperature" in r.stderr
 
 

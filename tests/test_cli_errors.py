@@ -7,9 +7,6 @@ tests/test_fuzz.py mutates the same files at random.
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,23 +14,9 @@ import pytest
 from llama_ref import paths
 from llama_ref.checkpoint import save_model
 from llama_ref.config import LlamaConfig
-from conftest import random_weights  # noqa: E402
+from conftest import assert_error, cli, random_weights  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, max_seq_len=64)
-
-
-def cli(*args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "llama_ref", *map(str, args)], capture_output=True,
-                          input=stdin, timeout=timeout, cwd=REPO)
-
-
-def assert_error(proc, message):
-    err = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode == 2, f"exit {proc.returncode}: {err[-1500:]}"
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[-1500:]
-    assert message in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +67,7 @@ def test_a_huge_context_costs_only_what_is_used(model_dir, tmp_path):
     formats with 32-bit header fields refuse to store it instead of crashing in struct.pack."""
     d = with_config(model_dir, tmp_path, max_position_embeddings=2 ** 40)
     r = generate(d, "--json")
-    assert r.returncode == 0, r.stderr.decode()
+    assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["ids"]) == 2
     assert_error(cli("generate", "--model", d, "--prompt-ids", "1", "--max-new-tokens", str(10 ** 11)),
                  "KV cache")
@@ -116,14 +99,14 @@ def test_text_that_is_not_unicode(model_dir):
 def test_settings_at_the_edge(model_dir, tmp_path):
     r = cli("generate", "--model", model_dir, "--prompt-ids", "1", "--max-new-tokens", "2", "--temperature", "1e-40",
             "--json")
-    assert r.returncode == 0, r.stderr.decode()                                      # a tiny temperature is greedy
+    assert r.returncode == 0, r.stderr                                      # a tiny temperature is greedy
     assert_error(cli("generate", "--model", model_dir, "--prompt-ids", "1", "--temperature", "1e300"),
                  "temperature=1e+300 is above")
     assert_error(cli("quantize", "--model", model_dir, "--scheme", "w4a16-g0", "--out", tmp_path / "q"),
                  "group size must be")
     assert_error(cli("generate", "--model", model_dir, "--prompt-ids", "1,9999"), "vocabulary has ids 0..1023")
     r = cli("quantize", "--model", model_dir, "--scheme", "Q8_0", "--out", tmp_path / "x.gguf")
-    assert r.returncode == 0, r.stderr.decode()                                      # schemes are case-insensitive
+    assert r.returncode == 0, r.stderr                                      # schemes are case-insensitive
 
 
 def test_outputs_that_cannot_be_written(model_dir, tmp_path):
@@ -134,7 +117,7 @@ def test_outputs_that_cannot_be_written(model_dir, tmp_path):
     assert_error(cli("export", "--model", model_dir, "--format", "gguf-f32", "--out", "/dev/null/x.gguf"),
                  "not a directory")
     r = cli("export", "--model", model_dir, "--format", "gguf-f32", "--out", tmp_path / "new" / "dir" / "m.gguf")
-    assert r.returncode == 0, r.stderr.decode()                                      # parents are created
+    assert r.returncode == 0, r.stderr                                      # parents are created
     (tmp_path / "afile").write_text("x")
     assert_error(cli("quantize", "--model", model_dir, "--scheme", "q8_0", "--out", tmp_path / "afile", "--force"),
                  "is a file")
@@ -154,7 +137,7 @@ def test_quantized_directories_run_and_damage_is_an_error(model_dir, tmp_path):
     q = tmp_path / "q"
     assert cli("quantize", "--model", model_dir, "--scheme", "q8_0", "--out", q).returncode == 0
     r = generate(q, "--json")
-    assert r.returncode == 0, r.stderr.decode()                                      # generate runs what quantize wrote
+    assert r.returncode == 0, r.stderr                                      # generate runs what quantize wrote
     from safetensors.numpy import load_file, save_file
     tensors = load_file(str(q / "model.safetensors"))
     for what, change, message in [

@@ -1,14 +1,12 @@
 """`python -m llama_ref generate`: JSON output, greedy = argmax of our forward, seeds, and clear errors (exit 2)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from llama_ref.config import LlamaConfig
 from llama_ref.model import Llama
-from conftest import random_weights  # noqa: E402
+from conftest import cli, random_weights  # noqa: E402
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32)
 
@@ -22,14 +20,9 @@ def model_dir(tmp_path_factory):
     return d, weights
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "llama_ref", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
-
-
 def test_generate_json_greedy_matches_our_argmax(model_dir):
     d, weights = model_dir
-    r = run("generate", "--model", d, "--prompt-ids", "1,5,9", "--max-new-tokens", 6, "--temperature", 0,
+    r = cli("generate", "--model", d, "--prompt-ids", "1,5,9", "--max-new-tokens", 6, "--temperature", 0,
             "--no-stop", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -46,8 +39,8 @@ def test_same_seed_same_output(model_dir):
     d, _ = model_dir
     args = ("generate", "--model", d, "--prompt-ids", "1", "--max-new-tokens", 10, "--temperature", 1.0,
             "--top-p", 0.95, "--no-stop", "--json")
-    a, b = (json.loads(run(*args, "--seed", 7).stdout)["ids"] for _ in range(2))
-    c = json.loads(run(*args, "--seed", 8).stdout)["ids"]
+    a, b = (json.loads(cli(*args, "--seed", 7).stdout)["ids"] for _ in range(2))
+    c = json.loads(cli(*args, "--seed", 8).stdout)["ids"]
     assert a == b and a != c
 
 
@@ -58,37 +51,33 @@ def test_same_seed_same_output(model_dir):
 ])
 def test_invalid_settings_are_clear_errors(model_dir, extra, message):
     d, _ = model_dir
-    r = run("generate", "--model", d, "--prompt-ids", "1,2", *extra)
+    r = cli("generate", "--model", d, "--prompt-ids", "1,2", *extra)
     assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_bad_ids_and_paths(model_dir, tmp_path):
     d, _ = model_dir
-    r = run("generate", "--model", d, "--prompt-ids", "1,64")
+    r = cli("generate", "--model", d, "--prompt-ids", "1,64")
     assert r.returncode == 2 and "out of range" in r.stderr
-    r = run("generate", "--model", d, "--prompt-ids", "1,x")
+    r = cli("generate", "--model", d, "--prompt-ids", "1,x")
     assert r.returncode == 2 and "comma-separated" in r.stderr
-    r = run("generate", "--model", tmp_path / "nope", "--prompt-ids", "1")
+    r = cli("generate", "--model", tmp_path / "nope", "--prompt-ids", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    r = run("generate", "--model", d, "--prompt", "hello", "--max-new-tokens", 4)
+    r = cli("generate", "--model", d, "--prompt", "hello", "--max-new-tokens", 4)
     assert r.returncode == 2 and "--tokenizer" in r.stderr
 
 
 def test_help_explains():
-    r = run("generate", "--help")
+    r = cli("generate", "--help")
     assert r.returncode == 0 and "--prompt-ids" in r.stdout and "prefill" in r.stdout.lower()
 
 
 def test_the_space_between_prompt_and_reply_survives():
     """SentencePiece drops a leading space when a piece is decoded alone; streamed text and --json decode the
     continuation together with the prompt, so 'Once upon' + '▁a' prints 'Once upon a', not 'Once upona'."""
-    import json
-    import subprocess
-    import sys
-    args = [sys.executable, "-m", "llama_ref", "generate", "--prompt", "Once upon", "--max-new-tokens", "3",
-            "--temperature", "0"]
-    streamed = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    as_json = json.loads(subprocess.run(args + ["--json"], capture_output=True, text=True, timeout=120).stdout)
+    args = ["generate", "--prompt", "Once upon", "--max-new-tokens", "3", "--temperature", "0"]
+    streamed = cli(*args)
+    as_json = json.loads(cli(*args, "--json").stdout)
     assert streamed.stdout.startswith("Once upon ") and as_json["text"].startswith(" ")
     assert streamed.stdout.rstrip("\n") == "Once upon" + as_json["text"]

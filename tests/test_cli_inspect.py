@@ -1,8 +1,6 @@
 """`python -m llama_ref inspect`: statistics and saved taps agree with transformers' (the fixtures), the .npz is
 keyed by tap name with the tokens, written atomically, and bad input is a one-line error with exit code 2."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import pytest
 from llama_ref import paths
 from llama_ref.config import LlamaConfig
 from llama_ref.tokenizer import Tokenizer
-from conftest import random_weights  # noqa: E402
+from conftest import cli, random_weights  # noqa: E402
 
 GQA = paths.REFERENCE_DIR / "gqa"
 REF = dict(np.load(paths.REFERENCE_DIR / "gqa.npz"))
@@ -18,14 +16,9 @@ IDS = ",".join(str(t) for t in REF["tokens"][0])
 TAP_RTOL = 2e-5        # float32 vs transformers, relative to each tensor's max (see tests/test_reference.py)
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "llama_ref", "inspect", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_saved_taps_are_transformers_taps(tmp_path):
     out = tmp_path / "ours.npz"
-    r = run("--model", GQA, "--prompt-ids", IDS, "--tap", "layers.1.attn.*", "--tap", "logits", "--save", out)
+    r = cli("inspect", "--model", GQA, "--prompt-ids", IDS, "--tap", "layers.1.attn.*", "--tap", "logits", "--save", out)
     assert r.returncode == 0, r.stderr
     z = np.load(out)
     want = ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.v", "layers.1.attn.probs", "layers.1.attn.heads",
@@ -41,7 +34,7 @@ def test_saved_taps_are_transformers_taps(tmp_path):
 
 
 def test_json_statistics_match_the_fixture():
-    r = run("--model", GQA, "--prompt-ids", IDS, "--tap", "*.ffn.hidden", "--tap", "norm.out", "--json",
+    r = cli("inspect", "--model", GQA, "--prompt-ids", IDS, "--tap", "*.ffn.hidden", "--tap", "norm.out", "--json",
             "--values", 3)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -57,22 +50,22 @@ def test_json_statistics_match_the_fixture():
 
 
 def test_compare_with_the_fixture_file():
-    r = run("--model", GQA, "--prompt-ids", IDS, "--tap", "layers.0.*", "--compare",
+    r = cli("inspect", "--model", GQA, "--prompt-ids", IDS, "--tap", "layers.0.*", "--compare",
             paths.REFERENCE_DIR / "gqa.npz", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["compare"]
     assert len(rows) == 14 and all(row["tap"].startswith("layers.0.") for row in rows)
     assert all(row["max_rel_err"] <= TAP_RTOL for row in rows)
-    r = run("--model", GQA, "--prompt-ids", "1,2,3", "--tap", "logits", "--compare", paths.REFERENCE_DIR / "gqa.npz")
+    r = cli("inspect", "--model", GQA, "--prompt-ids", "1,2,3", "--tap", "logits", "--compare", paths.REFERENCE_DIR / "gqa.npz")
     assert r.returncode == 2 and "same prompt" in r.stderr
 
 
 def test_a_different_model_shows_up_in_the_comparison(tmp_path):
     """Compare the gqa model's taps with a file of the mha model: errors of order one, reported not hidden."""
     theirs = tmp_path / "mha.npz"
-    assert run("--model", paths.REFERENCE_DIR / "mha", "--prompt-ids", IDS, "--tap", "logits",
+    assert cli("inspect", "--model", paths.REFERENCE_DIR / "mha", "--prompt-ids", IDS, "--tap", "logits",
                "--save", theirs).returncode == 0
-    r = run("--model", GQA, "--prompt-ids", IDS, "--tap", "logits", "--compare", theirs, "--json")
+    r = cli("inspect", "--model", GQA, "--prompt-ids", IDS, "--tap", "logits", "--compare", theirs, "--json")
     (row,) = json.loads(r.stdout)["compare"]
     assert row["max_abs_err"] > 0.1
 
@@ -94,7 +87,7 @@ def test_errors_are_one_line(args, message):
     if "--prompt" in extra:
         base.pop("--prompt-ids")
     argv = [a for kv in {**base, **extra}.items() for a in kv]
-    r = run("--model", GQA, *argv)
+    r = cli("inspect", "--model", GQA, *argv)
     assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
@@ -102,9 +95,9 @@ def test_errors_are_one_line(args, message):
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "taps.npz"
     out.write_bytes(b"keep me")
-    r = run("--model", GQA, "--prompt-ids", "1,2", "--tap", "logits", "--save", out)
+    r = cli("inspect", "--model", GQA, "--prompt-ids", "1,2", "--tap", "logits", "--save", out)
     assert r.returncode == 2 and "--force" in r.stderr and out.read_bytes() == b"keep me"
-    r = run("--model", GQA, "--prompt-ids", "1,2", "--tap", "logits", "--save", out, "--force")
+    r = cli("inspect", "--model", GQA, "--prompt-ids", "1,2", "--tap", "logits", "--save", out, "--force")
     assert r.returncode == 0 and set(np.load(out).files) == {"logits", "tokens"}
 
 
@@ -114,13 +107,13 @@ def test_text_prompt_uses_the_tokenizer_beside_the_model(tmp_path):
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
                       max_seq_len=64)
     save_model(tmp_path / "m", cfg, random_weights(cfg, 0, scale=1.0), tokenizer_path=paths.DEFAULT_TOKENIZER)
-    r = run("--model", tmp_path / "m", "--prompt", "Once upon a time", "--tap", "embed", "--json")
+    r = cli("inspect", "--model", tmp_path / "m", "--prompt", "Once upon a time", "--tap", "embed", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == tok.encode("Once upon a time", bos=True)
 
 
 def test_default_model():
-    r = run("--prompt-ids", "1,2", "--tap", "logits", "--json")
+    r = cli("inspect", "--prompt-ids", "1,2", "--tap", "logits", "--json")
     if (paths.DEFAULT_MODEL / "config.json").exists():
         assert r.returncode == 0 and json.loads(r.stdout)["taps"]["logits"]["shape"][:2] == [1, 2]
     else:                                  # not trained yet: a clear error, not a traceback
@@ -128,5 +121,5 @@ def test_default_model():
 
 
 def test_help():
-    r = run("--help")
+    r = cli("inspect", "--help")
     assert r.returncode == 0 and "--tap" in r.stdout and "--save" in r.stdout and "tokens" in r.stdout

@@ -1,17 +1,15 @@
 """`python -m llama_ref train`: the embedded model's recipe end to end, a few steps, into a temp dir."""
 import csv
 import json
-import subprocess
-import sys
 
 from llama_ref.loader import read_checkpoint
+from conftest import cli
 
 
 def test_train_cli_writes_a_loadable_measured_model(tmp_path):
     out = tmp_path / "m"
-    r = subprocess.run([sys.executable, "-m", "llama_ref", "train", "--out", str(out), "--steps", "3",
-                        "--batch-size", "2", "--seq-len", "32", "--tokens", "20000", "--warmup", "1", "--quick"],
-                       capture_output=True, text=True, timeout=600)
+    r = cli("train", "--out", out, "--steps", 3, "--batch-size", 2, "--seq-len", 32, "--tokens", 20000, "--warmup", 1,
+            "--quick", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     config, weights = read_checkpoint(out)
     assert config.n_kv_heads < config.n_heads and config.max_seq_len >= 512        # GQA, long context
@@ -27,6 +25,5 @@ def test_train_cli_writes_a_loadable_measured_model(tmp_path):
 
 
 def test_train_cli_refuses_a_bad_learning_rate(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "llama_ref", "train", "--out", str(tmp_path / "m"), "--lr", "-1",
-                        "--steps", "2", "--tokens", "5000", "--quick"], capture_output=True, text=True, timeout=300)
+    r = cli("train", "--out", tmp_path / "m", "--lr", -1, "--steps", 2, "--tokens", 5000, "--quick")
     assert r.returncode == 2 and "learning rate" in r.stderr and "Traceback" not in r.stderr

@@ -7,12 +7,6 @@ import pytest
 from llama_ref import corpus, evaluate, paths, train, trainer
 from llama_ref.config import LlamaConfig
 from llama_ref.model import Llama
-from llama_ref.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(paths.DEFAULT_TOKENIZER)
 
 
 def test_ngram_losses_on_a_known_sequence():

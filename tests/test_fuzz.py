@@ -32,14 +32,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from llama_ref import paths  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.errors import LlamaRefError  # noqa: E402
-from conftest import random_weights  # noqa: E402
+from conftest import assert_error, cli, random_weights  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LLAMA_REF_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 TIME_LIMIT = 20.0                     # seconds per load (a valid tiny model loads in well under one)
-TRIED: dict[str, set] = {}            # distinct mutations per file kind, reported at the end of the session
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, max_seq_len=64)
 
@@ -107,7 +106,6 @@ def load_and_build(path):
 
 
 def assert_clean(kind, mutation, result):
-    TRIED.setdefault(kind, set()).add(mutation)
     status, detail = result
     assert status in ("ok", "llamaref"), f"{kind} mutation {mutation!r}: {detail}"
     if status == "llamaref":
@@ -436,18 +434,6 @@ def test_chat_dialogs(dialog):
 # ------------------------------------------------------------------------------------------------
 # the CLI: a sample of bad files as real subprocesses
 
-def _cli(*args, stdin=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "llama_ref", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
-
-
-def _assert_cli_error(proc, what):
-    assert proc.returncode == 2, f"{what}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"{what}: stderr {proc.stderr[-2000:]!r}"
-    assert "Traceback" not in proc.stderr
-
-
 def test_cli_answers_bad_files_with_one_error_line(originals, tmp_path):
     import shutil
     cases = {}
@@ -465,9 +451,9 @@ def test_cli_answers_bad_files_with_one_error_line(originals, tmp_path):
     os.mkfifo(fifo)
     cases["fifo"] = fifo
     for what, path in cases.items():
-        _assert_cli_error(_cli("generate", "--model", path, "--prompt-ids", "1,2", "--max-new-tokens", "2",
-                               "--temperature", "0"), what)
-    _assert_cli_error(_cli("tokenize", "--text", "ab\udcff"), "lone surrogate text")
+        assert_error(cli("generate", "--model", path, "--prompt-ids", "1,2", "--max-new-tokens", "2",
+                         "--temperature", "0", timeout=60))
+    assert_error(cli("tokenize", "--text", "ab\udcff", timeout=60))                    # a lone surrogate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,10 +484,3 @@ def test_an_interrupted_export_leaves_the_old_file_and_no_temporary(originals, t
         return
     assert out.read_bytes() == b"the user's file", "the old target was touched"
     assert left == ["keep.bin"], f"temporary files left behind: {left}"
-
-
-def test_report_how_many_mutations_were_tried():
-    """Runs last in this module: prints the number of distinct mutations per file kind (pytest -s shows it)."""
-    total = sum(len(v) for v in TRIED.values())
-    print("\nfuzz: distinct mutations tried: " + ", ".join(f"{k} {len(v)}" for k, v in sorted(TRIED.items()))
-          + f"; total {total}")

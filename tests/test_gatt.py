@@ -12,13 +12,7 @@ from llama_ref.gatt import (HOBBIES, PERSONAS, SOUNDS, STYLE_ANIMALS, Instructio
                             last_turn_example, random_instruction, run_chat, sample_gatt_dialogue, sft_example,
                             system_attention)
 from llama_ref.model import Llama
-from llama_ref.tokenizer import Tokenizer
 from conftest import random_weights  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 This is the end-to-end guard against the classic RoPE-layout porting bug: the loader must permute q/k rows back to
 HF's rotate-half layout. Checked against transformers' own logits from the fixture, not just against ourselves.
 """
-import json
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ from llama_ref import paths
 from llama_ref.llama2c import save_llama2c
 from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
+from conftest import MANIFEST
 
-MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 
 
 def llama2c_compatible(name):

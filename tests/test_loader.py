@@ -3,7 +3,6 @@
 Small random-weight files of real formats (llama_ref.synthetic); the 7B-shaped measurements are benchmarks/big_model.py.
 """
 import json
-import subprocess
 import sys
 import warnings
 
@@ -22,15 +21,12 @@ from llama_ref.matrices import StoredMatrix, f16_to_f32  # noqa: E402
 from llama_ref.model import Llama, permute_qk_meta_to_hf  # noqa: E402
 from llama_ref.tokenizer import Tokenizer  # noqa: E402
 from llama_ref import paths  # noqa: E402
+from conftest import cli  # noqa: E402
 
 # rows a multiple of 256 (K-quant super-blocks); GQA; a vocabulary larger than our tokenizer's 1024 pieces
 CFG = LlamaConfig(dim=256, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab_size=1100, max_seq_len=64)
 TOKENS = [1, 393, 481, 261, 454, 978, 5, 1099]
 BLOCK_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "llama_ref", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +158,7 @@ def test_cli_generate_inspect_chat_on_every_format(files, name, tmp_path):
     assert r.returncode == 0 and "weights as stored, memory-mapped" in r.stderr, r.stderr
     r = cli("inspect", "--model", files[name], "--prompt", "Mia has", "--tap", "logits", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["taps"]["logits"]["shape"][-1] == CFG.vocab_size, r.stderr
-    r = subprocess.run([sys.executable, "-m", "llama_ref", "chat", "--model", str(files[name]), "--max-new-tokens", "2",
-                        "--json"], input='[{"role": "user", "content": "Hi"}]', capture_output=True, text=True)
+    r = cli("chat", "--model", files[name], "--max-new-tokens", 2, "--json", stdin='[{"role": "user", "content": "Hi"}]')
     assert r.returncode == 0 and json.loads(r.stdout)["role"] == "assistant", r.stderr
 
 
@@ -217,3 +212,18 @@ def test_llama_cpp_agrees_on_a_q4_k_m_file(files):
     plain = loader.load(files["q4_k_m"]).forward(TOKENS)
     assert np.abs(plain - theirs).max() < 5e-2 * scale
     assert np.abs(plain - theirs).max() > 1e-5 * scale               # the rounding is real: the two runs differ
+
+
+def test_writers_carry_the_tokenizer_find_tokenizer_finds(files, tmp_path):
+    """One rule for which tokenizer came with a model (loader.tokenizer_source): quantizing a .gguf into a directory
+    writes the GGUF's own vocabulary as tokenizer.model, and chat --format-only reads the GGUF's vocabulary too."""
+    out = tmp_path / "q"
+    r = cli("quantize", "--model", files["q8_0"], "--scheme", "q8_0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    want = loader.find_tokenizer(files["q8_0"])
+    got = Tokenizer(out / "tokenizer.model")
+    text = "Mia has a cat."
+    assert got.vocab_size == want.vocab_size == CFG.vocab_size and got.encode(text) == want.encode(text)
+    r = cli("chat", "--format-only", "--model", files["q8_0"], stdin=json.dumps([{"role": "user", "content": text}]))
+    assert r.returncode == 0, r.stderr
+    assert [int(i) for i in r.stdout.split()] == want.encode(f"[INST] {text} [/INST]", bos=True)

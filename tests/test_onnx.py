@@ -14,7 +14,6 @@ Tolerances.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,17 +31,11 @@ from llama_ref.loader import read_checkpoint  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
 from llama_ref.ondevice import OnDeviceLlama  # noqa: E402
 from llama_ref.tokenizer import Tokenizer  # noqa: E402
-from conftest import random_weights  # noqa: E402
+from conftest import MANIFEST, REPO, assert_error, cli, rel_err, random_weights  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 REF_NAMES = list(MANIFEST["configs"])
 BOUND = 1e-4
 SMALL = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=96, max_seq_len=96)
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -226,18 +219,6 @@ def test_on_device_export_of_a_small_gqa_model(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bad input: one error line, exit 2, nothing written
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "llama_ref", *map(str, args)], capture_output=True, timeout=300,
-                          cwd=REPO)
-
-
-def assert_error(proc, message):
-    err = proc.stderr.decode()
-    assert proc.returncode == 2, err[-1500:]
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-1500:]
-
-
 @pytest.fixture(scope="module")
 def odd_model(tmp_path_factory):
     """A reference config whose SwiGLU width (176) is no multiple of the int4 block (32)."""
@@ -250,7 +231,7 @@ def test_int4_blocks_that_do_not_divide_are_refused(odd_model, tmp_path):
         assert_error(proc, "not a multiple")
         assert not (tmp_path / fmt).exists() and not list(tmp_path.iterdir())
     ok = cli("export", "--model", odd_model, "--format", "onnx", "--out", tmp_path / "f32")      # float32 is fine
-    assert ok.returncode == 0, ok.stderr.decode()[-1000:]
+    assert ok.returncode == 0, ok.stderr[-1000:]
 
 
 def test_parts_beyond_the_layers_and_existing_output_are_refused(tmp_path):

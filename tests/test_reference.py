@@ -8,7 +8,6 @@ largest value (logits: <= 3.3e-5 absolute on the `tied` config, whose logits rea
   * every other tap: max abs error <= 2e-5 x max|reference tensor| (7x the worst measured). A real bug
     (wrong RoPE pairs, a missing gain, a misplaced mask, a wrong kv head) gives errors of order 1e-1..1.
 """
-import json
 import subprocess
 import sys
 
@@ -20,8 +19,8 @@ from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
 from llama_ref.inspect import compare, format_table
 from llama_ref.trace import Trace
+from conftest import MANIFEST
 
-MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 NAMES = list(MANIFEST["configs"])
 LOGITS_ATOL = 1e-4
 TAP_RTOL = 2e-5

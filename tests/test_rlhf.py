@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import random_weights
+from conftest import MANIFEST, rel_err, random_weights
 from llama_ref import paths, rlhf
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError, LlamaRefError, PreferenceError
@@ -24,12 +24,7 @@ from llama_ref.model import Llama
 from llama_ref.tokenizer import Tokenizer
 
 GRAD_RTOL = 1e-4
-MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 RLHF_NAMES = [n for n, c in MANIFEST["configs"].items() if "rlhf" in c]
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 @pytest.fixture(scope="module", params=RLHF_NAMES)

@@ -8,7 +8,6 @@ value. We require max relative error <= 1e-4 (30x that); "relative" is taken to 
 because an element-wise relative error is meaningless for gradient entries that are ~0. A real bug (a missing
 transpose, a wrong RoPE sign, an unscaled softmax, a mask off by one) gives errors of order 1e-1..1.
 """
-import json
 import math
 
 import numpy as np
@@ -19,14 +18,10 @@ from llama_ref.loader import read_checkpoint
 from llama_ref.config import LlamaConfig
 from llama_ref.errors import InputError, LlamaRefError, TrainingError
 from llama_ref.model import Llama, rope_freqs
+from conftest import MANIFEST, rel_err
 
 GRAD_RTOL = 1e-4
-MANIFEST = json.loads((paths.REFERENCE_DIR / "manifest.json").read_text())
 GRAD_NAMES = [n for n, c in MANIFEST["configs"].items() if "grads" in c]
-
-
-def rel_err(a, b):
-    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 @pytest.fixture(scope="module", params=GRAD_NAMES)
