@@ -21,7 +21,7 @@ Read top to bottom:
                          facts), with or without a system-message instruction and earlier turns
     the world's judge    judge -> Judgement (correct, adherence, grammatical, concise), true_quality
     the annotator        Annotator.compare -> Preference (chosen, rejected, degree); JSONL in and out
-    the reward model     reward_forward / reward_backward (train.py's trunk + a score head), ranking_loss,
+    the reward model     reward_forward / reward_backward (backprop.py's trunk + a score head), ranking_loss,
                          train_reward_model, RewardModel (scoring), save / load
     best of N            sample_replies, best_of_n
     rejection sampling   rejection_sampling_examples (fine-tuned with trainer.finetune)
@@ -51,7 +51,7 @@ from .gatt import Example, Instruction, last_turn_example, random_instruction, s
 from .generate import generate_batch
 from .model import Llama, rope_tables
 from .safetensors import read_safetensors
-from .train import (AdamW, HEAD, clip_grad_norm, data_parallel, linear_backward, lr_schedule, model_backward,
+from .backprop import (AdamW, HEAD, clip_grad_norm, data_parallel, linear_backward, lr_schedule, model_backward,
                     model_forward, split_rows, trunk_backward, trunk_forward)
 from .weights import check_weights, weight_shapes
 

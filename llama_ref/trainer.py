@@ -1,5 +1,5 @@
 """The training loop: batches from a token stream, warmup + cosine, clipping, AdamW, validation, atomic checkpoints
-and exact resume, and fine-tuning on masked batches. train.py holds what it drives (the layer pairs and AdamW).
+and exact resume, and fine-tuning on masked batches. backprop.py holds what it drives (the layer pairs and AdamW).
 
 Chapter 07 trains a mini model live with `train`; `make model` (tinyworld.py) trains the embedded model with it, and
 `make gatt` (scripts/make_gatt.py) uses `finetune` for chat SFT and Ghost Attention.
@@ -19,7 +19,7 @@ from .config import LlamaConfig
 from .errors import InputError, TrainingError
 from .files import save_npz, write_text
 from .model import rope_tables
-from .train import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
+from .backprop import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
 
 F32 = np.float32
 
@@ -95,7 +95,7 @@ class TrainSettings:
     ckpt_every: int = 200
     seed: int = 0
     time_budget_s: float | None = None          # stop early (cleanly, with a checkpoint) when this is used up
-    workers: int = 2                            # threads the batch is split across (train.forward_backward_parallel);
+    workers: int = 2                            # threads the batch is split across (backprop.forward_backward_parallel);
                                                 # fixed, not the core count, so every machine sums in the same order
 
     def check(self) -> None:

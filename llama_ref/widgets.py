@@ -446,13 +446,13 @@ def mini_run(config, train_data, val_data, lr=3e-3, warmup=8, batch_size=16, ste
     """A short trainer.train run of a fresh model with these settings: its history (train loss per step, validation
     loss every 20 steps). A loss that becomes NaN/Inf (a learning rate too high) ends the run early, as the trainer
     refuses to go on."""
-    from . import train, trainer
+    from . import backprop, trainer
     from .errors import TrainingError
     s = trainer.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                               eval_every=20, eval_batches=2, seed=seed)
     try:
         with np.errstate(over="ignore", invalid="ignore"):          # a diverging run: the trainer reports it
-            return trainer.train(config, train.init_weights(config, seed=seed), train_data, val_data, s,
+            return trainer.train(config, backprop.init_weights(config, seed=seed), train_data, val_data, s,
                                  progress=False, log=lambda m: None)[1]
     except TrainingError as e:
         return [{"step": 0, "train_loss": float("nan"), "error": str(e)}]

@@ -64,7 +64,7 @@ CONFIGS = {
                                                           "original_max_position_embeddings": 64}), 1, 40, 10),
 }
 
-# Gradients (llama_ref/train.py is checked against these): name -> seed of the batch (tokens, targets, loss mask).
+# Gradients (llama_ref/backprop.py is checked against these): name -> seed of the batch (tokens, targets, loss mask).
 GRAD_CONFIGS = {"mha": 101, "gqa": 102, "tied": 103, "odd_seq": 104}
 GRAD_BATCH = (2, 16)                       # (B, T) of the training batch
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, steps=3, grad_clip=1.0)

@@ -3,7 +3,7 @@ against hand-computed cases, the world's judge, the annotator, preference files,
 
 Fixtures: data/reference/rlhf_<name>.npz, written by scripts/make_reference.py with transformers'
 LlamaForSequenceClassification (reward model) and LlamaForCausalLM plus a value head (PPO), torch autograd only.
-Tolerance: as tests/test_train.py's, 1e-4 of each gradient's scale (float32 sums in another order; a wrong sign,
+Tolerance: as tests/test_backprop.py's, 1e-4 of each gradient's scale (float32 sums in another order; a wrong sign,
 transpose or mask gives errors of order 1e-1); losses and rewards to 1e-5 relative.
 """
 import json
