@@ -291,7 +291,7 @@ def block_backward(config: LlamaConfig, P: dict, i: int, dout, cache, cos, sin, 
 
 def trunk_forward(config: LlamaConfig, P: dict, tokens, rope=None):
     """The final hidden states xn (B, T, C), after the last RMSNorm, for tokens (B, T) at positions 0..T-1, and the
-    caches the backward needs. The language-model head reads xn; so do rlhf.py's reward and value heads."""
+    caches the backward needs. The language-model head reads xn; so do the reward model's score head and PPO's value head."""
     B, T = tokens.shape
     cos, sin = rope if rope is not None else rope_tables(config, T)
     cos, sin = cos[:T], sin[:T]

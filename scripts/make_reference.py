@@ -206,7 +206,7 @@ def gradients(changes, model_seed, batch_seed, record_step_grads=False):
     return out
 
 
-# RLHF losses (llama_ref/rlhf.py is checked against these): name -> seed of the batch.
+# RLHF losses (llama_ref/reward_model.py and ppo.py are checked against these): name -> seed of the batch.
 RLHF_CONFIGS = {"gqa": 201, "tied": 202}
 RLHF_PAIRS, RLHF_BATCH = 3, (3, 14)           # preference pairs; (B, T) of the PPO batch
 PPO = dict(clip=0.2, vf_coef=0.1)
