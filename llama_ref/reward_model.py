@@ -27,10 +27,9 @@ from .backprop import (AdamW, HEAD, clip_grad_norm, data_parallel, lr_schedule, 
 from .chat import encode_dialog
 from .checkpoint import save_model
 from .config import LlamaConfig
-from .errors import InputError
+from .errors import CheckpointError, InputError
+from .loader import read_checkpoint
 from .preferences import DEGREES, Preference
-from .safetensors import read_safetensors
-from .weights import check_weights, weight_shapes
 
 F32 = np.float32
 MARGINS = dict(zip(DEGREES, (1.0, 2 / 3, 1 / 3, 0.0)))          # the paper's "small" margin m(degree), its Table 27
@@ -233,12 +232,10 @@ def save_reward_model(path, config: LlamaConfig, P: dict, tokenizer_path=None, e
 
 
 def load_reward_model(path) -> RewardModel:
-    """The reward model save_reward_model wrote."""
-    path = Path(path)
-    config = LlamaConfig.load(path / "config.json")
-    tensors, _ = read_safetensors(path / "model.safetensors")
-    if SCORE not in tensors or tuple(tensors[SCORE].shape) != (1, config.dim):
-        raise InputError(f"{path} is not a reward model: its model.safetensors has no {SCORE} of shape (1, {config.dim})")
-    weights = {k: np.array(tensors[k], F32) for k in weight_shapes(config)}
-    check_weights(config, weights, source=path / "model.safetensors")
-    return RewardModel(config, {**weights, SCORE: np.array(tensors[SCORE], F32)})
+    """The reward model save_reward_model wrote, read by the one loader (loader.read_checkpoint) with its score head."""
+    config, weights = read_checkpoint(path, heads={SCORE: "a reward model's score head (LlamaForSequenceClassification"
+                                                          ", num_labels 1)"})
+    if tuple(weights[SCORE].shape) != (1, config.dim):
+        raise CheckpointError(f"{path}: {SCORE} has shape {tuple(weights[SCORE].shape)}, not (1, {config.dim}): it is "
+                              "not a one-label reward model of this config")
+    return RewardModel(config, {k: np.array(v, F32) for k, v in weights.items()})

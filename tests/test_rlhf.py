@@ -18,7 +18,7 @@ import pytest
 from conftest import random_weights
 from llama_ref import paths, ppo, preferences, reward_model, rlhf
 from llama_ref.config import LlamaConfig
-from llama_ref.errors import InputError, LlamaRefError, PreferenceError
+from llama_ref.errors import CheckpointError, InputError, LlamaRefError, PreferenceError
 from llama_ref.gatt import Instruction
 from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
@@ -344,10 +344,16 @@ def test_reward_model_save_and_load(tiny, tmp_path):
     with pytest.raises(LlamaRefError):
         from llama_ref import load
         load(tmp_path / "rm")                        # a reward model is not a causal LM: refused with a reason
-    with pytest.raises(InputError, match="not a reward model"):
-        from llama_ref.checkpoint import save_model
-        save_model(tmp_path / "lm", cfg, w)
-        reward_model.load_reward_model(tmp_path / "lm")
+    from llama_ref.checkpoint import save_model
+    save_model(tmp_path / "lm", cfg, w)
+    with pytest.raises(CheckpointError, match="has no score.weight .a reward model's score head"):
+        reward_model.load_reward_model(tmp_path / "lm")                 # a causal LM: the one loader names what is missing
+    P_wide = {**P, reward_model.SCORE: np.zeros((2, cfg.dim), np.float32)}
+    reward_model.save_reward_model(tmp_path / "rm2", cfg, P_wide)
+    with pytest.raises(CheckpointError, match=r"shape \(2, 32\), not \(1, 32\)"):
+        reward_model.load_reward_model(tmp_path / "rm2")
+    with pytest.raises(CheckpointError, match="not an HF model directory"):
+        reward_model.load_reward_model(tmp_path / "rm" / "model.safetensors")
 
 
 def test_ppo_iteration_is_deterministic_and_moves_the_policy(tiny):
