@@ -28,6 +28,7 @@ from .generate import generate_batch
 from .model import Llama, rope_tables
 from .preferences import Prompt, judge
 from .reward_model import RewardModel, pad_right
+from .trainer import training_loop
 
 F32 = np.float32
 
@@ -220,16 +221,15 @@ def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel, token
     advantages (whitened over the batch) and returns, then takes `epochs` passes of minibatch steps. Returns
     (policy weights without the value head, history) with reward, KL, true quality and losses per iteration.
     """
-    from tqdm.auto import tqdm
     settings.check()
     P = {k: np.array(v, F32) for k, v in init.items()}
     P[VALUE] = np.zeros((1, config.dim), F32)
     opt = AdamW(P, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     rope = rope_tables(config, config.max_seq_len)
-    history, t0 = [], time.time()
-    bar = tqdm(total=iterations, desc=f"PPO beta={settings.beta:g}", unit="it", disable=not progress)
-    for it in range(iterations):
+    t0 = time.time()
+
+    def iteration(it):
         batch = [prompts[i] for i in rng.choice(len(prompts), settings.prompts_per_iteration, replace=False)]
         ro = rollout(config, P, ref, rm, tokenizer, batch, settings, seed=seed * 100_003 + it)
         rewards = kl_rewards(ro, settings.beta, whiten)
@@ -247,17 +247,16 @@ def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel, token
                 opt.step(P, grads, settings.lr)
                 stats.append({"loss": loss, **st})
         kl = float((ro.logp_old - ro.logp_ref)[m].sum() / m.sum())
-        history.append({"iteration": it + 1, "reward": float(ro.scores.mean()), "kl_per_token": kl,
-                        "quality": float(ro.quality.mean()), "exact": float(ro.correct.mean()),
-                        **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "time_s": time.time() - t0})
-        bar.update(1)
-        bar.set_postfix(reward=f"{history[-1]['reward']:.2f}", kl=f"{kl:.3f}")
-        if (it + 1) % max(1, iterations // 10) == 0:
-            h = history[-1]
-            log(f"PPO beta={settings.beta:g} iteration {it + 1}/{iterations}: reward {h['reward']:.3f}, "
-                f"KL/token {kl:.4f}, true quality {h['quality']:.3f}, exact {h['exact']:.2f}")
-        if time_budget_s is not None and time.time() - t0 > time_budget_s:
-            log(f"PPO: time budget used after {it + 1} of {iterations} iterations")
-            break
-    bar.close()
+        return {"iteration": it + 1, "reward": float(ro.scores.mean()), "kl_per_token": kl,
+                "quality": float(ro.quality.mean()), "exact": float(ro.correct.mean()),
+                **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "time_s": time.time() - t0}
+
+    def summary(rows):
+        h = rows[-1]
+        return (f"reward {h['reward']:.3f}, KL/token {h['kl_per_token']:.4f}, true quality {h['quality']:.3f}, "
+                f"exact {h['exact']:.2f}")
+
+    history = training_loop(iteration, iterations, f"PPO beta={settings.beta:g}", summary=summary,
+                            postfix=lambda h: {"reward": f"{h['reward']:.2f}", "kl": f"{h['kl_per_token']:.3f}"},
+                            time_budget_s=time_budget_s, log=log, progress=progress, unit="iteration")
     return {k: v for k, v in P.items() if k != VALUE}, history

@@ -30,6 +30,7 @@ from .config import LlamaConfig
 from .errors import CheckpointError, InputError
 from .loader import read_checkpoint
 from .preferences import DEGREES, Preference
+from .trainer import training_loop
 
 F32 = np.float32
 MARGINS = dict(zip(DEGREES, (1.0, 2 / 3, 1 / 3, 0.0)))          # the paper's "small" margin m(degree), its Table 27
@@ -162,7 +163,6 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
     each batch's pairs are split across `workers` threads (ranking_step_parallel). Returns (P, metrics) with the loss
     and pair accuracy per step.
     """
-    from tqdm.auto import tqdm
     if not prefs:
         raise InputError("no preferences to train the reward model on")
     trainable = {k: v for k, v in P.items() if k != HEAD}
@@ -170,27 +170,24 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
     rng = np.random.default_rng(seed)
     pairs = encode_preferences(prefs, tokenizer, config.max_seq_len)
     lengths = [max(len(c), len(r)) for c, r in pairs]
-    batches, history, t0 = [], [], time.time()
-    bar = tqdm(total=steps, desc="reward model", unit="step", disable=not progress)
-    for step in range(steps):
+    batches, t0 = [], time.time()
+
+    def step(i):
         if not batches:
-            batches = length_grouped_batches(lengths, min(batch_size, len(prefs)), rng)
+            batches.extend(length_grouped_batches(lengths, min(batch_size, len(prefs)), rng))
         rows = batches.pop()
-        tokens, last, margins = preference_batch([pairs[i] for i in rows], [prefs[i].degree for i in rows])
+        tokens, last, margins = preference_batch([pairs[r] for r in rows], [prefs[r].degree for r in rows])
         loss, grads, right = ranking_step_parallel(config, P, tokens, last, margins, workers)
         norm = clip_grad_norm(grads, 1.0)
-        opt.step(trainable, grads, lr_schedule(step, lr, max(1, steps // 20), steps))
-        history.append({"step": step + 1, "loss": loss, "accuracy": float(np.mean(right)), "grad_norm": norm})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if (step + 1) % max(1, steps // 10) == 0:
-            recent = history[-max(1, steps // 10):]
-            log(f"reward model step {step + 1}/{steps}: loss {np.mean([h['loss'] for h in recent]):.4f}, "
-                f"pair accuracy {np.mean([h['accuracy'] for h in recent]):.3f}")
-        if time_budget_s is not None and time.time() - t0 > time_budget_s:
-            log(f"reward model: time budget used after {step + 1} of {steps} steps")
-            break
-    bar.close()
+        opt.step(trainable, grads, lr_schedule(i, lr, max(1, steps // 20), steps))
+        return {"step": i + 1, "loss": loss, "accuracy": float(np.mean(right)), "grad_norm": norm}
+
+    def summary(rows):
+        return (f"loss {np.mean([h['loss'] for h in rows]):.4f}, "
+                f"pair accuracy {np.mean([h['accuracy'] for h in rows]):.3f}")
+
+    history = training_loop(step, steps, "reward model", summary=summary, postfix=lambda r: {"loss": f"{r['loss']:.3f}"},
+                            time_budget_s=time_budget_s, log=log, progress=progress)
     return P, {"steps": len(history), "lr": lr, "batch_size": batch_size, "n_pairs": len(prefs),
                "time_s": time.time() - t0, "history": history}
 

@@ -14,10 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from llama_ref import backprop, paths, trainer
+from llama_ref import backprop, paths
 from llama_ref.loader import read_checkpoint
-from llama_ref.config import LlamaConfig
-from llama_ref.errors import InputError, LlamaRefError, TrainingError
+from llama_ref.errors import InputError
 from llama_ref.model import Llama, rope_freqs
 
 GRAD_RTOL = 1e-4
@@ -244,11 +243,7 @@ def test_embedding_backward_adds_repeated_tokens(f64):
 
 
 # ------------------------------------------------------------------------------------------------
-# optimizer pieces, the loop, resume, errors
-
-def tiny_config():
-    return LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40, max_seq_len=32)
-
+# optimizer pieces, data parallelism (the loop's tests: tests/test_trainer.py)
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     lrs = [backprop.lr_schedule(s, 1e-3, 10, 100, 0.1) for s in range(100)]
@@ -267,56 +262,9 @@ def test_clip_grad_norm_scales_to_the_limit():
     assert np.all(g2["a"] == np.float32(0.1))                      # below the limit: untouched
 
 
-def test_training_reduces_loss_and_stays_float32():
-    """A tiny model learns a repeating sequence: the loss must fall far below uniform (log V)."""
-    cfg = tiny_config()
-    data = np.tile(np.arange(10, dtype=np.uint16), 200)
-    params = backprop.init_weights(cfg, seed=0)
-    s = trainer.TrainSettings(steps=60, batch_size=4, seq_len=16, lr=3e-3, warmup=5, eval_every=30, eval_batches=2)
-    params, hist = trainer.train(cfg, params, data, data[:400], s, progress=False, log=lambda m: None)
-    assert hist[0]["train_loss"] > 3.0 and hist[-1]["val_loss"] < 0.5
-    assert all(p.dtype == np.float32 for p in params.values())
-
-
-def test_resume_continues_exactly(tmp_path):
-    """Stopping after 5 of 12 steps and resuming gives bit-identical weights to 12 uninterrupted steps
-    (batches are a function of (seed, step), and the optimizer moments are saved with the weights)."""
-    cfg = tiny_config()
-    data = np.random.default_rng(0).integers(0, cfg.vocab_size, 2000).astype(np.uint16)
-    s = dict(steps=12, batch_size=2, seq_len=8, lr=1e-3, warmup=2, eval_every=100, ckpt_every=100)
-    quiet = dict(progress=False, log=lambda m: None)
-    full, _ = trainer.train(cfg, backprop.init_weights(cfg, 1), data, None, trainer.TrainSettings(**s), **quiet)
-    out = tmp_path / "m"
-    _, h1 = trainer.train(cfg, backprop.init_weights(cfg, 1), data, None, trainer.TrainSettings(**s), out_dir=out,
-                        stop_after=5, **quiet)
-    assert len(h1) == 5 and (out / "config.json").exists()
-    resumed, h2 = trainer.train(cfg, backprop.init_weights(cfg, 99), data, None, trainer.TrainSettings(**s), out_dir=out,
-                              resume=True, **quiet)
-    assert len(h2) == 12 and [r["step"] for r in h2] == list(range(1, 13))
-    assert all(np.array_equal(full[k], resumed[k]) for k in full)
-
-
-def test_bad_settings_and_empty_masks_are_clear_errors():
-    with pytest.raises(LlamaRefError, match="learning rate"):
-        trainer.TrainSettings(lr=-1.0).check()
-    with pytest.raises(LlamaRefError, match="warmup"):
-        trainer.TrainSettings(steps=10, warmup=20).check()
-    with pytest.raises(LlamaRefError, match="workers=0"):
-        trainer.TrainSettings(workers=0).check()
+def test_an_empty_loss_mask_is_a_clear_error():
     with pytest.raises(InputError, match="no token"):
         backprop.cross_entropy_forward(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2), int), np.zeros((1, 2), bool))
-    with pytest.raises(LlamaRefError, match="nothing to resume"):
-        trainer.train(tiny_config(), backprop.init_weights(tiny_config()), np.zeros(100, np.uint16), None,
-                    trainer.TrainSettings(steps=2, warmup=1), out_dir="/nonexistent/x", resume=True, progress=False)
-
-
-def test_diverging_loss_stops_with_advice():
-    cfg = tiny_config()
-    params = backprop.init_weights(cfg)
-    params["model.norm.weight"][:] = np.nan
-    with pytest.raises(TrainingError, match="learning rate"):
-        trainer.train(cfg, params, np.zeros(100, np.uint16), None, trainer.TrainSettings(steps=2, warmup=1, seq_len=8),
-                    progress=False)
 
 
 def test_parallel_parts_run_under_the_callers_errstate():
