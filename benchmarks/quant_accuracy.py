@@ -73,7 +73,7 @@ def main(argv=None):
 
     model_path = Path(args.model)
     if not model_path.exists():
-        sys.exit(f"{model_path} does not exist (the embedded model is trained by llama_ref.train); pass --model")
+        sys.exit(f"{model_path} does not exist (the embedded model is trained by llama_ref.trainer); pass --model")
     config, weights = read_checkpoint(model_path)
     model = Llama(config, weights)
     tok = Path(args.tokenizer) if args.tokenizer else (model_path / "tokenizer.model" if (model_path / "tokenizer.model").exists()

@@ -1,11 +1,11 @@
-"""One training step, ours (llama_ref/train.py, NumPy) vs PyTorch eager (transformers' LlamaForCausalLM), one process.
+"""One training step, ours (llama_ref/backprop.py, NumPy) vs PyTorch eager (transformers' LlamaForCausalLM), one process.
 
 Same config (the embedded model's shape: dim 256, 6 layers, 8/4 heads, hidden 768, vocab 1024), same weights, same
 batch of tokens, same thread count. A step is forward + backward + gradient clipping + AdamW; both sides compute the
 same loss (checked). transformers is run with its eager attention and with PyTorch's fused SDPA attention.
-Ours is what the trainer runs, train.forward_backward_parallel: the batch's rows split across as many threads as the
+Ours is what the trainer runs, backprop.forward_backward_parallel: the batch's rows split across as many threads as the
 thread count, each with one BLAS thread (PyTorch gets the same count for its own threads); the single call stream,
-train.forward_backward with that many BLAS threads, is timed beside it.
+backprop.forward_backward with that many BLAS threads, is timed beside it.
 
     python benchmarks/train_step.py [--threads 1,2] [--batch 8] [--seq-len 512] [--steps 5] [--readme]
 
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 torch, transformers = import_reference("train_step.py")
 
-from llama_ref import train  # noqa: E402
+from llama_ref import backprop  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.model import rope_freqs  # noqa: E402
 
@@ -54,7 +54,7 @@ def make_hf(attn):
 # --- ours -------------------------------------------------------------------------------------------
 hf0 = make_hf("eager")
 params = {k: v.detach().numpy().copy() for k, v in hf0.state_dict().items()}
-opt = train.AdamW(params, betas=ADAMW["betas"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+opt = backprop.AdamW(params, betas=ADAMW["betas"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
 rope = rope_freqs(cfg.head_dim, T, cfg.rope_theta)
 losses = {}
 
@@ -62,10 +62,10 @@ losses = {}
 def stepper_ours(workers):
     def step():
         if workers == 0:                                                   # the single call stream
-            loss, grads = train.forward_backward(cfg, params, x, y, rope=rope)
+            loss, grads = backprop.forward_backward(cfg, params, x, y, rope=rope)
         else:
-            loss, grads = train.forward_backward_parallel(cfg, params, x, y, rope=rope, workers=workers)
-        train.clip_grad_norm(grads, 1.0)
+            loss, grads = backprop.forward_backward_parallel(cfg, params, x, y, rope=rope, workers=workers)
+        backprop.clip_grad_norm(grads, 1.0)
         opt.step(params, grads, ADAMW["lr"])
     return step
 
@@ -91,8 +91,8 @@ def torch_stepper(model):
 
 
 hf_sdpa = make_hf("sdpa")
-losses["ours"] = train.forward_backward(cfg, params, x, y, rope=rope)[0]                  # at the starting weights,
-losses["ours, 2 threads"] = train.forward_backward_parallel(cfg, params, x, y, rope=rope)[0]   # as torch's first steps
+losses["ours"] = backprop.forward_backward(cfg, params, x, y, rope=rope)[0]                  # at the starting weights,
+losses["ours, 2 threads"] = backprop.forward_backward_parallel(cfg, params, x, y, rope=rope)[0]   # as torch's first steps
 ntok = B * T
 table = [f"| training step (forward + backward + AdamW), embedded-model shape (5.2M params), batch {B} x {T}, float32 "
          "| tokens/s | llama_ref / this |", "|---|---:|---:|"]
@@ -104,10 +104,10 @@ for nt in threads:
         t_eager = median_time(torch_stepper(hf0), args.steps)
         t_sdpa = median_time(torch_stepper(hf_sdpa), args.steps)
     th = f"{nt} thread{'s' * (nt > 1)}"
-    table += [f"| llama_ref (NumPy, `train.forward_backward_parallel`, {nt} x 1 BLAS thread), {th} "
+    table += [f"| llama_ref (NumPy, `backprop.forward_backward_parallel`, {nt} x 1 BLAS thread), {th} "
               f"| {ntok / t_ours:,.0f} | 1.00x |"]
     if nt > 1:
-        table += [f"| llama_ref, one call stream (`train.forward_backward`, {nt} BLAS threads), {th} "
+        table += [f"| llama_ref, one call stream (`backprop.forward_backward`, {nt} BLAS threads), {th} "
                   f"| {ntok / t_serial:,.0f} | **{t_serial / t_ours:.2f}x** |"]
     table += [f"| PyTorch eager, transformers eager attention, {th} | {ntok / t_eager:,.0f} | **{t_eager / t_ours:.2f}x** |",
               f"| PyTorch eager, transformers SDPA attention, {th} | {ntok / t_sdpa:,.0f} | **{t_sdpa / t_ours:.2f}x** |"]

@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model with the NumPy trainer (the embedded model's recipe)",
                        description="Train tinyworld (dim 256, 6 layers, GQA 8/4 heads, context 512) from scratch on "
-                                   "freshly generated corpus text with llama_ref.train, checkpointing atomically "
+                                   "freshly generated corpus text with llama_ref.trainer, checkpointing atomically "
                                    "(--resume continues exactly), then write metrics.json, loss_curve.csv and a model "
                                    "card. The shipped model was made with the defaults (`make model`).")
     t.add_argument("--out", default=str(paths.DEFAULT_MODEL), help="model directory to write (default: %(default)s)")

@@ -31,7 +31,7 @@ from .config import LlamaConfig
 from .errors import CheckpointError, TokenizerError
 from .output import _fsync_dir, check_output, publish, temp_dir_beside, write_text
 from .safetensors import _is_int, _write_safetensors, read_safetensors
-from .weights import check_weights, is_ignored, weight_shapes
+from .weights import check_finite_array, check_weights, is_ignored, weight_shapes
 
 F32 = np.float32
 
@@ -46,11 +46,13 @@ TOKENIZER_NAME = "tokenizer.model"
 # ================================================================================================
 # HF model directories
 
-def load_hf_dir(path, check_finite=True):
+def load_hf_dir(path, check_finite=True, heads=None):
     """Load config.json + model.safetensors (or the shards of model.safetensors.index.json) from a directory.
 
     Like transformers, a single model.safetensors wins over an index when both are present. Returns (config,
-    weights) with weights validated against the config and the ignorable tensors dropped.
+    weights) with weights validated against the config and the ignorable tensors dropped. `heads` {name: what it is}
+    names tensors a caller reads beside the model's (a reward model's score.weight): each must be present and finite,
+    and comes back in the weights; the caller checks its shape.
     """
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
@@ -70,8 +72,15 @@ def load_hf_dir(path, check_finite=True):
                               "into the directory")
     weights = {n: _to_model_dtype(a) for n, a in weights.items() if not is_ignored(n, config)}
     src = path / SAFETENSORS_NAME if len(set(sources.values())) == 1 else path
+    extra = {}
+    for name, what in (heads or {}).items():
+        if name not in weights:
+            raise CheckpointError(f"{src} has no {name} ({what}): it is not that kind of model")
+        extra[name] = weights.pop(name)
+        if check_finite:
+            check_finite_array(name, np.asarray(extra[name]), f" in {src}")
     check_weights(config, weights, source=src, check_finite=check_finite)
-    return config, {n: weights[n] for n in weight_shapes(config)}              # canonical order, whatever the file's
+    return config, {n: weights[n] for n in weight_shapes(config)} | extra      # canonical order, whatever the file's
 
 
 def _load_single(file):

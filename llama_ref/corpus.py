@@ -132,14 +132,6 @@ class World:
     story_pairs: dict         # split -> sorted list of (name, name) pairs allowed together in a story
     question_keys: dict       # split -> sorted list of question keys (tuples of str)
 
-    def split_of_pair(self, a, b):
-        pair = tuple(sorted((a, b)))
-        return next(s for s in SPLITS if pair in self._pair_index[s])
-
-    def __post_init__(self):
-        self._pair_index = {s: set(self.story_pairs[s]) for s in SPLITS}
-        self._key_index = {s: set(self.question_keys[s]) for s in SPLITS}
-
 
 def _split_list(items, rng, frac_val=0.15, frac_test=0.15):
     """Shuffle `items` and cut them into train/val/test lists (each sorted, for stable output)."""

@@ -43,17 +43,22 @@ from . import gguf_io, paths, quant, tokenizer
 # ------------------------------------------------------------------------------------------------
 # Reading a checkpoint of any format
 
-def read_checkpoint(path=None, check_finite=True) -> tuple[LlamaConfig, dict]:
+def read_checkpoint(path=None, check_finite=True, heads=None) -> tuple[LlamaConfig, dict]:
     """(config, HF-named weights) from anything a user may give, memory-mapped and validated. Default: the embedded
-    model. Weights are arrays or stored matrices (matrices.py, quant.py), each in the file's own type."""
+    model. Weights are arrays or stored matrices (matrices.py, quant.py), each in the file's own type. `heads`
+    {name: what it is}: tensors beside the model's that the caller reads (a reward model's score.weight, only in an
+    HF directory), returned with the weights."""
     path = Path(path) if path is not None else paths.DEFAULT_MODEL
+    if heads and not (path.is_dir() and not quant.is_quantized_dir(path)):
+        raise CheckpointError(f"{path} is not an HF model directory; {', '.join(heads.values())} is read from one "
+                              "(config.json + model.safetensors)")
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give an HF model directory (config.json + model.safetensors), "
                               "a llama2.c .bin, a .gguf file or a directory written by `python -m llama_ref quantize`")
     if path.is_dir():
         if quant.is_quantized_dir(path):
             return quant.load_quantized_weights(path, check_finite)
-        return load_hf_dir(path, check_finite)
+        return load_hf_dir(path, check_finite, heads)
     if not path.is_file():                                   # a FIFO would block for ever on its first read
         raise CheckpointError(f"{path} is not a regular file or directory (a pipe, socket or device?); give an HF "
                               "model directory, a llama2.c .bin or a .gguf file")

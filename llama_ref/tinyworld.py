@@ -12,7 +12,7 @@ Chapter 07 prints the model card this writes and trains a small model the same w
 1. Data: documents of the synthetic world (llama_ref.corpus, train split: stories and "User:/Assistant:" dialogues),
    each BOS ... EOS, tokenized with data/tokenizer/tokenizer.model and concatenated; fresh documents, no download.
 2. Model: a Llama 2 with grouped-query attention (8 query heads, 4 key/value heads), 512-token context.
-3. Training: llama_ref.train (AdamW as torch's, warmup + cosine, clipping), random 512-token windows; the model and
+3. Training: llama_ref.trainer (AdamW as torch's, warmup + cosine, clipping), random 512-token windows; the model and
    optimizer state are checkpointed atomically, so --resume continues exactly.
 4. Measurement (llama_ref.evaluate): val and test (held-out combinations) loss vs unigram/bigram baselines, the grammar
    of 200 sampled continuations (temperature 0.8, top-p 0.9), exact-match accuracy on held-out questions.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import corpus, evaluate, paths, train, trainer
+from . import backprop, corpus, evaluate, paths, trainer
 from .loader import read_checkpoint
 from .config import LlamaConfig
 from .output import atomic_file, write_text
@@ -138,7 +138,7 @@ def run(args) -> int:
         history = []
     else:
         val_ids = evaluate.token_stream("val", tok, 40_000)
-        params = train.init_weights(config, seed=args.seed)
+        params = backprop.init_weights(config, seed=args.seed)
         t_train = time.time()
         params, history = trainer.train(config, params, train_ids, val_ids, s, out_dir=out, resume=args.resume,
                                       tokenizer_path=paths.DEFAULT_TOKENIZER, log=log)

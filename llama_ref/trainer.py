@@ -1,8 +1,11 @@
-"""The training loop: batches from a token stream, warmup + cosine, clipping, AdamW, validation, atomic checkpoints
-and exact resume, and fine-tuning on masked batches. train.py holds what it drives (the layer pairs and AdamW).
+"""The training loop: one loop (`training_loop`) that every trainer here runs, and what runs in it: pre-training on a
+token stream (warmup + cosine, clipping, AdamW, validation, atomic checkpoints and exact resume) and fine-tuning on
+masked batches. backprop.py holds what a step computes (the layer pairs and AdamW).
 
-Chapter 07 trains a mini model live with `train`; `make model` (tinyworld.py) trains the embedded model with it, and
-`make gatt` (scripts/make_gatt.py) uses `finetune` for chat SFT and Ghost Attention.
+Chapter 07 trains a mini model live with `train`; `make model` (tinyworld.py) trains the embedded model with it;
+`make gatt` and `make rlhf` use `finetune` (chat SFT, Ghost Attention, rejection sampling). The reward model
+(reward_model.train_reward_model) and PPO (ppo.ppo_train) run their steps in `training_loop` too: one progress bar,
+one log line every tenth step, one time budget, written once.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .config import LlamaConfig
 from .errors import InputError, TrainingError
 from .output import save_npz, write_text
 from .model import rope_tables
-from .train import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
+from .backprop import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
 
 F32 = np.float32
 
@@ -77,7 +80,56 @@ def evaluate_loss(config: LlamaConfig, P: dict, data: np.ndarray, batch_size: in
 
 
 # ------------------------------------------------------------------------------------------------
-# The training loop: warmup + cosine, clipping, AdamW, validation, atomic checkpoints and resume
+# The one loop: steps, a progress bar, a log line every tenth step, a time budget
+
+def training_loop(step, steps: int, name: str, start: int = 0, history: list | None = None, after=None,
+                  summary=None, postfix=None, every: int | None = None, time_budget_s: float | None = None,
+                  stop_after: int | None = None, log=print, progress: bool = True, unit: str = "step") -> list:
+    """Run step(i) for i = start .. steps - 1 and return the history (`history` extended, or a new list).
+
+        step(i) -> row           one update; the row (a dict of numbers) is appended to the history
+        after(i, row, last)      what follows an update once the row is in the history (validation, a checkpoint);
+                                 `last` is True on the final step, whether the schedule, stop_after or the time
+                                 budget (seconds since this call) ended the run
+        summary(rows) -> str     the log line, every `every` steps (default: a tenth of `steps`) and at the end,
+                                 over the rows since the previous line
+        postfix(row) -> dict     the numbers beside the progress bar
+
+    The loop only orders these calls: what a step computes is the caller's, so every trainer's arithmetic is its own.
+    """
+    from tqdm.auto import tqdm
+    history = [] if history is None else history
+    every = every or max(1, steps // 10)
+    t0 = time.time()
+    bar = tqdm(total=steps, initial=start, desc=name, unit=unit, disable=not progress)
+    recent = []
+    try:
+        for i in range(start, steps):
+            row = step(i)
+            out_of_time = time_budget_s is not None and time.time() - t0 > time_budget_s
+            stopped = stop_after is not None and i + 1 >= stop_after
+            last = i + 1 == steps or out_of_time or stopped
+            history.append(row)
+            if after is not None:
+                after(i, row, last)
+            recent.append(row)
+            bar.update(1)
+            if postfix is not None:
+                bar.set_postfix(postfix(row))
+            if summary is not None and ((i + 1) % every == 0 or last):
+                log(f"{name} {unit} {i + 1}/{steps}: {summary(recent)}")
+                recent = []
+            if last and i + 1 < steps:
+                log(f"{name}: stopped after {i + 1} of {steps} {unit}s "
+                    f"({'the time budget of %.0f s is used' % time_budget_s if out_of_time else 'stop_after'})")
+                break
+    finally:
+        bar.close()
+    return history
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-training: warmup + cosine, clipping, AdamW, validation, atomic checkpoints and resume
 
 @dataclass
 class TrainSettings:
@@ -95,7 +147,7 @@ class TrainSettings:
     ckpt_every: int = 200
     seed: int = 0
     time_budget_s: float | None = None          # stop early (cleanly, with a checkpoint) when this is used up
-    workers: int = 2                            # threads the batch is split across (train.forward_backward_parallel);
+    workers: int = 2                            # threads the batch is split across (backprop.forward_backward_parallel);
                                                 # fixed, not the core count, so every machine sums in the same order
 
     def check(self) -> None:
@@ -141,94 +193,82 @@ def load_training_state(out_dir: Path, params: dict, opt: AdamW):
 def train(config: LlamaConfig, params: dict, train_data: np.ndarray, val_data: np.ndarray | None,
           settings: TrainSettings, out_dir=None, resume: bool = False, tokenizer_path=None, log=print,
           progress: bool = True, stop_after: int | None = None):
-    """Pre-train on a token stream. Returns (params, history); history rows are dicts per logged step
+    """Pre-train on a token stream. Returns (params, history); history rows are dicts per step
     ({"step", "tokens", "lr", "train_loss", "grad_norm", "val_loss"?, "time_s"}).
 
     With out_dir, writes the model there every ckpt_every steps and at the end (atomically), and keeps optimizer
     state beside it in <out_dir>.train-state/ so `resume=True` continues exactly where it stopped. `stop_after`
     ends the run (with a checkpoint) after that many steps of the `settings.steps` schedule."""
-    from tqdm.auto import tqdm
     settings.check()
     s = settings
     opt = AdamW(params, betas=s.betas, weight_decay=s.weight_decay)
-    step, history = 0, []
+    start, history = 0, []
     if resume:
-        step, history = load_training_state(out_dir, params, opt)
-        log(f"resumed at step {step}")
+        start, history = load_training_state(out_dir, params, opt)
+        log(f"resumed at step {start}")
     rope = rope_tables(config, s.seq_len)
     t0 = time.time() - (history[-1]["time_s"] if history else 0.0)
-    t_start = time.time()
-    bar = tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=not progress)
-    recent = []                                                   # raw losses since the last validation
-    while step < s.steps:
-        lr = lr_schedule(step, s.lr, s.warmup, s.steps, s.min_lr_ratio)
-        x, y = random_windows(train_data, s.batch_size, s.seq_len, s.seed, step)
+
+    def step(i):
+        lr = lr_schedule(i, s.lr, s.warmup, s.steps, s.min_lr_ratio)
+        x, y = random_windows(train_data, s.batch_size, s.seq_len, s.seed, i)
         loss, grads = forward_backward_parallel(config, params, x, y, rope=rope, workers=s.workers)
         if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at step {step}: lower the learning rate ({s.lr}) "
+            raise TrainingError(f"the loss became {loss} at step {i}: lower the learning rate ({s.lr}) "
                                 "or raise warmup, then resume from the last checkpoint")
         norm = clip_grad_norm(grads, s.grad_clip) if s.grad_clip else global_norm(grads)
         opt.step(params, grads, lr)
-        step += 1
-        recent.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        row = {"step": step, "tokens": step * s.batch_size * s.seq_len, "lr": lr, "train_loss": loss,
-               "grad_norm": norm, "time_s": time.time() - t0}
-        out_of_time = ((s.time_budget_s is not None and time.time() - t_start > s.time_budget_s)
-                       or (stop_after is not None and step >= stop_after))
-        if val_data is not None and (step % s.eval_every == 0 or step == s.steps or out_of_time):
+        return {"step": i + 1, "tokens": (i + 1) * s.batch_size * s.seq_len, "lr": lr, "train_loss": loss,
+                "grad_norm": norm, "time_s": time.time() - t0}
+
+    def after(i, row, last):
+        if val_data is not None and (row["step"] % s.eval_every == 0 or last):
             row["val_loss"] = evaluate_loss(config, params, val_data, s.batch_size, s.seq_len, s.eval_batches)
-            log(f"step {step}: train loss {np.mean(recent):.4f} (mean of the last {len(recent)} steps), "
-                f"val loss {row['val_loss']:.4f}, lr {lr:.2e}, {row['time_s'] / 60:.1f} min")
-            recent = []
-        history.append(row)
-        if out_dir is not None and (step % s.ckpt_every == 0 or step == s.steps or out_of_time):
-            save_training_state(out_dir, config, params, opt, step, history, tokenizer_path)
-        if out_of_time:
-            log(f"stopping at step {step} of {s.steps} (time budget or stop_after reached)")
-            break
-    bar.close()
+        if out_dir is not None and (row["step"] % s.ckpt_every == 0 or last):
+            save_training_state(out_dir, config, params, opt, row["step"], history, tokenizer_path)
+
+    def summary(rows):
+        val = f", val loss {rows[-1]['val_loss']:.4f}" if "val_loss" in rows[-1] else ""
+        return (f"train loss {np.mean([r['train_loss'] for r in rows]):.4f} (mean of the last {len(rows)} steps){val}, "
+                f"lr {rows[-1]['lr']:.2e}, {rows[-1]['time_s'] / 60:.1f} min")
+
+    training_loop(step, s.steps, "train", start=start, history=history, after=after, summary=summary,
+                  postfix=lambda r: {"loss": f"{r['train_loss']:.3f}", "lr": f"{r['lr']:.1e}"}, every=s.eval_every,
+                  time_budget_s=s.time_budget_s, stop_after=stop_after, log=log, progress=progress)
     return params, history
 
 
 def finetune(config: LlamaConfig, weights: dict, batches, steps: int, lr: float, seed: int = 0,
              time_budget_s: float | None = None, warmup: int | None = None, weight_decay: float = 0.0,
-             grad_clip: float = 1.0, log=print, progress: bool = True, workers: int = 2):
-    """Fine-tune on an iterator of (tokens, targets, mask) batches with a loss mask (chat SFT, Ghost Attention).
-
-    Returns (weights, metrics) with the loss curve in metrics["history"]. Weights are copied, never modified in place.
+             grad_clip: float = 1.0, log=print, progress: bool = True, workers: int = 2, name: str = "finetune"):
+    """Fine-tune on an iterator of (tokens, targets, mask) batches with a loss mask (chat SFT, Ghost Attention,
+    rejection sampling). Returns (weights, metrics) with the loss curve in metrics["history"]. Weights are copied,
+    never modified in place. `name` labels the progress bar and the log lines.
     """
-    from tqdm.auto import tqdm
     params = {k: np.array(v, dtype=F32) for k, v in weights.items()}
     opt = AdamW(params, weight_decay=weight_decay)
     warmup = max(1, steps // 20) if warmup is None else warmup
     max_len = max(config.max_seq_len, 1)
     rope = rope_tables(config, max_len)
-    history, t0, tokens_seen, smooth = [], time.time(), 0, None
-    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not progress)
-    step = 0
-    for step in range(steps):
+    t0, seen = time.time(), {"tokens": 0, "smooth": None}
+
+    def step(i):
         x, y, m = next(batches)
         if x.shape[1] > max_len:
             raise InputError(f"a batch of length {x.shape[1]} exceeds the context window {max_len}")
-        lr_now = lr_schedule(step, lr, warmup, steps)
+        lr_now = lr_schedule(i, lr, warmup, steps)
         loss, grads = forward_backward_parallel(config, params, x, y, m, rope=rope, workers=workers)
         if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at fine-tuning step {step}: lower the learning rate ({lr})")
+            raise TrainingError(f"the loss became {loss} at fine-tuning step {i}: lower the learning rate ({lr})")
         norm = clip_grad_norm(grads, grad_clip)
         opt.step(params, grads, lr_now)
-        tokens_seen += int(np.asarray(m).sum())
-        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-        history.append({"step": step + 1, "loss": loss, "lr": lr_now, "grad_norm": norm, "time_s": time.time() - t0})
-        bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.3f}")
-        if (step + 1) % max(1, steps // 10) == 0:
-            log(f"step {step + 1}/{steps}: loss {smooth:.4f}")
-        if time_budget_s is not None and time.time() - t0 > time_budget_s:
-            log(f"time budget of {time_budget_s:.0f} s used after {step + 1} of {steps} steps")
-            break
-    bar.close()
-    metrics = {"steps": len(history), "final_loss": smooth, "target_tokens": tokens_seen, "lr": lr,
+        seen["tokens"] += int(np.asarray(m).sum())
+        seen["smooth"] = loss if seen["smooth"] is None else 0.9 * seen["smooth"] + 0.1 * loss
+        return {"step": i + 1, "loss": loss, "lr": lr_now, "grad_norm": norm, "time_s": time.time() - t0}
+
+    history = training_loop(step, steps, name, summary=lambda rows: f"loss {seen['smooth']:.4f}",
+                            postfix=lambda r: {"loss": f"{seen['smooth']:.3f}"}, time_budget_s=time_budget_s,
+                            log=log, progress=progress)
+    metrics = {"steps": len(history), "final_loss": seen["smooth"], "target_tokens": seen["tokens"], "lr": lr,
                "wall_time_s": time.time() - t0, "history": history}
     return params, metrics

@@ -308,9 +308,9 @@ def rmsnorm_explorer(x, eps=1e-5):
 # RLHF (chapters 09-10): probe a reward model, compare PPO runs, chat with several models
 
 def annotator_view(prompts, replies, annotator, seed: int = 0) -> dict:
-    """The simulated annotator (rlhf.Annotator) on sampled replies: its preferences, and per degree how many pairs it
+    """The simulated annotator (preferences.Annotator) on sampled replies: its preferences, and per degree how many pairs it
     labelled and in how many it chose the reply that is truly worse."""
-    from .rlhf import DEGREES, annotate, true_quality
+    from .preferences import DEGREES, annotate, true_quality
     pairs = annotate(prompts, replies, annotator, seed=seed)
     by_prompt = {id(p.dialog): p for p in prompts}
     out = {d: {"pairs": 0, "wrong": 0} for d in DEGREES}
@@ -325,7 +325,7 @@ def annotator_explorer(prompts, replies):
     """Sliders for the annotator's noise and its three degree thresholds: how many pairs land in each degree, and how
     often the annotator chose the truly worse reply."""
     import ipywidgets as W
-    from .rlhf import DEGREES, Annotator
+    from .preferences import DEGREES, Annotator
     noise = W.FloatSlider(value=Annotator.noise, min=0.0, max=3.0, step=0.1, description="noise")
     ts = [W.FloatSlider(value=t, min=0.0, max=4.0, step=0.1, description=f">= {d.split()[0]}")
           for t, d in zip(Annotator.thresholds, DEGREES)]
@@ -345,8 +345,8 @@ def annotator_explorer(prompts, replies):
 
 
 def reward_probe(rm, tokenizer, prompt, replies, judge=None) -> list[dict]:
-    """The reward model's score of each reply to `prompt` (an rlhf.Prompt), beside the world's verdict when `judge`
-    (rlhf.judge) is given: [{"reply", "reward", "quality"?, ...}] best first."""
+    """The reward model's score of each reply to `prompt` (a preferences.Prompt), beside the world's verdict when `judge`
+    (preferences.judge) is given: [{"reply", "reward", "quality"?, ...}] best first."""
     if not replies or any(not isinstance(r, str) for r in replies):
         raise InputError("replies must be a non-empty list of strings")
     rewards = rm.score(tokenizer, [prompt.dialog] * len(replies), list(replies))
@@ -446,13 +446,13 @@ def mini_run(config, train_data, val_data, lr=3e-3, warmup=8, batch_size=16, ste
     """A short trainer.train run of a fresh model with these settings: its history (train loss per step, validation
     loss every 20 steps). A loss that becomes NaN/Inf (a learning rate too high) ends the run early, as the trainer
     refuses to go on."""
-    from . import train, trainer
+    from . import backprop, trainer
     from .errors import TrainingError
     s = trainer.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                               eval_every=20, eval_batches=2, seed=seed)
     try:
         with np.errstate(over="ignore", invalid="ignore"):          # a diverging run: the trainer reports it
-            return trainer.train(config, train.init_weights(config, seed=seed), train_data, val_data, s,
+            return trainer.train(config, backprop.init_weights(config, seed=seed), train_data, val_data, s,
                                  progress=False, log=lambda m: None)[1]
     except TrainingError as e:
         return [{"step": 0, "train_loss": float("nan"), "error": str(e)}]

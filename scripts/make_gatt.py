@@ -11,7 +11,7 @@ Writes
                                   rejected samples), gatt_eval.json (written by the evaluation below):
         {"turns": [1..8], "baseline": [...], "gatt": [...], "n_dialogues": N, "per_family": ..., "attention": ...,
          "dropped": ..., "failures": ...}   adherence as fractions, attention as (layers, turns) shares.
-The steps are in llama_ref/gatt.py (data, sampling, evaluation) and llama_ref/train.py (the NumPy trainer).
+The steps are in llama_ref/gatt.py (data, sampling, evaluation) and llama_ref/trainer.py (the NumPy training loop).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def write_model_cards(base_dir: Path, gatt_dir: Path) -> None:
     table = ("| turn | " + " | ".join(str(t) for t in ev["turns"]) + " |\n|---|" + "---:|" * len(ev["turns"]) + "\n"
              f"| baseline (tinyworld-chat) | {pct(ev['baseline'])} |\n| GAtt (tinyworld-gatt) | {pct(ev['gatt'])} |\n")
     common = (f"Made by `make gatt` (`scripts/make_gatt.py`) from `{sft.get('from', 'data/models/tinyworld')}`, with the "
-              f"NumPy trainer (`llama_ref/train.py`). Same architecture and tokenizer as the base model. Chat format: "
+              f"NumPy trainer (`llama_ref/trainer.py`). Same architecture and tokenizer as the base model. Chat format: "
               f"Llama 2's (`llama_ref/chat.py`).\n\n"
               f"Instruction adherence per turn on {ev['n_dialogues']} held-out dialogues ({ev['eval']['split']}), "
               f"{ev['eval']['decoding']} decoding, the instruction only in the system message "

@@ -64,7 +64,7 @@ CONFIGS = {
                                                           "original_max_position_embeddings": 64}), 1, 40, 10),
 }
 
-# Gradients (llama_ref/train.py is checked against these): name -> seed of the batch (tokens, targets, loss mask).
+# Gradients (llama_ref/backprop.py is checked against these): name -> seed of the batch (tokens, targets, loss mask).
 GRAD_CONFIGS = {"mha": 101, "gqa": 102, "tied": 103, "odd_seq": 104}
 GRAD_BATCH = (2, 16)                       # (B, T) of the training batch
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, steps=3, grad_clip=1.0)
@@ -206,7 +206,7 @@ def gradients(changes, model_seed, batch_seed, record_step_grads=False):
     return out
 
 
-# RLHF losses (llama_ref/rlhf.py is checked against these): name -> seed of the batch.
+# RLHF losses (llama_ref/reward_model.py and ppo.py are checked against these): name -> seed of the batch.
 RLHF_CONFIGS = {"gqa": 201, "tied": 202}
 RLHF_PAIRS, RLHF_BATCH = 3, (3, 14)           # preference pairs; (B, T) of the PPO batch
 PPO = dict(clip=0.2, vf_coef=0.1)

@@ -10,7 +10,7 @@ Writes
     data/models/tinyworld-rlhf/   the PPO policy (a causal LM like tinyworld-chat), metrics.json, README.md and
                                   rlhf_eval.json: rm_accuracy_by_degree, rm_pairs, best_of_n, policies (sft,
                                   rejection_sampling, ppo), ppo_runs (one history per beta), examples, n_eval, seed.
-The steps are in llama_ref/rlhf.py; chapters 09-10 read what this writes.
+The steps are in llama_ref/preferences.py, reward_model.py, ppo.py and rlhf.py; chapters 09-10 read what this writes.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama_ref import gatt, paths, rlhf, trainer                                  # noqa: E402
+from llama_ref import gatt, paths, ppo, preferences, reward_model, rlhf, trainer    # noqa: E402
 from llama_ref.checkpoint import save_model                                       # noqa: E402
 from llama_ref.errors import LlamaRefError                                        # noqa: E402
 from llama_ref.output import write_text                                            # noqa: E402
@@ -43,7 +43,7 @@ def rm_accuracy_by_degree(rm, tok, prefs) -> dict:
     rc = rm.score(tok, [p.dialog for p in prefs], [p.chosen for p in prefs])
     rr = rm.score(tok, [p.dialog for p in prefs], [p.rejected for p in prefs])
     out = {}
-    for d in rlhf.DEGREES:
+    for d in preferences.DEGREES:
         sel = np.array([p.degree == d for p in prefs])
         out[d] = {"accuracy": float(np.mean(rc[sel] > rr[sel])) if sel.any() else None, "pairs": int(sel.sum())}
     out["overall"] = {"accuracy": float(np.mean(rc > rr)), "pairs": len(prefs)}
@@ -56,7 +56,7 @@ def write_model_cards(rm_dir: Path, rlhf_dir: Path) -> None:
     rmm = json.loads((rm_dir / "metrics.json").read_text())
     acc = ev["rm_accuracy_by_degree"]
     rows = "".join(f"| {d} | {acc[d]['pairs']} | " + ("-" if acc[d]["accuracy"] is None else f"{100 * acc[d]['accuracy']:.0f}%")
-                   + " |\n" for d in (*rlhf.DEGREES, "overall"))
+                   + " |\n" for d in (*preferences.DEGREES, "overall"))
     write_text(rm_dir / "README.md",
         "# tinyworld-rm: a reward model (Llama 2 paper, sec. 3.2.2)\n\n"
         f"tinyworld-chat's trunk plus a scalar head on the last token (`score.weight`, the layout of transformers' "
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preferences", default=None,
                     help="train the reward model on this JSONL file of preferences ({prompt, chosen, rejected, degree} "
                          "per line) instead of the simulated annotator's")
-    ap.add_argument("--noise", type=float, default=rlhf.Annotator.noise, help="the annotator's noise")
+    ap.add_argument("--noise", type=float, default=preferences.Annotator.noise, help="the annotator's noise")
     ap.add_argument("--n-eval", type=int, default=300, help="held-out prompts for every evaluation")
     ap.add_argument("--best-of", type=int, default=16, help="samples per prompt for the best-of-N curve")
     ap.add_argument("--rs-prompts", type=int, default=800)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     # the rest. The reward model gets the largest share: every later stage is only as good as its judgement.
     share = {"preferences": 0.14, "reward_model": 0.30, "best_of_n": 0.05, "rs_sampling": 0.05, "rs_finetune": 0.03,
              "ppo": 0.18, "ppo_sweep": 0.03}
-    user_prefs = rlhf.read_preferences(args.preferences) if args.preferences else None     # a bad file fails first
+    user_prefs = preferences.read_preferences(args.preferences) if args.preferences else None     # a bad file fails first
     tok_path = paths.DEFAULT_TOKENIZER
     tok = Tokenizer(tok_path)
     if args.tiny:
@@ -136,15 +136,15 @@ def main(argv=None) -> int:
         config, sft = read_checkpoint(args.sft)
         sft = {k: np.array(v, np.float32) for k, v in sft.items()}
     sft_model = Llama(config, sft)
-    ppo = rlhf.PPOSettings(beta=args.beta, prompts_per_iteration=8 if args.tiny else 32,
+    ppo_settings = ppo.PPOSettings(beta=args.beta, prompts_per_iteration=8 if args.tiny else 32,
                            minibatch=4 if args.tiny else 16, max_new_tokens=8 if args.tiny else 40)
-    mnt = ppo.max_new_tokens
+    mnt = ppo_settings.max_new_tokens
 
     # 1. preference data -----------------------------------------------------------------------------
     t0 = time.time()
-    annotator = rlhf.Annotator(noise=args.noise)
-    train_prompts = rlhf.make_prompts(args.pref_prompts, "train", args.seed)
-    eval_prompts = rlhf.make_prompts(args.n_eval, "eval", args.seed)
+    annotator = preferences.Annotator(noise=args.noise)
+    train_prompts = preferences.make_prompts(args.pref_prompts, "train", args.seed)
+    eval_prompts = preferences.make_prompts(args.n_eval, "eval", args.seed)
     log(f"sampling {args.pref_k} replies to {len(train_prompts)} training and {len(eval_prompts)} held-out prompts")
     temps = (1.0, 1.3)                                  # varied, as the paper did, for more distinct pairs
     train_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in train_prompts], args.pref_k, args.seed,
@@ -152,24 +152,24 @@ def main(argv=None) -> int:
     train_prompts = train_prompts[:len(train_replies)]
     heldout_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in eval_prompts], args.pref_k,
                                           args.seed + 1, temps, max_new_tokens=mnt)
-    prefs = rlhf.annotate(train_prompts, train_replies, annotator, seed=args.seed)
+    prefs = preferences.annotate(train_prompts, train_replies, annotator, seed=args.seed)
     if user_prefs:
         prefs = user_prefs
         log(f"training the reward model on {len(prefs)} preferences from {args.preferences}")
-    heldout = rlhf.annotate(eval_prompts, heldout_replies, annotator, seed=args.seed + 1)
+    heldout = preferences.annotate(eval_prompts, heldout_replies, annotator, seed=args.seed + 1)
     log(f"{len(prefs)} training and {len(heldout)} held-out preferences in {time.time() - t0:.0f} s")
     stage_s = {"preferences": time.time() - t0}
 
     # 2. reward model ------------------------------------------------------------------------------------
-    P = rlhf.reward_model_init(config, sft, seed=args.seed)
-    P, rm_metrics = rlhf.train_reward_model(config, P, prefs, tok, args.rm_steps, args.rm_batch, args.rm_lr,
+    P = reward_model.reward_model_init(config, sft, seed=args.seed)
+    P, rm_metrics = reward_model.train_reward_model(config, P, prefs, tok, args.rm_steps, args.rm_batch, args.rm_lr,
                                             seed=args.seed, time_budget_s=share["reward_model"] * budget, log=log)
     stage_s["reward_model"] = rm_metrics["time_s"]
-    rm = rlhf.RewardModel(config, P)
+    rm = reward_model.RewardModel(config, P)
     rm_acc = rm_accuracy_by_degree(rm, tok, heldout)
     log("reward model accuracy on held-out pairs: "
         + ", ".join(f"{d} {v['accuracy']}" for d, v in rm_acc.items()))
-    rm_metrics.update({"temperatures": list(temps), "noise": annotator.noise, "thresholds": list(annotator.thresholds), "margins": rlhf.MARGINS,
+    rm_metrics.update({"temperatures": list(temps), "noise": annotator.noise, "thresholds": list(annotator.thresholds), "margins": reward_model.MARGINS,
                        "accuracy_by_degree": rm_acc, "from": "tiny random" if args.tiny else "tinyworld-chat"})
 
     # 3. best of N on held-out prompts, and the whitening statistics of the SFT model's rewards -------------
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
 
     # 4. rejection sampling fine-tune --------------------------------------------------------------------
     t0 = time.time()
-    rs_prompts = rlhf.make_prompts(args.rs_prompts, "train", args.seed + 1)
+    rs_prompts = preferences.make_prompts(args.rs_prompts, "train", args.seed + 1)
     rs_replies = rlhf.sample_replies(sft_model, tok, [p.dialog for p in rs_prompts], args.rs_k, args.seed + 3,
                                      max_new_tokens=mnt, time_budget_s=share["rs_sampling"] * budget, log=log)
     rs_prompts = rs_prompts[:len(rs_replies)]
@@ -196,19 +196,19 @@ def main(argv=None) -> int:
                                               args.rs_lr, seed=args.seed, time_budget_s=share["rs_finetune"] * budget,
                                               log=lambda m: log(f"rejection sampling: {m}"))
     rs_metrics.update({"prompts": len(rs_prompts), "k": args.rs_k, "time_s": time.time() - t0,
-                       "picked_quality": float(np.mean([rlhf.true_quality(p, rs[b]) for p, rs, b in
+                       "picked_quality": float(np.mean([preferences.true_quality(p, rs[b]) for p, rs, b in
                                                         zip(rs_prompts, rs_replies, rs_rewards.argmax(1))]))})
     stage_s["rejection_sampling"] = time.time() - t0
     log(f"rejection sampling done in {stage_s['rejection_sampling']:.0f} s")
 
     # 5. PPO on top of rejection sampling, one run per beta -------------------------------------------------
-    ppo_prompts = rlhf.make_prompts(args.rs_prompts, "train", args.seed + 2)
+    ppo_prompts = preferences.make_prompts(args.rs_prompts, "train", args.seed + 2)
     betas = [args.beta] + [float(b) for b in args.sweep_betas.split(",") if b.strip()]
     runs, policy = [], None
     for i, beta in enumerate(betas):
-        s = rlhf.PPOSettings(**{**ppo.__dict__, "beta": beta})
+        s = ppo.PPOSettings(**{**ppo_settings.__dict__, "beta": beta})
         iters = args.ppo_iterations if i == 0 else args.sweep_iterations
-        weights, hist = rlhf.ppo_train(config, rs_weights, sft, rm, tok, ppo_prompts, s, iters, whiten, seed=args.seed,
+        weights, hist = ppo.ppo_train(config, rs_weights, sft, rm, tok, ppo_prompts, s, iters, whiten, seed=args.seed,
                                        time_budget_s=share["ppo" if i == 0 else "ppo_sweep"] * budget, log=log)
         runs.append({"beta": beta, "iterations": len(hist), "history": hist})
         stage_s[f"ppo_beta_{beta:g}"] = hist[-1]["time_s"]
@@ -217,22 +217,22 @@ def main(argv=None) -> int:
 
     # 6. evaluation on held-out prompts --------------------------------------------------------------------
     t0 = time.time()
-    unseen = rlhf.make_prompts(args.n_eval, "unseen", args.seed)
+    unseen = preferences.make_prompts(args.n_eval, "unseen", args.seed)
     policies, unseen_acc, replies = {}, {}, {}
     for name, w in (("sft", sft), ("rejection_sampling", rs_weights), ("ppo", policy)):
         rep = rlhf.evaluate_policy(config, w, sft, rm, tok, eval_prompts, seed=args.seed + 5, max_new_tokens=mnt)
         policies[name], replies[name] = rep.to_json(), rep.replies
         u = rlhf.sample_replies(Llama(config, w), tok, [p.dialog for p in unseen], 1, 0, 0.0, mnt)
-        unseen_acc[name] = float(np.mean([rlhf.judge(p, r[0]).exact for p, r in zip(unseen, u)]))
+        unseen_acc[name] = float(np.mean([preferences.judge(p, r[0]).exact for p, r in zip(unseen, u)]))
         log(f"{name}: {policies[name]}, unseen facts exact {unseen_acc[name]:.3f}")
     stage_s["evaluation"] = time.time() - t0
     examples_out = [{"prompt": p.dialog, "answer": p.answer, **{k: replies[k][i] for k in replies}}
                     for i, p in enumerate(eval_prompts[:24])]
 
     # 7. write -----------------------------------------------------------------------------------------------
-    rlhf.save_reward_model(rm_dir, config, P, tokenizer_path=tok_path)
-    rlhf.write_preferences(rm_dir / "preferences_train.jsonl", prefs)
-    rlhf.write_preferences(rm_dir / "preferences_heldout.jsonl", heldout)
+    reward_model.save_reward_model(rm_dir, config, P, tokenizer_path=tok_path)
+    preferences.write_preferences(rm_dir / "preferences_train.jsonl", prefs)
+    preferences.write_preferences(rm_dir / "preferences_heldout.jsonl", heldout)
     write_json(rm_dir / "metrics.json", rm_metrics)
     save_model(rlhf_dir, config, policy, tokenizer_path=tok_path)
     write_json(rlhf_dir / "metrics.json", {"rejection_sampling": rs_metrics, "ppo": runs[0]})
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
            "unseen_answer_accuracy": unseen_acc, "ppo_runs": runs, "examples": examples_out,
            "whiten": {"mean": whiten[0], "std": whiten[1]},
            "settings": {"annotator": {"noise": annotator.noise, "thresholds": list(annotator.thresholds)},
-                        "quality_weights": rlhf.QUALITY_WEIGHTS, "margins": rlhf.MARGINS, "pref_k": args.pref_k,
-                        "rs_k": args.rs_k, "rs_prompts": args.rs_prompts, "ppo": ppo.__dict__},
+                        "quality_weights": preferences.QUALITY_WEIGHTS, "margins": reward_model.MARGINS, "pref_k": args.pref_k,
+                        "rs_k": args.rs_k, "rs_prompts": args.rs_prompts, "ppo": ppo_settings.__dict__},
            "stage_time_s": stage_s, "prompts_used": {"preferences": len(train_prompts), "best_of_n": len(bon_prompts),
                                                      "rejection_sampling": len(rs_prompts)},
            "n_eval": len(eval_prompts), "seed": args.seed, "tiny": args.tiny, "total_time_s": time.time() - t_start}

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from llama_ref import corpus, evaluate, paths, train, trainer
+from llama_ref import backprop, corpus, evaluate, paths, trainer
 from llama_ref.config import LlamaConfig
 from llama_ref.model import Llama
 
@@ -25,7 +25,7 @@ def test_ngram_losses_on_a_known_sequence():
 def test_stream_loss_equals_the_training_forward(tok):
     """Two implementations of the same number: the inference forward (evaluate) and the training forward (train)."""
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size, max_seq_len=64)
-    params = train.init_weights(cfg, seed=3, std=0.1)
+    params = backprop.init_weights(cfg, seed=3, std=0.1)
     ids = evaluate.token_stream("val", tok, 3000)
     assert ids[0] == tok.bos_id and len(ids) == 3000
     a = evaluate.stream_loss(Llama(cfg, params), ids, seq_len=64, batch_size=4)

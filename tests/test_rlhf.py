@@ -1,9 +1,10 @@
-"""RLHF (llama_ref/rlhf.py): the reward model's and PPO's backward against PyTorch autograd, the margin loss and GAE
-against hand-computed cases, the world's judge, the annotator, preference files, determinism per seed.
+"""The RLHF recipe (llama_ref/preferences.py, reward_model.py, ppo.py, rlhf.py): the reward model's and PPO's backward
+against PyTorch autograd, the margin loss and GAE against hand-computed cases, the world's judge, the annotator,
+preference files, determinism per seed. One file for the four modules: they share the fixtures below.
 
 Fixtures: data/reference/rlhf_<name>.npz, written by scripts/make_reference.py with transformers'
 LlamaForSequenceClassification (reward model) and LlamaForCausalLM plus a value head (PPO), torch autograd only.
-Tolerance: as tests/test_train.py's, 1e-4 of each gradient's scale (float32 sums in another order; a wrong sign,
+Tolerance: as tests/test_backprop.py's, 1e-4 of each gradient's scale (float32 sums in another order; a wrong sign,
 transpose or mask gives errors of order 1e-1); losses and rewards to 1e-5 relative.
 """
 import json
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import MANIFEST, rel_err, random_weights
-from llama_ref import paths, rlhf
+from llama_ref import paths, ppo, preferences, reward_model, rlhf
 from llama_ref.config import LlamaConfig
-from llama_ref.errors import InputError, LlamaRefError, PreferenceError
+from llama_ref.errors import CheckpointError, InputError, LlamaRefError, PreferenceError
 from llama_ref.gatt import Instruction
 from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
@@ -47,15 +48,15 @@ def test_fixtures_cover_tied_and_untied():
 def test_reward_model_rewards_loss_and_gradients_match_pytorch(case):
     name, config, weights, ref = case
     rm = sub(ref, "rm/")
-    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {rlhf.SCORE: rm["score.weight"]}
+    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {reward_model.SCORE: rm["score.weight"]}
     assert (rm["last"] < rm["tokens"].shape[1] - 1).any()                  # some rows really are padded
-    r, cache = rlhf.reward_forward(config, P, rm["tokens"], rm["last"])
+    r, cache = reward_model.reward_forward(config, P, rm["tokens"], rm["last"])
     assert rel_err(r, rm["rewards"]) <= 1e-5
     n = len(rm["margins"])
-    loss, z = rlhf.ranking_loss(r[:n], r[n:], rm["margins"])
+    loss, z = reward_model.ranking_loss(r[:n], r[n:], rm["margins"])
     assert abs(loss - float(rm["loss"])) <= 1e-5 * max(1.0, float(rm["loss"]))
-    dc, dr = rlhf.ranking_loss_backward(z)
-    grads = rlhf.reward_backward(config, P, np.concatenate([dc, dr]).astype(np.float32), cache)
+    dc, dr = reward_model.ranking_loss_backward(z)
+    grads = reward_model.reward_backward(config, P, np.concatenate([dc, dr]).astype(np.float32), cache)
     torch_grads = sub(rm, "grad/")
     assert set(grads) == set(torch_grads)
     errs = {k: rel_err(g, torch_grads[k]) for k, g in grads.items()}
@@ -65,25 +66,25 @@ def test_reward_model_rewards_loss_and_gradients_match_pytorch(case):
 
 @pytest.mark.parametrize("workers", [2, 3])
 def test_threaded_ranking_and_ppo_steps_match_pytorch(case, workers):
-    """The training steps with the batch split across threads (train.data_parallel) give PyTorch's loss and gradients
+    """The training steps with the batch split across threads (backprop.data_parallel) give PyTorch's loss and gradients
     over the whole batch: pairs weighted by count, PPO's parts by their reply tokens."""
     name, config, weights, ref = case
     rm = sub(ref, "rm/")
-    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {rlhf.SCORE: rm["score.weight"]}
+    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {reward_model.SCORE: rm["score.weight"]}
     assert len(rm["margins"]) >= 2
-    loss, grads, right = rlhf.ranking_step_parallel(config, P, rm["tokens"], rm["last"], rm["margins"], workers)
+    loss, grads, right = reward_model.ranking_step_parallel(config, P, rm["tokens"], rm["last"], rm["margins"], workers)
     assert abs(loss - float(rm["loss"])) <= 1e-5 * max(1.0, float(rm["loss"])) and len(right) == len(rm["margins"])
     assert max(rel_err(g, rm[f"grad/{k}"]) for k, g in grads.items()) <= GRAD_RTOL
     f = sub(ref, "ppo/")
-    P = dict(weights) | {rlhf.VALUE: f["value_head.weight"]}
-    ro = rlhf.Rollout(tokens=f["seq"], mask=f["mask"], logp_old=f["logp_old"], logp_ref=None, values=None,
+    P = dict(weights) | {ppo.VALUE: f["value_head.weight"]}
+    ro = ppo.Rollout(tokens=f["seq"], mask=f["mask"], logp_old=f["logp_old"], logp_ref=None, values=None,
                       scores=None, replies=[], quality=None, correct=None)
-    settings = rlhf.PPOSettings(clip=float(f["clip"]), vf_coef=float(f["vf_coef"]), workers=workers)
-    loss, grads, stats = rlhf.ppo_step_parallel(config, P, ro, np.arange(f["seq"].shape[0]), f["adv"], f["returns"],
+    settings = ppo.PPOSettings(clip=float(f["clip"]), vf_coef=float(f["vf_coef"]), workers=workers)
+    loss, grads, stats = ppo.ppo_step_parallel(config, P, ro, np.arange(f["seq"].shape[0]), f["adv"], f["returns"],
                                                 settings)
     assert abs(loss - float(f["loss"])) <= 1e-5 * max(1.0, abs(float(f["loss"])))
     assert max(rel_err(g, f[f"grad/{k}"]) for k, g in grads.items()) <= GRAD_RTOL
-    one = rlhf.ppo_step(config, P, ro, np.arange(f["seq"].shape[0]), f["adv"], f["returns"], settings)[2]
+    one = ppo.ppo_step(config, P, ro, np.arange(f["seq"].shape[0]), f["adv"], f["returns"], settings)[2]
     assert all(abs(stats[k] - one[k]) <= 1e-6 * max(1.0, abs(one[k])) for k in one)
 
 
@@ -91,12 +92,12 @@ def test_ppo_loss_and_gradients_match_pytorch(case):
     name, config, weights, ref = case
     f = sub(ref, "ppo/")
     assert 0 < float(f["clipped_share"]) < 0.9                              # both branches of the clip are exercised
-    P = dict(weights) | {rlhf.VALUE: f["value_head.weight"]}
+    P = dict(weights) | {ppo.VALUE: f["value_head.weight"]}
     B = f["seq"].shape[0]
-    ro = rlhf.Rollout(tokens=f["seq"], mask=f["mask"], logp_old=f["logp_old"], logp_ref=None, values=None,
+    ro = ppo.Rollout(tokens=f["seq"], mask=f["mask"], logp_old=f["logp_old"], logp_ref=None, values=None,
                       scores=None, replies=[], quality=None, correct=None)
-    settings = rlhf.PPOSettings(clip=float(f["clip"]), vf_coef=float(f["vf_coef"]))
-    loss, grads, stats = rlhf.ppo_step(config, P, ro, np.arange(B), f["adv"], f["returns"], settings)
+    settings = ppo.PPOSettings(clip=float(f["clip"]), vf_coef=float(f["vf_coef"]))
+    loss, grads, stats = ppo.ppo_step(config, P, ro, np.arange(B), f["adv"], f["returns"], settings)
     assert abs(loss - float(f["loss"])) <= 1e-5 * max(1.0, abs(float(f["loss"])))
     torch_grads = sub(f, "grad/")
     assert set(grads) == set(torch_grads)
@@ -110,15 +111,15 @@ def test_ppo_loss_and_gradients_match_pytorch(case):
 
 def test_margin_ranking_loss_by_hand():
     """z = r_c - r_r - m = [1, -1]: loss = (log(1 + e^-1) + log(1 + e^1)) / 2, d/dr_c = -sigmoid(-z) / 2."""
-    loss, z = rlhf.ranking_loss(np.array([1.0, 0.0]), np.array([0.0, 0.0]), np.array([0.0, 1.0]))
+    loss, z = reward_model.ranking_loss(np.array([1.0, 0.0]), np.array([0.0, 0.0]), np.array([0.0, 1.0]))
     assert loss == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2, rel=1e-12)
-    dc, dr = rlhf.ranking_loss_backward(z)
+    dc, dr = reward_model.ranking_loss_backward(z)
     sig = lambda x: 1 / (1 + math.exp(-x))
     assert dc == pytest.approx([-sig(-1) / 2, -sig(1) / 2], rel=1e-12) and np.array_equal(dr, -dc)
     # the margin asks for a gap: the same rewards with a margin of 1 cost more
-    assert rlhf.ranking_loss(np.array([1.0]), np.array([0.0]), np.array([1.0]))[0] > \
-        rlhf.ranking_loss(np.array([1.0]), np.array([0.0]), np.array([0.0]))[0]
-    assert np.isfinite(rlhf.ranking_loss(np.array([-1e4]), np.array([1e4]), np.array([0.0]))[0])   # no overflow
+    assert reward_model.ranking_loss(np.array([1.0]), np.array([0.0]), np.array([1.0]))[0] > \
+        reward_model.ranking_loss(np.array([1.0]), np.array([0.0]), np.array([0.0]))[0]
+    assert np.isfinite(reward_model.ranking_loss(np.array([-1e4]), np.array([1e4]), np.array([0.0]))[0])   # no overflow
 
 
 def test_gae_by_hand():
@@ -127,18 +128,18 @@ def test_gae_by_hand():
     rewards = np.array([[9.0, 0.0, 0.0, 1.0, 9.0]])                     # masked positions must not leak in
     values = np.array([[7.0, 0.5, 0.5, 0.5, 7.0]])
     mask = np.array([[False, True, True, True, False]])
-    adv, ret = rlhf.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
     assert adv == pytest.approx(np.array([[0, 0.125, 0.25, 0.5, 0]]))
     assert ret[mask] == pytest.approx([0.625, 0.75, 1.0])
-    adv1, _ = rlhf.gae(rewards, values, mask, gamma=0.9, lam=1.0)       # lambda 1: discounted return - V
+    adv1, _ = ppo.gae(rewards, values, mask, gamma=0.9, lam=1.0)       # lambda 1: discounted return - V
     assert adv1[0, 1] == pytest.approx(0.9 ** 2 * 1.0 - 0.5)
 
 
 def test_kl_rewards_put_the_score_on_the_last_reply_token():
     mask = np.array([[False, True, True, False], [True, True, True, True]])
-    ro = rlhf.Rollout(tokens=None, mask=mask, logp_old=np.full((2, 4), -1.0), logp_ref=np.full((2, 4), -1.5),
+    ro = ppo.Rollout(tokens=None, mask=mask, logp_old=np.full((2, 4), -1.0), logp_ref=np.full((2, 4), -1.5),
                       values=None, scores=np.array([3.0, 1.0]), replies=[], quality=None, correct=None)
-    r = rlhf.kl_rewards(ro, beta=0.1, whiten=(1.0, 2.0))
+    r = ppo.kl_rewards(ro, beta=0.1, whiten=(1.0, 2.0))
     assert r[0] == pytest.approx([0, -0.05, -0.05 + 1.0, 0]) and r[1] == pytest.approx([-0.05] * 3 + [-0.05 + 0.0])
 
 
@@ -146,12 +147,12 @@ def test_ppo_loss_at_ratio_one_is_minus_the_mean_advantage():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((1, 5, 7)).astype(np.float32)
     actions = rng.integers(0, 7, (1, 5))
-    logp, _ = rlhf.token_logprobs(logits, actions)
+    logp, _ = ppo.token_logprobs(logits, actions)
     adv, mask = rng.standard_normal((1, 5)), np.array([[False, True, True, True, False]])
-    loss, stats, _ = rlhf.ppo_loss(logits, np.zeros((1, 5)), actions, mask, logp, adv, np.zeros((1, 5)), 0.2, 0.0)
+    loss, stats, _ = ppo.ppo_loss(logits, np.zeros((1, 5)), actions, mask, logp, adv, np.zeros((1, 5)), 0.2, 0.0)
     assert loss == pytest.approx(-adv[mask].mean(), rel=1e-5) and stats["clipfrac"] == 0
     with pytest.raises(InputError):
-        rlhf.ppo_loss(logits, np.zeros((1, 5)), actions, np.zeros((1, 5), bool), logp, adv, adv, 0.2, 0.1)
+        ppo.ppo_loss(logits, np.zeros((1, 5)), actions, np.zeros((1, 5), bool), logp, adv, adv, 0.2, 0.1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,77 +161,77 @@ def test_ppo_loss_at_ratio_one_is_minus_the_mean_advantage():
 def prompt_with(instruction=None, answer="A cow says moo."):
     dialog = ([{"role": "system", "content": instruction.text}] if instruction else []) + \
              [{"role": "user", "content": "What does a cow say?"}]
-    return rlhf.Prompt(dialog, answer, instruction)
+    return preferences.Prompt(dialog, answer, instruction)
 
 
 def test_judge_scores_truth_obedience_grammar_and_brevity():
     ins = Instruction(persona="Tom", style="cow")
     p = prompt_with(ins)
-    best = rlhf.judge(p, "I am Tom. A cow says moo. Moo!")
+    best = preferences.judge(p, "I am Tom. A cow says moo. Moo!")
     assert best.exact and best.adherence == 1 and best.grammatical and best.quality == 4.0
-    assert rlhf.judge(p, "A cow says moo. Moo!").adherence == 0.5                     # persona missing
-    wrong = rlhf.judge(p, "I am Tom. A cow says quack. Moo!")
+    assert preferences.judge(p, "A cow says moo. Moo!").adherence == 0.5                     # persona missing
+    wrong = preferences.judge(p, "I am Tom. A cow says quack. Moo!")
     assert not wrong.correct and wrong.grammatical and wrong.quality == 2.0
-    chatty = rlhf.judge(p, "I am Tom. A cow says moo. A duck says quack. Moo!")
+    chatty = preferences.judge(p, "I am Tom. A cow says moo. A duck says quack. Moo!")
     assert chatty.correct and not chatty.concise and not chatty.exact
-    broken = rlhf.judge(p, "I am Tom. A cow moo says. Moo!")
+    broken = preferences.judge(p, "I am Tom. A cow moo says. Moo!")
     assert not broken.grammatical and not broken.correct
-    empty = rlhf.judge(p, "")
+    empty = preferences.judge(p, "")
     assert empty.quality == 0.0
 
 
 def test_a_paraphrase_of_the_true_answer_is_right():
     """The world states some facts two ways (corpus.Q_CHAR); a follow-up question may be answered with either."""
     p = prompt_with(answer="Nina likes to eat carrots.")
-    assert rlhf.judge(p, "Nina's favourite food is carrots.").exact
-    assert not rlhf.judge(p, "Nina's favourite food is cookies.").correct
-    assert rlhf.true_answers("Mia has a cat.") == {"Mia has a cat.", "Mia's pet is a cat."}
-    assert rlhf.true_answers("Mia has a ball.") == {"Mia has a ball."}                  # a toy is not a pet
-    assert rlhf.true_answers("Tim loves the colour red.") == {"Tim loves the colour red.", "Tim's favourite colour is red."}
-    assert rlhf.true_answers("Yes, Mia has a cat.") == {"Yes, Mia has a cat."}
+    assert preferences.judge(p, "Nina's favourite food is carrots.").exact
+    assert not preferences.judge(p, "Nina's favourite food is cookies.").correct
+    assert preferences.true_answers("Mia has a cat.") == {"Mia has a cat.", "Mia's pet is a cat."}
+    assert preferences.true_answers("Mia has a ball.") == {"Mia has a ball."}                  # a toy is not a pet
+    assert preferences.true_answers("Tim loves the colour red.") == {"Tim loves the colour red.", "Tim's favourite colour is red."}
+    assert preferences.true_answers("Yes, Mia has a cat.") == {"Yes, Mia has a cat."}
 
 
 def test_annotator_degrees_and_noise():
-    a = rlhf.Annotator(noise=0.0)
-    assert [a.degree(g) for g in (3.0, 1.5, 0.5, 0.1)] == list(rlhf.DEGREES)
+    a = preferences.Annotator(noise=0.0)
+    assert [a.degree(g) for g in (3.0, 1.5, 0.5, 0.1)] == list(preferences.DEGREES)
     p = prompt_with()
     rng = np.random.default_rng(0)
     pref = a.compare(p, "A cow says quack.", "A cow says moo.", rng)       # noiseless: truth wins, by 2 points
     assert pref.chosen == "A cow says moo." and pref.degree == "significantly better"
-    noisy = rlhf.Annotator(noise=5.0)
+    noisy = preferences.Annotator(noise=5.0)
     picks = [noisy.compare(p, "A cow says quack.", "A cow says moo.", rng).chosen for _ in range(200)]
     assert 0.3 < np.mean([c == "A cow says quack." for c in picks]) < 0.5           # noise flips some
 
 
 def test_annotate_skips_identical_replies():
     p = prompt_with()
-    prefs = rlhf.annotate([p], [["A cow says moo.", " A cow says moo. ", "A cow says moo.", "A cow says baa."]],
-                          rlhf.Annotator(noise=0.0))
+    prefs = preferences.annotate([p], [["A cow says moo.", " A cow says moo. ", "A cow says moo.", "A cow says baa."]],
+                          preferences.Annotator(noise=0.0))
     assert len(prefs) == 1 and prefs[0].chosen == "A cow says moo."
-    three = rlhf.annotate([p], [["A cow says moo.", "A cow says baa.", "A cow says moo.", "A pig says moo."]],
-                          rlhf.Annotator(noise=0.0))
+    three = preferences.annotate([p], [["A cow says moo.", "A cow says baa.", "A cow says moo.", "A pig says moo."]],
+                          preferences.Annotator(noise=0.0))
     assert len(three) == 3                                            # every pair of the three distinct replies
 
 
 def test_prompts_are_deterministic_and_eval_prompts_are_held_out():
-    a, b = rlhf.make_prompts(50, "train", seed=3), rlhf.make_prompts(50, "train", seed=3)
+    a, b = preferences.make_prompts(50, "train", seed=3), preferences.make_prompts(50, "train", seed=3)
     assert [p.dialog for p in a] == [p.dialog for p in b] and len(a) == 50
-    ev = rlhf.make_prompts(50, "eval", seed=3)
-    train_texts = {json.dumps(p.dialog) for p in rlhf.make_prompts(400, "train", seed=3)}
+    ev = preferences.make_prompts(50, "eval", seed=3)
+    train_texts = {json.dumps(p.dialog) for p in preferences.make_prompts(400, "train", seed=3)}
     assert all(p.instruction is not None for p in ev) and not train_texts & {json.dumps(p.dialog) for p in ev}
     assert all(p.dialog[-1]["role"] == "user" and p.answer for p in a + ev)
     assert {p.turn for p in a} >= {1, 2, 3}                              # earlier exchanges come before some questions
     with pytest.raises(InputError):
-        rlhf.make_prompts(5, "test")
+        preferences.make_prompts(5, "test")
 
 
 # ------------------------------------------------------------------------------------------------
 # preference files: round trip and bad input
 
 def test_preference_file_round_trip(tmp_path):
-    prefs = rlhf.annotate([prompt_with()], [["A cow says moo.", "A cow says baa."]], rlhf.Annotator(noise=0.0))
-    path = rlhf.write_preferences(tmp_path / "p.jsonl", prefs)
-    back = rlhf.read_preferences(path)
+    prefs = preferences.annotate([prompt_with()], [["A cow says moo.", "A cow says baa."]], preferences.Annotator(noise=0.0))
+    path = preferences.write_preferences(tmp_path / "p.jsonl", prefs)
+    back = preferences.read_preferences(path)
     assert [(b.dialog, b.chosen, b.rejected, b.degree) for b in back] == \
            [(p.dialog, p.chosen, p.rejected, p.degree) for p in prefs]
 
@@ -251,7 +252,7 @@ def test_bad_preferences_are_named(tmp_path, record, what):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **record}) + "\n")
     with pytest.raises(PreferenceError, match=what) as e:
-        rlhf.read_preferences(path)
+        preferences.read_preferences(path)
     assert "line 2" in str(e.value)
 
 
@@ -260,7 +261,7 @@ def test_whole_dialogue_replies_and_unsure_are_accepted(tmp_path):
     rec = {"prompt": prompt, "chosen": prompt + [{"role": "assistant", "content": "A cow says moo."}],
            "rejected": prompt + [{"role": "assistant", "content": "A cow says baa."}], "degree": "unsure"}
     (tmp_path / "p.jsonl").write_text(json.dumps(rec) + "\n")
-    [p] = rlhf.read_preferences(tmp_path / "p.jsonl")
+    [p] = preferences.read_preferences(tmp_path / "p.jsonl")
     assert p.chosen == "A cow says moo." and p.degree == "negligibly better"
 
 
@@ -269,9 +270,9 @@ def test_unreadable_preference_files(tmp_path, content):
     path = tmp_path / "p.jsonl"
     (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     with pytest.raises(PreferenceError):
-        rlhf.read_preferences(path)
+        preferences.read_preferences(path)
     with pytest.raises(PreferenceError):
-        rlhf.read_preferences(tmp_path / "missing.jsonl")
+        preferences.read_preferences(tmp_path / "missing.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,9 +289,9 @@ def tiny():
 def test_reward_model_training_is_deterministic_and_learns(tiny):
     cfg, w, tok = tiny
     p = prompt_with()
-    prefs = [rlhf.Preference(p.dialog, "A cow says moo.", r, "better") for r in
+    prefs = [preferences.Preference(p.dialog, "A cow says moo.", r, "better") for r in
              ("A cow says baa.", "A cow says quack.", "A cow says woof.", "A cow says oink.")]
-    runs = [rlhf.train_reward_model(cfg, rlhf.reward_model_init(cfg, w, seed=0), prefs, tok, steps=30, batch_size=4,
+    runs = [reward_model.train_reward_model(cfg, reward_model.reward_model_init(cfg, w, seed=0), prefs, tok, steps=30, batch_size=4,
                                     lr=3e-3, seed=0, progress=False, log=lambda m: None) for _ in range(2)]
     assert all(np.array_equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
     h = runs[0][1]["history"]
@@ -301,14 +302,14 @@ def test_reward_model_training_is_deterministic_and_learns(tiny):
 def test_length_grouped_batches_are_an_epoch_of_similar_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 130, size=1003)
-    batches = rlhf.length_grouped_batches(lengths, 8, np.random.default_rng(1), group=16)
+    batches = reward_model.length_grouped_batches(lengths, 8, np.random.default_rng(1), group=16)
     seen = np.concatenate(batches)
     assert len(batches) == 1003 // 8 and all(len(b) == 8 for b in batches)
     assert len(set(seen.tolist())) == len(seen)                                     # no row twice in an epoch
     padded = sum(8 * lengths[b].max() for b in batches)
     random_padded = sum(8 * lengths[b].max() for b in rng.permutation(1003)[:len(seen)].reshape(-1, 8))
     assert padded < 0.8 * random_padded                                             # what grouping is for
-    again = rlhf.length_grouped_batches(lengths, 8, np.random.default_rng(1), group=16)
+    again = reward_model.length_grouped_batches(lengths, 8, np.random.default_rng(1), group=16)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))                # a seed decides the epoch
     longest = [lengths[b].max() for b in batches]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)   # the batches are shuffled
@@ -318,44 +319,50 @@ def test_a_preference_longer_than_the_context_is_refused_before_training(tiny):
     cfg, w, tok = tiny
     p = prompt_with()
     long_reply = " ".join(["A cow says moo."] * 80)
-    prefs = [rlhf.Preference(p.dialog, "A cow says moo.", "A cow says baa.", "better"),
-             rlhf.Preference(p.dialog, long_reply, "A cow says baa.", "better")]
+    prefs = [preferences.Preference(p.dialog, "A cow says moo.", "A cow says baa.", "better"),
+             preferences.Preference(p.dialog, long_reply, "A cow says baa.", "better")]
     with pytest.raises(InputError, match="more than the reward model's context of 256; shorten the prompt"):
-        rlhf.train_reward_model(cfg, rlhf.reward_model_init(cfg, w, seed=0), prefs, tok, steps=1, batch_size=1,
+        reward_model.train_reward_model(cfg, reward_model.reward_model_init(cfg, w, seed=0), prefs, tok, steps=1, batch_size=1,
                                 progress=False, log=lambda m: None)
 
 
 def test_reward_model_save_and_load(tiny, tmp_path):
     cfg, w, tok = tiny
-    P = rlhf.reward_model_init(cfg, w, seed=2)
-    rlhf.save_reward_model(tmp_path / "rm", cfg, P)
+    P = reward_model.reward_model_init(cfg, w, seed=2)
+    reward_model.save_reward_model(tmp_path / "rm", cfg, P)
     cfg_json = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert cfg_json["architectures"] == ["LlamaForSequenceClassification"] and cfg_json["num_labels"] == 1
-    rm = rlhf.load_reward_model(tmp_path / "rm")
+    rm = reward_model.load_reward_model(tmp_path / "rm")
     d = [prompt_with().dialog] * 2
     assert np.array_equal(rm.score(tok, d, ["A cow says moo.", "No."]),
-                          rlhf.RewardModel(cfg, P).score(tok, d, ["A cow says moo.", "No."]))
+                          reward_model.RewardModel(cfg, P).score(tok, d, ["A cow says moo.", "No."]))
     with pytest.raises(LlamaRefError):
         from llama_ref import load
         load(tmp_path / "rm")                        # a reward model is not a causal LM: refused with a reason
-    with pytest.raises(InputError, match="not a reward model"):
-        from llama_ref.checkpoint import save_model
-        save_model(tmp_path / "lm", cfg, w)
-        rlhf.load_reward_model(tmp_path / "lm")
+    from llama_ref.checkpoint import save_model
+    save_model(tmp_path / "lm", cfg, w)
+    with pytest.raises(CheckpointError, match="has no score.weight .a reward model's score head"):
+        reward_model.load_reward_model(tmp_path / "lm")                 # a causal LM: the one loader names what is missing
+    P_wide = {**P, reward_model.SCORE: np.zeros((2, cfg.dim), np.float32)}
+    reward_model.save_reward_model(tmp_path / "rm2", cfg, P_wide)
+    with pytest.raises(CheckpointError, match=r"shape \(2, 32\), not \(1, 32\)"):
+        reward_model.load_reward_model(tmp_path / "rm2")
+    with pytest.raises(CheckpointError, match="not an HF model directory"):
+        reward_model.load_reward_model(tmp_path / "rm" / "model.safetensors")
 
 
 def test_ppo_iteration_is_deterministic_and_moves_the_policy(tiny):
     cfg, w, tok = tiny
-    rm = rlhf.RewardModel(cfg, rlhf.reward_model_init(cfg, w, seed=3))
-    prompts = rlhf.make_prompts(8, "train", seed=0)
-    s = rlhf.PPOSettings(prompts_per_iteration=4, minibatch=2, max_new_tokens=6, lr=1e-3)
-    a = rlhf.ppo_train(cfg, w, w, rm, tok, prompts, s, 2, whiten=(0.0, 1.0), seed=5, progress=False, log=lambda m: None)
-    b = rlhf.ppo_train(cfg, w, w, rm, tok, prompts, s, 2, whiten=(0.0, 1.0), seed=5, progress=False, log=lambda m: None)
+    rm = reward_model.RewardModel(cfg, reward_model.reward_model_init(cfg, w, seed=3))
+    prompts = preferences.make_prompts(8, "train", seed=0)
+    s = ppo.PPOSettings(prompts_per_iteration=4, minibatch=2, max_new_tokens=6, lr=1e-3)
+    a = ppo.ppo_train(cfg, w, w, rm, tok, prompts, s, 2, whiten=(0.0, 1.0), seed=5, progress=False, log=lambda m: None)
+    b = ppo.ppo_train(cfg, w, w, rm, tok, prompts, s, 2, whiten=(0.0, 1.0), seed=5, progress=False, log=lambda m: None)
     assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0]) and a[1][-1]["reward"] == b[1][-1]["reward"]
-    assert rlhf.VALUE not in a[0] and not np.array_equal(a[0]["model.norm.weight"], w["model.norm.weight"])
+    assert ppo.VALUE not in a[0] and not np.array_equal(a[0]["model.norm.weight"], w["model.norm.weight"])
     assert a[1][0]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)              # first rollout: policy == reference
     with pytest.raises(InputError, match="beta"):
-        rlhf.ppo_train(cfg, w, w, rm, tok, prompts, rlhf.PPOSettings(beta=-1.0), 1, (0.0, 1.0), progress=False)
+        ppo.ppo_train(cfg, w, w, rm, tok, prompts, ppo.PPOSettings(beta=-1.0), 1, (0.0, 1.0), progress=False)
 
 
 def test_best_of_n_and_rejection_sampling_pick_the_top_reward(tiny):
@@ -379,10 +386,10 @@ def test_make_rlhf_tiny_runs_end_to_end(tmp_path):
     assert set(ev["policies"]) == {"sft", "rejection_sampling", "ppo"}
     for p in ev["policies"].values():
         assert set(p) >= {"answer_accuracy", "adherence", "grammar", "mean_reward", "kl_from_sft_per_token"}
-    assert set(ev["rm_accuracy_by_degree"]) >= set(rlhf.DEGREES) and ev["n_eval"] > 0 and "seed" in ev
+    assert set(ev["rm_accuracy_by_degree"]) >= set(preferences.DEGREES) and ev["n_eval"] > 0 and "seed" in ev
     assert all({"n", "rm_pick_quality", "oracle_pick_quality"} <= set(b) for b in ev["best_of_n"])
-    assert len(rlhf.read_preferences(tmp_path / "tinyworld-rm" / "preferences_train.jsonl")) > 0
-    rlhf.load_reward_model(tmp_path / "tinyworld-rm")
+    assert len(preferences.read_preferences(tmp_path / "tinyworld-rm" / "preferences_train.jsonl")) > 0
+    reward_model.load_reward_model(tmp_path / "tinyworld-rm")
     Llama(*read_checkpoint(tmp_path / "tinyworld-rlhf"))
 
 
@@ -398,8 +405,8 @@ def test_make_rlhf_refuses_a_bad_preference_file_at_once(tmp_path):
 
 def test_score_samples_is_score_per_prompt(tiny):
     cfg, w, tok = tiny
-    rm = rlhf.RewardModel(cfg, rlhf.reward_model_init(cfg, w, seed=4))
-    prompts = rlhf.make_prompts(3, "train", seed=2)
+    rm = reward_model.RewardModel(cfg, reward_model.reward_model_init(cfg, w, seed=4))
+    prompts = preferences.make_prompts(3, "train", seed=2)
     samples = [["A cow says moo.", "No.", "Yes, a dog is bigger than a cat."]] * 3
     got = rm.score_samples(tok, [p.dialog for p in prompts], samples, batch_size=4)     # batches cut across prompts
     want = np.array([rm.score(tok, [p.dialog] * 3, s) for p, s in zip(prompts, samples)])

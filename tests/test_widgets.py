@@ -180,28 +180,28 @@ def test_rmsnorm_explorer_builds():
 # RLHF
 
 def test_annotator_view_counts_wrong_choices():
-    from llama_ref import rlhf
-    p = rlhf.Prompt([{"role": "user", "content": "What does a cow say?"}], "A cow says moo.", None)
+    from llama_ref import preferences
+    p = preferences.Prompt([{"role": "user", "content": "What does a cow say?"}], "A cow says moo.", None)
     replies = [["A cow says moo.", "A cow says baa."]] * 1
-    clean = widgets.annotator_view([p], replies, rlhf.Annotator(noise=0.0))
+    clean = widgets.annotator_view([p], replies, preferences.Annotator(noise=0.0))
     assert clean["by_degree"]["significantly better"] == {"pairs": 1, "wrong": 0}
-    noisy = [widgets.annotator_view([p], replies, rlhf.Annotator(noise=5.0), seed=s)["by_degree"] for s in range(40)]
-    assert 0 < sum(v[d]["wrong"] for v in noisy for d in rlhf.DEGREES) < 40
+    noisy = [widgets.annotator_view([p], replies, preferences.Annotator(noise=5.0), seed=s)["by_degree"] for s in range(40)]
+    assert 0 < sum(v[d]["wrong"] for v in noisy for d in preferences.DEGREES) < 40
     box = widgets.annotator_explorer([p], replies)
     assert "1 pairs" in box.children[-1].value
 
 
 def test_reward_probe_sorts_by_reward_and_judges(tiny_lm):
-    from llama_ref import rlhf
+    from llama_ref import preferences, reward_model
     model, tok = tiny_lm
-    rm = rlhf.RewardModel(model.config, rlhf.reward_model_init(model.config, model.weights, seed=0))
-    p = rlhf.Prompt([{"role": "user", "content": "What does a cow say?"}], "A cow says moo.", None)
-    rows = widgets.reward_probe(rm, tok, p, ["A cow says moo.", "A cow says baa."], judge=rlhf.judge)
+    rm = reward_model.RewardModel(model.config, reward_model.reward_model_init(model.config, model.weights, seed=0))
+    p = preferences.Prompt([{"role": "user", "content": "What does a cow say?"}], "A cow says moo.", None)
+    rows = widgets.reward_probe(rm, tok, p, ["A cow says moo.", "A cow says baa."], judge=preferences.judge)
     assert rows[0]["reward"] >= rows[1]["reward"]
     assert {r["reply"]: r["quality"] for r in rows} == {"A cow says moo.": 4.0, "A cow says baa.": 2.0}
     with pytest.raises(InputError):
         widgets.reward_probe(rm, tok, p, [])
-    assert "reward" in widgets.reward_probe_box(rm, tok, p, rlhf.judge, "A cow says moo.").children[-1].value
+    assert "reward" in widgets.reward_probe_box(rm, tok, p, preferences.judge, "A cow says moo.").children[-1].value
 
 
 def test_ppo_run_view_and_beta_explorer():

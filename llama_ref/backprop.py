@@ -1,4 +1,4 @@
-"""Training, the llm.c way: every layer's forward next to its backward, and AdamW.
+"""Backpropagation, the llm.c way: every layer's forward next to its backward, and AdamW.
 
 Chapter 07 derives each backward, checks one against finite differences and all of them against PyTorch autograd
 (`data/reference/grads_*.npz`, written by scripts/make_reference.py), then trains. The loop that drives these
@@ -291,7 +291,7 @@ def block_backward(config: LlamaConfig, P: dict, i: int, dout, cache, cos, sin, 
 
 def trunk_forward(config: LlamaConfig, P: dict, tokens, rope=None):
     """The final hidden states xn (B, T, C), after the last RMSNorm, for tokens (B, T) at positions 0..T-1, and the
-    caches the backward needs. The language-model head reads xn; so do rlhf.py's reward and value heads."""
+    caches the backward needs. The language-model head reads xn; so do the reward model's score head and PPO's value head."""
     B, T = tokens.shape
     cos, sin = rope if rope is not None else rope_tables(config, T)
     cos, sin = cos[:T], sin[:T]
@@ -350,7 +350,7 @@ def forward_backward_parallel(config: LlamaConfig, P: dict, tokens, targets, mas
     """forward_backward with the batch's rows split across `workers` threads: data parallelism on one machine.
 
     Each part's loss is a mean over its loss tokens, so weighting the parts by their share of those tokens gives what
-    one forward_backward over the whole batch computes, up to float32 summation order (tests/test_train.py). A part
+    one forward_backward over the whole batch computes, up to float32 summation order (tests/test_backprop.py). A part
     whose rows hold no loss token is left out."""
     keep = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)          # (B, T)
     parts = [rows for rows in split_rows(tokens.shape[0], workers) if keep[rows].any()]
