@@ -29,7 +29,7 @@ from .output import check_output
 from .generate import GenerationResult, check_sampling, stream
 from .gguf_io import read_gguf_vocab
 from .llama2c import save_llama2c
-from .loader import find_tokenizer, load, read_checkpoint, tokenizer_source
+from .loader import find_tokenizer, load, read_chat_template, read_checkpoint, tokenizer_source
 from .model import Llama
 from .tokenizer import Tokenizer, proto_from_vocab
 
@@ -302,17 +302,19 @@ def cmd_quantize(args) -> int:
     policy = quant.parse_scheme(args.scheme)
     _check_out(args.out, args.force, "file" if str(args.out).endswith(".gguf") else "dir")
     tok = writer_tokenizer(args)
+    template = read_chat_template(args.model)                         # a chat model's export stays a chat model
     config, weights = read_checkpoint(args.model)
     qweights = quant.quantize_weights(config, weights, args.scheme)
     if str(args.out).endswith(".gguf"):
         if args.scheme not in ("q8_0", "q4_0"):
             raise InputError(f"GGUF has no type for {args.scheme}; write it as a directory (an --out without .gguf) "
                              "or choose --scheme q8_0 / q4_0")
-        gguf_io.save_gguf(args.out, config, qweights, tok, args.scheme, force=args.force)
+        gguf_io.save_gguf(args.out, config, qweights, tok, args.scheme, force=args.force, chat_template=template)
     else:
         if isinstance(tok, gguf_io.GGUFVocab):                       # a .gguf's vocabulary, as a .model's bytes
             tok = proto_from_vocab(*tok)
-        quant.save_quantized(args.out, Llama(config, qweights), args.scheme, tokenizer_path=tok, force=args.force)
+        quant.save_quantized(args.out, Llama(config, qweights), args.scheme, tokenizer_path=tok, force=args.force,
+                             chat_template=template)
     n = sum(math.prod(w.shape) for w in qweights.values())
     held = sum(w.nbytes for w in qweights.values())
     summary = {"out": str(args.out), "scheme": args.scheme, "policy": policy, "bytes": held,
@@ -334,7 +336,8 @@ def cmd_export(args) -> int:
         floats = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
         save_llama2c(args.out, config, floats, force=args.force)        # the old file stays until the new one is whole
     else:
-        gguf_io.save_gguf(args.out, config, weights, tok, args.format.removeprefix("gguf-"), force=args.force)
+        gguf_io.save_gguf(args.out, config, weights, tok, args.format.removeprefix("gguf-"), force=args.force,
+                          chat_template=read_chat_template(args.model))
     print(json.dumps({"out": str(args.out), "format": args.format}) if args.json else f"wrote {args.out} ({args.format})")
     return 0
 
@@ -348,6 +351,7 @@ def export_onnx_formats(args) -> int:
     tok = writer_tokenizer(args)
     if isinstance(tok, gguf_io.GGUFVocab):
         tok = proto_from_vocab(*tok)
+    template = read_chat_template(args.model)
     config, weights = read_checkpoint(args.model)
     if args.format != "onnx":
         onnx_export.check_int4_shapes(config)
@@ -355,12 +359,13 @@ def export_onnx_formats(args) -> int:
     if args.format == "qnn-onnx":
         if tok is None:
             raise InputError("qnn-onnx calibrates its int16 activation scales on text: give --tokenizer")
-        cal = ondevice_onnx.calibration_prompts_for(Tokenizer(None, data=onnx_export.tokenizer_bytes(tok))
-                                                    if isinstance(tok, bytes) else Tokenizer(tok))
+        cal = ondevice_onnx.calibration_prompts_for(Tokenizer(None, data=tok) if isinstance(tok, bytes)
+                                                    else Tokenizer(tok))
         ondevice_onnx.export_qnn_onnx(model, args.out, cal, n_parts=args.parts, prompt_len=args.prompt_len,
-                                      context=args.context, tokenizer=tok, force=args.force)
+                                      context=args.context, tokenizer=tok, force=args.force, chat_template=template)
     else:
-        onnx_export.export_onnx(model, args.out, int4=args.format == "onnx-int4", tokenizer=tok, force=args.force)
+        onnx_export.export_onnx(model, args.out, int4=args.format == "onnx-int4", tokenizer=tok, force=args.force,
+                                chat_template=template)
     files = sorted(p.name for p in Path(args.out).iterdir())
     print(json.dumps({"out": str(args.out), "format": args.format, "files": files}) if args.json
           else f"wrote {args.out} ({args.format}): {', '.join(files)}")

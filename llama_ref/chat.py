@@ -14,7 +14,13 @@ Chapter 08 shows it token by token. Meta's `llama/generation.py` (the spec we fo
     5. a message containing "[INST]", "[/INST]", "<<SYS>>" or "<</SYS>>" is refused (Meta returns an error
        string instead of a generation; we raise ChatFormatError).
 
-Hugging Face's Llama-2-chat Jinja template renders the same string (tests/test_chat.py checks it).
+The same rules as a Jinja chat template (`chat_template()`, `LLAMA2_CHAT_TEMPLATE`): the text Meta's Llama-2-chat
+Hugging Face repositories ship as `chat_template` in tokenizer_config.json, built here from the constants below. It
+travels with every chat model we write (tokenizer_config.json, GGUF `tokenizer.chat_template`), so transformers'
+apply_chat_template, llama-cpp-python and ONNX Runtime GenAI render the prompt this module encodes
+(tests/test_chat.py checks dialogue by dialogue; tests/test_interop.py in the clients themselves). What the template
+does not do: refuse the special tags (rule 5) and a dialogue that is only a system message (it renders ""), and a
+misplaced system message is dropped instead of refused; check_dialog refuses all three.
 
 For training and for the attention analysis every token also gets a *role* ("system", "user", "assistant"
 or "markup": BOS, [INST], [/INST], the <<SYS>> tags) and a *turn* index; the assistant's region is
@@ -83,6 +89,46 @@ def check_dialog(dialog, final: str = "user") -> list[dict]:
         raise ChatFormatError(f"the last message must be from the {final}, got {last!r}"
                               + (" (a prompt asks for the next answer)" if final == "user" else ""))
     return msgs
+
+
+# ------------------------------------------------------------------------------------------------
+# the same rules as a Jinja template (what clients render: transformers, llama.cpp, ONNX Runtime GenAI)
+
+def _jinja_literal(text: str) -> str:
+    """A Python string as a single-quoted Jinja string literal (a newline written as backslash + n, as Meta's)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template() -> str:
+    """Rules 1-4 above as one Jinja template, character for character the `chat_template` of Meta's Llama-2-chat
+    HF repositories (meta-llama/Llama-2-7b-chat-hf tokenizer_config.json; its " '  + " double space included, so
+    tools that recognise the template by its text, like llama.cpp's llm_chat_detect_template, recognise ours).
+
+    Rendered with bos_token "<s>" and eos_token "</s>" it gives, per finished turn, "<s>[INST] {user} [/INST]
+    {answer} </s>" and for the last user turn "<s>[INST] {user} [/INST]"; a client that turns <s>/</s> into the
+    BOS/EOS ids and encodes each text run between them on its own gets format_dialog's ids."""
+    b_sys, e_sys = _jinja_literal(B_SYS), _jinja_literal(E_SYS)
+    b_inst, e_inst = _jinja_literal(B_INST + " "), _jinja_literal(" " + E_INST)
+    return (
+        # rule 1: a first system message is set aside, to be merged into the first user message
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}"
+        "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+        "{% for message in loop_messages %}"
+        # rule 2: user, assistant, user, ...
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        f"{{% set content = {b_sys} + system_message + {e_sys} + message['content'] %}}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        # rules 3-4: BOS + "[INST] {user} [/INST]", then " {answer} " + EOS for a finished turn
+        f"{{% if message['role'] == 'user' %}}{{{{ bos_token + {b_inst} + content.strip() + {e_inst} }}}}"
+        "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+
+
+LLAMA2_CHAT_TEMPLATE = chat_template()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, TokenizerError
 from .output import _fsync_dir, check_output, publish, temp_dir_beside, write_text
+from .model_files import COMPANION_FILES, companion_files
 from .safetensors import _is_int, _write_safetensors, read_safetensors
 from .weights import check_finite_array, check_weights, is_ignored, weight_shapes
 
@@ -39,8 +40,6 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-GENERATION_CONFIG_NAME = "generation_config.json"
-TOKENIZER_NAME = "tokenizer.model"
 
 
 # ================================================================================================
@@ -139,13 +138,15 @@ def _to_model_dtype(a):
 
 
 def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, max_shard_bytes=None,
-               extra_files=None, extra_tensors=None, config_extra=None):
+               extra_files=None, extra_tensors=None, config_extra=None, chat_template=None):
     """Write an HF model directory that llama_ref and transformers' LlamaForCausalLM.from_pretrained both load.
 
-    Writes config.json, generation_config.json (bos/eos), model.safetensors in float32 (or, with max_shard_bytes,
-    model-0000i-of-0000n.safetensors shards of at most that many bytes each plus model.safetensors.index.json;
-    a tensor larger than the limit gets a shard of its own), tokenizer.model copied from tokenizer_path, and
-    extra_files {file name: str | bytes | path to copy}. The weights are checked against the config first.
+    Writes config.json, model.safetensors in float32 (or, with max_shard_bytes, model-0000i-of-0000n.safetensors
+    shards of at most that many bytes each plus model.safetensors.index.json; a tensor larger than the limit gets a
+    shard of its own), what travels with a model (model_files.companion_files: generation_config.json and, with
+    tokenizer_path, tokenizer.model + tokenizer.json + tokenizer_config.json; a chat model, chat_template=
+    chat.LLAMA2_CHAT_TEMPLATE, gets the template and Meta's chat sampling defaults), and extra_files {file name:
+    str | bytes | path to copy}. The weights, the tokenizer and the template are checked before anything is written.
     extra_tensors {name: array} go into the weight file beside the model's (a reward model's `score.weight`), and
     config_extra {key: value} into config.json (its `architectures`); loaders of a causal LM refuse such a directory.
 
@@ -167,7 +168,7 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
     if max_shard_bytes is not None and (not _is_int(max_shard_bytes) or max_shard_bytes <= 0):
         raise CheckpointError(f"max_shard_bytes={max_shard_bytes!r} must be a positive number of bytes")
     extra_files = dict(extra_files or {})
-    ours = {CONFIG_NAME, GENERATION_CONFIG_NAME, SAFETENSORS_NAME, INDEX_NAME, TOKENIZER_NAME}
+    ours = {CONFIG_NAME, SAFETENSORS_NAME, INDEX_NAME, *COMPANION_FILES}
     for name in extra_files:
         if Path(name).name != name or name in ours or SHARD_PATTERN.match(name) or name.startswith("."):
             raise CheckpointError(f"extra file name {name!r} must be a plain file name that is not one save_model "
@@ -175,16 +176,15 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise TokenizerError(f"tokenizer {tokenizer_path} does not exist; pass the tokenizer.model the model was "
                              "trained with, or tokenizer_path=None")
+    companions = companion_files(config, tokenizer_path, chat_template)
 
     check_output(path, force=True, kind="dir")
     with temp_dir_beside(path) as tmp:
         tensors = {n: weights[n] for n in weight_shapes(config)}              # HF order, lm_head only if untied
         tensors.update(extra_tensors or {})
         weight_files = _write_weights(tmp, tensors, max_shard_bytes)
-        gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
-        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+        for name, content in companions.items():
+            (tmp / name).write_bytes(content)
         for name, content in extra_files.items():
             if isinstance(content, str):
                 (tmp / name).write_text(content)

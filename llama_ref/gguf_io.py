@@ -33,6 +33,7 @@ from .config import LlamaConfig, config_from_fields, parse_rope_scaling
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_file, check_output
 from .weights import GGUF, HF, check_weights, rename
+from .model_files import check_chat_template
 from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32
 from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf
 from .tokenizer import _load_sentencepiece
@@ -120,6 +121,12 @@ def read_gguf_vocab(path) -> GGUFVocab | None:
                       int(_field(r, "tokenizer.ggml.unknown_token_id", 0))))
 
 
+def read_chat_template(path) -> str | None:
+    """The chat template a GGUF carries (tokenizer.chat_template), or None."""
+    template = _field(_open_gguf(path), "tokenizer.chat_template")
+    return template if isinstance(template, str) and template else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Writing
 
@@ -152,13 +159,15 @@ def _gguf_tensors(config: LlamaConfig, weights: dict, file_type: str):
 
 
 def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type="q8_0", force=False,
-              name="llama_ref model") -> Path:
+              name="llama_ref model", chat_template=None) -> Path:
     """Write a Llama GGUF file (file_type f32 | f16 | q8_0 | q4_0), atomically (temp file + rename).
 
     weights: an HF-named dict (float arrays and/or quant matrices) or a Llama. Quantized q8_0/q4_0 matrices that
     already have the file's format are written byte for byte; float tensors are quantized here.
     tokenizer_path: the SentencePiece .model (llama.cpp needs the vocabulary; without it the file is written
     with a warning and only our loader can run it), or a GGUFVocab read from another GGUF (read_gguf_vocab).
+    chat_template: a chat model's Jinja template (chat.LLAMA2_CHAT_TEMPLATE), written as tokenizer.chat_template,
+    which llama.cpp and llama-cpp-python render; checked before anything is written.
     """
     if isinstance(weights, Llama):
         weights = weights.weights
@@ -176,6 +185,8 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     if too_big:
         raise CheckpointError(f"GGUF stores llama.{next(iter(too_big))} as a 32-bit number and "
                               f"{next(iter(too_big.values())):,} does not fit; lower it in the config before exporting")
+    if chat_template is not None:
+        check_chat_template(chat_template)
     tensors = _gguf_tensors(config, weights, file_type)
     vocab = None
     if tokenizer_path is not None:
@@ -186,15 +197,17 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     else:
         warnings.warn("GGUF written without a tokenizer: llama.cpp will refuse it; pass tokenizer_path")
     with atomic_file(path, force=force) as tmp:
-        _write_gguf(tmp, config, tensors, vocab, file_type, name)
+        _write_gguf(tmp, config, tensors, vocab, file_type, name, chat_template)
     return path
 
 
-def _write_gguf(tmp, config, tensors, vocab, file_type, name):
+def _write_gguf(tmp, config, tensors, vocab, file_type, name, chat_template=None):
     """The GGUF itself, written by gguf-py's GGUFWriter to `tmp` (save_gguf renames it into place)."""
     import gguf
     w = gguf.GGUFWriter(str(tmp), "llama")
     add_llama_metadata(w, config, FILE_TYPES[file_type], vocab, name, quantized=file_type in ("q8_0", "q4_0"))
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for gname, arr, raw in tensors:
         w.add_tensor(gname, arr, raw_dtype=raw)
     try:

@@ -29,6 +29,7 @@ Quantized weights are never packed: a Q4_K model runs as Q4_K ("as stored", with
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .checkpoint import INDEX_NAME, load_hf_dir
@@ -36,8 +37,11 @@ from .llama2c import load_llama2c
 from .config import LlamaConfig
 from .errors import CheckpointError, TokenizerError
 from .memory import plan_memory
+from .model_files import TOKENIZER_CONFIG
 from .model import Llama
 from . import gguf_io, paths, quant, tokenizer
+
+MAX_TOKENIZER_CONFIG_BYTES = 64 * 2 ** 20   # Meta's is 1.6 KB; ones listing thousands of added tokens reach MBs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,6 +128,30 @@ def find_tokenizer(model_path=None, tokenizer_path=None, impl="sentencepiece"):
     if src.suffix == ".gguf":
         return gguf_tokenizer(src, impl, required=tokenizer_path is not None)
     return tokenizer.Tokenizer(src, impl=impl)
+
+
+def read_chat_template(model_path=None) -> str | None:
+    """The chat template a model carries, None for a model without one: `chat_template` of the tokenizer_config.json
+    beside an HF or quantized directory, `tokenizer.chat_template` inside a .gguf. What an export of it passes on."""
+    model_path = Path(model_path) if model_path is not None else paths.DEFAULT_MODEL
+    if model_path.is_file() and model_path.suffix == ".gguf":
+        return gguf_io.read_chat_template(model_path)
+    file = model_path / TOKENIZER_CONFIG
+    if not model_path.is_dir() or not file.exists():
+        return None
+    if not file.is_file() or file.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
+        raise TokenizerError(f"{file} is not a regular file of at most {MAX_TOKENIZER_CONFIG_BYTES >> 20} MiB; "
+                             "remove it or copy the model's own tokenizer_config.json")
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise TokenizerError(f"{file} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); remove it or copy the "
+                             "model's own tokenizer_config.json") from None
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{file}: chat_template is a {type(template).__name__}; llama_ref passes on one Jinja "
+                             "string (a list of named templates is not supported): keep the default one")
+    return template or None
 
 
 def gguf_tokenizer(path, impl="sentencepiece", required=True):

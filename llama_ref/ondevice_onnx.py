@@ -38,8 +38,8 @@ from .errors import CheckpointError, InputError
 from .output import atomic_dir, check_output
 from .model import Llama
 from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate, split_layers
-from .onnx_export import (Graph, check_int4_shapes, check_static_rope, require_onnx, rope, session, swiglu,
-                          tokenizer_bytes)
+from .model_files import companion_files
+from .onnx_export import Graph, check_int4_shapes, check_static_rope, hf_config, require_onnx, rope, session, swiglu
 from .quant import Int8Matrix, W4Matrix, quantize_model, unpack_w4
 from .weights import MODEL_TENSORS, layer_names
 
@@ -198,9 +198,10 @@ def calibration_prompts_for(tokenizer, texts=CALIBRATION_TEXTS, max_len=None) ->
 
 
 def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_len=None, context=None,
-                    tokenizer=None, force=False) -> Path:
+                    tokenizer=None, force=False, chat_template=None) -> Path:
     """Write out/: part{p}_prompt.onnx and part{p}_token.onnx for every part, ondevice.json (shapes, parts, activation
-    scales) and, with a tokenizer, tokenizer.model. calibration_prompts: lists of ids (calibration_prompts_for).
+    scales), config.json and what travels with a model (model_files.companion_files: with a tokenizer its files, the
+    chat template of a chat model). calibration_prompts: lists of ids (calibration_prompts_for).
     Atomic: an existing directory is replaced whole, and only with force."""
     onnx = require_onnx()
     cfg = model.config
@@ -211,6 +212,7 @@ def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_le
     if prompt_len > context:
         raise InputError(f"prompt length {prompt_len} exceeds the context {context}")
     check_int4_shapes(cfg)
+    companions = companion_files(cfg, tokenizer, chat_template)
     qmodel = quantized_for_device(model)
     scales = calibrate(qmodel, calibration_prompts)
     graphs = {}
@@ -224,8 +226,9 @@ def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_le
         for name, proto in graphs.items():
             onnx.save_model(proto, str(tmp / name))
         (tmp / "ondevice.json").write_text(json.dumps(manifest, indent=1))
-        if tokenizer is not None:
-            (tmp / "tokenizer.model").write_bytes(tokenizer_bytes(tokenizer))
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        for name, content in companions.items():
+            (tmp / name).write_bytes(content)
     return Path(out)
 
 

@@ -14,8 +14,10 @@ block 32: the op its CPU and DirectML paths use for int4 LLM weights), holding e
 fp16-rounded scales, so `int4_reference(model)` (our NumPy W4 path) computes the same function. The embedding and
 the classifier stay float32 in both.
 
-`export_onnx` writes a directory: model.onnx, its weights as external data (model.onnx.data), genai_config.json and
-the tokenizer files, so onnxruntime_genai.Model(dir) runs it. Needs the `[onnx]` extra (onnx, onnxruntime,
+`export_onnx` writes a directory: model.onnx, its weights as external data (model.onnx.data), genai_config.json,
+config.json and what travels with a model (model_files.companion_files: the tokenizer files, generation_config.json and,
+for a chat model, the chat template), so onnxruntime_genai.Model(dir) and Optimum's
+ORTModelForCausalLM.from_pretrained(dir) run it as it is. Needs the `[onnx]` extra (onnx, onnxruntime,
 onnxruntime-genai); the rest of the package never imports them.
 """
 from __future__ import annotations
@@ -29,8 +31,8 @@ from .config import LlamaConfig
 from .errors import ExtraMissingError, InputError, QuantizationError
 from .output import atomic_dir, check_output
 from .model import Llama, rope_tables
+from .model_files import companion_files
 from .quant import W4Matrix
-from .tokenizer import hf_tokenizer_json
 from .weights import MODEL_TENSORS, layer_names, tensor_shape
 
 F32 = np.float32
@@ -298,40 +300,32 @@ def genai_config(cfg: LlamaConfig, max_length: int) -> dict:
     }
 
 
-def tokenizer_files(cfg: LlamaConfig, model_bytes: bytes) -> dict[str, bytes]:
-    """The files ONNX Runtime GenAI's tokenizer reads, as bytes: Hugging Face's tokenizer.json
-    (tokenizer.hf_tokenizer_json), a tokenizer config naming a Llama tokenizer that adds BOS, not EOS, and the
-    SentencePiece model itself."""
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-              "legacy": True, "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
-    return {"tokenizer.model": model_bytes,
-            "tokenizer.json": json.dumps(hf_tokenizer_json("tokenizer.model", model_bytes), ensure_ascii=False).encode(),
-            "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+def hf_config(cfg: LlamaConfig) -> dict:
+    """config.json of an export: the model's HF config (LlamaForCausalLM, model_type llama), which Optimum reads to
+    know the library and the cache layout."""
+    return cfg.to_hf()
 
 
-def tokenizer_bytes(tokenizer) -> bytes | None:
-    """A tokenizer given as a .model path or as its bytes -> the bytes (None stays None)."""
-    return None if tokenizer is None else tokenizer if isinstance(tokenizer, bytes) else Path(tokenizer).read_bytes()
-
-
-def export_onnx(model: Llama, out, int4=False, tokenizer=None, force=False, max_length=None) -> Path:
-    """Write `out/`: model.onnx + model.onnx.data, genai_config.json and (with a tokenizer: a .model path or its
-    bytes) the tokenizer files, atomically: an existing directory is replaced only when the new one is whole (and
-    only with force)."""
+def export_onnx(model: Llama, out, int4=False, tokenizer=None, force=False, max_length=None,
+                chat_template=None) -> Path:
+    """Write `out/`: model.onnx + model.onnx.data, genai_config.json, config.json and what travels with a model
+    (model_files.companion_files: generation_config.json and, with a tokenizer (a .model path or its bytes), the
+    tokenizer files; chat_template for a chat model), atomically: an existing directory is replaced only when the new
+    one is whole (and only with force)."""
     onnx = require_onnx()
     out = check_output(out, force=force, kind="dir")
     if int4:
         check_int4_shapes(model.config)                            # before anything is built or written
+    companions = companion_files(model.config, tokenizer, chat_template)
     proto = decoder_graph(model, int4=int4)
     max_length = max_length or model.config.max_seq_len
     with atomic_dir(out, force=force) as tmp:
         onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model.config, max_length), indent=2))
-        if tokenizer is not None:
-            for name, content in tokenizer_files(model.config, tokenizer_bytes(tokenizer)).items():
-                (tmp / name).write_bytes(content)
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+        for name, content in companions.items():
+            (tmp / name).write_bytes(content)
     return Path(out)
 
 

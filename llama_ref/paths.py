@@ -19,3 +19,4 @@ CHAT_GATT_MODEL = MODELS_DIR / "tinyworld-gatt"      # SFT + Ghost Attention
 REWARD_MODEL = MODELS_DIR / "tinyworld-rm"           # the reward model of chapter 09
 RLHF_MODEL = MODELS_DIR / "tinyworld-rlhf"           # SFT + rejection sampling + PPO
 REFERENCE_DIR = DATA_DIR / "reference"
+CHAT_MODELS = (CHAT_BASELINE_MODEL, CHAT_GATT_MODEL, RLHF_MODEL)   # the shipped models that chat (they carry a template)

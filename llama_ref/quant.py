@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_dir, check_output
 from .matrices import StoredMatrix
 from .model import Llama, _as_f32
+from .model_files import companion_files
 from .weights import check_layer_count, check_weights, short_name, weight_shapes
 
 F32 = np.float32
@@ -574,10 +574,12 @@ def held_nbytes(model: Llama) -> int:
 QUANT_FORMAT = "llama_ref-quant-v1"
 
 
-def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=False) -> Path:
-    """Write a quantized model as a directory (format above); atomic: built in a temp dir, then renamed."""
+def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=False, chat_template=None) -> Path:
+    """Write a quantized model as a directory (format above) with what travels with a model (tokenizer files, the
+    chat template of a chat model: model_files.companion_files); atomic: built in a temp dir, then renamed."""
     from safetensors.numpy import save_file
     path = check_output(path, force=force, kind="dir")
+    companions = companion_files(model.config, tokenizer_path, chat_template)     # checked before any work
     tensors, kinds = {}, {}
     for name, w in model.weights.items():
         if isinstance(w, QuantizedMatrix):
@@ -592,10 +594,8 @@ def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=F
     with atomic_dir(path, force=force) as tmp:                             # the old directory stays until the end
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": QUANT_FORMAT, "scheme": scheme})
-        if isinstance(tokenizer_path, bytes):                               # a vocabulary taken from a GGUF
-            (tmp / "tokenizer.model").write_bytes(tokenizer_path)
-        elif tokenizer_path:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        for name, content in companions.items():
+            (tmp / name).write_bytes(content)
     return path
 
 

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from llama_ref import gatt, paths                                    # noqa: E402
+from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                      # noqa: E402
 from llama_ref.checkpoint import save_model
 from llama_ref.loader import read_checkpoint              # noqa: E402
 from llama_ref.config import LlamaConfig                             # noqa: E402
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
                                         args.seed, 0.35 * budget, "sft")
         sft_metrics.update({"stage": "baseline SFT", "n_examples": len(sft_data), "time_s": time.time() - t0,
                             "from": "tiny random" if args.tiny else _shown_path(args.base)})
-        save_model(base_dir, config, weights, tokenizer_path=tok_path)
+        save_model(base_dir, config, weights, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE)
         write_json(base_dir / "metrics.json", sft_metrics)
         log(f"baseline saved to {base_dir}")
     baseline = Llama(config, weights)
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
                                           args.gatt_lr, args.seed + 1, max(60.0, 0.6 * remaining), "gatt")
     gatt_metrics.update({"stage": "GAtt fine-tune from the baseline", "n_gatt_examples": len(examples),
                          "n_sft_mixed": len(mix), "time_s": time.time() - t0, "sampling": sampling})
-    save_model(gatt_dir, config, gatt_weights, tokenizer_path=tok_path)
+    save_model(gatt_dir, config, gatt_weights, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE)
     write_json(gatt_dir / "metrics.json", gatt_metrics)
     write_json(gatt_dir / "gatt_samples.json",
                [{"instruction": s.instruction.text, "dialog": s.dialog, "n_tries": s.n_tries,

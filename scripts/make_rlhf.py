@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from llama_ref import gatt, paths, ppo, preferences, reward_model, rlhf, trainer    # noqa: E402
+from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                                  # noqa: E402
 from llama_ref.checkpoint import save_model                                       # noqa: E402
 from llama_ref.errors import LlamaRefError                                        # noqa: E402
 from llama_ref.output import write_text                                            # noqa: E402
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
     preferences.write_preferences(rm_dir / "preferences_train.jsonl", prefs)
     preferences.write_preferences(rm_dir / "preferences_heldout.jsonl", heldout)
     write_json(rm_dir / "metrics.json", rm_metrics)
-    save_model(rlhf_dir, config, policy, tokenizer_path=tok_path)
+    save_model(rlhf_dir, config, policy, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE)
     write_json(rlhf_dir / "metrics.json", {"rejection_sampling": rs_metrics, "ppo": runs[0]})
     out = {"rm_accuracy_by_degree": rm_acc, "rm_pairs": len(heldout), "best_of_n": best_of_n, "policies": policies,
            "unseen_answer_accuracy": unseen_acc, "ppo_runs": runs, "examples": examples_out,

@@ -4,7 +4,8 @@ and the `chat` CLI (format-only, JSON dialogue on stdin).
 Expected ids are NOT computed with chat.py: each test writes the literal strings Meta's chat_completion encodes
 (one per turn) and encodes them with the sentencepiece library directly (BOS/EOS added by id). A second,
 independent check renders the same dialogues with the Llama-2-chat Jinja template (the chat_template string
-of meta-llama/Llama-2-*-chat-hf, copied below) and tokenizes the rendering.
+of meta-llama/Llama-2-*-chat-hf, copied below) and tokenizes the rendering; chat.LLAMA2_CHAT_TEMPLATE, which our
+writers put into every chat model, must be that string character for character.
 """
 import json
 import re
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from llama_ref.chat import ASSISTANT, MARKUP, SYSTEM, USER, encode_dialog, fit_dialog, format_dialog, reply
+from llama_ref.chat import (ASSISTANT, LLAMA2_CHAT_TEMPLATE, MARKUP, SYSTEM, USER, encode_dialog, fit_dialog,
+                            format_dialog, reply)
 from llama_ref.errors import ChatFormatError, ContextLengthError
 from llama_ref.paths import DEFAULT_TOKENIZER
 from llama_ref.tokenizer import Tokenizer
@@ -95,8 +97,8 @@ def test_pinned_ids_literal(tok):
     assert [SP.id_to_piece(i) for i in ids[-4:]] == ["?", "\u2581[/", "INST", "]"]
 
 
-# HF's Llama-2-chat template (tokenizer_config.json "chat_template" of meta-llama/Llama-2-7b-chat-hf)
-LLAMA2_CHAT_TEMPLATE = (
+# HF's Llama-2-chat template (tokenizer_config.json "chat_template" of meta-llama/Llama-2-7b-chat-hf), verbatim
+META_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
     "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
@@ -111,9 +113,8 @@ LLAMA2_CHAT_TEMPLATE = (
 )
 
 
-def hf_template_ids(dialog):
-    """Render with the Jinja template (as transformers does: sandboxed, trim/lstrip blocks), then tokenize:
-    <s>/</s> become BOS/EOS ids, each text run between them is encoded by sentencepiece on its own."""
+def render(dialog, template=META_TEMPLATE):
+    """Render with the Jinja template as transformers does (sandboxed, trim/lstrip blocks, raise_exception)."""
     pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -121,7 +122,14 @@ def hf_template_ids(dialog):
         raise ValueError(msg)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    text = env.from_string(LLAMA2_CHAT_TEMPLATE).render(messages=dialog, bos_token="<s>", eos_token="</s>")
+    return env.from_string(template).render(messages=dialog, bos_token="<s>", eos_token="</s>",
+                                            add_generation_prompt=True)
+
+
+def hf_template_ids(dialog, template=META_TEMPLATE):
+    """Render, then tokenize: <s>/</s> become BOS/EOS ids, each text run between them is encoded by sentencepiece on
+    its own (what transformers, llama.cpp and GenAI do with special tokens in the text)."""
+    text = render(dialog, template)
     ids = []
     for part in re.split(r"(<s>|</s>)", text):
         if part == "<s>":
@@ -133,9 +141,54 @@ def hf_template_ids(dialog):
     return ids
 
 
-@pytest.mark.parametrize("dialog,turns", META_EXAMPLES + OUR_EXAMPLES)
-def test_hf_chat_template_agrees(dialog, turns, tok):
-    assert hf_template_ids(dialog) == format_dialog(dialog, tok)
+def test_our_template_is_metas_character_for_character():
+    assert LLAMA2_CHAT_TEMPLATE == META_TEMPLATE
+
+
+EDGE_DIALOGUES = [
+    [{"role": "user", "content": ""}],                                         # an empty message
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}],   # an empty system message is still one
+    [{"role": "system", "content": "\n"}, {"role": "user", "content": " \n"}],
+    [{"role": "user", "content": "Réponds en français 😀."}, {"role": "assistant", "content": "Mia est à la plage 🏖."},
+     {"role": "user", "content": "Merci"}],                                    # byte fallback, accents
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": "It's 'quoted' and {{ braced }} {% raw %}"}],   # Jinja syntax in content is text
+]
+
+
+@pytest.mark.parametrize("template", [META_TEMPLATE, LLAMA2_CHAT_TEMPLATE], ids=["meta", "ours"])
+@pytest.mark.parametrize("dialog", [d for d, _ in META_EXAMPLES + OUR_EXAMPLES] + EDGE_DIALOGUES)
+def test_hf_chat_template_agrees(dialog, template, tok):
+    assert hf_template_ids(dialog, template) == format_dialog(dialog, tok)
+
+
+@pytest.mark.parametrize("dialog", [OUR_EXAMPLES[0][0][:5], OUR_EXAMPLES[1][0][:3], EDGE_DIALOGUES[4][:2]])
+def test_hf_chat_template_agrees_on_finished_dialogues(dialog, tok):
+    """A trailing assistant turn (training data): the template closes it with " {answer} </s>", as encode_dialog."""
+    assert hf_template_ids(dialog, LLAMA2_CHAT_TEMPLATE) == encode_dialog(dialog, tok, final="assistant").ids
+
+
+def test_what_the_template_does_with_dialogues_we_refuse(tok):
+    """check_dialog refuses these; the template (a client's) renders something or raises. Each case is pinned so a
+    change in either side shows up."""
+    for dialog, match in [([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternating"),
+                          ([{"role": "assistant", "content": "hi"}], "alternating")]:
+        with pytest.raises(ChatFormatError, match=match):
+            format_dialog(dialog, tok)
+        with pytest.raises(ValueError, match="must alternate"):
+            render(dialog, LLAMA2_CHAT_TEMPLATE)
+    # special tags in content: Meta's chat_completion refuses, the template renders them as text
+    tagged = [{"role": "user", "content": "tell me [INST] more"}]
+    with pytest.raises(ChatFormatError, match="special tag"):
+        format_dialog(tagged, tok)
+    assert render(tagged, LLAMA2_CHAT_TEMPLATE) == "<s>[INST] tell me [INST] more [/INST]"
+    # only a system message: the template renders nothing
+    assert render([{"role": "system", "content": "x"}], LLAMA2_CHAT_TEMPLATE) == ""
+    # a system message that is not first: the template drops it silently
+    late = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]
+    with pytest.raises(ChatFormatError, match="alternating"):
+        format_dialog(late, tok)
+    assert render(late, LLAMA2_CHAT_TEMPLATE) == "<s>[INST] a [/INST]<s>[INST] c [/INST]"
 
 
 def test_finished_dialogue_for_training(tok):

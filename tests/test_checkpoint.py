@@ -12,14 +12,15 @@ import pytest
 
 from llama_ref import checkpoint as ck
 from llama_ref import weights as weights_mod
-from llama_ref import loader
+from llama_ref import loader, paths
 from llama_ref.checkpoint import check_weights, save_model
 from llama_ref.llama2c import save_llama2c
 from llama_ref.safetensors import read_safetensors, read_safetensors_header, save_safetensors
 from llama_ref.loader import read_checkpoint
 from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
 from llama_ref.config import LlamaConfig
-from llama_ref.errors import CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError
+from llama_ref.errors import (CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError,
+                              TokenizerError)
 from llama_ref.model import permute_qk_hf_to_meta
 from llama_ref.weights import weight_shapes
 from conftest import random_weights  # noqa: E402
@@ -154,11 +155,17 @@ def test_save_model_refuses_bad_input(tmp_path):
         save_model(tmp_path / "x", GQA, w, tokenizer_path=tmp_path / "missing.model")
 
 
-def test_tokenizer_is_copied(tmp_path):
-    tok = tmp_path / "t.model"
-    tok.write_bytes(b"\x00sentencepiece bytes\xff")
-    save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0), tokenizer_path=tok)
-    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == tok.read_bytes()
+def test_tokenizer_is_copied_and_checked_first(tmp_path):
+    cfg = GQA.replace(vocab_size=1024)                               # the size of data/tokenizer's model
+    save_model(tmp_path / "m", cfg, random_weights(cfg, scale=1.0), tokenizer_path=paths.DEFAULT_TOKENIZER)
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == paths.DEFAULT_TOKENIZER.read_bytes()
+    bad = tmp_path / "t.model"
+    bad.write_bytes(b"\x00sentencepiece bytes\xff")
+    with pytest.raises(TokenizerError, match="not a valid SentencePiece"):
+        save_model(tmp_path / "n", cfg, random_weights(cfg, scale=1.0), tokenizer_path=bad)
+    with pytest.raises(TokenizerError, match="1024 pieces but the model's vocab_size is 40"):
+        save_model(tmp_path / "n", GQA, random_weights(GQA, scale=1.0), tokenizer_path=paths.DEFAULT_TOKENIZER)
+    assert not (tmp_path / "n").exists()
 
 
 # ------------------------------------------------------------------------------------------------
