@@ -19,7 +19,7 @@ from llama_ref import model_files, paths                                      # 
 from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                                # noqa: E402
 from llama_ref.config import LlamaConfig                                       # noqa: E402
 from llama_ref.errors import LlamaRefError                                     # noqa: E402
-from llama_ref.files import atomic_file                                        # noqa: E402
+from llama_ref.output import atomic_file                                       # noqa: E402
 
 
 def write_model_files(model_dir: Path) -> list[str]:
