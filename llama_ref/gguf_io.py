@@ -346,11 +346,20 @@ def _open_gguf(path):
                               "truncated or corrupt: re-download or re-export it") from None
 
 
+# Where each block type keeps its fp16 scales (byte offsets inside one block), from ggml-common.h's block structs: the
+# only bytes of a block that can make its values inf/NaN (the rest are integer codes and grid indices).
+FP16_SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
+               "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,),
+               "TQ1_0": (52,), "TQ2_0": (64,)}
+
+
 class GGUFMatrix(quant.QuantizedMatrix):
     """A GGUF tensor of any block type, as stored: raw rows (out, bytes per row), expanded by the type's decoder.
 
-    Q4_K and Q6_K (llama.cpp's Q4_K_M mix) use quant.py's vectorised decoders; every other type gguf-py's NumPy ones
-    (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, the IQ types, ...)."""
+    Q4_K and Q6_K (llama.cpp's Q4_K_M mix) use quant.py's vectorised decoders, and Q4_K multiplies by block dot
+    products (quant.q4_k_dots); every other type gguf-py's NumPy decoders (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, the IQ
+    types, ...)."""
 
     act_quant = None                      # "q8_k": round activations as llama.cpp does (quant.set_integer_dot)
 
@@ -362,13 +371,36 @@ class GGUFMatrix(quant.QuantizedMatrix):
         return quant.fake_quantize_q8_k(x) if self.act_quant == "q8_k" else np.asarray(x, F32)
 
     def _dequantize_rows(self, rows):
-        raw = self.data[rows]
+        return self._decode(self.data[rows])
+
+    def _expand(self, rows, out):
+        return self._decode(self.data[rows], out)
+
+    def _decode(self, raw, out=None):
         decode = _OUR_DECODERS.get(self.ggml_type.name)
         if decode is not None:
-            return decode(raw)
+            return decode(raw, out)
         from gguf.quants import dequantize
         with np.errstate(all="ignore"):                    # inf/NaN scales are reported by the finiteness check
-            return dequantize(raw, self.ggml_type).reshape(*raw.shape[:-1], self.shape[1])
+            w = dequantize(raw, self.ggml_type).reshape(*raw.shape[:-1], self.shape[1])
+        if out is None:
+            return w
+        out[...] = w
+        return out
+
+    def _tile(self, x, rows, out, s):
+        dots = _BLOCK_DOTS.get(self.ggml_type.name)
+        if dots is not None and x.shape[0] <= quant.BLOCK_DOT_TOKENS:
+            return dots(self.data[rows], x, out, s)
+        return super()._tile(x, rows, out, s)
+
+    def first_nonfinite(self):
+        offsets = FP16_SCALES.get(self.ggml_type.name)
+        if offsets is None:                                # a type whose float parts are not simple fp16 fields
+            return super().first_nonfinite()
+        from gguf.constants import GGML_QUANT_SIZES
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        return quant.first_bad_scale(self.data, size, offsets, block)
 
     def arrays(self):
         return {"blocks": self.data}
@@ -376,6 +408,7 @@ class GGUFMatrix(quant.QuantizedMatrix):
 
 _OUR_DECODERS = {"Q4_K": quant.dequantize_q4_k, "Q6_K": quant.dequantize_q6_k,
                  "Q8_0": quant.dequantize_q8_0, "Q4_0": quant.dequantize_q4_0}
+_BLOCK_DOTS = {"Q4_K": quant.q4_k_dots, "Q8_0": quant.q8_0_dots, "Q4_0": quant.q4_0_dots}
 
 
 def gguf_type_readable(ggml_type) -> bool:

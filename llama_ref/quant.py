@@ -31,7 +31,7 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_dir, check_output
-from .matrices import StoredMatrix
+from .matrices import Scratch, StoredMatrix, f16_to_f32, first_nonfinite, product
 from .model import Llama, _as_f32
 from .model_files import companion_files
 from .weights import check_layer_count, check_weights, short_name, weight_shapes
@@ -108,19 +108,30 @@ def quantize_q8_0(x):
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * Q8_0_BLOCK_BYTES)
 
 
+Q8_0_BLOCK = np.dtype([("d", "<f2"), ("q", "i1", QK)])         # ggml's block_q8_0: the same 34 bytes, named
+
+
+def blocks_of(data, block):
+    """Raw block bytes (..., nb * block size) uint8 viewed as (..., nb) records of a block dtype (Q8_0_BLOCK, ...):
+    each field (b["d"], b["q"]) is then a view of the bytes, no copy."""
+    data = np.asarray(data, np.uint8)
+    if data.ndim and data.strides[-1] != 1:
+        data = np.ascontiguousarray(data)
+    return data.view(block)
+
+
 def q8_0_split(data):
     """Q8_0 bytes (..., nb*34) -> (d float32 (..., nb, 1), q int8 (..., nb, 32))."""
-    b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q8_0_BLOCK_BYTES)
-    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)  # (..., nb, 1)
-    return d, b[..., 2:].view(np.int8)                                  # (..., nb, 32), a view of the bytes
+    b = blocks_of(data, Q8_0_BLOCK)
+    return f16_to_f32(b["d"])[..., None], b["q"]
 
 
-def dequantize_q8_0(data):
-    """Q8_0 bytes (..., nb*34) -> float32 (..., nb*32): w = d * q (one pass, straight into the output)."""
-    d, q = q8_0_split(data)
-    out = np.empty(q.shape, F32)
-    np.multiply(q, d, out=out)
-    return out.reshape(*data.shape[:-1], -1)
+def dequantize_q8_0(data, out=None):
+    """Q8_0 bytes (..., nb*34) -> float32 (..., nb*32): w = d * q (one pass, straight into `out` if given)."""
+    b = blocks_of(data, Q8_0_BLOCK)                                     # (..., nb)
+    out = np.empty((*b.shape, QK), F32) if out is None else out.reshape(*b.shape, QK)
+    np.multiply(b["q"], f16_to_f32(b["d"])[..., None], out=out)
+    return out.reshape(*b.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,24 +156,26 @@ def quantize_q4_0(x):
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * Q4_0_BLOCK_BYTES)
 
 
+Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", QK // 2)])    # ggml's block_q4_0: 18 bytes
+
+
 def q4_0_split(data):
     """Q4_0 bytes (..., nb*18) -> (d float32 (..., nb, 1), q int8 (..., nb, 32) in [-8, 7])."""
-    b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q4_0_BLOCK_BYTES)
-    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)
-    nib = b[..., 2:]
+    b = blocks_of(data, Q4_0_BLOCK)
+    nib = b["qs"]
     q = np.concatenate([nib & np.uint8(0x0F), nib >> np.uint8(4)], axis=-1).view(np.int8) - np.int8(8)
-    return d, q
+    return f16_to_f32(b["d"])[..., None], q
 
 
-def dequantize_q4_0(data):
+def dequantize_q4_0(data, out=None):
     """Q4_0 bytes (..., nb*18) -> float32 (..., nb*32): w = d * (q - 8), each half of a block written in place."""
-    b = np.asarray(data, np.uint8).reshape(*data.shape[:-1], -1, Q4_0_BLOCK_BYTES)
-    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(F32)  # (..., nb, 1)
-    nib = b[..., 2:]                                                    # (..., nb, 16)
-    out = np.empty((*b.shape[:-1], QK), F32)
+    b = blocks_of(data, Q4_0_BLOCK)                                     # (..., nb)
+    d = f16_to_f32(b["d"])[..., None]                                   # (..., nb, 1)
+    nib = b["qs"]                                                       # (..., nb, 16)
+    out = np.empty((*b.shape, QK), F32) if out is None else out.reshape(*b.shape, QK)
     np.multiply((nib & np.uint8(0x0F)).view(np.int8) - np.int8(8), d, out=out[..., :QK // 2])   # elements 0..15
     np.multiply((nib >> np.uint8(4)).view(np.int8) - np.int8(8), d, out=out[..., QK // 2:])    # elements 16..31
-    return out.reshape(*data.shape[:-1], -1)
+    return out.reshape(*b.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,40 +190,58 @@ def dequantize_q4_0(data):
 # Q4_K_M mix is the common case and a vectorised decode over whole tiles is what decode speed rests on.
 
 QK_K = 256
-Q4_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES = 144, 210
+Q4_K_BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", QK_K // 2)])
+Q6_K_BLOCK = np.dtype([("ql", "u1", QK_K // 2), ("qh", "u1", QK_K // 4), ("scales", "i1", QK_K // 16), ("d", "<f2")])
+Q4_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES = Q4_K_BLOCK.itemsize, Q6_K_BLOCK.itemsize          # 144, 210
 
 
-def dequantize_q4_k(data):
-    """Q4_K bytes (..., nb*144) -> float32 (..., nb*256)."""
-    b = np.asarray(data, np.uint8).reshape(-1, Q4_K_BLOCK_BYTES)        # (NB, 144)
-    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16).astype(F32)  # (NB, 1)
-    dmin = np.ascontiguousarray(b[:, 2:4]).view(np.float16).astype(F32)
-    s = b[:, 4:16]                                                      # (NB, 12) packed 6-bit scales and mins
-    sc = np.concatenate([s[:, 0:4] & np.uint8(63), (s[:, 8:12] & np.uint8(15)) | ((s[:, 0:4] >> np.uint8(6)) << np.uint8(4))], 1)
-    mn = np.concatenate([s[:, 4:8] & np.uint8(63), (s[:, 8:12] >> np.uint8(4)) | ((s[:, 4:8] >> np.uint8(6)) << np.uint8(4))], 1)
-    qs = b[:, 16:].reshape(-1, 4, 1, 32)                                # (NB, 4 pairs, 1, 32)
-    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=2).reshape(-1, 8, 32)   # (NB, 8 sub-blocks, 32)
-    scale = (d * sc.astype(F32))[:, :, None]                            # (NB, 8, 1)
-    offset = (dmin * mn.astype(F32))[:, :, None]
-    out = np.empty(q.shape, F32)
-    np.multiply(q, scale, out=out)
-    out -= offset
-    return out.reshape(*data.shape[:-1], -1)
+def k_scales(data, block_bytes=Q4_K_BLOCK_BYTES):
+    """The eight 6-bit scales and eight 6-bit mins of every Q4_K block (Q5_K's, block_bytes=176, are packed the same
+    way), each (..., nb, 8) uint8, unpacked from the block's 12 bytes at offset 4 (ggml-quants.c get_scale_min_k4) four
+    at a time, as the bytes of little-endian uint32 lanes:
+        scales 0-3 = bytes 0-3 & 63       scales 4-7 = (bytes 8-11 & 15) | (bytes 0-3 >> 6) << 4
+        mins   0-3 = bytes 4-7 & 63       mins   4-7 = (bytes 8-11 >> 4) | (bytes 4-7 >> 6) << 4"""
+    data = np.asarray(data, np.uint8)
+    words = np.ascontiguousarray(data).view("<u4").reshape(*data.shape[:-1], -1, block_bytes // 4)
+    s0, s1, s2 = words[..., 1], words[..., 2], words[..., 3]          # bytes 4-7, 8-11, 12-15 of each block
+    lanes = np.empty((*s0.shape, 2, 2), "<u4")                        # [scales, mins] x [0-3, 4-7]
+    np.bitwise_and(s0, 0x3F3F3F3F, out=lanes[..., 0, 0])
+    np.bitwise_and(s1, 0x3F3F3F3F, out=lanes[..., 1, 0])
+    lanes[..., 0, 1] = (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030)
+    lanes[..., 1, 1] = ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030)
+    b = lanes.view(np.uint8).reshape(*s0.shape, 2, 8)
+    return b[..., 0, :], b[..., 1, :]
 
 
-def dequantize_q6_k(data):
-    """Q6_K bytes (..., nb*210) -> float32 (..., nb*256)."""
-    b = np.asarray(data, np.uint8).reshape(-1, Q6_K_BLOCK_BYTES)        # (NB, 210)
-    ql = b[:, 0:128].reshape(-1, 2, 2, 32)                              # (NB, half, 32-chunk, l)
-    qh = b[:, 128:192].reshape(-1, 2, 1, 32)                            # (NB, half, 1, l)
-    sc = b[:, 192:208].view(np.int8).reshape(-1, 2, 4, 2, 1)            # (NB, half, k, l // 16, 1)
-    d = np.ascontiguousarray(b[:, 208:210]).view(np.float16).astype(F32).reshape(-1, 1, 1, 1, 1)
+def dequantize_q4_k(data, out=None):
+    """Q4_K bytes (..., nb*144) -> float32 (..., nb*256): w = d * scale_j * q - dmin * min_j."""
+    b = blocks_of(data, Q4_K_BLOCK)                                     # (..., nb)
+    sc, mn = k_scales(data)                                             # (..., nb, 8)
+    scale = f16_to_f32(b["d"])[..., None] * sc                          # (..., nb, 8)
+    offset = f16_to_f32(b["dmin"])[..., None] * mn
+    qs = b["qs"].reshape(*b.shape, 4, 1, 32)                            # 4 chunks of 32 bytes
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-2)     # (..., nb, 4, 2, 32): low nibbles are
+    q = q.reshape(*b.shape, 8, 32)                                      # sub-block 2i, high ones 2i+1
+    out = np.empty((*b.shape, 8, 32), F32) if out is None else out.reshape(*b.shape, 8, 32)
+    np.multiply(q, scale[..., None], out=out)
+    out -= offset[..., None]
+    return out.reshape(*b.shape[:-1], -1)
+
+
+def dequantize_q6_k(data, out=None):
+    """Q6_K bytes (..., nb*210) -> float32 (..., nb*256): w = d * scale_j * (q - 32)."""
+    b = blocks_of(data, Q6_K_BLOCK).reshape(-1)                        # (NB,)
+    ql = b["ql"].reshape(-1, 2, 2, 32)                                  # (NB, half, 32-chunk, l)
+    qh = b["qh"].reshape(-1, 2, 1, 32)                                  # (NB, half, 1, l)
+    sc = b["scales"].reshape(-1, 2, 4, 2, 1)                            # (NB, half, k, l // 16, 1)
+    d = f16_to_f32(b["d"]).reshape(-1, 1, 1, 1, 1)
     low = np.concatenate([ql & np.uint8(15), ql >> np.uint8(4)], axis=2)            # (NB, 2, 4, 32): k = 0..3
     high = (qh >> (np.arange(4, dtype=np.uint8) * np.uint8(2))[None, None, :, None]) & np.uint8(3)   # (NB, 2, 4, 32)
     q = (low | (high << np.uint8(4))).view(np.int8) - np.int8(32)       # (NB, 2, 4, 32) in [-32, 31]
-    out = np.empty((q.shape[0], 2, 4, 2, 16), F32)
-    np.multiply(q.reshape(-1, 2, 4, 2, 16), d * sc.astype(F32), out=out)
-    return out.reshape(*data.shape[:-1], -1)
+    shape = (*np.shape(data)[:-1], np.shape(data)[-1] // Q6_K_BLOCK_BYTES * QK_K)
+    out = np.empty(shape, F32) if out is None else out
+    np.multiply(q.reshape(-1, 2, 4, 2, 16), d * sc, out=out.reshape(-1, 2, 4, 2, 16))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,6 +347,81 @@ def fake_quantize_q8_k(x):
 
 
 # ------------------------------------------------------------------------------------------------
+# Matmuls on blocks: scale block dot products, not weights
+#
+#     y[t, n] = sum_b d[n, b] (x[t, b] . q[n, b])  -  m[n, b] sum(x[t, b])        x @ W.T for W in blocks b
+#
+# (m: the mins of the K-quants; Q4_0's "- 8" is a min of 8 d.) So a tile of rows needs its codes as floats, made by
+# one cast of the tile's bytes in one long NumPy pass, and one batched product (np.matmul over a stack of blocks, BLAS
+# underneath) of every block's slice of x with every row's codes there; the scales multiply a (blocks, tokens, rows)
+# array of dot products, 1/32 of the tile. A weight is never multiplied by its scale. That pays while few tokens share
+# the tile (decoding); a prompt of more than BLOCK_DOT_TOKENS tokens expands the tile to float32 instead, once, and
+# one BLAS product serves all its tokens.
+
+BLOCK_DOT_TOKENS = 8
+
+
+def q8_0_dots(blocks, x, out, s: Scratch):
+    """out (N, r) = x (N, K) @ W.T for Q8_0 rows `blocks` (r, K/32*34), by block dot products."""
+    r, N = blocks.shape[0], x.shape[0]
+    nb = blocks.shape[1] // Q8_0_BLOCK_BYTES
+    codes = s.get("codes", (r, nb, Q8_0_BLOCK_BYTES))                   # every byte as a float, in one pass (the 2
+    np.copyto(codes, blocks.reshape(r, nb, -1).view(np.int8), casting="unsafe")   # bytes of a scale: never read)
+    dots = s.get("dots", (nb, N, r))                                    # dots[b, t, n] = x[t, b] . q[n, b]
+    np.matmul(x.reshape(N, nb, QK).transpose(1, 0, 2), codes[:, :, 2:].transpose(1, 2, 0), out=dots)
+    d = f16_to_f32(blocks_of(blocks, Q8_0_BLOCK)["d"].T, s.get("d", (nb, r)))    # (nb, r)
+    np.multiply(dots, d[:, None, :], out=dots)
+    out[...] = np.sum(dots, axis=0, out=s.get("y", (N, r)))           # summed in a buffer of its own layout: the
+    return out                                                          # same numbers wherever out lies
+
+
+def q4_0_dots(blocks, x, out, s: Scratch):
+    """out (N, r) = x (N, K) @ W.T for Q4_0 rows (r, K/32*18): w = d (q - 8), q the low nibbles (elements 0-15) and
+    high nibbles (16-31) of a block's 16 bytes."""
+    r, N = blocks.shape[0], x.shape[0]
+    nb = blocks.shape[1] // Q4_0_BLOCK_BYTES
+    raw = blocks.reshape(r, nb, Q4_0_BLOCK_BYTES)
+    nibbles = s.get("nibbles", (2, r, nb, Q4_0_BLOCK_BYTES), np.uint8)  # [low, high] of every byte
+    np.bitwise_and(raw, np.uint8(15), out=nibbles[0])
+    np.right_shift(raw, np.uint8(4), out=nibbles[1])
+    codes = s.get("codes", nibbles.shape)
+    np.copyto(codes, nibbles)
+    dots = s.get("dots", (2, nb, N, r))                                 # dots[h, b, t, n]: half h of block b
+    np.matmul(x.reshape(N, nb, 2, QK // 2).transpose(2, 1, 0, 3), codes[..., 2:].transpose(0, 2, 3, 1), out=dots)
+    dots = np.add(dots[0], dots[1], out=dots[0])                        # (nb, N, r)
+    dots -= F32(8) * x.reshape(N, nb, QK).sum(-1).T[:, :, None]         # the "- 8" of every code
+    np.multiply(dots, f16_to_f32(blocks_of(blocks, Q4_0_BLOCK)["d"].T, s.get("d", (nb, r)))[:, None, :], out=dots)
+    out[...] = np.sum(dots, axis=0, out=s.get("y", (N, r)))
+    return out
+
+
+def q4_k_dots(blocks, x, out, s: Scratch):
+    """out (N, r) = x (N, K) @ W.T for Q4_K rows (r, K/256*144): w = d scale_j q - dmin min_j per sub-block j of 32.
+    The mins need no codes at all: their part is sum_j dmin min_j sum(x_j), one small product."""
+    r, N = blocks.shape[0], x.shape[0]
+    nb = blocks.shape[1] // Q4_K_BLOCK_BYTES
+    raw = blocks.reshape(r, nb, Q4_K_BLOCK_BYTES)
+    nibbles = s.get("nibbles", (2, r, nb, Q4_K_BLOCK_BYTES), np.uint8)  # [low, high] of every byte
+    np.bitwise_and(raw, np.uint8(15), out=nibbles[0])
+    np.right_shift(raw, np.uint8(4), out=nibbles[1])
+    codes = s.get("codes", nibbles.shape)
+    np.copyto(codes, nibbles)
+    # sub-block 2i + h of a block is nibble half h of its 32-byte chunk i (bytes 16 + 32 i ...)
+    dots = s.get("dots", (2, nb, 4, N, r))                              # dots[h, b, i, t, n]
+    np.matmul(x.reshape(N, nb, 4, 2, 32).transpose(3, 1, 2, 0, 4),
+              codes[..., 16:].reshape(2, r, nb, 4, 32).transpose(0, 2, 3, 4, 1), out=dots)
+    b = blocks_of(blocks, Q4_K_BLOCK)                                   # (r, nb)
+    sc, mn = k_scales(blocks)                                           # (r, nb, 8) uint8
+    scale = np.multiply(sc, f16_to_f32(b["d"], s.get("d", (r, nb)))[:, :, None], out=s.get("scale", (r, nb, 8)))
+    np.multiply(dots, scale.reshape(r, nb, 4, 2).transpose(3, 1, 2, 0)[:, :, :, None, :], out=dots)
+    y = np.sum(dots, axis=(0, 1, 2), out=s.get("y", (N, r)))
+    mins = np.multiply(mn, f16_to_f32(b["dmin"], s.get("dmin", (r, nb)))[:, :, None], out=s.get("mins", (r, nb, 8)))
+    y -= x.reshape(N, nb * 8, 32).sum(-1) @ mins.reshape(r, nb * 8).T
+    out[...] = y
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # Quantized matrices: what a model holds instead of a float32 (out, in) weight
 
 class QuantizedMatrix(StoredMatrix):
@@ -350,11 +456,22 @@ class Q8_0Matrix(QuantizedMatrix):
     def _dequantize_rows(self, rows):
         return dequantize_q8_0(self.data[rows])
 
+    def _expand(self, rows, out):
+        return dequantize_q8_0(self.data[rows], out)
+
+    def _tile(self, x, rows, out, s):
+        if self.int_dot:
+            out[...] = matmul_q8_0_int(x, self.data[rows])
+            return out
+        if x.shape[0] <= BLOCK_DOT_TOKENS:
+            return q8_0_dots(self.data[rows], x, out, s)
+        return super()._tile(x, rows, out, s)
+
+    def first_nonfinite(self):
+        return first_bad_scale(self.data, Q8_0_BLOCK_BYTES, (0,), QK)
+
     def arrays(self):
         return {"blocks": self.data}
-
-    def matmul(self, x):
-        return matmul_q8_0_int(x, self.data) if self.int_dot else super().matmul(x)
 
 
 class Q4_0Matrix(QuantizedMatrix):
@@ -372,8 +489,33 @@ class Q4_0Matrix(QuantizedMatrix):
     def _dequantize_rows(self, rows):
         return dequantize_q4_0(self.data[rows])
 
+    def _expand(self, rows, out):
+        return dequantize_q4_0(self.data[rows], out)
+
+    def _tile(self, x, rows, out, s):
+        if x.shape[0] <= BLOCK_DOT_TOKENS:
+            return q4_0_dots(self.data[rows], x, out, s)
+        return super()._tile(x, rows, out, s)
+
+    def first_nonfinite(self):
+        return first_bad_scale(self.data, Q4_0_BLOCK_BYTES, (0,), QK)
+
     def arrays(self):
         return {"blocks": self.data}
+
+
+def first_bad_scale(data, block_bytes, offsets, block_len, rows_at_once=4096):
+    """(row, first column of its block) of the first block whose fp16 scales (2 bytes at each of `offsets` in the
+    block) are inf/NaN, or None. A block of integer codes can stand for inf/NaN only through them, so only they are
+    read: 2 or 4 bytes of every 18-210."""
+    for r0 in range(0, data.shape[0], rows_at_once):
+        part = np.asarray(data[r0:r0 + rows_at_once], np.uint8)
+        raw = part.reshape(part.shape[0], -1, block_bytes)               # (rows, nb, block bytes)
+        for off in offsets:
+            at = first_nonfinite(raw[:, :, off:off + 2].view(np.float16)[:, :, 0])
+            if at is not None:
+                return r0 + at[0], at[1] * block_len
+    return None
 
 
 class Int8Matrix(QuantizedMatrix):
@@ -391,6 +533,10 @@ class Int8Matrix(QuantizedMatrix):
     def _dequantize_rows(self, rows):
         scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
         return self.q[rows].astype(F32) * scale
+
+    def first_nonfinite(self):                   # int8 codes are finite: only the float32 scales can be inf/NaN
+        at = first_nonfinite(self.scale)
+        return None if at is None else (at[0] if self.scale.shape[0] > 1 else 0, 0)
 
     def arrays(self):
         return {"qweight": self.q, "scales": self.scale}
@@ -412,6 +558,10 @@ class W4Matrix(QuantizedMatrix):
 
     def _dequantize_rows(self, rows):
         return dequantize_w4(self.packed[rows], self.scales[rows])
+
+    def first_nonfinite(self):                   # only the fp16 scales can be inf/NaN
+        at = first_nonfinite(self.scales)
+        return None if at is None else (at[0], at[1] * self.group)
 
     def arrays(self):
         return {"qweight": self.packed, "scales": self.scales}

@@ -24,7 +24,7 @@ import numpy as np
 from .checkpoint import INDEX_NAME
 from .config import LlamaConfig
 from .output import atomic_dir, atomic_file
-from .gguf_io import FILE_TYPES, GGUFMatrix, add_llama_metadata, hf_to_gguf_name, sentencepiece_vocab
+from .gguf_io import FILE_TYPES, FP16_SCALES, GGUFMatrix, add_llama_metadata, hf_to_gguf_name, sentencepiece_vocab
 from .model import permute_qk_hf_to_meta
 from .safetensors import write_safetensors_stream
 from .weights import weight_shapes
@@ -37,9 +37,8 @@ F32 = np.float32
 FILE_TYPE_IDS = {**FILE_TYPES, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 11, "q4_k": 14, "q4_k_m": 15,
                  "q5_k": 16, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30}
 
-# Where each block type keeps its fp16 scales (byte offsets inside one block), from ggml-common.h's block structs.
-FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
-               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+# The block types write_gguf writes (their fp16 scales are set to sane values; gguf_io.FP16_SCALES says where they are)
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def _seed(name: str, seed: int) -> np.random.Generator:
@@ -61,7 +60,7 @@ def random_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator
     block, size = GGML_QUANT_SIZES[gt]
     nb = cols // block
     raw = rng.integers(0, 256, (rows * nb, size), dtype=np.uint8)      # (blocks, bytes)
-    fields = FP16_FIELDS[type_name]
+    fields = FP16_SCALES[type_name]
     ones = np.ones((rows * nb, 1), np.float16).view(np.uint8)            # scale 1.0 everywhere: measure the spread
     for off in fields:
         raw[:, off:off + 2] = ones
@@ -134,8 +133,8 @@ def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std:
     block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k ... q6_k, iq4_nl, iq4_xs). Norms are float32."""
     import gguf
     from gguf.constants import GGML_QUANT_SIZES
-    if mix not in ("f32", "f16", "q4_k_m") and mix.upper() not in FP16_FIELDS:
-        raise ValueError(f"mix {mix!r}: choose f32, f16, q4_k_m or one of {', '.join(k.lower() for k in FP16_FIELDS)}")
+    if mix not in ("f32", "f16", "q4_k_m") and mix.upper() not in BLOCK_TYPES:
+        raise ValueError(f"mix {mix!r}: choose f32, f16, q4_k_m or one of {', '.join(k.lower() for k in BLOCK_TYPES)}")
     shapes = weight_shapes(config)
     with atomic_file(path, force=True) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")

@@ -127,15 +127,12 @@ def check_weights(config: LlamaConfig, weights: dict, source=None, check_finite=
                 f"tensor {name!r}{src} has shape {got} but config.json requires {shape} {why}: config.json and the "
                 f"weights disagree; use the config.json the weights were saved with (or fix its sizes)")
         w = weights[name]
-        stored = getattr(w, "inner", w)                                        # a RowPermuted view's matrix
         if not check_finite:
             continue
         if isinstance(w, np.ndarray):
             check_finite_array(name, w, src)
-        elif getattr(stored, "kind", None) == "f16":                           # float16 bits: check them as they are
-            check_finite_array(name, stored.data, src)
-        elif hasattr(w, "_dequantize_rows"):                                   # a quantized or bfloat16 matrix
-            check_finite_quantized(name, w, src)
+        elif hasattr(w, "first_nonfinite"):                                    # a stored matrix (matrices.py)
+            check_finite_stored(name, w, src)
 
 
 def check_layer_count(config: LlamaConfig, names, src="") -> None:
@@ -164,18 +161,16 @@ def check_finite_array(name, a, src="", chunk=1 << 22):
                 "checkpoint is corrupt or was saved after training diverged: re-export it from a good copy")
 
 
-def check_finite_quantized(name, w, src="", tile_floats=1 << 22):
-    """NaN/Inf in a quantized matrix (a NaN or Inf fp16 scale, say), found on its dequantized values a tile of rows at
-    a time, so a 7B tensor is never expanded whole."""
-    rows, cols = w.shape
-    step = max(1, tile_floats // max(cols, 1))
-    for r0 in range(0, rows, step):
-        tile = w._dequantize_rows(slice(r0, min(r0 + step, rows)))
-        if not np.isfinite(tile).all():
-            r, c = np.unravel_index(int(np.argmin(np.isfinite(tile))), tile.shape)
-            raise NonFiniteWeightsError(
-                f"tensor {name!r}{src} holds NaN/Inf after dequantization (first at index ({r0 + r}, {c})); the "
-                "checkpoint is corrupt: re-export it from a good copy")
+def check_finite_stored(name, w, src=""):
+    """NaN/Inf in a stored matrix, found by its own first_nonfinite(): the raw bits of a float16/bfloat16 matrix, the
+    fp16 scales of a quantized one (the only bytes of a block that can make its values inf/NaN), never an expansion
+    of the whole tensor."""
+    at = w.first_nonfinite()
+    if at is not None:
+        where = " in the scale of the block" if getattr(w, "quantized", False) else ""
+        raise NonFiniteWeightsError(
+            f"tensor {name!r}{src} holds NaN/Inf values (first at index {tuple(map(int, at))}{where}); the checkpoint "
+            "is corrupt or was saved after training diverged: re-export it from a good copy")
 
 
 def _missing_message(config, missing, present, src):

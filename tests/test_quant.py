@@ -181,7 +181,7 @@ def test_quantized_matrix_matmul_tiles(fmt):
     rng = np.random.default_rng(5)
     w = rng.standard_normal((40, 256)).astype(np.float32)
     qm = Q.quantize_matrix(w, fmt)
-    qm.TILE_FLOATS = 256 * 7                                      # 7 rows per tile: 6 tiles, the last partial
+    qm.tile_floats = 256 * 7                                      # 7 rows per tile: 6 tiles, the last partial
     x = rng.standard_normal((2, 3, 256)).astype(np.float32)
     full = qm.dequantize()
     y = qm.matmul(x)
