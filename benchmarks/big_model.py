@@ -1,30 +1,28 @@
-"""Llama 2 7B at full size: load time, peak memory, a 32-token prefill and decode speed, ours next to llama.cpp's and
-transformers', on seeded random-weight checkpoints of the real shapes (no download: llama_ref.synthetic writes them).
+"""Llama 2 7B at full size, ours next to llama.cpp's and transformers': load, time to first token, a 32-token prefill,
+decode speed and peak memory, on seeded random-weight checkpoints of the real shapes (nothing is downloaded:
+llama_ref.synthetic writes them, and they are deleted at the end), and the rates that explain the numbers.
 
-    python benchmarks/big_model.py [--dir /tmp/llama7b] [--readme] [--keep] [--skip-cli] [--skip-peers]
+    python benchmarks/big_model.py [--dir /tmp/llama_ref-7b] [--readme] [--keep] [--skip-cli] [--skip-peers]
 
-Three files of Llama-2-7B's shapes (6.74 B parameters, 32 layers, vocabulary 32000):
+Run it alone on the machine (`/work/bin/bench` here): transformers in bfloat16 peaks near 23 GiB on a 24 GiB machine,
+and two NumPy processes on 2 cores stall each other. Three files of Llama-2-7B's shapes (6.74 B parameters):
     hf-f16/          an HF directory in float16, two safetensors shards (as meta-llama/Llama-2-7b-chat-hf)  13.5 GB
     q8_0.gguf        GGUF Q8_0                                                                                7.2 GB
     q4_k_m.gguf      GGUF in llama.cpp's Q4_K_M mix (Q4_K, Q6_K for output.weight and some attn_v/ffn_down)    4.1 GB
-Each measurement runs in a fresh child process, so its peak RSS (ru_maxrss: the file pages it touched plus what it
-allocated) is its own:
-    ours        llama_ref.load(pack="never": weights as stored, memory-mapped), a 32-token prefill (what `inspect` does), then
-                decoding 4 tokens with the KV cache: seconds per token (median). "floor": the time a decode step
-                spends expanding weights to float32 (every weight once, tile by tile; timed inside the real steps,
-                median): what any NumPy engine that never holds float32 weights pays per token; the rest of a step
-                is the matmuls and everything else. Goals: decode <= 2x floor, prefill of 32 tokens <= 3x floor,
-                peak RSS <= file size + 2 GiB. The three files (25 GB) do not fit in the page cache of a 24 GiB
-                machine together: each is read from disk when its turn comes (the load's NaN scan).
-    cli         `python -m llama_ref generate`, `inspect` and `chat` on the file, each in its own process: exit code,
-                peak RSS and the path the loader stated.
-    llama.cpp   llama-cpp-python on both GGUFs (if installed): the same prefill and decode; its last-position logits
-                against ours (it rounds activations to 8 bits: agreement is to that rounding).
-    transformers  LlamaForCausalLM in bfloat16 on the HF directory (if torch is installed and it fits).
-Needs ~25 GB of disk (deleted at the end unless --keep) and takes ~30-40 minutes on 2 cores. Not part of `make test`.
+Each engine runs in its own fresh process, one at a time, on the same file, with the same thread count, after the file
+was read once into the page cache (both engines start warm; a cold start adds the disk read to both):
+    ours          llama_ref.load (the default memory plan: weights as stored, memory-mapped), then the prompt's 32
+                  tokens in one forward (the prefill; load + prefill = time to first token), then DECODE tokens
+                  generated greedily with the KV cache (s/token: the median step)
+    llama.cpp     llama-cpp-python on the GGUFs: the same prompt ids, prefill and greedy decode
+    transformers  LlamaForCausalLM in bfloat16 on the HF directory (torch: `make reference-env`)
+    cli           `python -m llama_ref generate`, `inspect` and `chat` on the file: exit code, peak RSS, the path taken
+The "why" table measures this machine's parts in isolation: memory bandwidth, the in-cache float32 gemv, the float16
+expansion, and each stored kind's matmul (a 11008 x 4096 matrix, 1 token and 32 tokens, 1 and 2 threads).
+With --readme the tables go into README.md and the results into benchmarks/big_model.json, which chapter 14 prints.
+Needs ~25 GB of disk and ~30-40 minutes on 2 cores. Not part of `make test`.
 """
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -37,8 +35,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import machine_line, pin_threads, write_readme_block  # noqa: E402
 
-PROMPT_LEN, DECODE = 32, 4
+THREADS = 2
+PROMPT = "[INST] Write a short story about a lighthouse keeper who finds a message in a bottle on the beach. [/INST]"
+PROMPT_LEN, DECODE = 32, 8
 GIB = 2 ** 30
+RESULTS = Path(__file__).resolve().parent / "big_model.json"
+SHAPE = (11008, 4096)                                       # the MLP matrices: two thirds of a 7B's weights
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024           # Linux reports KiB
 
 
 def logits_file(path, engine) -> Path:
@@ -47,80 +53,107 @@ def logits_file(path, engine) -> Path:
     return path.with_suffix(f".{engine}.npy") if path.is_file() else path / f"{engine}.npy"
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024           # Linux reports KiB
+def prompt_ids(path) -> list[int]:
+    """The prompt as the model's own tokenizer encodes it, cut to PROMPT_LEN tokens: the same ids for every engine."""
+    from llama_ref import loader
+    tok = loader.find_tokenizer(path)
+    ids = tok.encode(PROMPT, bos=True)
+    assert len(ids) >= PROMPT_LEN, f"the prompt encodes to {len(ids)} tokens, fewer than {PROMPT_LEN}"
+    return ids[:PROMPT_LEN]
 
 
-def prompt_ids(vocab):
-    import numpy as np
-    return [1] + [int(t) for t in np.random.default_rng(0).integers(3, min(vocab, 1024), PROMPT_LEN - 1)]
+def warm(path):
+    """Read a checkpoint's files once so they are in the page cache (every engine then starts from the same state)."""
+    path = Path(path)
+    for f in ([path] if path.is_file() else sorted(path.glob("*.safetensors"))):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
 
 
 # ------------------------------------------------------------------------------------------------
-# children (each prints one JSON line)
+# children: each prints one JSON line
 
-@contextlib.contextmanager
-def timed_expansions(spent):
-    """Add to spent[0] the seconds every stored matrix spends expanding tiles to float32 (its _dequantize_rows)."""
-    from llama_ref import gguf_io, matrices, quant
-    classes = {c for mod in (matrices, quant, gguf_io) for c in vars(mod).values()
-               if isinstance(c, type) and issubclass(c, matrices.StoredMatrix) and "_dequantize_rows" in vars(c)
-               and c is not matrices.RowPermuted}                              # RowPermuted calls its inner matrix's
-    originals = {c: c._dequantize_rows for c in classes}
-
-    def timing(original):
-        def wrapper(self, rows):
-            t0 = time.perf_counter()
-            out = original(self, rows)
-            spent[0] += time.perf_counter() - t0
-            return out
-        return wrapper
-    for c, f in originals.items():
-        c._dequantize_rows = timing(f)
-    try:
-        yield
-    finally:
-        for c, f in originals.items():
-            c._dequantize_rows = f
-
-
-def child_ours(path):
+def child_ours(path, ids):
     import numpy as np
     from llama_ref import loader
+    ids = [int(i) for i in ids.split(",")]
     t0 = time.perf_counter()
-    model = loader.load(path, pack="never", n_tokens=PROMPT_LEN + DECODE)   # the path a 7B takes here anyway
+    model = loader.load(path, n_tokens=len(ids) + DECODE)
     t_load = time.perf_counter() - t0
     rss_load = peak_rss()
-    ids = prompt_ids(model.config.vocab_size)
-    t0 = time.perf_counter()
-    model.forward(ids)                                                         # the inspect use case: one prefill
-    t_inspect = time.perf_counter() - t0
     cache = model.new_cache()
+    t0 = time.perf_counter()
     logits = model.forward(ids, cache=cache, last_only=True)
-    tok, steps, expand = int(np.argmax(logits)), [], []
+    t_prefill = time.perf_counter() - t0
+    np.save(logits_file(path, "ours"), logits)
+    generated, steps = [int(np.argmax(logits))], []
     for i in range(DECODE):
-        spent = [0.0]
-        with timed_expansions(spent):                                          # the floor, inside a real step
+        t0 = time.perf_counter()
+        logits = model.forward([generated[-1]], start_pos=len(ids) + i, cache=cache, last_only=True)
+        steps.append(time.perf_counter() - t0)
+        generated.append(int(np.argmax(logits)))
+    print(json.dumps({"load_s": t_load, "prefill_s": t_prefill, "ttft_s": t_load + t_prefill,
+                      "decode_s": float(np.median(steps)), "rss": peak_rss(), "rss_after_load": rss_load,
+                      "path": model.memory.path, "estimate": model.memory.anonymous_bytes, "kinds": model.memory.kinds,
+                      "generated": generated}))
+
+
+def child_llamacpp(path, ids):
+    import numpy as np
+    from llama_cpp import Llama as LlamaCpp
+    ids = [int(i) for i in ids.split(",")]
+    t0 = time.perf_counter()
+    llm = LlamaCpp(model_path=str(path), n_ctx=256, n_batch=64, n_threads=THREADS, n_threads_batch=THREADS,
+                   verbose=False)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t_prefill = time.perf_counter() - t0
+    last = np.array(llm.scores[llm.n_tokens - 1], np.float32)
+    np.save(logits_file(path, "llamacpp"), last)
+    generated, steps = [int(np.argmax(last))], []
+    for _ in range(DECODE):
+        t0 = time.perf_counter()
+        llm.eval([generated[-1]])
+        steps.append(time.perf_counter() - t0)
+        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    print(json.dumps({"load_s": t_load, "prefill_s": t_prefill, "ttft_s": t_load + t_prefill,
+                      "decode_s": float(np.median(steps)), "rss": peak_rss(), "generated": generated}))
+
+
+def child_transformers(path, ids):
+    import numpy as np
+    import torch
+    from transformers import LlamaForCausalLM
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, low_cpu_mem_usage=True)
+    t_load = time.perf_counter() - t0
+    ids = torch.tensor([[int(i) for i in ids.split(",")]])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        t_prefill = time.perf_counter() - t0
+        past, last = out.past_key_values, out.logits[0, -1]
+        np.save(logits_file(path, "transformers"), last.float().numpy())
+        generated, steps = [int(last.argmax())], []
+        for _ in range(DECODE):
             t0 = time.perf_counter()
-            logits = model.forward([tok], start_pos=PROMPT_LEN + i, cache=cache, last_only=True)
+            out = model(torch.tensor([[generated[-1]]]), past_key_values=past, use_cache=True)
             steps.append(time.perf_counter() - t0)
-        expand.append(spent[0])
-        tok = int(np.argmax(logits))
-    t_floor = float(np.median(expand))
-    first = model.forward(ids, last_only=True)                                 # for the peers' logits
-    np.save(logits_file(path, "ours"), first)
-    print(json.dumps({"load_s": t_load, "inspect_s": t_inspect, "decode_s": float(np.median(steps)),
-                      "floor_s": t_floor, "rss": peak_rss(), "rss_after_load": rss_load, "path": model.memory.path,
-                      "estimate": model.memory.anonymous_bytes, "kinds": model.memory.kinds}))
+            past = out.past_key_values
+            generated.append(int(out.logits[0, -1].argmax()))
+    print(json.dumps({"load_s": t_load, "prefill_s": t_prefill, "ttft_s": t_load + t_prefill,
+                      "decode_s": float(np.median(steps)), "rss": peak_rss(), "generated": generated}))
 
 
 def child_cli(path, command):
     import io
     from contextlib import redirect_stdout
     from llama_ref.__main__ import main
-    ids = ",".join(map(str, prompt_ids(32000)[:8]))
-    argv = {"generate": ["generate", "--model", path, "--prompt-ids", ids, "--max-new-tokens", "2", "--temperature",
-                         "0", "--json"],
+    argv = {"generate": ["generate", "--model", path, "--prompt", "Mia has a cat.", "--max-new-tokens", "2",
+                         "--temperature", "0", "--json"],
             "inspect": ["inspect", "--model", path, "--prompt", "Mia has a cat.", "--tap", "logits", "--json"],
             "chat": ["chat", "--model", path, "--max-new-tokens", "2", "--temperature", "0", "--json"]}[command]
     if command == "chat":
@@ -130,56 +163,63 @@ def child_cli(path, command):
     with redirect_stdout(buf):
         code = main(argv)
     out = json.loads(buf.getvalue()) if code == 0 else {}
-    path_taken = out.get("memory", {}).get("path")
-    print(json.dumps({"code": code, "seconds": time.perf_counter() - t0, "rss": peak_rss(), "path": path_taken}))
+    print(json.dumps({"code": code, "seconds": time.perf_counter() - t0, "rss": peak_rss(),
+                      "path": out.get("memory", {}).get("path")}))
 
 
-def child_llamacpp(path):
+def child_rates():
+    """This machine's parts, each alone: memory bandwidth, the in-cache gemv, the float16 expansion, every kind's matmul
+    (G weights/s: a 7B decode step multiplies 6.5 G weights)."""
     import numpy as np
-    from llama_cpp import Llama as LlamaCpp
-    t0 = time.perf_counter()
-    llm = LlamaCpp(model_path=path, n_ctx=256, n_batch=64, n_threads=os.cpu_count(), logits_all=True, verbose=False)
-    t_load = time.perf_counter() - t0
-    ids = prompt_ids(32000)
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    t_prefill = time.perf_counter() - t0
-    last = np.array(llm.scores[len(ids) - 1], np.float32)
-    tok, steps = int(np.argmax(last)), []
-    for _ in range(DECODE):
-        t0 = time.perf_counter()
-        llm.eval([tok])
-        steps.append(time.perf_counter() - t0)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    np.save(logits_file(path, "llamacpp"), last)
-    print(json.dumps({"load_s": t_load, "inspect_s": t_prefill, "decode_s": float(np.median(steps)), "rss": peak_rss()}))
+    from threadpoolctl import threadpool_limits
+    from gguf import GGMLQuantizationType as GT
+    from llama_ref import matrices, quant, synthetic
+    from llama_ref.gguf_io import GGUFMatrix
+    F32 = np.float32
 
-
-def child_transformers(path):
-    import numpy as np
-    import torch
-    from transformers import LlamaForCausalLM
-    torch.set_num_threads(os.cpu_count())
-    t0 = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True)
-    t_load = time.perf_counter() - t0
-    ids = torch.tensor([prompt_ids(32000)])
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(ids, use_cache=True)
-        t_prefill = time.perf_counter() - t0
-        past, tok, steps = out.past_key_values, out.logits[0, -1].argmax().view(1, 1), []
-        last = out.logits[0, -1].float().numpy()
-        for _ in range(DECODE):
+    def best(fn, reps=7):
+        fn()
+        times = []
+        for _ in range(reps):
             t0 = time.perf_counter()
-            out = model(tok, past_key_values=past, use_cache=True)
-            steps.append(time.perf_counter() - t0)
-            past, tok = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-    np.save(logits_file(path, "transformers"), last)
-    print(json.dumps({"load_s": t_load, "inspect_s": t_prefill, "decode_s": float(np.median(steps)), "rss": peak_rss()}))
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    rates = {}
+    big = np.ones((1 << 28) // 4096, F32).repeat(4096).reshape(-1, 4096)   # 1 GiB: far beyond every cache
+    x = np.ones(4096, F32)
+    for n in (1, THREADS):
+        with threadpool_limits(n, user_api="blas"):
+            rates[f"memory read GB/s, {n} thread"] = big.nbytes / best(lambda: big @ x, 5) / 1e9
+    del big
+    tile = np.ones((256, 4096), F32)                                       # 4 MB: in the cache
+    with threadpool_limits(1, user_api="blas"):
+        rates["float32 gemv in cache, G multiply-adds/s, 1 thread"] = tile.size / best(lambda: tile @ x, 50) / 1e9
+        h = np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float16)
+        out = np.empty(h.shape, F32)
+        rates["float16 -> float32 expansion, G values/s, 1 thread"] = h.size / best(
+            lambda: matrices.f16_to_f32(h, out, finite=True), 50) / 1e9
+        rates["float16 astype (NumPy), G values/s, 1 thread"] = h.size / best(lambda: np.copyto(out, h), 20) / 1e9
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(SHAPE, dtype=F32) * F32(0.02)
+    kinds = {"f16": matrices.Float16Matrix(w.astype(np.float16)),
+             "bf16": matrices.BFloat16Matrix((w.view(np.uint32) >> 16).astype(np.uint16)),
+             "q8_0": quant.Q8_0Matrix(synthetic.random_blocks("Q8_0", *SHAPE, rng), SHAPE),
+             "q4_k": GGUFMatrix(synthetic.random_blocks("Q4_K", *SHAPE, rng), SHAPE, GT.Q4_K),
+             "q6_k": GGUFMatrix(synthetic.random_blocks("Q6_K", *SHAPE, rng), SHAPE, GT.Q6_K)}
+    for kind, m in kinds.items():
+        for tokens in (1, PROMPT_LEN):
+            xs = rng.standard_normal((tokens, SHAPE[1])).astype(F32)
+            out = np.empty((tokens, SHAPE[0]), F32)
+            for n in (1, THREADS):
+                with threadpool_limits(n, user_api="blas"):
+                    rates[f"{kind} matmul, {tokens} token{'s' if tokens > 1 else ''}, G weights/s, {n} thread"] = \
+                        SHAPE[0] * SHAPE[1] / best(lambda: m.matmul(xs, out=out), 5) / 1e9
+    print(json.dumps(rates))
 
 
-def run_child(*args, stdin=None):
+def run_child(*args):
     """Run this script as `--child ...` in a fresh process; its JSON line, or {"error": ...}."""
     r = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
@@ -190,27 +230,13 @@ def run_child(*args, stdin=None):
 
 # ------------------------------------------------------------------------------------------------
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/llama_ref-7b", help="where to write the 7B-shaped files (~25 GB)")
-    ap.add_argument("--formats", default="hf-f16,q8_0.gguf,q4_k_m.gguf")
-    ap.add_argument("--preset", default="llama2-7b", help="shapes from llama_ref.config.PRESETS (default: %(default)s)")
-    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
-    ap.add_argument("--keep", action="store_true", help="keep the files (they are deleted by default)")
-    ap.add_argument("--skip-cli", action="store_true")
-    ap.add_argument("--skip-peers", action="store_true")
-    args = ap.parse_args()
-    pin_threads(os.cpu_count())
-    import numpy as np
+def synthesize(d: Path, names, preset):
     from tqdm import tqdm
     from llama_ref import synthetic
     from llama_ref.config import PRESETS
     from llama_ref.weights import weight_shapes
-    cfg = PRESETS[args.preset]
-    d = Path(args.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    names = args.formats.split(",")
-    for name in names:                                                         # synthesize what is missing
+    cfg = PRESETS[preset]
+    for name in names:
         path = d / name
         if path.exists():
             continue
@@ -220,69 +246,129 @@ def main():
             else:
                 synthetic.write_gguf(path, cfg, name.removesuffix(".gguf"), progress=lambda _: bar.update())
 
-    rows, notes = [], []
+
+def file_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+
+
+def tables(results) -> str:
+    """The README block: one row per engine and file, the ratios to the peer with their goals, the CLI and logits
+    notes, and the "why" table of rates."""
+    rows = ["| file | engine | load s | prefill 32 s | time to first token s | decode s/token | peak RSS GiB "
+            "| RSS - file GiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    ratios = ["| file | peer | decode ours/peer | prefill ours/peer | first token ours/peer | peak RSS - file "
+              "(ours) |", "|---|---|---:|---:|---:|---:|"]
+    for f in results["files"]:
+        size = f["bytes"]
+        for engine, r in f["engines"].items():
+            if "error" in r:
+                rows.append(f"| {f['name']} | {engine} | {r['error']} |||||||")
+                continue
+            rows.append(f"| {f['name']} | {engine} | {r['load_s']:.1f} | {r['prefill_s']:.1f} | {r['ttft_s']:.1f} | "
+                        f"{r['decode_s']:.2f} | {r['rss'] / GIB:.2f} | {(r['rss'] - size) / GIB:+.2f} |")
+        ours, peer_name = f["engines"].get("llama_ref", {}), f["peer"]
+        peer = f["engines"].get(peer_name, {})
+        if "error" in ours or "error" in peer or not peer:
+            continue
+        goal = f["decode_goal"]
+        ratios.append(f"| {f['name']} | {peer_name} | **{ours['decode_s'] / peer['decode_s']:.1f}x** (goal <= {goal}x) "
+                      f"| {ours['prefill_s'] / peer['prefill_s']:.1f}x | {ours['ttft_s'] / peer['ttft_s']:.1f}x | "
+                      f"{(ours['rss'] - size) / GIB:+.2f} GiB (goal <= +2) |")
+    why = ["| part of this machine, measured alone | rate |", "|---|---:|"]
+    why += [f"| {k} | {v:.2f} |" for k, v in results.get("rates", {}).items()]
+    notes = [f"- {n}" for n in results["notes"]]
+    return "\n".join([f"{results['preset']}-shaped random weights, the prompt's {PROMPT_LEN} tokens in one prefill, "
+                      f"then {DECODE} tokens decoded greedily (median step); every engine in its own process, warm "
+                      f"page cache, one run. Machine: {results['machine']}", "", *rows, "", *ratios, "", *notes, "",
+                      *why])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/llama_ref-7b", help="where to write the 7B-shaped files (~25 GB)")
+    ap.add_argument("--formats", default="hf-f16,q8_0.gguf,q4_k_m.gguf")
+    ap.add_argument("--preset", default="llama2-7b", help="shapes from llama_ref.config.PRESETS (default: %(default)s)")
+    ap.add_argument("--readme", action="store_true", help="write the tables into README.md and benchmarks/big_model.json")
+    ap.add_argument("--keep", action="store_true", help="keep the files (they are deleted by default)")
+    ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--skip-rates", action="store_true")
+    args = ap.parse_args()
+    pin_threads(THREADS)
+    import numpy as np
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    names = args.formats.split(",")
+    synthesize(d, names, args.preset)
+    results = {"preset": args.preset, "prompt": PROMPT, "prompt_len": PROMPT_LEN, "decode": DECODE, "files": [],
+               "notes": []}
+    if not args.skip_rates:
+        results["rates"] = run_child("rates")
+        print("rates", results["rates"], flush=True)
     for name in names:
         path = d / name
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+        size = file_bytes(path)
+        ids = ",".join(map(str, prompt_ids(path)))
+        gguf = path.suffix == ".gguf"
+        peer, module, child = (("llama.cpp", "llama_cpp", "llamacpp") if gguf else
+                               ("transformers bf16", "transformers", "transformers"))
+        f = {"name": name, "bytes": size, "peer": peer, "decode_goal": 4 if gguf else 2, "engines": {}}
         print(f"\n{name}: {size / GIB:.2f} GiB", flush=True)
-        ours = run_child("ours", path)
-        print("  ours", ours, flush=True)
-        rows.append((name, "llama_ref", size, ours))
+        warm(path)
+        f["engines"]["llama_ref"] = run_child("ours", path, ids)
+        print("  llama_ref", f["engines"]["llama_ref"], flush=True)
         if not args.skip_cli:
             for command in ("generate", "inspect", "chat"):
                 r = run_child("cli", path, command)
-                print(f"  cli {command}", r, flush=True)
-                notes.append(f"`{command}` on {name}: exit {r.get('code', '?')}, peak RSS {r.get('rss', 0) / GIB:.2f} "
-                             f"GiB ({'<=' if r.get('rss', 1e99) <= size + 2 * GIB else '>'} file + 2 GiB), "
-                             f"{r.get('seconds', 0):.0f} s, path: {r.get('path')}")
-        if args.skip_peers:
-            continue
-        # the peer on the same file: (child, module it needs, label, what the logits comparison is against)
-        child, module, label, vs = (("llamacpp", "llama_cpp", "llama.cpp", "llama.cpp rounds activations to 8 bits, "
-                                     "and its KV cache to f16") if path.suffix == ".gguf" else
-                                    ("transformers", "torch", "transformers bf16", "we run the float16 weights, it "
-                                     "rounds them to bfloat16"))
-        try:
-            __import__(module)
-            peer = run_child(child, path)
-        except ImportError:
-            peer = {"error": f"{module} not installed (llama-cpp-python; torch: make reference-env)"}
-        print(f"  {label}", peer, flush=True)
-        rows.append((name, label, size, peer))
-        theirs, mine = logits_file(path, child), logits_file(path, "ours")
-        if theirs.exists() and mine.exists():
-            a, b = np.load(mine), np.load(theirs)
-            notes.append(f"{name}: last-position logits, max |ours - {label}| / max |{label}| = "
-                         f"{np.abs(a - b).max() / np.abs(b).max():.1e}, same top-1: {int(a.argmax()) == int(b.argmax())}"
-                         f" ({vs})")
-
-    line = machine_line(os.cpu_count())
-    out = [f"{args.preset}-shaped random weights, {PROMPT_LEN}-token prefill, decode of {DECODE} tokens (median); "
-           f"one run. Machine: {line}", "",
-           "| file | engine | load s | prefill 32 s | decode s/token | floor s | decode / floor | prefill / floor "
-           "| peak RSS GiB | RSS - file GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    floors = {name: r.get("floor_s") for name, eng, _, r in rows if eng == "llama_ref"}
-    for name, engine, size, r in rows:
-        if "error" in r:
-            out.append(f"| {name} | {engine} | {r['error']} |||||||||")
-            continue
-        fl = floors.get(name)
-        ratio = (lambda x: f"{x / fl:.2f}") if fl else (lambda x: "")
-        out.append(f"| {name} | {engine} | {r['load_s']:.1f} | {r['inspect_s']:.1f} | {r['decode_s']:.2f} | "
-                   f"{r.get('floor_s', float('nan')):.2f} | {ratio(r['decode_s'])} | {ratio(r['inspect_s'])} | "
-                   f"{r['rss'] / GIB:.2f} | {(r['rss'] - size) / GIB:+.2f} |")
-    text = "\n".join(out + [""] + [f"- {n}" for n in notes])
+                results["notes"].append(
+                    f"`{command}` on {name}: exit {r.get('code', '?')}, peak RSS {r.get('rss', 0) / GIB:.2f} GiB "
+                    f"({'<=' if r.get('rss', 1e99) <= size + 2 * GIB else '>'} file + 2 GiB), {r.get('seconds', 0):.0f} s"
+                    f", path: {r.get('path')}")
+        if not args.skip_peers:
+            try:
+                __import__(module)
+                warm(path)
+                f["engines"][peer] = run_child(child, path, ids)
+            except ImportError:
+                f["engines"][peer] = {"error": f"{module} not installed (llama-cpp-python; torch: make reference-env)"}
+            print(f"  {peer}", f["engines"][peer], flush=True)
+            theirs, mine = logits_file(path, child), logits_file(path, "ours")
+            if theirs.exists() and mine.exists():
+                a, b = np.load(mine), np.load(theirs)
+                ours_gen = f["engines"]["llama_ref"].get("generated", [])
+                peer_gen = f["engines"][peer].get("generated", [])
+                vs = ("llama.cpp rounds activations to 8 bits, and its KV cache to f16" if gguf else
+                      "we run the float16 weights, it rounds them to bfloat16")
+                results["notes"].append(
+                    f"{name}: last prompt position's logits, max |ours - {peer}| / max |{peer}| = "
+                    f"{np.abs(a - b).max() / np.abs(b).max():.1e}, same top-1: {int(a.argmax()) == int(b.argmax())} "
+                    f"({vs}); greedy ids the same for {_common_prefix(ours_gen, peer_gen)} of {len(ours_gen)} tokens")
+                theirs.unlink()
+                mine.unlink()
+        results["files"].append(f)
+    results["machine"] = machine_line(THREADS)
+    text = tables(results)
     print("\n" + text)
     if args.readme:
         write_readme_block("BENCH-BIG", text, anchor="<!-- /BENCH-QUANT -->")
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {RESULTS}")
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        pin_threads(os.cpu_count())
+        pin_threads(THREADS)
         kind, rest = sys.argv[2], sys.argv[3:]
-        {"ours": child_ours, "cli": child_cli, "llamacpp": child_llamacpp, "transformers": child_transformers}[kind](*rest)
+        {"ours": child_ours, "cli": child_cli, "llamacpp": child_llamacpp, "transformers": child_transformers,
+         "rates": child_rates}[kind](*rest)
     else:
         main()

@@ -6,7 +6,7 @@ dequantize (chapter 14).
 
 A GGUF file is: header, key/value metadata (architecture hyper-parameters, the tokenizer), tensor infos
 (name, ggml type, dims), then the tensor data, aligned to 32 bytes. We write it with the `gguf` package
-(gguf-py, maintained in llama.cpp's repository) and read it memory-mapped with its GGUFReader.
+(gguf-py, maintained in llama.cpp's repository) and read it memory-mapped with our own header reader (GGUFHeader).
 
 Three things differ from our HF-layout weights dict:
   names   token_embd.weight, blk.{i}.attn_q.weight, ... (the GGUF column of weights.py's name table)
@@ -24,7 +24,9 @@ multiple of 32 is written as F16, as convert_hf_to_gguf.py does.
 from __future__ import annotations
 
 import functools
+import struct
 import warnings
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +116,10 @@ def special_ids(path) -> tuple[int, int]:
 def read_gguf_vocab(path) -> GGUFVocab | None:
     """The SentencePiece vocabulary stored in a GGUF (tokenizer.ggml.*), or None if it has none."""
     r = _open_gguf(path)
-    if r.get_field("tokenizer.ggml.tokens") is None or _field(r, "tokenizer.ggml.model") != "llama":
+    if _field(r, "tokenizer.ggml.tokens") is None or _field(r, "tokenizer.ggml.model") != "llama":
         return None
-    return GGUFVocab((r.get_field("tokenizer.ggml.tokens").contents(), r.get_field("tokenizer.ggml.scores").contents(),
-                      r.get_field("tokenizer.ggml.token_type").contents(),
-                      int(_field(r, "tokenizer.ggml.unknown_token_id", 0))))
+    return GGUFVocab((_field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.scores"),
+                      _field(r, "tokenizer.ggml.token_type"), int(_field(r, "tokenizer.ggml.unknown_token_id", 0))))
 
 
 def read_chat_template(path) -> str | None:
@@ -254,11 +255,148 @@ def add_llama_metadata(w, config: LlamaConfig, file_type: int, vocab=None, name=
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading
+# Reading: the header, parsed once by our own reader
+#
+#   "GGUF" | version u32 (2 or 3) | tensor count u64 | metadata count u64
+#   metadata: key (string) | value type u32 | value          string = length u64 | UTF-8 bytes
+#             array = item type u32 | count u64 | items      (types below)
+#   tensor infos: name (string) | n_dims u32 | dims u64 x n_dims (fastest first) | ggml type u32 | offset u64
+#   tensor data from the first multiple of general.alignment (32) after the infos; each tensor at its offset
+# gguf-py's GGUFReader makes a NumPy view per value, 3.5 s for a 32000-piece vocabulary; this reader reads the same
+# bytes with struct and np.frombuffer (30 ms), and checks every count against the bytes left before it reads or
+# allocates anything, so a lying header is a CheckpointError naming what lied, never a huge allocation.
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MIN_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
+GGML_MAX_DIMS = 4
+
+
+class GGUFTensor(NamedTuple):
+    name: str
+    tensor_type: object          # gguf.GGMLQuantizationType
+    shape: tuple                 # GGUF's order: fastest-varying first (ne0 = the row length)
+    data: np.ndarray             # the bytes in the file: float32/float16/bf16 bits (numpy order), or (rows, row bytes)
+
+
+class GGUFHeader:
+    """A GGUF file's metadata (`kv`: key -> Python value, arrays as lists) and tensors (GGUFTensor, data memory-mapped),
+    read once. `source` names the file in messages."""
+
+    def __init__(self, path):
+        from gguf import GGMLQuantizationType
+        from gguf.constants import GGML_QUANT_SIZES
+        self.source = str(path)
+        self.map = np.memmap(path, np.uint8, mode="r")
+        self.buf, self.pos = memoryview(self.map), 0
+        if bytes(self.buf[:4]) != b"GGUF":
+            raise self.error("does not start with the GGUF magic bytes")
+        self.pos = 4
+        version = self.scalar("<I", "the version")
+        if version not in (2, 3):
+            raise self.error(f"has GGUF version {version:#x}; llama_ref reads versions 2 and 3 (little-endian)")
+        n_tensors, n_kv = self.scalar("<Q", "the tensor count"), self.scalar("<Q", "the metadata count")
+        self.check_count(n_kv, 8 + 4 + 1, "the metadata count")
+        self.kv = {}
+        for _ in range(n_kv):
+            key = self.string("a metadata key")
+            if key in self.kv:
+                raise self.error(f"holds metadata key {key!r} twice")
+            self.kv[key] = self.value(self.scalar("<I", f"the type of {key!r}"), key)
+        self.check_count(n_tensors, 8 + 4 + 4 + 8, "the tensor count")
+        infos = []
+        for _ in range(n_tensors):
+            name = self.string("a tensor name")
+            n_dims = self.scalar("<I", f"the dimension count of tensor {name!r}")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise self.error(f"says tensor {name!r} has {n_dims} dimensions (1 to {GGML_MAX_DIMS})")
+            dims = tuple(self.scalar("<Q", f"a dimension of tensor {name!r}") for _ in range(n_dims))
+            code = self.scalar("<I", f"the type of tensor {name!r}")
+            try:
+                kind = GGMLQuantizationType(code)
+            except ValueError:
+                raise self.error(f"says tensor {name!r} has type {code}, which no ggml type is") from None
+            infos.append((name, dims, kind, self.scalar("<Q", f"the data offset of tensor {name!r}")))
+        alignment = self.kv.get("general.alignment", 32)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
+            raise self.error(f"has general.alignment={alignment!r}; it must be a power of two")
+        start = -(-self.pos // alignment) * alignment
+        names, self.tensors = set(), []
+        for name, dims, kind, offset in infos:
+            if name in names:
+                raise self.error(f"holds tensor {name!r} twice")
+            names.add(name)
+            block, size = GGML_QUANT_SIZES[kind]
+            count = int(np.prod(dims, dtype=object))
+            if count == 0 or dims[0] % block:
+                raise self.error(f"says tensor {name!r} has shape {dims}, whose rows are not whole {kind.name} blocks "
+                                 f"of {block}")
+            nbytes = count // block * size
+            if start + offset + nbytes > len(self.map):
+                raise self.error(f"says tensor {name!r} ({nbytes:,} bytes) lies at byte {start + offset:,}, past the "
+                                 f"end of the {len(self.map):,}-byte file: it is truncated")
+            raw = self.map[start + offset:start + offset + nbytes]
+            self.tensors.append(GGUFTensor(name, kind, dims, _tensor_view(raw, dims, kind, block, size)))
+
+    def error(self, what):
+        return CheckpointError(f"{self.source} {what}; the file is not a GGUF llama_ref can read (truncated or corrupt?):"
+                               " re-download or re-export it")
+
+    def check_count(self, n, min_bytes, what):
+        left = len(self.map) - self.pos
+        if n * min_bytes > left:
+            raise self.error(f"says {what} is {n:,}, more than the {left:,} bytes left can hold")
+
+    def scalar(self, fmt, what):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.map):
+            raise self.error(f"ends inside {what} (byte {self.pos:,})")
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def string(self, what):
+        n = self.scalar("<Q", f"the length of {what}")
+        self.check_count(n, 1, f"the length of {what}")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"holds {what} that is not UTF-8 ({raw[:40]!r})") from None
+
+    def value(self, vtype, key):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], f"the value of {key!r}")
+        if vtype == _STRING:
+            return self.string(f"the value of {key!r}")
+        if vtype != _ARRAY:
+            raise self.error(f"gives metadata key {key!r} the value type {vtype}, which GGUF does not have")
+        item = self.scalar("<I", f"the item type of {key!r}")
+        n = self.scalar("<Q", f"the length of {key!r}")
+        if item not in _MIN_BYTES:
+            raise self.error(f"gives the items of {key!r} the type {item}, which GGUF does not have")
+        self.check_count(n, _MIN_BYTES[item], f"the length of {key!r}")
+        if item in _SCALARS:                                          # numbers: one view of the bytes
+            dtype = np.dtype(_SCALARS[item])
+            values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
+            self.pos += n * dtype.itemsize
+            return values
+        return [self.value(item, f"{key}[{i}]") for i in range(n)]
+
+
+def _tensor_view(raw, dims, kind, block, size):
+    """A tensor's bytes as the array readers use: float types in numpy order (reversed dims), block types as
+    (rows..., bytes per row)."""
+    float_types = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8,
+                   "I16": np.int16, "I32": np.int32, "I64": np.int64}
+    if kind.name in float_types:
+        return raw.view(float_types[kind.name]).reshape(tuple(reversed(dims)))
+    return raw.reshape(*reversed(dims[1:]), dims[0] // block * size)
+
 
 def _field(reader, key, default=None):
-    f = reader.get_field(key)
-    return default if f is None else f.contents()
+    return reader.kv.get(key, default)
 
 
 def _f32_value(v) -> float:
@@ -280,8 +418,8 @@ def gguf_config(reader, source="the GGUF") -> LlamaConfig:
     names = {t.name: t for t in reader.tensors}
     vocab = _field(reader, a + "vocab_size")
     if vocab is None:
-        toks = reader.get_field("tokenizer.ggml.tokens")
-        vocab = len(toks.data) if toks is not None else None
+        toks = _field(reader, "tokenizer.ggml.tokens")
+        vocab = len(toks) if isinstance(toks, list) else None
     if vocab is None and "token_embd.weight" in names:
         vocab = int(names["token_embd.weight"].shape[1])
     n_heads = _field(reader, a + "attention.head_count")
@@ -322,15 +460,13 @@ def gguf_config(reader, source="the GGUF") -> LlamaConfig:
 
 @functools.lru_cache(maxsize=4)
 def _reader(path: str, mtime_ns: int, size: int):
-    """gguf-py parses every metadata value in Python (3.5 s for a 32000-token vocabulary): a file is parsed once per
-    version (path, modification time, size), however many of config, weights and tokenizer are read from it."""
-    from gguf import GGUFReader
-    return GGUFReader(path)
+    """A file's header is parsed once per version (path, modification time, size), however many of config, weights
+    and tokenizer are read from it."""
+    return GGUFHeader(path)
 
 
 def _open_gguf(path):
-    """A GGUFReader over `path`, or CheckpointError: gguf-py trusts the file, so whatever it raises on a truncated
-    or lying file (IndexError, ValueError, struct errors, a count of 2^40) means "not a readable GGUF"."""
+    """The parsed header (GGUFHeader) of `path`, or CheckpointError for anything that is not a readable GGUF."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give the path of a .gguf file")
@@ -341,7 +477,9 @@ def _open_gguf(path):
     try:
         st = path.stat()
         return _reader(str(path.resolve()), st.st_mtime_ns, st.st_size)
-    except (Exception, MemoryError) as e:                          # noqa: BLE001 - third-party parser on bad bytes
+    except LlamaRefError:
+        raise
+    except (Exception, MemoryError) as e:                          # noqa: BLE001 - an empty file, a read error
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:200]}); it is "
                               "truncated or corrupt: re-download or re-export it") from None
 
@@ -408,7 +546,7 @@ class GGUFMatrix(quant.QuantizedMatrix):
 
 _OUR_DECODERS = {"Q4_K": quant.dequantize_q4_k, "Q6_K": quant.dequantize_q6_k,
                  "Q8_0": quant.dequantize_q8_0, "Q4_0": quant.dequantize_q4_0}
-_BLOCK_DOTS = {"Q4_K": quant.q4_k_dots, "Q8_0": quant.q8_0_dots, "Q4_0": quant.q4_0_dots}
+_BLOCK_DOTS = {"Q4_K": quant.q4_k_dots, "Q6_K": quant.q6_k_dots, "Q8_0": quant.q8_0_dots, "Q4_0": quant.q4_0_dots}
 
 
 def gguf_type_readable(ggml_type) -> bool:
@@ -497,10 +635,7 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
 def gguf_summary(path) -> dict:
     """Metadata and tensor types of a GGUF as plain Python (for chapters and tests): {"kv": {...}, "tensors": {...}}."""
     r = _open_gguf(path)
-    kv = {}
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            continue
-        kv[k] = f.contents()
+    kv = {k: v for k, v in r.kv.items()
+          if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")}
     tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in r.tensors}
     return {"kv": kv, "tensors": tensors}

@@ -58,6 +58,8 @@ def f16_to_f32(h, out=None, finite=False):
     Exact for every value. inf and NaN (exponent all ones) need a fourth pass that looks for them; finite=True skips it
     for values already checked finite (weights are, when loaded)."""
     h = np.asarray(h)
+    if not h.flags.c_contiguous:                                       # a field of records (a block's scale): one
+        h = np.ascontiguousarray(h)                                    # gather, then every pass runs contiguously
     out = np.empty(h.shape, F32) if out is None else out
     bits = out.view(np.int32)
     np.left_shift(h.view(np.int16), 13, out=bits, dtype=np.int32)

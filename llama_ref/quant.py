@@ -120,6 +120,15 @@ def blocks_of(data, block):
     return data.view(block)
 
 
+def block_scales(blocks, block, field, s: Scratch):
+    """The fp16 field `field` (a scale) of every block of rows `blocks`, as float32 (nb, rows) in a reused buffer:
+    gathered block-major in one pass whose inner loop runs along the rows, then expanded in contiguous passes."""
+    f = blocks_of(blocks, block)[field].T                               # (nb, rows) float16, strided
+    bits = s.get(field + "_bits", f.shape, np.float16)
+    np.copyto(bits, f)
+    return f16_to_f32(bits, s.get(field, f.shape))
+
+
 def q8_0_split(data):
     """Q8_0 bytes (..., nb*34) -> (d float32 (..., nb, 1), q int8 (..., nb, 32))."""
     b = blocks_of(data, Q8_0_BLOCK)
@@ -369,8 +378,7 @@ def q8_0_dots(blocks, x, out, s: Scratch):
     np.copyto(codes, blocks.reshape(r, nb, -1).view(np.int8), casting="unsafe")   # bytes of a scale: never read)
     dots = s.get("dots", (nb, N, r))                                    # dots[b, t, n] = x[t, b] . q[n, b]
     np.matmul(x.reshape(N, nb, QK).transpose(1, 0, 2), codes[:, :, 2:].transpose(1, 2, 0), out=dots)
-    d = f16_to_f32(blocks_of(blocks, Q8_0_BLOCK)["d"].T, s.get("d", (nb, r)))    # (nb, r)
-    np.multiply(dots, d[:, None, :], out=dots)
+    np.multiply(dots, block_scales(blocks, Q8_0_BLOCK, "d", s)[:, None, :], out=dots)    # d (nb, r)
     out[...] = np.sum(dots, axis=0, out=s.get("y", (N, r)))           # summed in a buffer of its own layout: the
     return out                                                          # same numbers wherever out lies
 
@@ -390,9 +398,48 @@ def q4_0_dots(blocks, x, out, s: Scratch):
     np.matmul(x.reshape(N, nb, 2, QK // 2).transpose(2, 1, 0, 3), codes[..., 2:].transpose(0, 2, 3, 1), out=dots)
     dots = np.add(dots[0], dots[1], out=dots[0])                        # (nb, N, r)
     dots -= F32(8) * x.reshape(N, nb, QK).sum(-1).T[:, :, None]         # the "- 8" of every code
-    np.multiply(dots, f16_to_f32(blocks_of(blocks, Q4_0_BLOCK)["d"].T, s.get("d", (nb, r)))[:, None, :], out=dots)
+    np.multiply(dots, block_scales(blocks, Q4_0_BLOCK, "d", s)[:, None, :], out=dots)
     out[...] = np.sum(dots, axis=0, out=s.get("y", (N, r)))
     return out
+
+
+def _scaled_block_sums(dots, scales, sub_axes, d, s: Scratch):
+    """y (N, r) = sum_b d[b, n] sum_j scales[j..., b, n] dots[j..., b, t, n]: dots (sub-block axes..., nb, N, r) are
+    the block dot products, scales (sub-block axes..., nb, 1, r) a float32 view of the sub-block scales, d (nb, r).
+    Every pass runs along r; the result lands in a buffer of its own layout (the same numbers wherever out lies)."""
+    np.multiply(dots, scales, out=dots)                                 # z: (nb, N, r)
+    z = np.sum(dots, axis=sub_axes, out=s.get("z", [n for i, n in enumerate(dots.shape) if i not in sub_axes]))
+    np.multiply(z, d[:, None, :], out=z)
+    return np.sum(z, axis=0, out=s.get("y", z.shape[1:]))               # (N, r)
+
+
+def _cast_codes(q, s: Scratch):
+    """The codes (integers in uint8) as float32, in one pass into a reused buffer."""
+    codes = s.get("codes", q.shape)
+    np.copyto(codes, q)
+    return codes
+
+
+def k_header(blocks, block_bytes, s: Scratch):
+    """d, dmin (nb, r) and the eight scales and mins (8, nb, r), float32, of K-quant rows whose blocks open with d,
+    dmin and 12 bytes of 6-bit scales and mins (Q4_K, Q5_K): the 16 header bytes of every block are gathered once,
+    block-major, and unpacked as k_scales does, so every pass runs along the rows."""
+    r = blocks.shape[0]
+    words = blocks.view("<u4").reshape(r, -1, block_bytes // 4)         # (r, nb, words)
+    nb = words.shape[1]
+    head = s.get("head", (4, nb, r), "<u4")                             # [d | dmin, scale bytes 0-3, 4-7, 8-11]
+    np.copyto(head, words[:, :, :4].transpose(2, 1, 0))
+    halves = head[0].view(np.float16).reshape(nb, r, 2)                # d, dmin
+    d, dmin = f16_to_f32(halves[..., 0], s.get("d", (nb, r))), f16_to_f32(halves[..., 1], s.get("dmin", (nb, r)))
+    s0, s1, s2 = head[1], head[2], head[3]
+    lanes = s.get("lanes", (2, 2, nb, r), "<u4")                        # [scales, mins] x [0-3, 4-7], 4 per lane
+    np.bitwise_and(s0, 0x3F3F3F3F, out=lanes[0, 0])
+    np.bitwise_and(s1, 0x3F3F3F3F, out=lanes[1, 0])
+    lanes[0, 1] = (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030)
+    lanes[1, 1] = ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030)
+    both = s.get("scales", (2, 8, nb, r))                               # [scales, mins] x j, float32
+    np.copyto(both.reshape(2, 2, 4, nb, r), lanes.view(np.uint8).reshape(2, 2, nb, r, 4).transpose(0, 1, 4, 2, 3))
+    return d, dmin, both[0], both[1]
 
 
 def q4_k_dots(blocks, x, out, s: Scratch):
@@ -404,20 +451,54 @@ def q4_k_dots(blocks, x, out, s: Scratch):
     nibbles = s.get("nibbles", (2, r, nb, Q4_K_BLOCK_BYTES), np.uint8)  # [low, high] of every byte
     np.bitwise_and(raw, np.uint8(15), out=nibbles[0])
     np.right_shift(raw, np.uint8(4), out=nibbles[1])
-    codes = s.get("codes", nibbles.shape)
-    np.copyto(codes, nibbles)
-    # sub-block 2i + h of a block is nibble half h of its 32-byte chunk i (bytes 16 + 32 i ...)
+    codes = _cast_codes(nibbles, s)
+    # sub-block j = 2i + h of a block is nibble half h of its 32-byte chunk i (bytes 16 + 32 i ...)
     dots = s.get("dots", (2, nb, 4, N, r))                              # dots[h, b, i, t, n]
     np.matmul(x.reshape(N, nb, 4, 2, 32).transpose(3, 1, 2, 0, 4),
               codes[..., 16:].reshape(2, r, nb, 4, 32).transpose(0, 2, 3, 4, 1), out=dots)
-    b = blocks_of(blocks, Q4_K_BLOCK)                                   # (r, nb)
-    sc, mn = k_scales(blocks)                                           # (r, nb, 8) uint8
-    scale = np.multiply(sc, f16_to_f32(b["d"], s.get("d", (r, nb)))[:, :, None], out=s.get("scale", (r, nb, 8)))
-    np.multiply(dots, scale.reshape(r, nb, 4, 2).transpose(3, 1, 2, 0)[:, :, :, None, :], out=dots)
-    y = np.sum(dots, axis=(0, 1, 2), out=s.get("y", (N, r)))
-    mins = np.multiply(mn, f16_to_f32(b["dmin"], s.get("dmin", (r, nb)))[:, :, None], out=s.get("mins", (r, nb, 8)))
-    y -= x.reshape(N, nb * 8, 32).sum(-1) @ mins.reshape(r, nb * 8).T
+    d, dmin, scales, mins = k_header(blocks, Q4_K_BLOCK_BYTES, s)      # (nb, r), (nb, r), (8, nb, r), (8, nb, r)
+    y = _scaled_block_sums(dots, scales.reshape(4, 2, nb, r).transpose(1, 2, 0, 3)[:, :, :, None, :], (0, 2), d, s)
+    sums = x.reshape(N, nb, 8, 32).sum(-1).transpose(1, 0, 2)           # (nb, N, 8): sum(x_j)
+    m = np.matmul(sums, mins.transpose(1, 0, 2), out=s.get("mins", (nb, N, r)))     # sum_j min_j sum(x_j)
+    np.multiply(m, dmin[:, None, :], out=m)
+    y -= m.sum(axis=0)
     out[...] = y
+    return out
+
+
+_Q6_K_SHIFTS = (np.arange(4, dtype=np.uint8) * np.uint8(2)).reshape(4, 1, 1, 1, 1)     # bit 2k holds element 32k's
+
+
+def q6_k_dots(blocks, x, out, s: Scratch):
+    """out (N, r) = x (N, K) @ W.T for Q6_K rows (r, K/256*210): w = d scale_j (q - 32) per sub-block j of 16,
+    q = 4 low bits | 2 high bits << 4. Element h*128 + 32k + l of a block takes its low bits from byte
+    h*64 + 32(k % 2) + l of ql (the low nibble for k < 2, the high one for k >= 2) and its high bits from bits 2k of
+    byte h*32 + l of qh. The codes are assembled k-major, (4, r, nb, 2, 32), so that after one gather of the low bytes
+    every step is one long NumPy pass."""
+    r, N = blocks.shape[0], x.shape[0]
+    nb = blocks.shape[1] // Q6_K_BLOCK_BYTES
+    b = blocks_of(blocks, Q6_K_BLOCK)                                   # (r, nb)
+    low = s.get("low", (2, r, nb, 2, 32), np.uint8)                     # ql by 32-byte chunk j: (j, n, b, h, l)
+    np.copyto(low, b["ql"].reshape(r, nb, 2, 2, 32).transpose(3, 0, 1, 2, 4))
+    q = s.get("q", (4, r, nb, 2, 32), np.uint8)                         # q[k, n, b, h, l]
+    np.bitwise_and(low, np.uint8(15), out=q[:2])
+    np.right_shift(low, np.uint8(4), out=q[2:])
+    high = s.get("high", (r, nb, 2, 32), np.uint8)
+    np.copyto(high, b["qh"].reshape(r, nb, 2, 32))
+    top = s.get("top", q.shape, np.uint8)
+    np.right_shift(high, _Q6_K_SHIFTS, out=top)
+    np.bitwise_and(top, np.uint8(3), out=top)
+    np.left_shift(top, np.uint8(4), out=top)
+    np.bitwise_or(q, top, out=q)
+    codes = _cast_codes(q, s)
+    dots = s.get("dots", (4, nb, 2, 2, N, r))                           # dots[k, b, h, half, t, n], sub-blocks of 16
+    xs = x.reshape(N, nb, 2, 4, 2, 16)                                  # [t, b, h, k, half, i]
+    np.matmul(xs.transpose(3, 1, 2, 4, 0, 5), codes.reshape(4, r, nb, 2, 2, 16).transpose(0, 2, 3, 4, 5, 1), out=dots)
+    dots -= F32(32) * xs.sum(-1).transpose(3, 1, 2, 4, 0)[..., None]    # the "- 32" of every code
+    scales = s.get("scales", (16, nb, r))                               # gathered block-major, as float32
+    np.copyto(scales, b["scales"].transpose(2, 1, 0))
+    view = scales.reshape(2, 4, 2, nb, r).transpose(1, 3, 0, 2, 4)[:, :, :, :, None, :]    # (k, b, h, half, 1, r)
+    out[...] = _scaled_block_sums(dots, view, (0, 2, 3), block_scales(blocks, Q6_K_BLOCK, "d", s), s)
     return out
 
 

@@ -2,6 +2,7 @@
 independent reader (transformers' GGUF loader: its own dequantization and q/k un-permutation) on the same files."""
 import io
 import random
+import re
 
 import numpy as np
 import pytest
@@ -254,7 +255,7 @@ def test_linear_rope_scaling_round_trips_and_other_scalings_are_refused(tmp_path
     cfg = CFG.replace(rope_scaling=RopeScaling("linear", 4.0))
     weights = random_weights(cfg, seed=5)
     path = G.save_gguf(tmp_path / "lin.gguf", cfg, weights, None, "f32")
-    r = GGUFReader(path)
+    r = G._open_gguf(path)
     assert G._field(r, "llama.rope.scaling.type") == "linear" and G._field(r, "llama.rope.scaling.factor") == 4.0
     config, loaded = G.load_gguf(path)
     assert config == cfg
@@ -274,4 +275,47 @@ def test_linear_rope_scaling_round_trips_and_other_scalings_are_refused(tmp_path
     w.write_kv_data_to_file()
     w.close()
     with pytest.raises(CheckpointError, match="yarn"):
-        G.gguf_config(GGUFReader(tmp_path / "yarn.gguf"))
+        G.gguf_config(G._open_gguf(tmp_path / "yarn.gguf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Our header reader (GGUFHeader) against gguf-py's GGUFReader, and what it refuses
+
+@pytest.mark.parametrize("file_type", ["f32", "f16", "q8_0"])
+def test_header_reader_equals_gguf_py(model, tokenizer_path, tmp_path, file_type):
+    path = G.save_gguf(tmp_path / "m.gguf", CFG, model, tokenizer_path, file_type)
+    ours, theirs = G.GGUFHeader(path), GGUFReader(str(path))
+    assert ours.kv == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == [int(x) for x in b.shape]
+        np.testing.assert_array_equal(a.data.view(np.uint8), np.asarray(b.data).view(np.uint8))
+
+
+def _header(n_tensors, n_kv, body=b""):
+    import struct
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b"GGML" + bytes(20), "magic"),
+    (b"GGUF" + bytes([1, 0, 0, 0]) + bytes(16), "version 0x1"),
+    (_header(0, 2 ** 40), "metadata count is 1,099,511,627,776, more than"),
+    (_header(2 ** 40, 0), "tensor count is 1,099,511,627,776, more than"),
+    (_header(0, 1, b"\xff" * 8 + bytes(16)), "the length of a metadata key is"),
+    (_header(0, 1, (3).to_bytes(8, "little") + b"abc" + (9).to_bytes(4, "little") + (6).to_bytes(4, "little")
+             + (2 ** 50).to_bytes(8, "little")), "the length of 'abc' is"),
+    (_header(0, 1, (3).to_bytes(8, "little") + b"abc" + (77).to_bytes(4, "little")), "value type 77"),
+    (_header(0, 2, ((3).to_bytes(8, "little") + b"abc" + (4).to_bytes(4, "little") + bytes(4)) * 2), "twice"),
+    (_header(0, 1, (2).to_bytes(8, "little") + b"\xff\xfe" + (4).to_bytes(4, "little") + bytes(4)), "not UTF-8"),
+    (_header(1, 0, (1).to_bytes(8, "little") + b"t" + (9).to_bytes(4, "little") + bytes(16)), "9 dimensions"),
+    (_header(1, 0, (1).to_bytes(8, "little") + b"t" + (1).to_bytes(4, "little") + (64).to_bytes(8, "little")
+             + (0).to_bytes(4, "little") + (0).to_bytes(8, "little")), "past the end"),
+    (_header(1, 0, (1).to_bytes(8, "little") + b"t" + (1).to_bytes(4, "little") + (64).to_bytes(8, "little")
+             + (8888).to_bytes(4, "little") + (0).to_bytes(8, "little")), "type 8888"),
+])
+def test_header_reader_refuses_a_lying_header_by_name(tmp_path, raw, says):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        G.GGUFHeader(p)
