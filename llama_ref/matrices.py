@@ -86,7 +86,7 @@ _NONFINITE_FROM = {np.dtype(np.float16): (np.uint16, 0xF800), np.dtype(np.uint16
                    np.dtype(np.float32): (np.uint32, 0xFF000000)}
 
 
-def first_nonfinite(a, chunk=1 << 22):
+def first_nonfinite(a, chunk=1 << 18):
     """Index (a tuple) of the first inf/NaN in a float16, bfloat16 (uint16 bits) or float32 array, or None; read in
     chunks of its raw bits with integer operations."""
     a = np.asarray(a)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, NonFiniteWeightsError, ShapeMismatchError
+from .matrices import run_jobs
 
 # short name: (HF name, GGUF name, llama2.c array). Per-layer names take the layer index for {i}; llama2.c stacks each
 # per-layer tensor over layers in one array. q/k rows: HF's rotate-half order here, Meta's pairs in GGUF and llama2.c.
@@ -126,13 +127,32 @@ def check_weights(config: LlamaConfig, weights: dict, source=None, check_finite=
             raise ShapeMismatchError(
                 f"tensor {name!r}{src} has shape {got} but config.json requires {shape} {why}: config.json and the "
                 f"weights disagree; use the config.json the weights were saved with (or fix its sizes)")
-        w = weights[name]
-        if not check_finite:
-            continue
+    if check_finite:
+        check_all_finite(weights, expected, src)
+
+
+def check_all_finite(weights, names, src=""):
+    """No NaN/Inf in any of `names`: arrays scanned in chunks, stored matrices by their first_nonfinite() (their raw bits,
+    or the scales of quantized blocks), the tensors spread over the cores (matrices.run_jobs)."""
+    found = {}
+
+    def scan(name, w):
         if isinstance(w, np.ndarray):
             check_finite_array(name, w, src)
         elif hasattr(w, "first_nonfinite"):                                    # a stored matrix (matrices.py)
             check_finite_stored(name, w, src)
+
+    def job(name):
+        def run(_scratch):
+            try:
+                scan(name, weights[name])
+            except NonFiniteWeightsError as e:
+                found[name] = e
+        return run
+    run_jobs([job(name) for name in names])
+    for name in names:                                                         # the first in the model's order
+        if name in found:
+            raise found[name]
 
 
 def check_layer_count(config: LlamaConfig, names, src="") -> None:
