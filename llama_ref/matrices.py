@@ -56,8 +56,12 @@ def f16_to_f32(h, out=None, finite=False):
         * 2^112                    rescales float16's exponent bias (15) to float32's (127), and turns float16's
                                    subnormals into the right float32 normals
     Exact for every value. inf and NaN (exponent all ones) need a fourth pass that looks for them; finite=True skips it
-    for values already checked finite (weights are, when loaded)."""
+    for values already checked finite (weights are, when loaded). Small arrays (a tile's block scales) are looked up
+    in a table of all 65536 float16 values instead: one NumPy call, where each pass costs a call's overhead."""
     h = np.asarray(h)
+    if h.size <= _SMALL:
+        index = h.view(np.uint16).astype(np.intp)                      # contiguous indices: take's fast path
+        return np.take(_f16_table(), index, out=out, mode="clip")      # (clip: no bounds pass; all are in range)
     if not h.flags.c_contiguous:                                       # a field of records (a block's scale): one
         h = np.ascontiguousarray(h)                                    # gather, then every pass runs contiguously
     out = np.empty(h.shape, F32) if out is None else out
@@ -70,6 +74,15 @@ def f16_to_f32(h, out=None, finite=False):
         if special.any():
             out[special] = h[special].astype(F32)
     return out
+
+
+_SMALL = 1 << 16
+
+
+@functools.cache
+def _f16_table():
+    """float32 value of every float16 bit pattern (NumPy's own conversion, inf and NaN included): 256 KB."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(F32)
 
 
 def bf16_to_f32(bits, out=None):
@@ -108,15 +121,21 @@ class Scratch:
     when a bigger one is asked for), so a tile loop allocates nothing after its first tile."""
 
     def __init__(self):
-        self.buffers = {}
+        self.buffers, self.views = {}, {}                    # name -> bytes; (name, shape, dtype) -> a view of them
 
     def get(self, name, shape, dtype=F32):
+        key = (name, shape, dtype)
+        view = self.views.get(key)
+        if view is not None:
+            return view
         dtype = np.dtype(dtype)
         n = int(np.prod(shape)) * dtype.itemsize
         buf = self.buffers.get(name)
         if buf is None or buf.size < n:
             buf = self.buffers[name] = np.empty(max(n, 64), np.uint8)
-        return buf[:n].view(dtype).reshape(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != name}   # views of the old buffer go
+        view = self.views[key] = buf[:n].view(dtype).reshape(shape)
+        return view
 
     @property
     def nbytes(self):

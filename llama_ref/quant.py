@@ -408,7 +408,7 @@ def _scaled_block_sums(dots, scales, sub_axes, d, s: Scratch):
     the block dot products, scales (sub-block axes..., nb, 1, r) a float32 view of the sub-block scales, d (nb, r).
     Every pass runs along r; the result lands in a buffer of its own layout (the same numbers wherever out lies)."""
     np.multiply(dots, scales, out=dots)                                 # z: (nb, N, r)
-    z = np.sum(dots, axis=sub_axes, out=s.get("z", [n for i, n in enumerate(dots.shape) if i not in sub_axes]))
+    z = np.sum(dots, axis=sub_axes, out=s.get("z", tuple(n for i, n in enumerate(dots.shape) if i not in sub_axes)))
     np.multiply(z, d[:, None, :], out=z)
     return np.sum(z, axis=0, out=s.get("y", z.shape[1:]))               # (N, r)
 
@@ -420,25 +420,31 @@ def _cast_codes(q, s: Scratch):
     return codes
 
 
+_NIBBLE_SHIFTS = np.array([0, 4], np.uint32).reshape(2, 1, 1)
+_K_HEAD = {size: np.dtype([("head", "V16"), ("rest", "V", size - 16)]) for size in (144, 176)}   # Q4_K, Q5_K
+
+
 def k_header(blocks, block_bytes, s: Scratch):
     """d, dmin (nb, r) and the eight scales and mins (8, nb, r), float32, of K-quant rows whose blocks open with d,
     dmin and 12 bytes of 6-bit scales and mins (Q4_K, Q5_K): the 16 header bytes of every block are gathered once,
-    block-major, and unpacked as k_scales does, so every pass runs along the rows."""
+    block-major (one pass, 16 bytes a block), and unpacked as k_scales does, so every pass runs along the rows."""
     r = blocks.shape[0]
-    words = blocks.view("<u4").reshape(r, -1, block_bytes // 4)         # (r, nb, words)
-    nb = words.shape[1]
-    head = s.get("head", (4, nb, r), "<u4")                             # [d | dmin, scale bytes 0-3, 4-7, 8-11]
-    np.copyto(head, words[:, :, :4].transpose(2, 1, 0))
-    halves = head[0].view(np.float16).reshape(nb, r, 2)                # d, dmin
-    d, dmin = f16_to_f32(halves[..., 0], s.get("d", (nb, r))), f16_to_f32(halves[..., 1], s.get("dmin", (nb, r)))
-    s0, s1, s2 = head[1], head[2], head[3]
-    lanes = s.get("lanes", (2, 2, nb, r), "<u4")                        # [scales, mins] x [0-3, 4-7], 4 per lane
-    np.bitwise_and(s0, 0x3F3F3F3F, out=lanes[0, 0])
-    np.bitwise_and(s1, 0x3F3F3F3F, out=lanes[1, 0])
-    lanes[0, 1] = (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030)
-    lanes[1, 1] = ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030)
+    heads = blocks.view(_K_HEAD[block_bytes])["head"]                 # (r, nb): 16 bytes each, strided
+    nb = heads.shape[1]
+    gathered = s.get("head", (nb, r), "V16")
+    np.copyto(gathered, heads.T)
+    head = gathered.view("<u4").reshape(nb, r, 4).transpose(2, 0, 1)   # [d | dmin, scale bytes 0-3, 4-7, 8-11]
+    d_dmin = f16_to_f32(gathered.view(np.float16).reshape(nb, r, 8)[..., :2], s.get("d_dmin", (nb, r, 2)))
+    d, dmin = d_dmin[..., 0], d_dmin[..., 1]
+    lanes = s.get("lanes", (2, 2, nb, r), "<u4")                        # [0-3, 4-7] x [scales, mins], 4 per lane
+    np.bitwise_and(head[1:3], 0x3F3F3F3F, out=lanes[0])                 # scales 0-3, mins 0-3
+    high = np.right_shift(head[3], _NIBBLE_SHIFTS, out=lanes[1])       # bytes 8-11: scales' low nibbles, mins' high
+    np.bitwise_and(high, 0x0F0F0F0F, out=high)
+    top = np.right_shift(head[1:3], 2, out=s.get("top2", (2, nb, r), "<u4"))   # the 2 top bits of bytes 0-7 ...
+    np.bitwise_and(top, 0x30303030, out=top)                            # ... moved to bits 4-5
+    np.bitwise_or(high, top, out=high)                                  # scales 4-7, mins 4-7
     both = s.get("scales", (2, 8, nb, r))                               # [scales, mins] x j, float32
-    np.copyto(both.reshape(2, 2, 4, nb, r), lanes.view(np.uint8).reshape(2, 2, nb, r, 4).transpose(0, 1, 4, 2, 3))
+    np.copyto(both.reshape(2, 2, 4, nb, r), lanes.view(np.uint8).reshape(2, 2, nb, r, 4).transpose(1, 0, 4, 2, 3))
     return d, dmin, both[0], both[1]
 
 
@@ -466,7 +472,8 @@ def q4_k_dots(blocks, x, out, s: Scratch):
     return out
 
 
-_Q6_K_SHIFTS = (np.arange(4, dtype=np.uint8) * np.uint8(2)).reshape(4, 1, 1, 1, 1)     # bit 2k holds element 32k's
+_Q6_K_TOP_SHIFTS = np.array([4, 2, 0], np.uint32).reshape(3, 1, 1, 1, 1)   # bits 2k of a byte to bits 4-5, k < 3
+_Q6_K_TAIL = np.dtype([("quants", "V", 192), ("tail", "V18")])                  # the 16 scales and d of a block
 
 
 def q6_k_dots(blocks, x, out, s: Scratch):
@@ -474,7 +481,8 @@ def q6_k_dots(blocks, x, out, s: Scratch):
     q = 4 low bits | 2 high bits << 4. Element h*128 + 32k + l of a block takes its low bits from byte
     h*64 + 32(k % 2) + l of ql (the low nibble for k < 2, the high one for k >= 2) and its high bits from bits 2k of
     byte h*32 + l of qh. The codes are assembled k-major, (4, r, nb, 2, 32), so that after one gather of the low bytes
-    every step is one long NumPy pass."""
+    every step is one long NumPy pass; bit moves run on uint32 lanes (NumPy's uint8 shifts are not vectorised), the
+    mask keeping each byte's own bits."""
     r, N = blocks.shape[0], x.shape[0]
     nb = blocks.shape[1] // Q6_K_BLOCK_BYTES
     b = blocks_of(blocks, Q6_K_BLOCK)                                   # (r, nb)
@@ -485,20 +493,24 @@ def q6_k_dots(blocks, x, out, s: Scratch):
     np.right_shift(low, np.uint8(4), out=q[2:])
     high = s.get("high", (r, nb, 2, 32), np.uint8)
     np.copyto(high, b["qh"].reshape(r, nb, 2, 32))
-    top = s.get("top", q.shape, np.uint8)
-    np.right_shift(high, _Q6_K_SHIFTS, out=top)
-    np.bitwise_and(top, np.uint8(3), out=top)
-    np.left_shift(top, np.uint8(4), out=top)
-    np.bitwise_or(q, top, out=q)
+    high, top = high.view("<u4"), s.get("top", (4, r, nb, 2, 8), "<u4")
+    np.left_shift(high, _Q6_K_TOP_SHIFTS, out=top[:3])                  # bits 2k -> 4-5 (k = 0, 1, 2)
+    np.right_shift(high, 2, out=top[3])                                 # bits 6-7 -> 4-5
+    np.bitwise_and(top, 0x30303030, out=top)
+    np.bitwise_or(q.view("<u4"), top, out=q.view("<u4"))
     codes = _cast_codes(q, s)
     dots = s.get("dots", (4, nb, 2, 2, N, r))                           # dots[k, b, h, half, t, n], sub-blocks of 16
     xs = x.reshape(N, nb, 2, 4, 2, 16)                                  # [t, b, h, k, half, i]
     np.matmul(xs.transpose(3, 1, 2, 4, 0, 5), codes.reshape(4, r, nb, 2, 2, 16).transpose(0, 2, 3, 4, 5, 1), out=dots)
     dots -= F32(32) * xs.sum(-1).transpose(3, 1, 2, 4, 0)[..., None]    # the "- 32" of every code
-    scales = s.get("scales", (16, nb, r))                               # gathered block-major, as float32
-    np.copyto(scales, b["scales"].transpose(2, 1, 0))
+    tails = s.get("tails", (nb, r), "V18")                              # scales and d, gathered block-major
+    np.copyto(tails, blocks.view(_Q6_K_TAIL)["tail"].T)
+    tails = tails.view(np.uint8).reshape(nb, r, 18)
+    scales = s.get("scales", (16, nb, r))
+    np.copyto(scales, tails[..., :16].view(np.int8).transpose(2, 0, 1))
+    d = f16_to_f32(tails[..., 16:].view(np.float16)[..., 0], s.get("d", (nb, r)))
     view = scales.reshape(2, 4, 2, nb, r).transpose(1, 3, 0, 2, 4)[:, :, :, :, None, :]    # (k, b, h, half, 1, r)
-    out[...] = _scaled_block_sums(dots, view, (0, 2, 3), block_scales(blocks, Q6_K_BLOCK, "d", s), s)
+    out[...] = _scaled_block_sums(dots, view, (0, 2, 3), d, s)
     return out
 
 
