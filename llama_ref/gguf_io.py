@@ -495,9 +495,9 @@ FP16_SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0
 class GGUFMatrix(quant.QuantizedMatrix):
     """A GGUF tensor of any block type, as stored: raw rows (out, bytes per row), expanded by the type's decoder.
 
-    Q4_K and Q6_K (llama.cpp's Q4_K_M mix) use quant.py's vectorised decoders, and Q4_K multiplies by block dot
-    products (quant.q4_k_dots); every other type gguf-py's NumPy decoders (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, the IQ
-    types, ...)."""
+    A few tokens multiply Q8_0, Q4_0 and the K-quants of the Q4_K_M/Q5_K_M mixes (Q4_K, Q5_K, Q6_K) by block dot
+    products (quant.q4_k_dots ...); more tokens, and every other type, expand a tile with a decoder: quant.py's for
+    Q8_0, Q4_0, Q4_K and Q6_K, gguf-py's NumPy ones for the rest (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, the IQ types ...)."""
 
     act_quant = None                      # "q8_k": round activations as llama.cpp does (quant.set_integer_dot)
 
@@ -546,7 +546,8 @@ class GGUFMatrix(quant.QuantizedMatrix):
 
 _OUR_DECODERS = {"Q4_K": quant.dequantize_q4_k, "Q6_K": quant.dequantize_q6_k,
                  "Q8_0": quant.dequantize_q8_0, "Q4_0": quant.dequantize_q4_0}
-_BLOCK_DOTS = {"Q4_K": quant.q4_k_dots, "Q6_K": quant.q6_k_dots, "Q8_0": quant.q8_0_dots, "Q4_0": quant.q4_0_dots}
+_BLOCK_DOTS = {"Q4_K": quant.q4_k_dots, "Q5_K": quant.q5_k_dots, "Q6_K": quant.q6_k_dots, "Q8_0": quant.q8_0_dots,
+               "Q4_0": quant.q4_0_dots}
 
 
 def gguf_type_readable(ggml_type) -> bool:

@@ -367,7 +367,7 @@ def fake_quantize_q8_k(x):
 # the tile (decoding); a prompt of more than BLOCK_DOT_TOKENS tokens expands the tile to float32 instead, once, and
 # one BLAS product serves all its tokens.
 
-BLOCK_DOT_TOKENS = 8
+BLOCK_DOT_TOKENS = 16
 
 
 def q8_0_dots(blocks, x, out, s: Scratch):
@@ -451,18 +451,47 @@ def k_header(blocks, block_bytes, s: Scratch):
 def q4_k_dots(blocks, x, out, s: Scratch):
     """out (N, r) = x (N, K) @ W.T for Q4_K rows (r, K/256*144): w = d scale_j q - dmin min_j per sub-block j of 32.
     The mins need no codes at all: their part is sum_j dmin min_j sum(x_j), one small product."""
+    return _k_dots(blocks, x, out, s, Q4_K_BLOCK_BYTES, 16)
+
+
+Q5_K_BLOCK_BYTES = 176                                  # fp16 d | fp16 dmin | 12 bytes scales/mins | qh 32 | qs 128
+_Q5_K_BITS = np.array([[0, 2, 4, 6], [1, 3, 5, 7]], np.uint32).reshape(2, 1, 1, 4, 1)      # [h, i]: bit 2i + h
+
+
+def q5_k_dots(blocks, x, out, s: Scratch):
+    """out (N, r) = x (N, K) @ W.T for Q5_K rows (r, K/256*176): Q4_K's blocks with a fifth bit per weight, bit
+    2i + h of qh byte l for element 64 i + 32 h + l, added as 16 to the nibble before the cast."""
+    return _k_dots(blocks, x, out, s, Q5_K_BLOCK_BYTES, 48, high_bits=_q5_k_high_bits)
+
+
+def _q5_k_high_bits(blocks, nibbles, s: Scratch):
+    r, nb = nibbles.shape[1:3]
+    qh = s.get("qh", (r, nb, 32), np.uint8)                             # qh[l]: bit 2i + h for element (i, h, l)
+    np.copyto(qh, blocks.reshape(r, nb, Q5_K_BLOCK_BYTES)[:, :, 16:48])
+    top = s.get("top", (2, r, nb, 4, 8), "<u4")                         # [h, n, b, i, 4 bytes of l at a time]
+    np.right_shift(qh.view("<u4").reshape(1, r, nb, 1, 8), _Q5_K_BITS, out=top)
+    np.bitwise_and(top, 0x01010101, out=top)
+    np.left_shift(top, 4, out=top)                                      # 0 or 16 in every byte
+    region = nibbles[:, :, :, 48:].reshape(2, r, nb, 4, 32)
+    np.bitwise_or(region, top.view(np.uint8).reshape(2, r, nb, 4, 32), out=region)
+
+
+def _k_dots(blocks, x, out, s: Scratch, block_bytes, qs_at, high_bits=None):
+    """Q4_K and Q5_K: blocks of 256 opening with d, dmin and the 6-bit scales and mins (k_header), their 4-bit codes
+    at byte qs_at in 4 chunks of 32 bytes, sub-block j = 2i + h being nibble half h of chunk i."""
     r, N = blocks.shape[0], x.shape[0]
-    nb = blocks.shape[1] // Q4_K_BLOCK_BYTES
-    raw = blocks.reshape(r, nb, Q4_K_BLOCK_BYTES)
-    nibbles = s.get("nibbles", (2, r, nb, Q4_K_BLOCK_BYTES), np.uint8)  # [low, high] of every byte
+    nb = blocks.shape[1] // block_bytes
+    raw = blocks.reshape(r, nb, block_bytes)
+    nibbles = s.get("nibbles", (2, r, nb, block_bytes), np.uint8)        # [low, high] of every byte
     np.bitwise_and(raw, np.uint8(15), out=nibbles[0])
     np.right_shift(raw, np.uint8(4), out=nibbles[1])
+    if high_bits is not None:
+        high_bits(blocks, nibbles, s)
     codes = _cast_codes(nibbles, s)
-    # sub-block j = 2i + h of a block is nibble half h of its 32-byte chunk i (bytes 16 + 32 i ...)
     dots = s.get("dots", (2, nb, 4, N, r))                              # dots[h, b, i, t, n]
     np.matmul(x.reshape(N, nb, 4, 2, 32).transpose(3, 1, 2, 0, 4),
-              codes[..., 16:].reshape(2, r, nb, 4, 32).transpose(0, 2, 3, 4, 1), out=dots)
-    d, dmin, scales, mins = k_header(blocks, Q4_K_BLOCK_BYTES, s)      # (nb, r), (nb, r), (8, nb, r), (8, nb, r)
+              codes[..., qs_at:].reshape(2, r, nb, 4, 32).transpose(0, 2, 3, 4, 1), out=dots)
+    d, dmin, scales, mins = k_header(blocks, block_bytes, s)            # (nb, r), (nb, r), (8, nb, r), (8, nb, r)
     y = _scaled_block_sums(dots, scales.reshape(4, 2, nb, r).transpose(1, 2, 0, 3)[:, :, :, None, :], (0, 2), d, s)
     sums = x.reshape(N, nb, 8, 32).sum(-1).transpose(1, 0, 2)           # (nb, N, 8): sum(x_j)
     m = np.matmul(sums, mins.transpose(1, 0, 2), out=s.get("mins", (nb, N, r)))     # sum_j min_j sum(x_j)
