@@ -38,6 +38,8 @@ import numpy as np
 
 F32 = np.float32
 TILE_FLOATS = 1 << 20                          # weights a tile holds (its float32 form: 4 MB)
+TILE_BUFFER_BYTES = 16 * TILE_FLOATS           # one thread's buffers and temporaries at most (measured: 14 MiB, the
+                                               # K-quants gguf-py decodes; tests/test_matrices.py holds the bound)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,6 +174,11 @@ def cores() -> int:
     blas = _blas()
     n = blas.num_threads if blas is not None else len(os.sched_getaffinity(0))
     return max(1, int(n))
+
+
+def tile_buffer_bytes() -> int:
+    """What the tile buffers of every thread a matmul runs on take at most: the memory plan counts it."""
+    return TILE_BUFFER_BYTES * cores()
 
 
 def _worker_pool(n: int) -> ThreadPoolExecutor:

@@ -13,7 +13,7 @@ What this process may still allocate is the smallest of what three places allow:
 
 The contract of a loaded model (`plan_memory`, kept as `model.memory`):
     peak RSS  <=  file pages touched (at most the file size)
-                + float32 copies (packed path only) + norms + one tile and decoder temporaries (TILE_BYTES)
+                + float32 copies (packed path only) + norms + each thread's tile buffers (matrices.tile_buffer_bytes)
                 + KV cache for the tokens requested (capacity max(256, 2n) positions: it grows by doubling)
                 + activations of one forward over n tokens (incl. one layer's (B, nh, T, T) scores)
                 + CONSTANT_BYTES (interpreter, NumPy, OpenBLAS buffers)
@@ -29,11 +29,10 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, MemoryBudgetError
-from .matrices import TILE_FLOATS
+from .matrices import tile_buffer_bytes
 from .weights import weight_shapes
 
 CONSTANT_BYTES = 320 * 2 ** 20          # Python, NumPy, OpenBLAS buffers, this package (measured: benchmarks/big_model.py)
-TILE_BYTES = 8 * TILE_FLOATS * 4        # one expanded tile and the decoders' temporaries (K-quants need the most)
 GIB = 2 ** 30
 
 
@@ -234,7 +233,7 @@ def plan_memory(config: LlamaConfig, weights: dict, file_bytes: int = 0, n_token
     kv = kv_cache_bytes(config, batch_size, capacity)
     act = activation_bytes(config, n_tokens, batch_size)
     norms = 4 * config.dim * (2 * config.n_layers + 1)
-    base = norms + TILE_BYTES + kv + act + CONSTANT_BYTES
+    base = norms + tile_buffer_bytes() + kv + act + CONSTANT_BYTES
     copies = packed_bytes(config, weights)
     fits = available is None or base + copies <= available
     if copies > 0 and (pack == "always" or (pack == "auto" and base + copies <= budget and fits)):

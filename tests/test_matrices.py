@@ -220,3 +220,25 @@ def test_row_permuted_equals_the_matrix_stored_in_that_order():
         for tokens in (1, 20):
             x = rng.standard_normal((tokens, 512)).astype(F32)
             np.testing.assert_array_equal(RowPermuted(m, perm).matmul(x), hf_order.matmul(x))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "IQ4_XS", "f16"])
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_a_thread_allocates_within_the_tile_buffer_bound(kind, tokens):
+    """The memory plan counts matrices.TILE_BUFFER_BYTES per thread: the buffers a matmul keeps and every temporary it
+    makes (NumPy reports its allocations to tracemalloc) stay within it, on matrices of a 7B's row length."""
+    import tracemalloc
+    shape = (1024, 4096)                                             # 4 tiles of 1M weights
+    if kind == "f16":
+        m = Float16Matrix(np.random.default_rng(14).standard_normal(shape).astype(np.float16))
+    else:
+        m, _ = gguf_matrix(kind, *shape)
+    x = np.random.default_rng(15).standard_normal((tokens, shape[1])).astype(F32)
+    out = np.empty((tokens, shape[0]), F32)
+    matrices._local.scratch = Scratch()                              # this thread's buffers, from nothing
+    with threadpool_limits(1, user_api="blas"):
+        tracemalloc.start()
+        m.matmul(x, out=out)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak <= matrices.TILE_BUFFER_BYTES, f"{kind}: {peak / 2**20:.1f} MiB"
