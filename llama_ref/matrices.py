@@ -404,7 +404,7 @@ class RowPermuted(StoredMatrix):
 class SideBySide(StoredMatrix):
     """Stored matrices that read the same input, multiplied as one: [A; B; C] (rows stacked), so
     x @ [A; B; C].T = [x @ A.T | x @ B.T | x @ C.T]. Every part's tiles go to the cores in one run (q, k and v of a
-    layer, or gate and up, are one matmul). `.parts` and `.offsets` (first output column of each part) say where each
+    layer, or gate and up, are one matmul). `.parts` and `.bounds` (part j's outputs are columns bounds[j]:bounds[j + 1]) say where each
     part's outputs are."""
 
     def __init__(self, parts):
@@ -412,22 +412,22 @@ class SideBySide(StoredMatrix):
         if len({p.shape[1] for p in parts}) != 1:
             raise ValueError(f"side-by-side matrices must read the same input: in sizes {[p.shape[1] for p in parts]}")
         self.parts = parts
-        self.offsets = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()
-        self.shape = (self.offsets[-1], parts[0].shape[1])
+        self.bounds = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()
+        self.shape = (self.bounds[-1], parts[0].shape[1])
         self.kind = "+".join(dict.fromkeys(p.kind for p in parts))
         self.quantized = any(p.quantized for p in parts)
 
     def tile_jobs(self, x2, out2, order=None):
         if order is not None:
             raise ValueError("a side-by-side matrix is not reordered; reorder its parts")
-        return [job for p, c0, c1 in zip(self.parts, self.offsets, self.offsets[1:])
+        return [job for p, c0, c1 in zip(self.parts, self.bounds, self.bounds[1:])
                 for job in p.tile_jobs(x2, out2[:, c0:c1])]
 
     def _dequantize_rows(self, rows):
         return np.concatenate([p.dequantize() for p in self.parts])[rows]
 
     def first_nonfinite(self):
-        for p, c0 in zip(self.parts, self.offsets):
+        for p, c0 in zip(self.parts, self.bounds):
             at = p.first_nonfinite()
             if at is not None:
                 return c0 + at[0], at[1]
@@ -435,6 +435,9 @@ class SideBySide(StoredMatrix):
 
     def arrays(self):
         return {f"{i}.{k}": a for i, p in enumerate(self.parts) for k, a in p.arrays().items()}
+
+    def __repr__(self):
+        return f"SideBySide({', '.join(map(repr, self.parts))})"
 
 
 def as_stored(w):

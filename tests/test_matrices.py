@@ -201,7 +201,7 @@ def test_side_by_side_is_the_parts_concatenated():
     v = Float16Matrix(rng.standard_normal((32, 512)).astype(np.float16))
     kp = RowPermuted(k, rng.permutation(32))
     both = SideBySide([q, kp, v])
-    assert both.shape == (128, 512) and both.offsets == [0, 64, 96, 128]
+    assert both.shape == (128, 512) and both.bounds == [0, 64, 96, 128]
     for tokens in (1, 20):
         x = rng.standard_normal((2, tokens, 512)).astype(F32)
         np.testing.assert_array_equal(both.matmul(x), np.concatenate([q.matmul(x), kp.matmul(x), v.matmul(x)], -1))
