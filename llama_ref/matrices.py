@@ -404,8 +404,8 @@ class RowPermuted(StoredMatrix):
 class SideBySide(StoredMatrix):
     """Stored matrices that read the same input, multiplied as one: [A; B; C] (rows stacked), so
     x @ [A; B; C].T = [x @ A.T | x @ B.T | x @ C.T]. Every part's tiles go to the cores in one run (q, k and v of a
-    layer, or gate and up, are one matmul). `.parts` and `.bounds` (part j's outputs are columns bounds[j]:bounds[j + 1]) say where each
-    part's outputs are."""
+    layer, or gate and up, are one matmul), each part in its own format. `.parts`; part j's outputs are columns
+    `.bounds[j]:.bounds[j + 1]`."""
 
     def __init__(self, parts):
         parts = [as_stored(p) for p in parts]
