@@ -31,8 +31,9 @@ venv: $(STAMP)
 LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# default_url: the URL the server prints (and the browser it starts) opens chapter 00, not the Launcher
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) notebooks/00_overview.ipynb
+	$(BIN)/jupyter lab $(ROOT_FLAG) --LabApp.default_url=/lab/tree/notebooks/00_overview.ipynb $(LAB_ARGS)
 
 NBVAL := --nbval --nbval-current-env --sanitize-with notebooks/nbval_sanitize.cfg
 

@@ -41,6 +41,16 @@ def _check_index(what, value, n, hint=""):
     return int(value)
 
 
+def _display_figure(fig):
+    """Show a matplotlib Figure (built without pyplot) as a PNG in the current output: a bare Figure only renders as an
+    image once pyplot's inline backend has been loaded, and a widget must not depend on what its chapter imported."""
+    import io
+    from IPython.display import Image, display
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    display(Image(data=buf.getvalue(), format="png"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention
 
@@ -76,7 +86,6 @@ def attention_explorer(trace, labels=None, batch=0):
     bar chart of where that query looks."""
     import ipywidgets as W
     from matplotlib.figure import Figure
-    from IPython.display import display
 
     tensors = trace.tensors if hasattr(trace, "tensors") else trace
     layers = sorted(int(n.split(".")[1]) for n in tensors if n.endswith(".attn.probs"))
@@ -104,7 +113,7 @@ def attention_explorer(trace, labels=None, batch=0):
         ax2.set_title(f"query {v['query_label']!r}", fontsize=9)
         out.clear_output(wait=True)
         with out:
-            display(fig)
+            _display_figure(fig)
 
     for w in (layer, head, query):
         w.observe(redraw, names="value")
@@ -135,7 +144,6 @@ def generation_stepper(model, tokenizer, prompt="Once upon a time", k=5, tempera
     click one to append it (the first is the greedy choice). A temperature slider reshapes the distribution."""
     import ipywidgets as W
     from matplotlib.figure import Figure
-    from IPython.display import display
 
     state = {"ids": tokenizer.encode(prompt, bos=True)}
     prompt_box = W.Text(value=prompt, description="prompt")
@@ -160,7 +168,7 @@ def generation_stepper(model, tokenizer, prompt="Once upon a time", k=5, tempera
         ax.set_xlabel(f"probability (temperature {temp.value:.2f})")
         out.clear_output(wait=True)
         with out:
-            display(fig)
+            _display_figure(fig)
 
     def choose(j):
         if len(state["ids"]) < model.config.max_seq_len:
@@ -210,7 +218,6 @@ def rope_explorer(head_dim=64, theta=10000.0, max_pos=512):
     cos(p * theta_i) along the positions with the chosen one marked."""
     import ipywidgets as W
     from matplotlib.figure import Figure
-    from IPython.display import display
 
     position = W.IntSlider(value=10, min=0, max=max_pos - 1, description="position")
     pair = W.IntSlider(value=0, min=0, max=head_dim // 2 - 1, description="pair i")
@@ -239,7 +246,7 @@ def rope_explorer(head_dim=64, theta=10000.0, max_pos=512):
         ax2.set_ylabel("cos(p * theta_i)")
         out.clear_output(wait=True)
         with out:
-            display(fig)
+            _display_figure(fig)
 
     for w in (position, pair, th):
         w.observe(redraw, names="value")
@@ -273,7 +280,6 @@ def rmsnorm_explorer(x, eps=1e-5):
     output RMS against input RMS for that eps."""
     import ipywidgets as W
     from matplotlib.figure import Figure
-    from IPython.display import display
 
     scale = W.FloatLogSlider(value=1.0, base=10, min=-5, max=2, step=0.25, description="scale")
     e = W.FloatLogSlider(value=eps, base=10, min=-8, max=-1, step=0.5, description="eps")
@@ -296,7 +302,7 @@ def rmsnorm_explorer(x, eps=1e-5):
         ax.set_ylim(0, 1.1)
         out.clear_output(wait=True)
         with out:
-            display(fig)
+            _display_figure(fig)
 
     for w in (scale, e):
         w.observe(redraw, names="value")
@@ -393,7 +399,6 @@ def ppo_run_view(runs: list[dict], beta: float) -> dict:
 def beta_explorer(runs: list[dict]):
     """A slider over the stored PPO runs' betas: the curves of that run against the others, and its end state."""
     import ipywidgets as W
-    from IPython.display import display
     from .plots import ppo_curves
     betas = sorted(r["beta"] for r in runs)
     s = W.SelectionSlider(options=betas, value=betas[len(betas) // 2], description="beta")
@@ -406,7 +411,7 @@ def beta_explorer(runs: list[dict]):
         fig = ppo_curves([r for r in runs if r["beta"] == s.value])
         out.clear_output(wait=True)
         with out:
-            display(fig)
+            _display_figure(fig)
 
     s.observe(redraw, names="value")
     redraw()
@@ -442,7 +447,8 @@ def side_by_side_chat(models: dict, tokenizer, system="", question="What does a 
 # ------------------------------------------------------------------------------------------------
 # Chapter 07: learning rate, warmup and batch size over a live mini run
 
-def mini_run(config, train_data, val_data, lr=3e-3, warmup=8, batch_size=16, steps=60, seq_len=64, seed=0) -> list[dict]:
+def mini_run(config, train_data, val_data, lr=3e-3, warmup=8, batch_size=16, steps=60, seq_len=64, seed=0,
+             progress=False) -> list[dict]:
     """A short trainer.train run of a fresh model with these settings: its history (train loss per step, validation
     loss every 20 steps). A loss that becomes NaN/Inf (a learning rate too high) ends the run early, as the trainer
     refuses to go on."""
@@ -453,42 +459,75 @@ def mini_run(config, train_data, val_data, lr=3e-3, warmup=8, batch_size=16, ste
     try:
         with np.errstate(over="ignore", invalid="ignore"):          # a diverging run: the trainer reports it
             return trainer.train(config, backprop.init_weights(config, seed=seed), train_data, val_data, s,
-                                 progress=False, log=lambda m: None)[1]
+                                 progress=progress, log=lambda m: None)[1]
     except TrainingError as e:
         return [{"step": 0, "train_loss": float("nan"), "error": str(e)}]
 
 
+def run_verdict(history: list[dict], vocab_size: int) -> str:
+    """One line on how a mini run went: stopped (the trainer refused: a NaN loss, a bad setting), diverged (the loss
+    ended above where a fresh model starts, ln V), unstable (it spiked above ln V on the way down), or trained."""
+    start = float(np.log(vocab_size))                                  # a fresh model's loss: uniform over V
+    losses = np.array([r["train_loss"] for r in history], dtype=np.float64)
+    if "error" in history[-1]:
+        return f"stopped: {history[-1]['error']}"                     # the trainer names a NaN loss or a bad setting
+    if not np.isfinite(losses).all():
+        return "diverged: the loss became NaN/Inf; lower the learning rate or add warmup"
+    peak = float(losses[1:].max()) if losses.size > 1 else float(losses[0])
+    if losses[-1] > start:
+        return (f"diverged: the loss rose to {peak:.1f} and ended at {losses[-1]:.1f}, above where a fresh model starts "
+                f"(ln V = {start:.2f}); lower the learning rate or add warmup")
+    if peak > start + 0.5:
+        return (f"unstable: the loss spiked to {peak:.1f}, above where a fresh model starts (ln V = {start:.2f}), before "
+                f"coming down to {losses[-1]:.2f}; lower the learning rate or add warmup")
+    return f"trained: the loss went from {losses[0]:.2f} to {losses[-1]:.2f}"
+
+
 def training_explorer(config, train_data, val_data, steps=60):
-    """Sliders for learning rate (log scale), warmup and batch size; each change trains a fresh mini model for `steps`
-    steps and draws its loss curve over the previous ones."""
+    """Sliders for learning rate (log scale), warmup and batch size, and a button that trains a fresh mini model for
+    `steps` steps with them and draws its loss curve over the previous ones (a progress bar while it trains; a line
+    saying whether it diverged)."""
     import ipywidgets as W
     from matplotlib.figure import Figure
-    lr = W.FloatLogSlider(value=3e-3, base=10, min=-4, max=-0.5, step=0.25, description="lr")
+    lr = W.FloatLogSlider(value=10 ** -2.5, base=10, min=-4, max=-0.5, step=0.25, description="lr",   # on the grid
+                          readout_format=".2g")
     warmup = W.IntSlider(value=8, min=0, max=40, step=4, description="warmup")
     batch = W.IntSlider(value=16, min=2, max=32, step=2, description="batch")
-    go = W.Button(description=f"train {steps} steps")
+    go = W.Button(description=f"train {steps} steps", button_style="primary")
+    status = W.HTML()
     out, runs = W.Output(), []
 
-    def run(_=None):
-        hist = mini_run(config, train_data, val_data, lr.value, warmup.value, batch.value, steps)
-        runs.append((f"lr {lr.value:.0e}, warmup {warmup.value}, batch {batch.value}", hist))
-        fig = Figure(figsize=(7, 3), layout="constrained")
-        ax = fig.subplots()
-        for label, h in runs[-5:]:
-            ax.plot([r["step"] for r in h], [r["train_loss"] for r in h], label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss")
-        ax.legend(fontsize=7)
-        out.clear_output(wait=True)
-        with out:
-            from IPython.display import display
-            display(fig)
-            if "error" in runs[-1][1][-1]:
-                print(runs[-1][1][-1]["error"])
+    def changed(_=None):
+        status.value = f"<i>settings changed: press <b>train {steps} steps</b> to train a fresh model with them</i>"
 
+    def run(_=None):
+        go.disabled, go.description = True, "training..."
+        status.value = f"<i>training lr {lr.value:.2g}, warmup {warmup.value}, batch {batch.value} for {steps} steps...</i>"
+        try:
+            with out:                                                  # the trainer's progress bar shows here
+                hist = mini_run(config, train_data, val_data, lr.value, warmup.value, batch.value, steps,
+                                progress=True)
+            runs.append((f"lr {lr.value:.2g}, warmup {warmup.value}, batch {batch.value}", hist))
+            status.value = f"<b>{html.escape(runs[-1][0])}</b>: {html.escape(run_verdict(hist, config.vocab_size))}"
+            fig = Figure(figsize=(7, 3), layout="constrained")
+            ax = fig.subplots()
+            for label, h in runs[-5:]:
+                ax.plot([r["step"] for r in h], [r["train_loss"] for r in h], label=label)
+            ax.axhline(np.log(config.vocab_size), color="grey", ls=":", lw=1, label="ln V (a fresh model)")
+            ax.set_xlabel("step")
+            ax.set_ylabel("train loss")
+            ax.legend(fontsize=7)
+            out.clear_output(wait=True)                                # the new curves replace the bar and the old plot
+            with out:
+                _display_figure(fig)
+        finally:
+            go.disabled, go.description = False, f"train {steps} steps"
+
+    for w in (lr, warmup, batch):
+        w.observe(changed, names="value")
     go.on_click(run)
     run()
-    return W.VBox([W.HBox([lr, warmup, batch, go]), out])
+    return W.VBox([W.HBox([lr, warmup, batch, go]), status, out])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,35 +541,58 @@ def chat_turn(model, tokenizer, dialog: list[dict], user_text: str, max_new_toke
 
 
 def chat_box(models: dict, tokenizer, system="", max_new_tokens=48):
-    """Talk to one of `models` ({name: Llama}): a system message, a message box, Send and New chat."""
+    """Talk to one of `models` ({name: Llama}): a system message, a message box (Enter or Send), New chat.
+
+    The message box syncs its text when it is committed (Enter, or leaving the box), not at every keystroke: a click on
+    Send is a separate message that can overtake keystrokes still buffered in the browser, and the reply would then be
+    to the first letters of the question. Enter arrives as a "submit" event just before the committed text, so the
+    text that follows a submit is sent; Send sends the committed text. The box is cleared once a message is sent.
+    """
     import ipywidgets as W
     pick = W.Dropdown(options=list(models), description="model")
-    sys_box = W.Text(value=system, description="system", layout=W.Layout(width="90%"))
-    msg = W.Text(value="What does a cow say?", description="you", layout=W.Layout(width="90%"))
-    send, new = W.Button(description="Send"), W.Button(description="New chat")
+    sys_box = W.Text(value=system, description="system", layout=W.Layout(width="90%"), continuous_update=False)
+    msg = W.Text(value="What does a cow say?", description="you", layout=W.Layout(width="90%"), continuous_update=False)
+    send, new = W.Button(description="Send", button_style="primary"), W.Button(description="New chat")
     log = W.HTML()
-    state = {"dialog": []}
+    state = {"dialog": [], "enter": False}
 
     def show():
         rows = [f"<tr><td><b>{m['role']}</b></td><td>{html.escape(m['content'])}</td></tr>" for m in state["dialog"]]
         log.value = "<table>" + "".join(rows) + "</table>"
 
-    def on_send(_=None):
+    def submit(text):
+        state["enter"] = False
+        if not text.strip():
+            return
+        msg.value = ""                                                 # sent: the box is free for the next one
         if not state["dialog"] and sys_box.value.strip():
             state["dialog"] = [{"role": "system", "content": sys_box.value.strip()}]
         try:
-            state["dialog"] = chat_turn(models[pick.value], tokenizer, state["dialog"], msg.value, max_new_tokens)
+            state["dialog"] = chat_turn(models[pick.value], tokenizer, state["dialog"], text, max_new_tokens)
         except LlamaRefError as e:
-            state["dialog"] = state["dialog"] + [{"role": "error", "content": str(e)}]
+            state["dialog"] = state["dialog"] + [{"role": "user", "content": text}, {"role": "error", "content": str(e)}]
         show()
+
+    def on_event(_, content, buffers):                                 # Enter in the box: the text follows
+        if content.get("event") == "submit":
+            state["enter"] = True
+
+    def on_text(change):
+        if state["enter"]:
+            submit(change["new"])
 
     def on_new(_=None):
-        state["dialog"] = []
+        state["dialog"], state["enter"] = [], False
         show()
 
-    send.on_click(on_send)
+    msg.on_msg(on_event)
+    msg.observe(on_text, names="value")
+    send.on_click(lambda _: submit(msg.value))
     new.on_click(on_new)
-    return W.VBox([pick, sys_box, W.HBox([msg, send, new]), log])
+    pick.observe(lambda _: state.update(enter=False), names="value")
+    box = W.VBox([pick, sys_box, W.HBox([msg, send, new]), log])
+    box.state = state                        # the dialogue so far (tests and curious readers look here)
+    return box
 
 
 # ------------------------------------------------------------------------------------------------

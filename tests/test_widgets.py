@@ -243,11 +243,33 @@ def test_mini_run_learns_and_an_absurd_learning_rate_is_reported(mini_data):
     assert "error" in wild[-1] or all(np.isfinite(r["train_loss"]) for r in wild)
 
 
-def test_training_explorer_trains_again_on_click(mini_data):
+def test_training_explorer_trains_on_click_only_and_says_how_it_went(mini_data):
     cfg, data, val = mini_data
     box = widgets.training_explorer(cfg, data, val, steps=4)
-    _find(box, "Button").click()                                              # a second run is drawn
-    assert _find(box, "Output") is not None
+    status = box.children[1]
+    assert status.value.startswith("<b>lr 0.0032, warmup 8, batch 16</b>: stopped: warmup=8 must be between")
+    box.children[0].children[1].value = 0                                                 # warmup
+    _find(box, "Button").click()
+    assert status.value.startswith("<b>lr 0.0032, warmup 0, batch 16</b>: trained")        # lr with 2 digits
+    lr = box.children[0].children[0]
+    lr.value = 0.1
+    assert "press <b>train 4 steps</b>" in status.value                                   # sliders alone: a hint
+    _find(box, "Button").click()                                                            # a second run is drawn
+    assert "lr 0.1," in status.value and _find(box, "Button").disabled is False
+
+
+def test_run_verdict_names_divergence():
+    V = 1024
+    start = float(np.log(V))
+    ok = [{"train_loss": start}, {"train_loss": 4.0}, {"train_loss": 2.5}]
+    assert widgets.run_verdict(ok, V).startswith("trained: the loss went from 6.93 to 2.50")
+    spiked = [{"train_loss": start}, {"train_loss": 10.5}, {"train_loss": 3.0}]
+    assert widgets.run_verdict(spiked, V).startswith("unstable: the loss spiked to 10.5")
+    up = [{"train_loss": start}, {"train_loss": 10.5}, {"train_loss": 8.0}]
+    assert widgets.run_verdict(up, V).startswith("diverged: the loss rose to 10.5 and ended at 8.0")
+    nan = [{"step": 0, "train_loss": float("nan"), "error": "the loss became nan at step 3: lower the learning rate"}]
+    assert widgets.run_verdict(nan, V) == "stopped: the loss became nan at step 3: lower the learning rate"
+    assert widgets.run_verdict([{"train_loss": start}, {"train_loss": float("inf")}], V).startswith("diverged")
 
 
 def test_chat_turn_appends_the_reply_and_the_box_keeps_the_dialogue(tiny_lm):
@@ -255,11 +277,19 @@ def test_chat_turn_appends_the_reply_and_the_box_keeps_the_dialogue(tiny_lm):
     d = widgets.chat_turn(model, tok, [{"role": "system", "content": "Be brief."}], "Hi!", max_new_tokens=3)
     assert [m["role"] for m in d] == ["system", "user", "assistant"]
     box = widgets.chat_box({"tiny": model}, tok, system="Be brief.", max_new_tokens=3)
-    send = _find(box, "Button", "Send")
-    send.click()
+    send, text = _find(box, "Button", "Send"), _find(box, "Text", "you")
+    send.click()                                                              # the question the box starts with
+    assert text.value == "" and [m["role"] for m in box.state["dialog"]] == ["system", "user", "assistant"]
+    send.click()                                                              # an empty box sends nothing
+    assert len(box.state["dialog"]) == 3
+    text.value = "Where does Mia live?"                                       # committed by leaving the box: not sent
+    assert len(box.state["dialog"]) == 3
     send.click()
     assert box.children[-1].value.count("<tr>") == 5                         # system + 2 x (user, assistant)
-    _find(box, "Text", "you").value = "[INST] nope"
+    text._handle_custom_msg({"event": "submit"}, [])                          # Enter: the browser's submit event ...
+    text.value = "And Tom?"                                                   # ... then the committed text
+    assert box.state["dialog"][-2] == {"role": "user", "content": "And Tom?"} and text.value == ""
+    text.value = "[INST] nope"
     send.click()
     assert "error" in box.children[-1].value                                  # a refused message is shown
     _find(box, "Button", "New chat").click()
