@@ -41,11 +41,15 @@ def token_stream(split: str, tokenizer, n_tokens: int, seed: int = 0) -> np.ndar
     return tokenize_documents(corpus.iter_training_text(split, seed=seed), tokenizer, n_tokens, progress=False)
 
 
-def stream_loss(model: Llama, ids: np.ndarray, seq_len: int = 512, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy (nats/token) over non-overlapping windows of `ids`, via the inference forward."""
+def stream_loss(model: Llama, ids: np.ndarray, seq_len: int = 512, batch_size: int = 8, progress: bool = False) -> float:
+    """Mean next-token cross-entropy (nats/token) over non-overlapping windows of `ids`, via the inference forward
+    (a progress bar over the batches of windows when `progress`)."""
+    from tqdm.auto import tqdm
     seq_len = min(seq_len, model.config.max_seq_len)
     total, count = 0.0, 0
-    for x, y in sequential_windows(ids, batch_size, seq_len):
+    n_batches = -(-((len(ids) - 1) // seq_len) // batch_size)
+    for x, y in tqdm(sequential_windows(ids, batch_size, seq_len), total=n_batches, desc="loss", unit="batch",
+                     disable=not progress):
         logits = model.forward(x)                                                     # (B, T, V)
         z = logits - logits.max(axis=-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -256,7 +260,8 @@ class Estimate:
             return f"{self.value:.3g} ± {self.se:.2g} (n = {self.n})"
         if self.k in (0, self.n) and self.n:                   # p = 0 or 1: the SE is 0; give the 95% bound (3/n)
             bound = min(1.0, 3 / self.n)
-            side = f"<= {100 * bound:.1f}%" if self.k == 0 else f">= {100 * (1 - bound):.1f}%"
+            d = min(3, max(1, math.ceil(-math.log10(100 * bound)) + 1))   # enough digits to show the bound is not 100
+            side = f"<= {100 * bound:.{d}f}%" if self.k == 0 else f">= {100 * (1 - bound):.{d}f}%"
             return f"{100 * self.value:.0f}% (n = {self.n}; 95% interval {side})"
         return f"{100 * self.value:.1f}% ± {100 * self.se:.1f} (n = {self.n})"
 

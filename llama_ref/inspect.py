@@ -195,6 +195,7 @@ class Checks:
         """The checks as an aligned text table: check, measured, relation, tolerance, why; then a one-line verdict."""
         width = max([len(r["name"]) for r in self.rows] + [len(self.title), 5])
         lines = [f"{self.title or 'check':{width}s}  {'measured':>9s}     {'tolerance':11s} why this tolerance"]
+        previous = None
         for r in self.rows:
             if r["op"] == ">=":                                  # a large, stable number: printed as it is
                 measured = f"{r['error']:9.3g}"
@@ -202,7 +203,9 @@ class Checks:
                 measured = f"{r['error']:9.1e}"
             tol = "0 (exact)" if r["unit"] == "exact" else f"{r['tol']:{'g' if r['tol'] >= 0.01 else '.0e'}} {r['unit']}"
             flag = "" if r["ok"] else "   <-- FAILED"
-            lines.append(f"{r['name']:{width}s}  {measured} {r['op']:>2s}  {tol:11s} {r['why']}{flag}")
+            why = '"' if r["why"] == previous else r["why"]          # a ditto mark for a reason just given
+            previous = r["why"]
+            lines.append(f"{r['name']:{width}s}  {measured} {r['op']:>2s}  {tol:11s} {why}{flag}")
         n_bad = len(self.failed)
         lines.append(f"{len(self.rows) - n_bad} of {len(self.rows)} checks passed" + (f"; FAILED: {self.failed}"
                                                                                      if n_bad else ""))

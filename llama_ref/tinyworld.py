@@ -84,6 +84,11 @@ def measure(model: Llama, tok: Tokenizer, train_ids: np.ndarray, n_eval_tokens: 
     return m
 
 
+def share(value: float, n: int) -> str:
+    """A measured share of n as a rate with its binomial standard error (evaluate.rate)."""
+    return str(evaluate.rate(round(value * n), n))
+
+
 def model_card(config: LlamaConfig, m: dict, s: trainer.TrainSettings) -> str:
     return f"""# tinyworld: the embedded model of llama_ref
 
@@ -102,9 +107,9 @@ written by that run into `metrics.json` and here; chapter 07 recomputes them wit
 | validation loss | {m['val_loss']:.4f} nats/token (perplexity {np.exp(m['val_loss']):.2f}) |
 | test loss (held-out combinations) | {m['test_loss']:.4f} |
 | unigram / bigram baseline (val) | {m['unigram_loss']:.4f} / {m['bigram_loss']:.4f} |
-| grammatical sampled sentences | {m['grammar_valid_share']:.1%} of {m['sentences']} (200 continuations, temperature 0.8, top-p 0.9; goal >= 90%) |
-| true stated facts in samples | {m['fact_true_share']:.1%} of {m['facts_stated']} |
-| held-out questions answered exactly | {m['qa_accuracy']:.1%} of {m['qa_n']} ({m['qa_answer_true_share']:.1%} of answers state a true fact) |
+| grammatical sampled sentences | {share(m['grammar_valid_share'], m['sentences'])} (200 continuations, temperature 0.8, top-p 0.9) |
+| true stated facts in samples | {share(m['fact_true_share'], m['facts_stated'])} |
+| held-out questions answered exactly | {share(m['qa_accuracy'], m['qa_n'])}; {share(m['qa_answer_true_share'], m['qa_n'])} of the answers state a true fact |
 
 Files: `config.json` + `model.safetensors` (a Hugging Face Llama directory: transformers' `LlamaForCausalLM`
 loads it), `tokenizer.model`, `loss_curve.csv` (step, tokens, lr, train/val loss, gradient norm, time),

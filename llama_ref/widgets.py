@@ -483,10 +483,10 @@ def run_verdict(history: list[dict], vocab_size: int) -> str:
     return f"trained: the loss went from {losses[0]:.2f} to {losses[-1]:.2f}"
 
 
-def training_explorer(config, train_data, val_data, steps=60):
+def training_explorer(config, train_data, val_data, steps=60, run_now=False):
     """Sliders for learning rate (log scale), warmup and batch size, and a button that trains a fresh mini model for
     `steps` steps with them and draws its loss curve over the previous ones (a progress bar while it trains; a line
-    saying whether it diverged)."""
+    saying whether it diverged). Nothing trains until the button is pressed (or at once, with run_now)."""
     import ipywidgets as W
     from matplotlib.figure import Figure
     lr = W.FloatLogSlider(value=10 ** -2.5, base=10, min=-4, max=-0.5, step=0.25, description="lr",   # on the grid
@@ -526,7 +526,10 @@ def training_explorer(config, train_data, val_data, steps=60):
     for w in (lr, warmup, batch):
         w.observe(changed, names="value")
     go.on_click(run)
-    run()
+    if run_now:
+        run()
+    else:
+        status.value = f"<i>press <b>train {steps} steps</b> to train a fresh model with these settings</i>"
     return W.VBox([W.HBox([lr, warmup, batch, go]), status, out])
 
 

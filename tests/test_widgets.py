@@ -247,6 +247,9 @@ def test_training_explorer_trains_on_click_only_and_says_how_it_went(mini_data):
     cfg, data, val = mini_data
     box = widgets.training_explorer(cfg, data, val, steps=4)
     status = box.children[1]
+    assert "press <b>train 4 steps</b>" in status.value                                   # nothing trained yet
+    box = widgets.training_explorer(cfg, data, val, steps=4, run_now=True)
+    status = box.children[1]
     assert status.value.startswith("<b>lr 0.0032, warmup 8, batch 16</b>: stopped: warmup=8 must be between")
     box.children[0].children[1].value = 0                                                 # warmup
     _find(box, "Button").click()
