@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import corpus, paths, quant
+from .errors import InputError
 from .generate import generate_batch
 from .model import Llama
 from .trainer import sequential_windows, tokenize_documents
@@ -271,12 +272,12 @@ def rate(k_or_outcomes, n: int | None = None) -> Estimate:
     if n is None:
         x = np.asarray(k_or_outcomes, dtype=np.float64).ravel()
         if x.size == 0 or not np.all((x == 0) | (x == 1)):
-            raise ValueError("rate(outcomes) takes a non-empty sequence of 0/1 or booleans; or call rate(k, n)")
+            raise InputError("rate(outcomes) takes a non-empty sequence of 0/1 or booleans; or call rate(k, n)")
         k, n = int(x.sum()), int(x.size)
     else:
         k, n = int(k_or_outcomes), int(n)
         if n <= 0 or not 0 <= k <= n:
-            raise ValueError(f"rate(k={k}, n={n}) needs 0 <= k <= n and n > 0")
+            raise InputError(f"rate(k={k}, n={n}) needs 0 <= k <= n and n > 0")
     p = k / n
     return Estimate(p, math.sqrt(p * (1 - p) / n), n, percent=True, k=k)
 
@@ -285,7 +286,7 @@ def mean_estimate(values) -> Estimate:
     """The mean of per-item scores with its standard error std / sqrt(n) (sample std, ddof=1)."""
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size < 2:
-        raise ValueError("mean_estimate needs at least two values")
+        raise InputError("mean_estimate needs at least two values")
     return Estimate(float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)), int(x.size))
 
 
@@ -317,7 +318,7 @@ def difference(a, b) -> Difference:
         return Difference(b.value - a.value, math.hypot(a.se, b.se), min(a.n, b.n), False, a.percent and b.percent)
     x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if x.shape != y.shape or x.size < 2:
-        raise ValueError("difference(a, b) takes two Estimates, or per-item outcomes of the same items (equal lengths)")
+        raise InputError("difference(a, b) takes two Estimates, or per-item outcomes of the same items (equal lengths)")
     d = y - x
     binary = bool(np.all((x == 0) | (x == 1)) and np.all((y == 0) | (y == 1)))
     return Difference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size), True, binary)

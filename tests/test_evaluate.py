@@ -63,10 +63,11 @@ def test_rates_carry_their_standard_error_and_n():
     assert str(rate(0, 200)) == "0% (n = 200; 95% interval <= 1.5%)"                  # rule of three, not "± 0"
     assert str(rate(200, 200)) == "100% (n = 200; 95% interval >= 98.5%)"
     assert str(rate(34043, 34043)) == "100% (n = 34043; 95% interval >= 99.991%)"         # never ">= 100.0%"
+    from llama_ref.errors import InputError
     for bad in [(5, 3), (-1, 3), (0, 0)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(InputError, match="needs 0 <= k <= n"):
             rate(*bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="0/1 or booleans"):
         rate([0, 2])
     # two rates of 300 prompts 1.7 points apart (SE 3.8): no difference; 20 points apart: real
     assert not difference(rate(202, 300), rate(207, 300)).real
