@@ -219,9 +219,11 @@ def child_rates():
     print(json.dumps(rates))
 
 
-def run_child(*args):
-    """Run this script as `--child ...` in a fresh process; its JSON line, or {"error": ...}."""
-    r = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+def run_child(*args, coretype=None):
+    """Run this script as `--child ...` in a fresh process (with OPENBLAS_CORETYPE=coretype if given: OpenBLAS picks its
+    kernels when it loads); its JSON line, or {"error": ...}."""
+    env = dict(os.environ, **({"OPENBLAS_CORETYPE": coretype} if coretype else {}))
+    r = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
         return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1][:300]}
@@ -256,8 +258,8 @@ def tables(results) -> str:
     notes, and the "why" table of rates."""
     rows = ["| file | engine | load s | prefill 32 s | time to first token s | decode s/token | peak RSS GiB "
             "| RSS - file GiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    ratios = ["| file | peer | decode ours/peer | prefill ours/peer | first token ours/peer | peak RSS - file "
-              "(ours) |", "|---|---|---:|---:|---:|---:|"]
+    ratios = ["| file | ours | peer | decode ours/peer | prefill ours/peer | first token ours/peer | peak RSS - file "
+              "(ours) |", "|---|---|---|---:|---:|---:|---:|"]
     for f in results["files"]:
         size = f["bytes"]
         for engine, r in f["engines"].items():
@@ -266,20 +268,23 @@ def tables(results) -> str:
                 continue
             rows.append(f"| {f['name']} | {engine} | {r['load_s']:.1f} | {r['prefill_s']:.1f} | {r['ttft_s']:.1f} | "
                         f"{r['decode_s']:.2f} | {r['rss'] / GIB:.2f} | {(r['rss'] - size) / GIB:+.2f} |")
-        ours, peer_name = f["engines"].get("llama_ref", {}), f["peer"]
+        peer_name = f["peer"]
         peer = f["engines"].get(peer_name, {})
-        if "error" in ours or "error" in peer or not peer:
-            continue
-        ratios.append(f"| {f['name']} | {peer_name} | **{ours['decode_s'] / peer['decode_s']:.1f}x** "
-                      f"| {ours['prefill_s'] / peer['prefill_s']:.1f}x | {ours['ttft_s'] / peer['ttft_s']:.1f}x | "
-                      f"{(ours['rss'] - size) / GIB:+.2f} GiB |")
+        for engine, ours in f["engines"].items():
+            if not engine.startswith("llama_ref") or "error" in ours or "error" in peer or not peer:
+                continue
+            ratios.append(f"| {f['name']} | {engine} | {peer_name} | **{ours['decode_s'] / peer['decode_s']:.1f}x** "
+                          f"| {ours['prefill_s'] / peer['prefill_s']:.1f}x | {ours['ttft_s'] / peer['ttft_s']:.1f}x | "
+                          f"{(ours['rss'] - size) / GIB:+.2f} GiB |")
     why = ["| part of this machine, measured alone | rate |", "|---|---:|"]
     why += [f"| {k} | {v:.2f} |" for k, v in results.get("rates", {}).items()]
     notes = [f"- {n}" for n in results["notes"]]
     return "\n".join([f"{results['preset']}-shaped random weights, the prompt's {PROMPT_LEN} tokens in one prefill, "
                       f"then {DECODE} tokens decoded greedily (median step); every engine in its own process, warm "
-                      f"page cache, one run. Machine: {results['machine']}", "", *rows, "", *ratios, "", *notes, "",
-                      *why])
+                      f"page cache, one run. Machine: {results['machine']}. Rows marked with another kernel family ran "
+                      "ours with OPENBLAS_CORETYPE set (Sandybridge stands in for SkylakeX, which needs AVX-512, on CPUs "
+                      "without it; llama.cpp and torch bring their own kernels).", "", *rows, "", *ratios, "", *notes,
+                      "", *why])
 
 
 def main():
@@ -292,6 +297,9 @@ def main():
     ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--skip-rates", action="store_true")
+    ap.add_argument("--other-kernels", default="Sandybridge", metavar="CORETYPES",
+                    help="also run ours with these OpenBLAS kernel families (OPENBLAS_CORETYPE), comma-separated; "
+                    "Sandybridge stands in for SkylakeX on CPUs without AVX-512 (default: %(default)s; '' for none)")
     args = ap.parse_args()
     pin_threads(THREADS)
     import numpy as np
@@ -303,6 +311,9 @@ def main():
                "notes": []}
     if not args.skip_rates:
         results["rates"] = run_child("rates")
+        for coretype in args.other_kernels.split(",") if args.other_kernels else []:
+            results["rates"].update({f"{k} ({coretype} kernels)": v for k, v in run_child("rates", coretype=coretype).items()
+                                     if "matmul, 1 token" in k or "gemv" in k})
         print("rates", results["rates"], flush=True)
     for name in names:
         path = d / name
@@ -316,6 +327,10 @@ def main():
         warm(path)
         f["engines"]["llama_ref"] = run_child("ours", path, ids)
         print("  llama_ref", f["engines"]["llama_ref"], flush=True)
+        for coretype in args.other_kernels.split(",") if args.other_kernels else []:
+            warm(path)
+            f["engines"][f"llama_ref, {coretype} kernels"] = run_child("ours", path, ids, coretype=coretype)
+            print(f"  llama_ref, {coretype} kernels", f["engines"][f"llama_ref, {coretype} kernels"], flush=True)
         if not args.skip_cli:
             for command in ("generate", "inspect", "chat"):
                 r = run_child("cli", path, command)
