@@ -44,7 +44,12 @@ SHAPE = (11008, 4096)                                       # the MLP matrices: 
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024           # Linux reports KiB
+    """This process's peak resident memory: VmHWM of its own memory map. (ru_maxrss would also count the parent's,
+    which Linux carries over into a child through fork and exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024                                 # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024       # not Linux: the best there is
 
 
 def logits_file(path, engine) -> Path:
