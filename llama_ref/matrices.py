@@ -189,6 +189,16 @@ def _worker_pool(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork():
+    """A forked child has only the thread that forked: the parent's workers are not there, so work queued to their
+    pool would wait for ever. The child starts a pool of its own when it needs one."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def run_jobs(jobs, threads: int | None = None) -> None:
     """Run jobs (callables taking a Scratch) on `threads` threads (default: cores()), the calling thread included.
     Job i goes to thread i % threads. BLAS runs single-threaded meanwhile, however many threads there are: cores are

@@ -242,3 +242,20 @@ def test_a_thread_allocates_within_the_tile_buffer_bound(kind, tokens):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak <= matrices.TILE_BUFFER_BYTES, f"{kind}: {peak / 2**20:.1f} MiB"
+
+
+def test_a_forked_child_multiplies_on_threads_of_its_own():
+    """The parent's worker threads do not exist in a fork (multiprocessing's default start method on Linux, the fuzz
+    tests' sandboxes): a child must start its own pool instead of queueing tiles to the dead one and waiting for ever."""
+    import os
+    import signal
+    m, ref = gguf_matrix("Q8_0", rows=512, cols=4096)                  # several tiles: both threads get work
+    x = np.ones((1, 4096), F32)
+    with threadpool_limits(2, user_api="blas"):
+        m.matmul(x)                                                    # the parent's pool exists now
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)                                           # a hang kills the child, and fails below
+            os._exit(0 if np.allclose(m.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-3) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
