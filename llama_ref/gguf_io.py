@@ -36,7 +36,7 @@ from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_file, check_output
 from .weights import GGUF, HF, check_weights, rename
 from .model_files import check_chat_template
-from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32
+from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32, plain
 from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf
 from .tokenizer import _load_sentencepiece
 from . import quant
@@ -502,7 +502,7 @@ class GGUFMatrix(quant.QuantizedMatrix):
     act_quant = None                      # "q8_k": round activations as llama.cpp does (quant.set_integer_dot)
 
     def __init__(self, data, shape, ggml_type):
-        self.data, self.shape, self.ggml_type = data, tuple(shape), ggml_type
+        self.data, self.shape, self.ggml_type = plain(data), tuple(shape), ggml_type
         self.kind = ggml_type.name.lower()
 
     def _input(self, x):

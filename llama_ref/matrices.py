@@ -115,6 +115,13 @@ def first_nonfinite(a, chunk=1 << 18):
     return None
 
 
+def plain(a):
+    """The same memory as a plain ndarray: a slice, reshape or view of an np.memmap runs memmap's Python-level
+    __array_finalize__ (5-10 us, holding the GIL), dozens of times per tile; of an ndarray, none. `.base` still
+    leads to the memmap (nothing is copied)."""
+    return a.view(np.ndarray) if isinstance(a, np.memmap) else a
+
+
 # ------------------------------------------------------------------------------------------------
 # The cores: tiles run on threads, each with its own reusable buffers
 
@@ -341,7 +348,7 @@ class _FloatMatrix(StoredMatrix):
     quantized = False
 
     def __init__(self, data):
-        self.data, self.shape = data, tuple(data.shape)
+        self.data, self.shape = plain(data), tuple(data.shape)
 
     def arrays(self):
         return {"weight": self.data}

@@ -31,7 +31,7 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_dir, check_output
-from .matrices import Scratch, StoredMatrix, f16_to_f32, first_nonfinite, product
+from .matrices import Scratch, StoredMatrix, f16_to_f32, first_nonfinite, plain, product
 from .model import Llama, _as_f32
 from .model_files import companion_files
 from .weights import check_layer_count, check_weights, short_name, weight_shapes
@@ -482,12 +482,16 @@ def _k_dots(blocks, x, out, s: Scratch, block_bytes, qs_at, high_bits=None):
     r, N = blocks.shape[0], x.shape[0]
     nb = blocks.shape[1] // block_bytes
     raw = blocks.reshape(r, nb, block_bytes)
-    nibbles = s.get("nibbles", (2, r, nb, block_bytes), np.uint8)        # [low, high] of every byte
-    np.bitwise_and(raw, np.uint8(15), out=nibbles[0])
-    np.right_shift(raw, np.uint8(4), out=nibbles[1])
-    if high_bits is not None:
+    if high_bits is None:                                               # [low, high] nibble of every byte, as floats
+        codes = s.get("codes", (2, r, nb, block_bytes))                 # (the cast happens inside each ufunc call)
+        np.bitwise_and(raw, np.uint8(15), out=codes[0], casting="unsafe")
+        np.right_shift(raw, np.uint8(4), out=codes[1], casting="unsafe")
+    else:
+        nibbles = s.get("nibbles", (2, r, nb, block_bytes), np.uint8)
+        np.bitwise_and(raw, np.uint8(15), out=nibbles[0])
+        np.right_shift(raw, np.uint8(4), out=nibbles[1])
         high_bits(blocks, nibbles, s)
-    codes = _cast_codes(nibbles, s)
+        codes = _cast_codes(nibbles, s)
     dots = s.get("dots", (2, nb, 4, N, r))                              # dots[h, b, i, t, n]
     np.matmul(x.reshape(N, nb, 4, 2, 32).transpose(3, 1, 2, 0, 4),
               codes[..., qs_at:].reshape(2, r, nb, 4, 32).transpose(0, 2, 3, 4, 1), out=dots)
@@ -568,7 +572,7 @@ class Q8_0Matrix(QuantizedMatrix):
     kind = "q8_0"
 
     def __init__(self, data, shape, int_dot=False):
-        self.data, self.shape, self.int_dot = data, tuple(shape), int_dot
+        self.data, self.shape, self.int_dot = plain(data), tuple(shape), int_dot
 
     @classmethod
     def quantize(cls, w, name=None):
@@ -601,7 +605,7 @@ class Q4_0Matrix(QuantizedMatrix):
     kind = "q4_0"
 
     def __init__(self, data, shape):
-        self.data, self.shape = data, tuple(shape)
+        self.data, self.shape = plain(data), tuple(shape)
 
     @classmethod
     def quantize(cls, w, name=None):
@@ -644,7 +648,7 @@ class Int8Matrix(QuantizedMatrix):
     """int8 q (out, in) + float32 scale: per channel (out, 1) or per tensor (1, 1)."""
 
     def __init__(self, q, scale, act_bits=None):
-        self.q, self.scale, self.shape, self.act_bits = q, np.asarray(scale, F32).reshape(-1, 1), q.shape, act_bits
+        self.q, self.scale, self.shape, self.act_bits = plain(q), np.asarray(scale, F32).reshape(-1, 1), q.shape, act_bits
         self.kind = "int8-channel" if self.scale.shape[0] > 1 or q.shape[0] == 1 else "int8-tensor"
 
     @classmethod
@@ -668,7 +672,7 @@ class W4Matrix(QuantizedMatrix):
     """Grouped int4: packed uint8 (out, in/2) + fp16 scales (out, in/group)."""
 
     def __init__(self, packed, scales, act_bits=None):
-        self.packed, self.scales, self.act_bits = packed, scales, act_bits
+        self.packed, self.scales, self.act_bits = plain(packed), plain(scales), act_bits
         self.shape = (packed.shape[0], packed.shape[1] * 2)
         self.group = self.shape[1] // scales.shape[1]
         self.kind = f"w4-g{self.group}"

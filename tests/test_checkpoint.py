@@ -206,7 +206,7 @@ def test_bf16_is_converted_to_float32_exactly(tmp_path):
     f = write_raw_safetensors(tmp_path / "bf2.safetensors",
                               {"x": {"dtype": "BF16", "shape": [1, 5], "data_offsets": [0, 10]}}, bits.tobytes())
     got, _ = read_safetensors(f)
-    assert isinstance(got["x"], BFloat16Matrix) and isinstance(got["x"].data, np.memmap)   # a matrix stays bf16
+    assert isinstance(got["x"], BFloat16Matrix) and isinstance(got["x"].data.base, np.memmap)   # stays bf16, mapped
     np.testing.assert_array_equal(got["x"].dequantize(), want[None])
 
 
@@ -399,7 +399,7 @@ def test_llama2c_round_trip(tmp_path, cfg, version):
     assert_same(got, w)
     assert isinstance(got["model.layers.0.mlp.down_proj.weight"], np.memmap)    # views of the file
     q = got["model.layers.0.self_attn.q_proj.weight"]
-    assert isinstance(q, RowPermuted) and isinstance(q.inner.data, np.memmap)   # q/k too: reordered, not copied
+    assert isinstance(q, RowPermuted) and isinstance(q.inner.data.base, np.memmap)   # q/k too: reordered, not copied
 
 
 def test_llama2c_v0_byte_layout(tmp_path):
