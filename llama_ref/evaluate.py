@@ -260,9 +260,12 @@ class Estimate:
         if not self.percent:
             return f"{self.value:.3g} ± {self.se:.2g} (n = {self.n})"
         if self.k in (0, self.n) and self.n:                   # p = 0 or 1: the SE is 0; give the 95% bound (3/n)
-            bound = min(1.0, 3 / self.n)
-            d = min(3, max(1, math.ceil(-math.log10(100 * bound)) + 1))   # enough digits to show the bound is not 100
-            side = f"<= {100 * bound:.{d}f}%" if self.k == 0 else f">= {100 * (1 - bound):.{d}f}%"
+            bound = 100 * min(1.0, 3 / self.n)                  # in percent
+            if self.k == 0:
+                side = f"<= {bound:.2g}%"
+            else:                                               # floored, so the bound is never overstated
+                d = min(2, max(1, math.ceil(-math.log10(bound)) + 1))
+                side = f">= {math.floor((100 - bound) * 10 ** d) / 10 ** d:.{d}f}%"
             return f"{100 * self.value:.0f}% (n = {self.n}; 95% interval {side})"
         return f"{100 * self.value:.1f}% ± {100 * self.se:.1f} (n = {self.n})"
 

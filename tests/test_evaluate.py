@@ -62,7 +62,7 @@ def test_rates_carry_their_standard_error_and_n():
     assert rate([1, 0, 1, 1]).k == 3 and rate([True, False]).n == 2
     assert str(rate(0, 200)) == "0% (n = 200; 95% interval <= 1.5%)"                  # rule of three, not "± 0"
     assert str(rate(200, 200)) == "100% (n = 200; 95% interval >= 98.5%)"
-    assert str(rate(34043, 34043)) == "100% (n = 34043; 95% interval >= 99.991%)"         # never ">= 100.0%"
+    assert str(rate(34043, 34043)) == "100% (n = 34043; 95% interval >= 99.99%)"          # never ">= 100.0%"
     from llama_ref.errors import InputError
     for bad in [(5, 3), (-1, 3), (0, 0)]:
         with pytest.raises(InputError, match="needs 0 <= k <= n"):
