@@ -527,8 +527,8 @@ class GGUFMatrix(quant.QuantizedMatrix):
         return out
 
     def _tile(self, x, rows, out, s):
-        dots = _BLOCK_DOTS.get(self.ggml_type.name)
-        if dots is not None and x.shape[0] <= quant.BLOCK_DOT_TOKENS:
+        dots, most = _BLOCK_DOTS.get(self.ggml_type.name, (None, 0))
+        if x.shape[0] <= most:
             return dots(self.data[rows], x, out, s)
         return super()._tile(x, rows, out, s)
 
@@ -546,8 +546,9 @@ class GGUFMatrix(quant.QuantizedMatrix):
 
 _OUR_DECODERS = {"Q4_K": quant.dequantize_q4_k, "Q6_K": quant.dequantize_q6_k,
                  "Q8_0": quant.dequantize_q8_0, "Q4_0": quant.dequantize_q4_0}
-_BLOCK_DOTS = {"Q4_K": quant.q4_k_dots, "Q5_K": quant.q5_k_dots, "Q6_K": quant.q6_k_dots, "Q8_0": quant.q8_0_dots,
-               "Q4_0": quant.q4_0_dots}
+_BLOCK_DOTS = {"Q4_K": (quant.q4_k_dots, quant.BLOCK_DOT_TOKENS_K4), "Q5_K": (quant.q5_k_dots, quant.BLOCK_DOT_TOKENS_K4),
+               "Q6_K": (quant.q6_k_dots, quant.BLOCK_DOT_TOKENS), "Q8_0": (quant.q8_0_dots, quant.BLOCK_DOT_TOKENS),
+               "Q4_0": (quant.q4_0_dots, quant.BLOCK_DOT_TOKENS)}              # kernel, most tokens it serves
 
 
 def gguf_type_readable(ggml_type) -> bool:

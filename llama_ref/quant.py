@@ -367,7 +367,8 @@ def fake_quantize_q8_k(x):
 # the tile (decoding); a prompt of more than BLOCK_DOT_TOKENS tokens expands the tile to float32 instead, once, and
 # one BLAS product serves all its tokens.
 
-BLOCK_DOT_TOKENS = 16
+BLOCK_DOT_TOKENS = 16                   # up to here block dots beat an expanded tile (measured per kind, 7B rows)
+BLOCK_DOT_TOKENS_K4 = 32                # Q4_K and Q5_K: their expansion costs more, block dots win up to 32 tokens
 
 
 def q8_0_dots(blocks, x, out, s: Scratch):

@@ -53,7 +53,7 @@ def check_tiles(m, ref, x):
 
 
 @pytest.mark.parametrize("kind", READABLE)
-@pytest.mark.parametrize("tokens", [1, 3, quant.BLOCK_DOT_TOKENS + 5])     # block dots, and the expanded tile
+@pytest.mark.parametrize("tokens", [1, 3, quant.BLOCK_DOT_TOKENS + 5, quant.BLOCK_DOT_TOKENS_K4 + 3])  # block dots; expanded
 def test_every_gguf_type_tile_by_tile_against_gguf_py(kind, tokens):
     m, ref = gguf_matrix(kind)
     if not np.isfinite(ref).all():                     # random bytes of a type without listed scales (MXFP4, ...)
