@@ -9,8 +9,9 @@ again), and a matmul works through one tile of rows at a time:
 
     x (N, in) @ W.T  =  concat over tiles [ x @ W[r0:r1].T ]            W (out, in) as stored
 
-Decoding reads every weight once per token and does two flops with it, so its speed is how fast weights become
-numbers BLAS can multiply. Three rules keep that close to the speed of memory:
+Decoding reads every weight once per token and does two flops with it. NumPy has no integer dot product, so a stored
+weight must become a float32 before BLAS can multiply it: that conversion, not memory, sets the speed (the README's 7B
+table measures each part on one machine). Three rules keep it cheap:
   - expand with few, long NumPy passes into buffers that are reused (`Scratch`): allocating per tile costs as much as
     the arithmetic. float16 and bfloat16 are expanded bit by bit (below), exactly;
   - quantized blocks are not expanded at all where the format allows it: the block's scale multiplies the block's dot
