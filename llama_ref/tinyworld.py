@@ -85,8 +85,9 @@ def measure(model: Llama, tok: Tokenizer, train_ids: np.ndarray, n_eval_tokens: 
 
 
 def share(value: float, n: int) -> str:
-    """A measured share of n as a rate with its binomial standard error (evaluate.rate)."""
-    return str(evaluate.rate(round(value * n), n))
+    """A measured share of n as a rate with its binomial standard error (evaluate.rate); none measured when n = 0
+    (a smoke-test run can sample no sentence that states a fact)."""
+    return str(evaluate.rate(round(value * n), n)) if n > 0 else "none measured (n = 0)"
 
 
 def model_card(config: LlamaConfig, m: dict, s: trainer.TrainSettings) -> str:
