@@ -47,6 +47,16 @@ def import_reference(script: str):
     return torch, transformers
 
 
+def runnable_coretype(coretype: str) -> str:
+    """The OpenBLAS kernel family to run for `coretype` here: SkylakeX needs AVX-512F, and on a CPU without it
+    Sandybridge (AVX, no FMA) stands in, as scripts/test_any_cpu.py does."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return coretype
+    return "Sandybridge" if coretype.lower() == "skylakex" and "avx512f" not in text else coretype
+
+
 def median_time(fn, repeats: int) -> float:
     """Median wall time of fn() over `repeats` calls, after one warm-up call (allocations, thread pools)."""
     fn()

@@ -3,8 +3,8 @@
 Chapter 06 teaches it. Generation has two phases with very different costs, and we time them separately:
   prefill  one forward over the whole prompt (matrix-matrix products; fills the KV cache), ends with the
            first new token: its time is the *time to first token*;
-  decode   one step per new token (matrix-vector products over the cache): *tokens per second*. The step is
-           decode.decode_step, forward's arithmetic for one token in fewer NumPy calls.
+  decode   one step per new token (matrix-vector products over the cache): *tokens per second*.
+Both are the same Llama.forward: the prompt's T tokens at once, then T = 1 per step with the KV cache.
 Counting prompt tokens as generated tokens overstates decode speed, so we never do.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ContextLengthError, InputError, SamplingError
-from .decode import decode_step
 from .memory import kv_cache_bytes, require
 from .model import Llama, softmax
 
@@ -202,7 +201,7 @@ def _steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, s
         if len(result.ids) == max_new_tokens:
             break
         t1 = time.perf_counter()
-        logits = decode_step(model, [token], pos, cache)[0]                        # decode: one token in
+        logits = model.forward([token], pos, cache, last_only=True)                # decode: one token in
         token = _draw(logits, rng, temperature, top_k, top_p)
         decode_s += time.perf_counter() - t1
         pos += 1
@@ -264,5 +263,6 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
                 done[b] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        logits = decode_step(model, nxt, P + step, cache, mask=padded_mask(key_ok, P + step, P + step + 1))
+        logits = model.forward(nxt[:, None], P + step, cache, last_only=True,
+                               mask=padded_mask(key_ok, P + step, P + step + 1))                 # (B, V)
     return out

@@ -26,7 +26,7 @@ Every stored matrix has `.shape` (out, in), `.matmul(x, out=None) -> x @ W.T`, `
 reads only what can hold a NaN: the float bits of a float matrix, the fp16 scales of a quantized one). `Llama` takes any
 of them in place of a float array (model.linear calls matmul). `quantized` says whether expanding loses nothing (float
 formats: a model may pack them as float32 once instead). `SideBySide([wq, wk, wv])` multiplies several matrices that
-read the same input in one run of tiles.
+read the same input in one run of tiles. `as_f32` is the float32 copy a packed model holds.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .errors import NonFiniteWeightsError
 
 F32 = np.float32
 TILE_FLOATS = 1 << 20                          # weights a tile holds (its float32 form: 4 MB)
@@ -244,6 +246,18 @@ def product(x, w, out, s: Scratch | None = None):
         return np.matmul(x, w.T, out=out)
     out[...] = np.matmul(x, w.T, out=s.get("product", out.shape))
     return out
+
+
+def as_f32(name, w, transpose=False):
+    """A contiguous float32 copy of a weight (any float array or stored matrix), (in, out) when transpose, refusing
+    NaN/Inf with a count."""
+    a = np.asarray(w)
+    a = np.array(a.T if transpose else a, dtype=F32, order="C")          # always a copy: the model owns it
+    if not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise NonFiniteWeightsError(f"weight {name!r} holds {bad} NaN/Inf values; the checkpoint is corrupt "
+                                    "or was saved after training diverged: re-export it from a good copy")
+    return a
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,26 +6,29 @@ few lines and then call these functions. Read top to bottom:
     rms_norm -> rope (HF rotate-half and Meta interleaved pairs, and the q/k permutation between them)
     -> softmax -> attention (causal, MHA/GQA, KV cache) -> swiglu -> block -> Llama.forward
 
-Generation decodes with decode.decode_step: this file's arithmetic for one new token, grouped into fewer NumPy calls
-(tested equal to forward). Read this file first; that one is an optimisation of it.
+`Llama.forward` is the one inference path: the prompt (prefill), each new token (decode, T = 1), a padded batch, a
+trace. Matrices read by the same input are multiplied as one, [wq | wk | wv] and [w_gate | w_up], so a decode step
+makes few NumPy calls per layer (for a small model each call's overhead costs as much as its arithmetic).
 
 Notation (llm.c style): B batch, T new tokens, S = start_pos + T attended positions, C model dim,
 nh query heads, nkv key/value heads, hs head size, H SwiGLU hidden size, V vocabulary size.
 
 Everything is float32 end to end. Two NumPy traps are avoided on purpose: a NumPy float64 *scalar* (like
 `np.sqrt(hs)`) silently promotes a float32 array to float64, so every scalar here is `np.float32`; and
-`x @ W.T` with a row-major (out, in) W runs matrix-vector products at half speed, so `Llama` packs every
-matmul weight once as a contiguous (in, out) array.
+`x @ W.T` with a row-major (out, in) W runs matrix-vector products at half speed, so `Llama` packs every float
+matmul weight once as a contiguous (in, out) array (`Llama.params`, the one copy it holds; `Llama.weights` shows the
+same arrays under their HF names and (out, in) shapes, for exporters).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import ContextLengthError, InputError, NonFiniteWeightsError
-from .matrices import as_stored
+from .errors import ContextLengthError, InputError
+from .matrices import SideBySide, as_f32, as_stored
 from .trace import Trace, tap
-from .weights import MODEL_TENSORS, check_weights, layer_names
+from .weights import (HF, MODEL_TENSORS, check_weights, layer_names, permute_qk_hf_to_meta,  # noqa: F401 (chapters)
+                      permute_qk_meta_to_hf, qk_rows_hf_to_meta, qk_rows_meta_to_hf)
 
 F32 = np.float32
 
@@ -34,9 +37,13 @@ F32 = np.float32
 # RMSNorm
 
 def rms_norm(x, weight, eps):
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis. Unlike LayerNorm: no mean subtraction, no bias."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)   # (..., 1)
-    return x * (F32(1.0) / np.sqrt(ms + F32(eps))) * weight
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis. Unlike LayerNorm: no mean subtraction, no bias.
+    (The mean as sum / C: np.mean's numbers without its Python-level wrapper, which costs more than a decode step's
+    whole sum.)"""
+    ms = np.square(x).sum(axis=-1, keepdims=True) / F32(x.shape[-1])   # (..., 1)
+    ms += F32(eps)
+    np.sqrt(ms, out=ms)
+    return x * np.divide(F32(1.0), ms, out=ms) * weight                # x * (1 / sqrt(ms + eps)) * weight
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,10 +87,18 @@ def scaled_inv_freq(inv_freq, head_dim, seq_len, theta, scaling, trained_len):
 
 
 def apply_rope_hf(x, cos, sin):
-    """HF's rotate-half form: dimension i is paired with i + hs/2. x (..., T, hs), cos/sin (T, hs/2)."""
+    """HF's rotate-half form: dimension i is paired with i + hs/2. x (..., hs), cos/sin (..., hs/2) broadcast against
+    x's halves (the forward rotates q and k of every head at once: x (B, T, nh+nkv, hs), cos (T, 1, hs/2)).
+
+        out[:hs/2] = x1 * cos - x2 * sin        out[hs/2:] = x2 * cos + x1 * sin
+    """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    pairs = x.reshape(*x.shape[:-1], 2, half)                   # (..., 2, hs/2): x1, x2 (a view)
+    out = pairs * cos[..., None, :]                             # x1 * cos, x2 * cos
+    swapped = pairs[..., ::-1, :] * sin[..., None, :]           # x2 * sin, x1 * sin
+    out[..., 0, :] -= swapped[..., 0, :]
+    out[..., 1, :] += swapped[..., 1, :]
+    return out.reshape(*out.shape[:-2], 2 * half)
 
 
 def apply_rope_meta(x, cos, sin):
@@ -95,43 +110,14 @@ def apply_rope_meta(x, cos, sin):
     return out
 
 
-def permute_qk_meta_to_hf(w, n_heads):
-    """Reorder the rows of a q/k projection (n_heads*hs, C) from Meta's pair layout to HF's rotate-half layout.
-
-    Within each head, Meta row 2i+j becomes HF row j*hs/2 + i, so Meta's pair (2i, 2i+1) lands on HF's (i, i+hs/2).
-    With permuted weights, apply_rope_hf gives the same attention scores as apply_rope_meta on the originals.
-    """
-    rows, cols = w.shape
-    hs = rows // n_heads
-    return np.ascontiguousarray(w.reshape(n_heads, hs // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
-
-
-def permute_qk_hf_to_meta(w, n_heads):
-    """Inverse of permute_qk_meta_to_hf: HF rotate-half rows back to Meta's interleaved pairs."""
-    rows, cols = w.shape
-    hs = rows // n_heads
-    return np.ascontiguousarray(w.reshape(n_heads, 2, hs // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
-
-
-def qk_rows_meta_to_hf(n_rows, n_heads):
-    """The row order permute_qk_meta_to_hf produces, as indices: w_hf = w_meta[perm]. Stored matrices are reordered
-    with it lazily (matrices.RowPermuted), so a memory-mapped q/k is never copied."""
-    return permute_qk_meta_to_hf(np.arange(n_rows)[:, None], n_heads)[:, 0]
-
-
-def qk_rows_hf_to_meta(n_rows, n_heads):
-    """Indices of permute_qk_hf_to_meta: w_meta = w_hf[perm]."""
-    return permute_qk_hf_to_meta(np.arange(n_rows)[:, None], n_heads)[:, 0]
-
-
 # ------------------------------------------------------------------------------------------------
 # Attention
 
 def softmax(x, axis=-1):
     """Numerically stable softmax; rows that are entirely -inf would give NaN, a causal mask never makes one."""
-    e = x - np.max(x, axis=axis, keepdims=True)          # one new array, then in place: a long prefill's
+    e = x - x.max(axis=axis, keepdims=True)              # one new array, then in place: a long prefill's
     np.exp(e, out=e)                                      # (B, nh, T, S) scores are megabytes, and every
-    e /= np.sum(e, axis=axis, keepdims=True)              # temporary of that size costs fresh pages
+    e /= e.sum(axis=axis, keepdims=True)                  # temporary of that size costs fresh pages
     return e
 
 
@@ -145,13 +131,20 @@ def causal_mask(T, S):
 def attention(q, k, v, mask=None):
     """Scaled dot-product attention with grouped-query heads.
 
-    q (B, nh, T, hs), k and v (B, nkv, S, hs), mask (T, S) additive. Query head h reads key/value head
-    h // (nh/nkv): we view q as (B, nkv, rep, T, hs) instead of copying k and v rep times.
+    q (B, nh, T, hs), k and v (B, nkv, S, hs), mask (T, S) or (B, 1, 1, T, S) additive. Query head h reads key/value
+    head h // (nh/nkv): we view q as (B, nkv, rep, T, hs) instead of copying k and v rep times.
     Returns (out (B, nh, T, hs), probs (B, nh, T, S)).
     """
     B, nh, T, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
     rep = nh // nkv
+    if T == 1:                                      # one new token: its rep query heads are the rows of one product
+        qg = q.reshape(B, nkv, rep, hs) * F32(1.0 / np.sqrt(hs))            # (B, nkv, rep, hs)
+        scores = qg @ k.swapaxes(-1, -2)                                    # (B, nkv, rep, S)
+        if mask is not None:
+            scores += mask.reshape(-1, 1, 1, S) if np.ndim(mask) == 5 else mask   # (B, 1, 1, 1, S) -> (B, 1, 1, S)
+        probs = softmax(scores)                                             # (B, nkv, rep, S)
+        return (probs @ v).reshape(B, nh, 1, hs), probs.reshape(B, nh, 1, S)
     qg = q.reshape(B, nkv, rep, T, hs) * F32(1.0 / np.sqrt(hs))             # (B, nkv, rep, T, hs)
     scores = qg @ k[:, :, None].swapaxes(-1, -2)                            # (B, nkv, rep, T, S)
     if mask is not None:
@@ -224,51 +217,35 @@ class KVCache:
 # Feed-forward
 
 def silu(x):
-    """x * sigmoid(x). (errstate: exp(-x) overflows to inf for x < -88, which correctly gives -0.)"""
+    """x * sigmoid(x) = x / (1 + exp(-x)). (errstate: exp(-x) overflows to inf for x < -88, which correctly gives -0.)"""
     with np.errstate(over="ignore"):
-        return x / (F32(1.0) + np.exp(-x))
+        d = np.exp(-x)
+    d += F32(1.0)
+    return np.divide(x, d, out=d)
 
 
 def swiglu(gate, up):
     """SwiGLU's gating: silu(x W_gate) * (x W_up)."""
-    return silu(gate) * up
+    h = silu(gate)
+    h *= up
+    return h
 
 
 def linear(x, w):
-    """x @ W for a packed (in, out) weight; stored weights (matrices.py, quant.py) bring their own matmul."""
-    return x @ w if isinstance(w, np.ndarray) else w.matmul(x)
+    """x @ W for a packed (in, out) weight; stored weights (matrices.py, quant.py) bring their own matmul (x @ W.T of
+    their (out, in) matrix). x (..., in) -> (..., out). One new token per row, x (B, 1, in), multiplies as (B, in):
+    BLAS's matrix-vector product, which a stacked (B, 1, in) matmul does not always reach."""
+    if not isinstance(w, np.ndarray):
+        return w.matmul(x)
+    if x.ndim == 3 and x.shape[1] == 1:
+        return (x[:, 0] @ w)[:, None]                                        # (B, 1, out)
+    return x @ w
 
 
 # ------------------------------------------------------------------------------------------------
 # The model
 
-def _as_f32(name, w, transpose=False):
-    """A float32 copy of a weight ((in, out) contiguous when transpose), refusing NaN/Inf."""
-    a = np.ascontiguousarray(np.asarray(w).T if transpose else np.asarray(w), dtype=F32)
-    if not np.isfinite(a).all():
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        raise NonFiniteWeightsError(f"weight {name!r} holds {bad} NaN/Inf values; the checkpoint is corrupt "
-                                    "or was saved after training diverged: re-export it from a good copy")
-    return a
-
-
-def _side_by_side(layer, groups):
-    """Weights read by the same input, packed as one (in, out1+out2+..) array: {"wqkv": [wq | wk | wv], ...}.
-
-    The layer's own entries become column views of it (no copy, same numbers, same matmul speed), so forward reads
-    wq, wk, wv as before while the one-token decode step (decode.py) makes one matmul of three. Only when all of a
-    group are packed float32 arrays; quantized or stored weights keep their own matmul and get no entry."""
-    fused = {}
-    for name, parts in groups.items():
-        if not all(isinstance(layer[p], np.ndarray) for p in parts):
-            continue
-        fused[name] = np.concatenate([layer[p] for p in parts], axis=1)            # (in, sum of outs)
-        start = 0
-        for p in parts:
-            width = layer[p].shape[1]
-            layer[p] = fused[name][:, start:start + width]                          # (in, out) column view
-            start += width
-    return fused
+SIDE_BY_SIDE = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}    # read by the same input
 
 
 class Llama:
@@ -276,17 +253,41 @@ class Llama:
 
     A weight may be a float array or any stored matrix (matrices.py: float16/bfloat16 memory maps, quantized blocks):
     anything with `.matmul(x) -> x @ W.T` is used as it is. pack=True (the fast path for models that fit) turns the
-    float ones into contiguous (in, out) float32 copies once; pack=False keeps every weight as stored, expanded one
-    tile per matmul, so a 7B model runs in the memory its file takes. Quantized weights always stay quantized.
+    float ones into contiguous float32 copies once; pack=False keeps every weight as stored, expanded one tile per
+    matmul, so a 7B model runs in the memory its file takes. Quantized weights always stay quantized.
+
+    `params` is the one copy of the weights the model holds: {"embed": (V, C), "layers": [{"attn_norm": (C,),
+    "wqkv", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate_up", "w_gate", "w_up", "w_down"}], "norm": (C,),
+    "lm_head"}. A packed matrix is a float32 (in, out) array; "wqkv" = [wq | wk | wv] (C, nq+2nkv*hs) and
+    "w_gate_up" = [w_gate | w_up] (C, 2H) are side by side, and the layer's wq ... w_up are column views of them.
+    A stored matrix keeps its (out, in) form and its own matmul, and the two side-by-side entries are
+    matrices.SideBySide objects over the parts. `weights` derives the HF-named (out, in) view of the same arrays.
     """
 
     def __init__(self, config: LlamaConfig, weights: dict, pack: bool = True):
         self.config = config
-        self.weights = weights
         check_weights(config, weights, check_finite=False)   # names and shapes; readers also scan for NaN/Inf
         self.packed = pack
         self.params = self._pack(weights, pack)
         self._cos = self._sin = np.zeros((0, config.head_dim // 2), F32)
+
+    @property
+    def weights(self) -> dict:
+        """{HF name: (out, in) weight} in a checkpoint's order, derived from `params` without copying: a packed
+        matrix appears as the transposed view of its (in, out) array, a stored one as itself; a tied classifier is
+        the embedding. For exporters, quantization and inspection (Llama(config, model.weights) is the same model)."""
+        P = self.params
+
+        def hf(w):
+            return w.T if isinstance(w, np.ndarray) and w.ndim == 2 else w
+
+        out = {MODEL_TENSORS["embed"][HF]: P["embed"]}
+        for i, layer in enumerate(P["layers"]):
+            out.update({name: hf(layer[short]) for short, name in layer_names(i).items()})
+        out[MODEL_TENSORS["norm"][HF]] = P["norm"]
+        if not self.config.tie_embeddings:
+            out[MODEL_TENSORS["lm_head"][HF]] = hf(P["lm_head"])
+        return out
 
     def rope(self, end):
         """cos, sin (end, hs/2) for positions [0, end). Built on first use and grown by doubling (up to
@@ -312,28 +313,29 @@ class Llama:
         return self.rope(self.config.max_seq_len)[1]
 
     def _pack(self, w, pack):
+        """The weights as the forward reads them (see the class docstring): (in, out) float32 copies when packing,
+        else as stored; the norms always float32."""
         cfg = self.config
 
         def matrix(name):                      # (in, out) float32 copy, or the stored matrix used as it is
             m = w[name]
-            if pack and not getattr(m, "quantized", False):
-                return _as_f32(name, m, transpose=True)
-            return as_stored(m)
+            return as_f32(name, m, transpose=True) if pack and not getattr(m, "quantized", False) else as_stored(m)
 
-        embed_name, norm_name, head_name = (MODEL_TENSORS[k][0] for k in ("embed", "norm", "lm_head"))
+        embed_name, norm_name, head_name = (MODEL_TENSORS[k][HF] for k in ("embed", "norm", "lm_head"))
         embed = w[embed_name]                                                      # (V, C): rows are looked up
         if isinstance(embed, np.ndarray) and embed.dtype == F32:
             if pack and not np.isfinite(embed).all():
-                _as_f32(embed_name, embed)                   # raises with a count of the bad values
+                as_f32(embed_name, embed)                    # raises with a count of the bad values
         elif pack and not getattr(embed, "quantized", False):
-            embed = _as_f32(embed_name, embed)
+            embed = as_f32(embed_name, embed)
         else:
             embed = as_stored(embed)
-        layers, self.fused = [], []
+        layers = []
         for i in range(cfg.n_layers):                        # {"attn_norm": (C,), "wq": (C, nh*hs) or stored, ...}
-            layer = {short: (_as_f32(name, w[name]) if short.endswith("norm") else matrix(name))
+            layer = {short: (as_f32(name, w[name]) if short.endswith("norm") else matrix(name))
                      for short, name in layer_names(i).items()}
-            self.fused.append(_side_by_side(layer, {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}))
+            for fused, parts in SIDE_BY_SIDE.items():
+                layer[fused] = self._side_by_side(layer, parts)
             layers.append(layer)
         if cfg.tie_embeddings and not isinstance(embed, np.ndarray):                # stored (not packed) above:
             head = embed                                                           # one stored table, two uses
@@ -342,9 +344,24 @@ class Llama:
         return {
             "embed": embed,                                                            # (V, C)
             "layers": layers,
-            "norm": _as_f32(norm_name, w[norm_name]),                                  # (C,)
+            "norm": as_f32(norm_name, w[norm_name]),                                   # (C,)
             "lm_head": head,                                                           # (C, V) packed, or stored
         }
+
+    @staticmethod
+    def _side_by_side(layer, parts):
+        """Matrices read by the same input as one: packed (in, out) arrays are concatenated, (in, out1+out2+..), and
+        the layer's own entries become column views of the result (same numbers, no second copy); stored matrices
+        are wrapped in a SideBySide, each part multiplied in its own format."""
+        if not all(isinstance(layer[p], np.ndarray) for p in parts):
+            return SideBySide([as_stored(layer[p]) for p in parts])
+        fused = np.concatenate([layer[p] for p in parts], axis=1)                   # (in, out1+out2+..)
+        start = 0
+        for p in parts:
+            width = layer[p].shape[1]
+            layer[p] = fused[:, start:start + width]                                   # (in, out_p) column view
+            start += width
+        return fused
 
     def new_cache(self, batch_size=1, max_len=None) -> KVCache:
         return KVCache(self.config, batch_size, max_len)
@@ -354,6 +371,7 @@ class Llama:
                 last_only=False, mask=None):
         """Logits for `tokens` (T,) or (B, T) placed at positions start_pos.. start_pos+T-1.
 
+        The one inference path: a prompt (prefill) and each new token (decode: T = 1 with a cache) run through it.
         With a cache, keys/values of earlier positions come from it and the new ones are written into it.
         Returns float32 logits (T, V) or (B, T, V); with last_only, only the last position's (V,) or (B, V)
         (then the norm.out and logits taps are (B, C) and (B, V)).
@@ -364,7 +382,7 @@ class Llama:
         P = self.params
         B, T = tokens.shape
         S = start_pos + T
-        cos, sin = (t[start_pos:S] for t in self.rope(S))                      # (T, hs/2)
+        cos, sin = (t[start_pos:S, None] for t in self.rope(S))                # (T, 1, hs/2): every head alike
 
         x = tap(trace, "embed", P["embed"][tokens].astype(F32, copy=False))   # (B, T, C)
         for i, layer in enumerate(P["layers"]):
@@ -377,20 +395,19 @@ class Llama:
         return logits[0] if squeeze else logits
 
     def block(self, i, layer, x, start_pos, cos, sin, mask, cache, trace):
-        """One pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)). x (B, T, C)."""
+        """One pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)). x (B, T, C), cos/sin (T, 1, hs/2)."""
         cfg = self.config
         B, T, C = x.shape
         nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         name = f"layers.{i}."
 
-        # attention
+        # attention: q, k and v from one matmul against [wq | wk | wv]
         xn = tap(trace, name + "attn_norm", rms_norm(x, layer["attn_norm"], cfg.norm_eps))   # (B, T, C)
-        q = linear(xn, layer["wq"]).reshape(B, T, nh, hs).transpose(0, 2, 1, 3)             # (B, nh, T, hs)
-        k = linear(xn, layer["wk"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)            # (B, nkv, T, hs)
-        v = linear(xn, layer["wv"]).reshape(B, T, nkv, hs).transpose(0, 2, 1, 3)            # (B, nkv, T, hs)
-        q = tap(trace, name + "attn.q", apply_rope_hf(q, cos, sin))
-        k = tap(trace, name + "attn.k", apply_rope_hf(k, cos, sin))
-        v = tap(trace, name + "attn.v", v)
+        qkv = linear(xn, layer["wqkv"]).reshape(B, T, nh + 2 * nkv, hs)                      # (B, T, nh+2nkv, hs)
+        qk = apply_rope_hf(qkv[:, :, :nh + nkv], cos, sin)                                    # q and k heads at once
+        q = tap(trace, name + "attn.q", qk[:, :, :nh].transpose(0, 2, 1, 3))                  # (B, nh, T, hs)
+        k = tap(trace, name + "attn.k", qk[:, :, nh:].transpose(0, 2, 1, 3))                  # (B, nkv, T, hs)
+        v = tap(trace, name + "attn.v", qkv[:, :, nh + nkv:].transpose(0, 2, 1, 3))           # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(i, start_pos, k, v)                                           # (B, nkv, S, hs)
         if mask is None and trace is None:
@@ -403,10 +420,12 @@ class Llama:
         attn_out = tap(trace, name + "attn.out", attn_out)
         h = tap(trace, name + "attn_residual", x + attn_out)
 
-        # feed-forward (SwiGLU)
+        # feed-forward (SwiGLU): gate and up from one matmul against [w_gate | w_up]
         hn = tap(trace, name + "ffn_norm", rms_norm(h, layer["ffn_norm"], cfg.norm_eps))     # (B, T, C)
-        gate = tap(trace, name + "ffn.gate", linear(hn, layer["w_gate"]))                    # (B, T, H)
-        up = tap(trace, name + "ffn.up", linear(hn, layer["w_up"]))                          # (B, T, H)
+        gate_up = linear(hn, layer["w_gate_up"])                                             # (B, T, 2H)
+        H = gate_up.shape[-1] // 2
+        gate = tap(trace, name + "ffn.gate", gate_up[..., :H])                               # (B, T, H)
+        up = tap(trace, name + "ffn.up", gate_up[..., H:])                                   # (B, T, H)
         hidden = tap(trace, name + "ffn.hidden", swiglu(gate, up))                           # (B, T, H)
         ffn_out = tap(trace, name + "ffn.out", linear(hidden, layer["w_down"]))              # (B, T, C)
         return tap(trace, name + "out", h + ffn_out)

@@ -378,7 +378,8 @@ def measure_bandwidth(nbytes=256 * 2 ** 20, repeats=5) -> float:
 
 
 def measure_decode(model: Llama, n_tokens=16, prompt_len=8) -> float:
-    """Our decode speed (tokens/s) for one sequence: the median time of single-token forwards with a KV cache."""
+    """Our decode speed (tokens/s) for one sequence: the median time of single-token forwards with a KV cache (the
+    step generate() runs)."""
     cache = model.new_cache(max_len=prompt_len + n_tokens + 1)
     model.forward(np.arange(prompt_len) % model.config.vocab_size, 0, cache, last_only=True)
     times = []

@@ -31,8 +31,8 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_dir, check_output
-from .matrices import Scratch, StoredMatrix, f16_to_f32, first_nonfinite, plain, product
-from .model import Llama, _as_f32
+from .matrices import Scratch, StoredMatrix, as_f32, f16_to_f32, first_nonfinite, plain, product
+from .model import Llama
 from .model_files import companion_files
 from .weights import check_layer_count, check_weights, short_name, weight_shapes
 
@@ -767,7 +767,7 @@ def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_sha
     for name, w in weights.items():
         fmt = tensor_format(name, config, policy)
         if fmt is None:
-            out[name] = _as_f32(name, w)
+            out[name] = as_f32(name, w)
             continue
         act = policy["act_bits"] if short_name(name) != "embed" or config.tie_embeddings else None
         if isinstance(w, QuantizedMatrix):
@@ -776,11 +776,11 @@ def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_sha
                 continue
             w = w.dequantize()                               # another format: re-quantize from its float values
         try:
-            out[name] = quantize_matrix(_as_f32(name, w), fmt, act, name)
+            out[name] = quantize_matrix(as_f32(name, w), fmt, act, name)
         except QuantizationError:
             if on_bad_shape != "keep":
                 raise
-            out[name] = _as_f32(name, w)
+            out[name] = as_f32(name, w)
     return out
 
 
@@ -809,12 +809,12 @@ def quantize_model(model_or_weights, scheme: str, config: LlamaConfig | None = N
 
 
 def held_nbytes(model: Llama) -> int:
-    """Bytes of every weight array the model holds (params and weights dict), each buffer counted once."""
+    """Bytes of every weight array the model holds, each buffer counted once."""
     seen, total = set(), 0
 
     def visit(a):
         nonlocal total
-        if isinstance(a, QuantizedMatrix):
+        if isinstance(a, StoredMatrix):
             for arr in a.arrays().values():
                 visit(arr)
         elif isinstance(a, np.ndarray):
@@ -832,8 +832,7 @@ def held_nbytes(model: Llama) -> int:
             for v in a:
                 visit(v)
 
-    visit(model.params)
-    visit(model.weights)
+    visit(model.weights)                         # every array the model holds, once (params holds the same ones)
     return total
 
 

@@ -6,6 +6,10 @@ llama2.c array, and its shape from the config. Chapter 00 prints the tensors of 
 format through this table. Every loader and writer reads it. Every loader (checkpoint.py,
 gguf_io.py, quant.py) ends with `check_weights(config, weights)`: exactly the tensors the config describes, with the
 config's shapes, and no NaN/Inf, float or quantized. Chapter 00 shows the tensor table.
+
+The one layout fact formats disagree on lives here too: the order of q/k rows. HF pairs RoPE dimensions (i, i+hs/2)
+(rotate-half), Meta's checkpoints, llama2.c and GGUF pair (2i, 2i+1); `permute_qk_meta_to_hf` / `permute_qk_hf_to_meta`
+map one onto the other (chapter 03 proves it), and `qk_heads` says which tensors they apply to.
 """
 from __future__ import annotations
 
@@ -82,6 +86,46 @@ def rename(name: str, to: int, source: int = HF) -> str | None:
             if names[source].format(i=m.group(2)) == name:
                 return names[to].format(i=m.group(2))
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# q/k rows: HF's rotate-half order vs Meta's interleaved pairs
+
+def permute_qk_meta_to_hf(w, n_heads):
+    """Reorder the rows of a q/k projection (n_heads*hs, C) from Meta's pair layout to HF's rotate-half layout.
+
+    Within each head, Meta row 2i+j becomes HF row j*hs/2 + i, so Meta's pair (2i, 2i+1) lands on HF's (i, i+hs/2).
+    With permuted weights, model.apply_rope_hf gives the same attention scores as model.apply_rope_meta on the originals.
+    """
+    rows, cols = w.shape
+    hs = rows // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, hs // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def permute_qk_hf_to_meta(w, n_heads):
+    """Inverse of permute_qk_meta_to_hf: HF rotate-half rows back to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    hs = rows // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, 2, hs // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def qk_rows_meta_to_hf(n_rows, n_heads):
+    """The row order permute_qk_meta_to_hf produces, as indices: w_hf = w_meta[perm]. Stored matrices are reordered
+    with it lazily (matrices.RowPermuted), so a memory-mapped q/k is never copied."""
+    return permute_qk_meta_to_hf(np.arange(n_rows)[:, None], n_heads)[:, 0]
+
+
+def qk_rows_hf_to_meta(n_rows, n_heads):
+    """Indices of permute_qk_hf_to_meta: w_meta = w_hf[perm]."""
+    return permute_qk_hf_to_meta(np.arange(n_rows)[:, None], n_heads)[:, 0]
+
+
+def qk_heads(name: str, config: LlamaConfig, source: int = HF) -> int | None:
+    """The heads whose RoPE pairs a tensor's rows hold, for the tensors Meta-layout formats store in pair order:
+    n_heads for a q projection, n_kv_heads for a k projection (named in `source`'s naming); None for every other."""
+    short = short_name(name if source == HF else rename(name, HF, source) or "")
+    return {"wq": config.n_heads, "wk": config.n_kv_heads}.get(short)
+
 
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")   # RoPE tables old transformers versions saved; we recompute
 

@@ -5,7 +5,7 @@ The comparison with transformers lives in tests/test_reference.py (fixtures made
 import numpy as np
 import pytest
 
-from llama_ref.config import LlamaConfig
+from llama_ref.config import LlamaConfig, RopeScaling
 from llama_ref.errors import (CheckpointError, ContextLengthError, InputError, LlamaRefError,
                               NonFiniteWeightsError, ShapeMismatchError)
 from llama_ref.model import (Llama, apply_rope_hf, apply_rope_meta, attention, causal_attention, causal_mask,
@@ -23,16 +23,34 @@ def model():
     return Llama(CFG, random_weights(CFG))
 
 
-def test_kv_cache_decode_equals_full_forward(model):
-    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (3, 25))
+CONFIGS = {                                      # every head grouping, a tied classifier, a rope table that changes
+    "gqa": CFG,
+    "mha": LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=4, hidden_dim=80, vocab_size=61, max_seq_len=40),
+    "mqa-tied": LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=1, hidden_dim=64, vocab_size=50,
+                            max_seq_len=40, tie_embeddings=True),
+    "dynamic-ntk": LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=50,
+                               max_seq_len=16, rope_scaling=RopeScaling("dynamic", 2.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kv_cache_decode_equals_full_forward(name):
+    """Decoding (one token per forward, T = 1, with the cache) gives the logits of one forward over all positions.
+    Same maths on the same numbers; only BLAS's kernels differ between a (1, C) and a (T, C) product (matrix-vector
+    vs matrix-matrix), which reorders float32 sums (eps 1.2e-7) over C..H terms in a few layers: ~1e-6 relative. We
+    allow 2e-5 of the logits' scale; a wrong position, head grouping, mask or cache slot gives errors of order 1.
+    Dynamic NTK: the full forward uses the tables of the whole length, the steps those of the length so far (as
+    transformers does), so that config is checked only where its tables do not change (up to max_seq_len)."""
+    cfg = CONFIGS[name]
+    model = Llama(cfg, random_weights(cfg))
+    T = cfg.max_seq_len if cfg.rope_scaling else 25
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (3, T))
     full = model.forward(tokens)
     cache = model.new_cache(batch_size=3)
-    steps = [model.forward(tokens[:, t:t + 1], start_pos=t, cache=cache) for t in range(25)]
-    # Same maths on the same numbers; only BLAS's blocking differs between a (1, C) and a (25, C) product, which
-    # reorders float32 sums (eps 1.2e-7) over C=48..H=128 terms in two layers: ~1e-6 relative. We allow 2e-5 of
-    # the logits' scale; a wrong position, mask or cache slot gives errors of order 1.
+    steps = [model.forward(tokens[:, :5], 0, cache)] + [model.forward(tokens[:, t:t + 1], t, cache)
+                                                         for t in range(5, T)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5 * np.abs(full).max(), rtol=0)
-    assert cache.length == 25
+    assert cache.length == T
 
 
 @pytest.mark.parametrize("T, S, block", [(300, 300, 128), (300, 310, 128), (37, 50, 7), (5, 5, 1), (1, 9, 128)])
@@ -75,13 +93,47 @@ def test_forward_stays_float32(model):
     assert len(trace) > 10
     wrong = {name: t.dtype for name, t in trace.items() if t.dtype != np.float32}
     assert not wrong, f"taps that left float32: {wrong}"
-    for layer, fused in zip(model.params["layers"], model.fused):
+    for layer in model.params["layers"]:
         assert all(a.dtype == np.float32 for a in layer.values())
-        assert all(a.flags.c_contiguous for a in fused.values())        # (in, out) rows, read once per matmul
-        for key in ("attn_norm", "wo", "ffn_norm", "w_down"):
-            assert layer[key].flags.c_contiguous
+        for key in ("attn_norm", "wo", "ffn_norm", "w_down", "wqkv", "w_gate_up"):
+            assert layer[key].flags.c_contiguous                              # (in, out) rows, read once per matmul
         for name, parts in (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up"))):
-            assert all(layer[p].base is fused[name] and layer[p].strides[1] == 4 for p in parts)   # column views
+            assert all(layer[p].base is layer[name] and layer[p].strides[1] == 4 for p in parts)   # column views
+            np.testing.assert_array_equal(np.concatenate([layer[p] for p in parts], 1), layer[name])
+
+
+def test_one_layout_weights_are_params_under_hf_names(model):
+    """model.weights shows the very arrays model.params holds (transposed views, no second copy), under HF names and
+    (out, in) shapes, in a checkpoint's order; a model built from them computes the same logits."""
+    from llama_ref.weights import weight_shapes
+    w = model.weights
+    assert list(w) == list(weight_shapes(CFG)) and all(w[k].shape == s for k, s in weight_shapes(CFG).items())
+    assert w["model.layers.1.self_attn.k_proj.weight"].base is model.params["layers"][1]["wqkv"]
+    assert w["lm_head.weight"].base is model.params["lm_head"]
+    tokens = np.arange(9) % CFG.vocab_size
+    np.testing.assert_array_equal(Llama(CFG, w).forward(tokens), model.forward(tokens))
+
+
+def test_stored_weights_multiply_side_by_side():
+    """Stored or quantized weights are not concatenated: q/k/v (and gate/up) become one matrices.SideBySide, whose
+    matmul writes each part's own product into its columns (the same numbers as the parts alone), and the model
+    decodes through it exactly as it prefills (within the KV-cache tolerance above)."""
+    from llama_ref.matrices import SideBySide
+    from llama_ref.quant import quantize_model
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=96, max_seq_len=40)
+    qm = quantize_model(Llama(cfg, random_weights(cfg)), "q8_0")         # Q8_0: rows in blocks of 32
+    layer = qm.params["layers"][0]
+    assert isinstance(layer["wqkv"], SideBySide) and layer["wqkv"].parts == [layer["wq"], layer["wk"], layer["wv"]]
+    x = np.random.default_rng(0).standard_normal((2, 3, cfg.dim), dtype=np.float32)
+    np.testing.assert_array_equal(layer["wqkv"].matmul(x),
+                                  np.concatenate([layer[p].matmul(x) for p in ("wq", "wk", "wv")], -1))
+    np.testing.assert_array_equal(layer["w_gate_up"].dequantize(),
+                                  np.concatenate([layer["w_gate"].dequantize(), layer["w_up"].dequantize()]))
+    tokens = np.arange(12)[None] % cfg.vocab_size
+    full = qm.forward(tokens)
+    cache = qm.new_cache()
+    steps = [qm.forward(tokens[:, :7], 0, cache)] + [qm.forward(tokens[:, t:t + 1], t, cache) for t in range(7, 12)]
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=2e-5 * np.abs(full).max(), rtol=0)
 
 
 def test_every_documented_tap_is_recorded(model):
@@ -234,7 +286,8 @@ def test_tied_embeddings_use_the_embedding_as_classifier():
     cfg = CFG.replace(tie_embeddings=True)
     w = random_weights(cfg)
     m = Llama(cfg, w)
-    np.testing.assert_array_equal(m.params["lm_head"], w["model.embed_tokens.weight"].T)
+    np.testing.assert_array_equal(m.params["lm_head"], w["model.embed_tokens.weight"].T)   # (C, V) for the matmul
+    assert "lm_head.weight" not in m.weights                                # one tensor in a checkpoint
 
 
 def test_a_mask_replaces_the_causal_one(model):
