@@ -4,7 +4,8 @@ Start with notebooks/00_overview.ipynb. `model = llama_ref.load(path)` runs any 
 concept each (DEVELOPING.md has the full map):
   config      LlamaConfig and presets                 model       the forward pass (read this one)
   loader      load(path): every format, memory plan   matrices    weights kept as stored, expanded a tile at a time
-  checkpoint  HF dirs and llama2.c .bin               gguf_io     GGUF read (every type) and write
+  checkpoint  HF dirs (config.json + safetensors)     gguf_io     GGUF read (every type) and write
+  llama2c     llama2.c .bin (what run.c reads)        safetensors the file format, read and written
   trace       named activation taps                   inspect     comparing, saving and reading taps
   tokenizer   SentencePiece + a pure-Python BPE       generate    sampling, prefill/decode with a KV cache
   chat        Llama 2 chat format                     gatt        Ghost Attention

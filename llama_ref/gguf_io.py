@@ -34,10 +34,10 @@ import numpy as np
 from .config import LlamaConfig, config_from_fields, parse_rope_scaling
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_file, check_output
-from .weights import GGUF, HF, check_weights, rename
+from .weights import (GGUF, HF, check_weights, permute_qk_hf_to_meta, qk_heads, qk_rows_hf_to_meta, qk_rows_meta_to_hf,
+                      rename)
 from .model_files import check_chat_template
 from .matrices import BFloat16Matrix, Float16Matrix, RowPermuted, StoredMatrix, as_stored, bf16_to_f32, plain
-from .model import Llama, permute_qk_hf_to_meta, qk_rows_hf_to_meta, qk_rows_meta_to_hf
 from .tokenizer import _load_sentencepiece
 from . import quant
 
@@ -69,14 +69,6 @@ def _rows_in_meta_order(w, n_heads):
     if isinstance(w, quant.QuantizedMatrix) and not isinstance(w, (quant.Q8_0Matrix, quant.Q4_0Matrix)):
         raise QuantizationError(f"{w.kind} matrices cannot go into a GGUF file; use q8_0, q4_0, f16 or f32")
     return w
-
-
-def _is_q(name):
-    return name.endswith("self_attn.q_proj.weight")
-
-
-def _is_k(name):
-    return name.endswith("self_attn.k_proj.weight")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,11 +130,9 @@ def _gguf_tensors(config: LlamaConfig, weights: dict, file_type: str):
         weights = quant.quantize_weights(config, weights, file_type, on_bad_shape="keep")
     out = []
     for name in weights:
-        w = weights[name]
-        if _is_q(name):
-            w = _rows_in_meta_order(w, config.n_heads)
-        elif _is_k(name):
-            w = _rows_in_meta_order(w, config.n_kv_heads)
+        w, heads = weights[name], qk_heads(name, config)
+        if heads is not None:                                  # q/k: back to Meta's pair order
+            w = _rows_in_meta_order(w, heads)
         gname = hf_to_gguf_name(name)
         if isinstance(w, quant.Q8_0Matrix):
             out.append((gname, np.ascontiguousarray(w.data), GT.Q8_0))
@@ -170,7 +160,7 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
     chat_template: a chat model's Jinja template (chat.LLAMA2_CHAT_TEMPLATE), written as tokenizer.chat_template,
     which llama.cpp and llama-cpp-python render; checked before anything is written.
     """
-    if isinstance(weights, Llama):
+    if not isinstance(weights, dict):                          # a Llama: its weights under HF names
         weights = weights.weights
     if file_type not in FILE_TYPES:
         raise QuantizationError(f"GGUF file type {file_type!r}: choose one of {', '.join(FILE_TYPES)}")
@@ -621,9 +611,9 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         shape = tuple(int(x) for x in reversed(t.shape))                   # GGUF lists dims fastest-first
         try:
             w = _gguf_weight(path, t, shape)
-            if (_is_q(name) or _is_k(name)) and len(shape) == 2:
-                heads = config.n_heads if _is_q(name) else config.n_kv_heads
-                w = as_stored(w).take_rows(qk_rows_meta_to_hf(shape[0], heads)) if shape[0] % heads == 0 else w
+            heads = qk_heads(name, config)
+            if heads is not None and len(shape) == 2 and shape[0] % heads == 0:    # Meta's pairs -> HF order (a view)
+                w = as_stored(w).take_rows(qk_rows_meta_to_hf(shape[0], heads))
         except LlamaRefError:
             raise
         except (Exception, MemoryError) as e:                      # noqa: BLE001 - a tensor gguf-py cannot map
@@ -632,12 +622,3 @@ def load_gguf(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         weights[name] = w
     check_weights(config, weights, source=path, check_finite=check_finite)
     return config, weights
-
-
-def gguf_summary(path) -> dict:
-    """Metadata and tensor types of a GGUF as plain Python (for chapters and tests): {"kv": {...}, "tensors": {...}}."""
-    r = _open_gguf(path)
-    kv = {k: v for k, v in r.kv.items()
-          if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")}
-    tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in r.tensors}
-    return {"kv": kv, "tensors": tensors}

@@ -33,8 +33,8 @@ from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, ConfigError
 from .output import atomic_file, check_output
 from .matrices import Float32Matrix
-from .model import permute_qk_hf_to_meta, qk_rows_meta_to_hf, rope_freqs
-from .weights import HF, LAYER_TENSORS, LLAMA2C, MODEL_TENSORS, check_weights, layer_names
+from .weights import (HF, LAYER_TENSORS, LLAMA2C, MODEL_TENSORS, check_weights, layer_names, permute_qk_hf_to_meta,
+                      qk_rows_meta_to_hf)
 
 F32 = np.float32
 
@@ -144,6 +144,14 @@ def load_llama2c(path, check_finite=True):
     return config, w
 
 
+def legacy_rope_tables(config: LlamaConfig):
+    """freq_cis_real, freq_cis_imag of a version-0 file: cos and sin (seq_len, hs/2) of p * theta^(-2i/hs), rounded
+    once from float64 (the angles model.rope_freqs gives; run.c skips the tables and recomputes them)."""
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim))
+    angles = np.outer(np.arange(config.max_seq_len, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+
+
 def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True):
     """Write HF-named weights as a llama2.c .bin (version 0, what run.c reads, or 1), atomically.
 
@@ -176,7 +184,7 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True
         fn = meta.get(short, lambda a: a)
         return (fn(np.asarray(weights[LAYER_TENSORS[short][HF].format(i=i)], dtype=F32)) for i in range(L))
 
-    cos, sin = rope_freqs(config.head_dim, config.max_seq_len, config.rope_theta)      # (seq_len, hs/2) each
+    cos, sin = legacy_rope_tables(config)                                               # (seq_len, hs/2) each
     parts = {names[LLAMA2C]: stack(short) for short, names in LAYER_TENSORS.items()}    # rms_att, wq, ..., w3
     parts.update({names[LLAMA2C]: [weights.get(names[HF])] for names in MODEL_TENSORS.values()})
     parts.update({"_skip_freq_cis_real": [cos], "_skip_freq_cis_imag": [sin]})

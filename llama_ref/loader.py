@@ -9,7 +9,7 @@ Chapter 14 (the real Llama 2) teaches it; every command, chapter, script and ben
 
 What `read_checkpoint(path)` reads (each reader memory-maps and validates; the format is picked from the path):
     HF directory      config.json + model.safetensors, or shards + model.safetensors.index.json  (checkpoint.py)
-    llama2.c .bin     version 0 or 1                                                          (checkpoint.py)
+    llama2.c .bin     version 0 or 1                                                            (llama2c.py)
     .gguf             every tensor type gguf-py can dequantize, K-quants included                (gguf_io.py)
     quantized dir     what `python -m llama_ref quantize` writes                                (quant.py)
 

@@ -32,8 +32,8 @@ from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError
 from .output import atomic_dir, check_output
 from .matrices import Scratch, StoredMatrix, as_f32, f16_to_f32, first_nonfinite, plain, product
-from .model import Llama
 from .model_files import companion_files
+from .safetensors import _write_safetensors, read_safetensors
 from .weights import check_layer_count, check_weights, short_name, weight_shapes
 
 F32 = np.float32
@@ -784,7 +784,7 @@ def quantize_weights(config: LlamaConfig, weights: dict, scheme: str, on_bad_sha
     return out
 
 
-def set_integer_dot(model: Llama, on=True) -> Llama:
+def set_integer_dot(model, on=True):
     """Make a model multiply the way llama.cpp's CPU backend does, for comparisons: every Q8_0 matrix quantizes its
     activations to Q8_0 and sums int8 x int8 in int32 per block (matmul_q8_0_int, slow in NumPy); every K-quant matrix
     of a GGUF rounds its activations to Q8_K first (fake_quantize_q8_k, exact in float32)."""
@@ -797,18 +797,17 @@ def set_integer_dot(model: Llama, on=True) -> Llama:
     return model
 
 
-def quantize_model(model_or_weights, scheme: str, config: LlamaConfig | None = None, on_bad_shape="error") -> Llama:
-    """A Llama (or an HF weights dict + config) -> a new Llama holding `scheme`-quantized weights."""
-    if isinstance(model_or_weights, Llama):
-        config, weights = model_or_weights.config, model_or_weights.weights
-    else:
-        if config is None:
-            raise QuantizationError("quantize_model(weights, scheme) needs config=LlamaConfig(...) with a weights dict")
-        weights = model_or_weights
-    return Llama(config, quantize_weights(config, weights, scheme, on_bad_shape))
+def quantize_model(model, scheme: str, on_bad_shape="error"):
+    """A Llama -> a new Llama holding `scheme`-quantized weights (for a weights dict: quantize_weights).
+
+    (quant.py is a format and does not import the model: the new model is made by the given one's class.)"""
+    if isinstance(model, dict) or not hasattr(model, "weights"):
+        raise QuantizationError("quantize_model(model, scheme) takes a Llama; quantize an HF-named weights dict with "
+                                "quantize_weights(config, weights, scheme) and build Llama(config, quantized) from it")
+    return type(model)(model.config, quantize_weights(model.config, model.weights, scheme, on_bad_shape))
 
 
-def held_nbytes(model: Llama) -> int:
+def held_nbytes(model) -> int:
     """Bytes of every weight array the model holds, each buffer counted once."""
     seen, total = set(), 0
 
@@ -848,12 +847,12 @@ def held_nbytes(model: Llama) -> int:
 #   tokenizer.model    copied when given
 
 QUANT_FORMAT = "llama_ref-quant-v1"
+QUANT_DTYPES = ("F32", "F16", "U8", "I8")       # what save_quantized writes (safetensors dtypes)
 
 
-def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=False, chat_template=None) -> Path:
+def save_quantized(path, model, scheme: str, tokenizer_path=None, force=False, chat_template=None) -> Path:
     """Write a quantized model as a directory (format above) with what travels with a model (tokenizer files, the
     chat template of a chat model: model_files.companion_files); atomic: built in a temp dir, then renamed."""
-    from safetensors.numpy import save_file
     path = check_output(path, force=force, kind="dir")
     companions = companion_files(model.config, tokenizer_path, chat_template)     # checked before any work
     tensors, kinds = {}, {}
@@ -869,7 +868,7 @@ def save_quantized(path, model: Llama, scheme: str, tokenizer_path=None, force=F
     cfg["quantization"] = {"format": QUANT_FORMAT, "scheme": scheme, "act_bits": policy["act_bits"], "tensors": kinds}
     with atomic_dir(path, force=force) as tmp:                             # the old directory stays until the end
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": QUANT_FORMAT, "scheme": scheme})
+        _write_safetensors(tmp / "model.safetensors", tensors, {"format": QUANT_FORMAT, "scheme": scheme})
         for name, content in companions.items():
             (tmp / name).write_bytes(content)
     return path
@@ -906,7 +905,6 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     Validated like every checkpoint: the config through the typed parser, every tensor the config requires present
     with the dtype and shape its kind stores, no tensor of another model (a config saying 2 layers over a file of 6
     is refused), and no NaN/Inf (scales included)."""
-    from safetensors import safe_open
     path = Path(path)
     fix = "re-create it with `python -m llama_ref quantize`"
     try:
@@ -928,7 +926,7 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     for name, shape in shapes.items():
         kind = q["tensors"].get(name)
         if kind is None:
-            wanted[name] = (None, shape)
+            wanted[name] = (np.float32, shape)                             # save_quantized writes floats as float32
             continue
         parts = stored_parts(kind, *shape) if isinstance(kind, str) else None
         if parts is None:
@@ -940,27 +938,19 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         raise CheckpointError(f"{path}/config.json lists quantized tensors the config has no place for ({stray[:3]}); "
                               f"config and weights disagree; {fix}")
     file = path / "model.safetensors"
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            names = set(f.keys())
-            missing = sorted(set(wanted) - names)
-            extra = sorted(names - set(wanted))
-            if missing:
-                raise CheckpointError(f"{file} lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]!r}; "
-                                      f"{fix}")
-            if extra:
-                raise CheckpointError(f"{file} holds {len(extra)} tensor(s) the config has no place for, e.g. "
-                                      f"{extra[0]!r} (does config.json say too few layers?); {fix}")
-            stored = {n: f.get_tensor(n) for n in wanted}
-    except LlamaRefError:
-        raise
-    except Exception as e:                                           # noqa: BLE001 - the safetensors library's errors
-        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    stored, _ = read_safetensors(file, dtypes=QUANT_DTYPES)            # memory-mapped, every header lie refused
+    missing = sorted(set(wanted) - set(stored))
+    extra = sorted(set(stored) - set(wanted))
+    if missing:
+        raise CheckpointError(f"{file} lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]!r}; {fix}")
+    if extra:
+        raise CheckpointError(f"{file} holds {len(extra)} tensor(s) the config has no place for, e.g. {extra[0]!r} "
+                              f"(does config.json say too few layers?); {fix}")
     for n, (dtype, shape) in wanted.items():
         a = stored[n]
-        if tuple(a.shape) != shape or (dtype is not None and a.dtype != dtype):
+        if tuple(a.shape) != shape or a.dtype != dtype:
             raise CheckpointError(f"{file}: tensor {n!r} is {a.dtype} {tuple(a.shape)}, expected "
-                                  f"{np.dtype(dtype or F32)} {shape}; {fix}")
+                                  f"{np.dtype(dtype)} {shape}; {fix}")
     weights = {}
     for name in shapes:
         kind = q["tensors"].get(name)

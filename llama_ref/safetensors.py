@@ -36,15 +36,20 @@ ST_DTYPES = {
     "F32": (np.dtype("<f4"), 4),
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),   # raw bits: a BFloat16Matrix (matrices.py) or, 1-D, a float32 copy
+    "U8": (np.dtype("u1"), 1),      # quantized blocks and codes (quant.py's directories)
+    "I8": (np.dtype("i1"), 1),
 }
-NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")    # what a checkpoint of float weights may hold (the default)
+NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("u1"): "U8",
+            np.dtype("i1"): "I8"}
 MAX_HEADER_BYTES = 100_000_000      # the safetensors library refuses larger headers too
 
 
-def read_safetensors_header(path):
+def read_safetensors_header(path, dtypes=FLOAT_DTYPES):
     """Parse and validate a safetensors header. Returns (tensors, metadata, data_start, file_size).
 
     tensors maps name -> (dtype string, shape tuple, (begin, end)) in file order; nothing of the data is read.
+    dtypes: the safetensors dtypes the caller accepts (float weights unless told otherwise).
     Raises CheckpointError naming the file, the tensor and what to do for every way a header can be wrong.
     """
     path = Path(path)
@@ -86,8 +91,8 @@ def read_safetensors_header(path):
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise CheckpointError(f"{where}: header entry must have dtype, shape and data_offsets, got {info!r}; {fix}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
-            raise CheckpointError(f"{where} has dtype {dtype!r}; llama_ref reads {', '.join(ST_DTYPES)}: convert the "
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            raise CheckpointError(f"{where} has dtype {dtype!r}; llama_ref reads {', '.join(dtypes)}: convert the "
                                   "checkpoint to float32/float16/bfloat16 (quantized models: use GGUF)")
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise CheckpointError(f"{where} has shape {shape!r}, not a list of non-negative integers; {fix}")
@@ -122,15 +127,15 @@ def read_safetensors_header(path):
     return tensors, metadata, data_start, size
 
 
-def read_safetensors(path):
+def read_safetensors(path, dtypes=FLOAT_DTYPES):
     """Memory-map a safetensors file. Returns (tensors, metadata).
 
-    F32/F16/F64 tensors are read-only np.memmap views into the file (no copy, nothing read until used);
-    BF16 matrices are matrices.BFloat16Matrix over the mapped bits (NumPy has no bfloat16), BF16 vectors float32
-    copies. Use loader.read_checkpoint for a whole model (it converts F64 to float32 too).
+    F32/F16/F64 (and, where `dtypes` admits them, U8/I8) tensors are read-only np.memmap views into the file (no
+    copy, nothing read until used); BF16 matrices are matrices.BFloat16Matrix over the mapped bits (NumPy has no
+    bfloat16), BF16 vectors float32 copies. Use loader.read_checkpoint for a whole model (it converts F64 to float32).
     """
     path = Path(path)
-    header, metadata, data_start, size = read_safetensors_header(path)
+    header, metadata, data_start, size = read_safetensors_header(path, dtypes)
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
     out = {}
     for name, (dtype, shape, (begin, end)) in header.items():
@@ -143,11 +148,11 @@ def read_safetensors(path):
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """Write `tensors` (name -> float64/32/16 array) as a safetensors file, atomically.
+    """Write `tensors` (name -> float64/32/16, uint8 or int8 array) as a safetensors file, atomically.
 
-    The header is JSON padded with spaces to a multiple of 8 bytes so every tensor starts 8-byte aligned when the
-    tensors are float32 (transformers needs `{"format": "pt"}` in __metadata__, which is the default here).
-    Tensors are written in dict order, one at a time, straight from their memory (no concatenated copy).
+    The header is JSON padded with spaces to a multiple of 8 bytes, and the tensors are written widest type first
+    (dict order within a type), so every tensor starts aligned to its element size (transformers needs
+    `{"format": "pt"}` in __metadata__, which is the default here). One at a time, straight from their memory.
     """
     with atomic_file(path) as tmp:
         _write_safetensors(tmp, tensors, metadata)
@@ -160,9 +165,10 @@ def _write_safetensors(path, tensors, metadata=None, dtype=None):
         dt = np.dtype(dtype if dtype is not None else np.asarray(a).dtype).newbyteorder("<")
         if dt not in NP_TO_ST:
             raise CheckpointError(f"cannot write tensor {name!r} with dtype {dt} to {path}: use float32, "
-                                  "float16 or float64")
+                                  "float16, float64, uint8 or int8")
         entries.append((name, tuple(getattr(a, "shape", None) or np.shape(a)), NP_TO_ST[dt],
                         lambda _, a=a, dt=dt: np.require(a, dtype=dt, requirements="C")))
+    entries.sort(key=lambda e: -ST_DTYPES[e[2]][1])                            # stable: widest first, else in order
     write_safetensors_stream(path, entries, metadata)
 
 

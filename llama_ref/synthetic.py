@@ -25,9 +25,8 @@ from .checkpoint import INDEX_NAME
 from .config import LlamaConfig
 from .output import atomic_dir, atomic_file
 from .gguf_io import FILE_TYPES, FP16_SCALES, GGUFMatrix, add_llama_metadata, hf_to_gguf_name, sentencepiece_vocab
-from .model import permute_qk_hf_to_meta
 from .safetensors import write_safetensors_stream
-from .weights import weight_shapes
+from .weights import permute_qk_hf_to_meta, qk_heads, weight_shapes
 from .tokenizer import UNUSED, proto_from_vocab
 from . import paths
 
@@ -122,9 +121,8 @@ def _gguf_tensor(name, shape, config, layout, seed, std):
     if kind:
         return random_blocks(kind, shape[0], shape[1], _seed(name, seed), std)
     a = random_tensor(name, shape, seed, std).astype(dtype)
-    if "attn_q" in gname or "attn_k" in gname:
-        a = permute_qk_hf_to_meta(a, config.n_heads if "attn_q" in gname else config.n_kv_heads)
-    return a
+    heads = qk_heads(name, config)                                      # q/k: Meta's pair order in GGUF
+    return a if heads is None else permute_qk_hf_to_meta(a, heads)
 
 
 def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std: float = 0.02, progress=None) -> Path:

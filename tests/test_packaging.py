@@ -92,3 +92,22 @@ def test_generate_does_not_import_the_loader():
                 reach(n, seen)
         return seen
     assert "loader" not in reach("generate", set())
+
+
+FORMATS = ("safetensors", "checkpoint", "llama2c", "gguf_io", "quant", "synthetic", "weights", "matrices")
+
+
+def test_no_format_imports_the_model():
+    """The formats on disk (and the name table and stored matrices they share) sit below the model: facts about
+    layouts (the q/k row order, names) live in weights.py, so no reader or writer needs model.py, even indirectly."""
+    graph = _package_imports()
+
+    def reach(a, seen):
+        for n in graph.get(a, ()):
+            if n not in seen:
+                seen.add(n)
+                reach(n, seen)
+        return seen
+    for fmt in FORMATS:
+        assert fmt in graph, f"{fmt}.py is gone: update FORMATS"
+        assert "model" not in reach(fmt, set()), f"{fmt}.py imports model.py (directly or through another module)"

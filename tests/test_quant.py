@@ -266,8 +266,8 @@ def test_bad_shapes_in_a_model():
     cfg = CFG.replace(hidden_dim=200)                             # 200 is not a multiple of 32
     w = random_weights(cfg, scale=0.1)
     with pytest.raises(QuantizationError, match="down_proj"):
-        Q.quantize_model(w, "q8_0", config=cfg)
-    qm = Q.quantize_model(w, "q8_0", config=cfg, on_bad_shape="keep")   # documented fallback: that tensor stays float
+        Q.quantize_model(Llama(cfg, w), "q8_0")
+    qm = Q.quantize_model(Llama(cfg, w), "q8_0", on_bad_shape="keep")   # documented fallback: that tensor stays float
     assert isinstance(qm.weights["model.layers.0.mlp.down_proj.weight"], np.ndarray)
     assert isinstance(qm.weights["model.layers.0.mlp.up_proj.weight"], Q.Q8_0Matrix)
     with pytest.raises(QuantizationError, match="unknown scheme"):
@@ -283,7 +283,9 @@ def test_build_llama_validates_shapes(model):
 
 def test_tied_embeddings_share_one_quantized_tensor():
     cfg = CFG.replace(tie_embeddings=True)
-    qm = Q.quantize_model(random_weights(cfg, scale=0.1), "q4_0", config=cfg)
+    qm = Q.quantize_model(Llama(cfg, random_weights(cfg, scale=0.1)), "q4_0")
+    with pytest.raises(QuantizationError, match="quantize_weights"):           # a dict is not a model: say what is
+        Q.quantize_model(random_weights(cfg, scale=0.1), "q4_0")
     assert qm.params["lm_head"] is qm.params["embed"] and qm.params["embed"].kind == "q8_0"   # classifier's format
 
 
