@@ -57,6 +57,40 @@ def runnable_coretype(coretype: str) -> str:
     return "Sandybridge" if coretype.lower() == "skylakex" and "avx512f" not in text else coretype
 
 
+def per_kernel_family(script: str, argv: list[str], coretypes: str) -> list[dict]:
+    """Run a benchmark script once per OpenBLAS kernel family, each in a child process with OPENBLAS_CORETYPE set
+    before NumPy loads (`--child REQUESTED` appended to its arguments), and return what each child printed as JSON on
+    its last line, plus "requested" and "coretype" (runnable_coretype: Sandybridge where SkylakeX cannot run)."""
+    import json
+    import subprocess
+    results = []
+    for requested in coretypes.split(","):
+        coretype = runnable_coretype(requested)
+        env = dict(os.environ, OPENBLAS_CORETYPE=coretype)
+        cmd = [sys.executable, script, *[a for a in argv if a != "--readme"], "--child", requested]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"the {coretype} run of {Path(script).name} failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append({**result, "requested": requested, "coretype": coretype})
+    return results
+
+
+def kernel_label(result: dict) -> str:
+    """'Haswell', or 'Sandybridge (for SkylakeX)' where one family stood in for another."""
+    return result["coretype"] + (f" (for {result['requested']})" if result["coretype"] != result["requested"] else "")
+
+
+def substitution_note(results: list[dict]) -> str:
+    """The sentence a table needs when a kernel family could not run on this CPU ('' when none)."""
+    subst = [r for r in results if r["coretype"] != r["requested"]]
+    if not subst:
+        return ""
+    return (f"This CPU has no AVX-512: OpenBLAS's {subst[0]['requested']} kernels cannot run here, so "
+            f"{subst[0]['coretype']} kernels (AVX, no FMA) stand in for them; PyTorch and llama.cpp use their own "
+            "kernels in every row.")
+
+
 def median_time(fn, repeats: int) -> float:
     """Median wall time of fn() over `repeats` calls, after one warm-up call (allocations, thread pools)."""
     fn()

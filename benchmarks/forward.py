@@ -29,8 +29,6 @@ Needs the [reference] extra (torch==2.13.0, transformers).
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,43 +45,30 @@ ap.add_argument("--old", action="store_true", help="also time the forward as it 
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
 ap.add_argument("--child", help=argparse.SUPPRESS)                 # internal: measure one kernel family, print JSON
 args = ap.parse_args()
-from _bench import (import_reference, machine_line, median_time, pin_thread_counts, runnable_coretype,  # noqa: E402
-                    write_readme_block)
+from _bench import (import_reference, kernel_label, machine_line, median_time, per_kernel_family,  # noqa: E402
+                    pin_thread_counts, substitution_note, write_readme_block)
 threads = pin_thread_counts(args.threads)                                  # before numpy/torch load BLAS
 
 if args.child is None:                                                     # the parent: one child per kernel family
-    results = []
-    for requested in args.coretypes.split(","):
-        coretype = runnable_coretype(requested)
-        env = dict(os.environ, OPENBLAS_CORETYPE=coretype)
-        cmd = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--readme"], "--child", requested]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"the {coretype} run failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    old = args.old
-    shape = results[0]["shape"]
-    head = (f"| {shape}, float32 | kernels | llama_ref (NumPy) | " + ("before | now / before | " if old else "")
-            + "transformers (PyTorch) | ours / transformers | llama.cpp F32 | ours / llama.cpp |")
-    table = [head, "|---|---|" + "---:|" * (8 if old else 6)]
-    notes = []
-    for r in results:
-        kern = r["coretype"] + (f" (for {r['requested']})" if r["coretype"] != r["requested"] else "")
-        for name, a, b, c, o in r["rows"]:
-            old_cells = (f"{o:,.0f} | {a / o:.2f}x | " if o else "– | – | ") if old else ""
-            lc_cells = f"{c:,.0f} | **{a / c:.2f}x**" if c else "– | –"
-            table.append(f"| {name} | {kern} | {a:,.0f} | {old_cells}{b:,.0f} | **{a / b:.2f}x** | {lc_cells} |")
-        notes.append(f"{kern}: {r['notes']} Machine: {r['machine']}.")
-    subst = [r for r in results if r["coretype"] != r["requested"]]
-    if subst:
-        notes.append(f"This CPU has no AVX-512: OpenBLAS's {subst[0]['requested']} kernels cannot run here, so "
-                     f"{subst[0]['coretype']} kernels (AVX, no FMA) stand in for them; PyTorch and llama.cpp use "
-                     "their own kernels in both rows.")
-    text = "\n".join(table) + "\n\n" + "\n".join(notes)
-    print(text)
-    if args.readme:
-        write_readme_block("BENCH-FORWARD" if args.shape == "stories15M" else "BENCH-FORWARD-TINYWORLD", text,
-                           anchor="<!-- /BENCH-FORWARD -->")
+    results = per_kernel_family(__file__, sys.argv[1:], args.coretypes)
+
+    def table(with_old):
+        head = (f"| {results[0]['shape']}, float32 | kernels | llama_ref (NumPy) | "
+                + ("before | now / before | " if with_old else "")
+                + "transformers (PyTorch) | ours / transformers | llama.cpp F32 | ours / llama.cpp |")
+        lines = [head, "|---|---|" + "---:|" * (8 if with_old else 6)]
+        for r in results:
+            for name, a, b, c, o in r["rows"]:
+                old_cells = (f"{o:,.0f} | {a / o:.2f}x | " if o else "– | – | ") if with_old else ""
+                lc_cells = f"{c:,.0f} | **{a / c:.2f}x**" if c else "– | –"
+                lines.append(f"| {name} | {kernel_label(r)} | {a:,.0f} | {old_cells}{b:,.0f} | **{a / b:.2f}x** | "
+                             f"{lc_cells} |")
+        notes = [f"{kernel_label(r)}: {r['notes']} Machine: {r['machine']}." for r in results]
+        return "\n".join(lines) + "\n\n" + "\n".join(notes + [substitution_note(results)]).strip()
+    print(table(args.old))
+    if args.readme:                          # the README keeps today's code only (--old is a one-time comparison)
+        write_readme_block("BENCH-FORWARD" if args.shape == "stories15M" else "BENCH-FORWARD-TINYWORLD",
+                           table(False), anchor="<!-- /BENCH-FORWARD -->")
     sys.exit(0)
 
 # ---- a child: one kernel family -----------------------------------------------------------------------------------
@@ -203,5 +188,4 @@ elif agree_lc:
 notes = (f"max abs logit difference to transformers {err:.1e}; ours{' (now and before)' if before else ''} and "
          f"transformers decoded the same {n} tokens: {same}.{lc_note} numpy {np.__version__}, torch "
          f"{torch.__version__}, transformers {transformers.__version__}.")
-print(json.dumps({"requested": args.child, "coretype": os.environ.get("OPENBLAS_CORETYPE", "unset"), "shape": shape,
-                  "rows": rows, "notes": notes, "machine": machine_line(args.threads)}))
+print(json.dumps({"shape": shape, "rows": rows, "notes": notes, "machine": machine_line(args.threads)}))

@@ -7,22 +7,45 @@ Ours is what the trainer runs, backprop.forward_backward_parallel: the batch's r
 thread count, each with one BLAS thread (PyTorch gets the same count for its own threads); the single call stream,
 backprop.forward_backward with that many BLAS threads, is timed beside it.
 
-    python benchmarks/train_step.py [--threads 1,2] [--batch 8] [--seq-len 512] [--steps 5] [--readme]
+    python benchmarks/train_step.py [--threads 1,2] [--coretypes Haswell,SkylakeX] [--batch 8] [--seq-len 512]
+                                    [--steps 5] [--readme]
 
-Prints a markdown table of tokens/s and ratios; `--readme` writes it into README.md between the BENCH-TRAIN markers.
-Needs the [reference] extra (torch==2.13.0, transformers).
+Each OpenBLAS kernel family runs in a child process of its own (OPENBLAS_CORETYPE is read when NumPy loads), PyTorch
+beside it in the same process: Haswell (AVX2) and SkylakeX (AVX-512), with Sandybridge in SkylakeX's place on a CPU
+without AVX-512 (said under the table). Prints a markdown table of tokens/s and ratios; `--readme` writes it into
+README.md between the BENCH-TRAIN markers. Needs the [reference] extra (torch==2.13.0, transformers).
 """
 import argparse
+import json
+import sys
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--threads", default="1,2", help="comma-separated thread counts, each measured (default: 1,2)")
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--seq-len", type=int, default=512)
 ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median is reported)")
+ap.add_argument("--coretypes", default="Haswell,SkylakeX",
+                help="OpenBLAS kernel families, each in its own process (default: Haswell,SkylakeX)")
 ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+ap.add_argument("--child", help=argparse.SUPPRESS)                 # internal: measure one kernel family, print JSON
 args = ap.parse_args()
-from _bench import import_reference, machine_line, median_time, pin_thread_counts, write_readme_block  # noqa: E402
+from _bench import (import_reference, kernel_label, machine_line, median_time, per_kernel_family,  # noqa: E402
+                    pin_thread_counts, substitution_note, write_readme_block)
 threads = pin_thread_counts(args.threads)                                  # before numpy/torch load BLAS
+
+if args.child is None:                                                     # the parent: one child per kernel family
+    results = per_kernel_family(__file__, sys.argv[1:], args.coretypes)
+    table = [f"| training step (forward + backward + AdamW), embedded-model shape (5.2M params), batch {args.batch} x "
+             f"{args.seq_len}, float32 | kernels | tokens/s | llama_ref / this |", "|---|---|---:|---:|"]
+    notes = []
+    for r in results:
+        table += [f"| {name} | {kernel_label(r)} | {tok_s:,.0f} | {ratio} |" for name, tok_s, ratio in r["rows"]]
+        notes.append(f"{kernel_label(r)}: {r['notes']} Machine: {r['machine']}.")
+    text = "\n".join(table) + "\n\n" + "\n".join(notes + [substitution_note(results)]).strip()
+    print(text)
+    if args.readme:
+        write_readme_block("BENCH-TRAIN", text, anchor="<!-- /BENCH-FORWARD -->")
+    sys.exit(0)
 
 
 import numpy as np  # noqa: E402
@@ -94,8 +117,7 @@ hf_sdpa = make_hf("sdpa")
 losses["ours"] = backprop.forward_backward(cfg, params, x, y, rope=rope)[0]                  # at the starting weights,
 losses["ours, 2 threads"] = backprop.forward_backward_parallel(cfg, params, x, y, rope=rope)[0]   # as torch's first steps
 ntok = B * T
-table = [f"| training step (forward + backward + AdamW), embedded-model shape (5.2M params), batch {B} x {T}, float32 "
-         "| tokens/s | llama_ref / this |", "|---|---:|---:|"]
+rows = []
 for nt in threads:
     with threadpool_limits(nt):
         torch.set_num_threads(nt)
@@ -104,19 +126,15 @@ for nt in threads:
         t_eager = median_time(torch_stepper(hf0), args.steps)
         t_sdpa = median_time(torch_stepper(hf_sdpa), args.steps)
     th = f"{nt} thread{'s' * (nt > 1)}"
-    table += [f"| llama_ref (NumPy, `backprop.forward_backward_parallel`, {nt} x 1 BLAS thread), {th} "
-              f"| {ntok / t_ours:,.0f} | 1.00x |"]
+    rows.append((f"llama_ref (NumPy, `backprop.forward_backward_parallel`, {nt} x 1 BLAS thread), {th}",
+                 ntok / t_ours, "1.00x"))
     if nt > 1:
-        table += [f"| llama_ref, one call stream (`backprop.forward_backward`, {nt} BLAS threads), {th} "
-                  f"| {ntok / t_serial:,.0f} | **{t_serial / t_ours:.2f}x** |"]
-    table += [f"| PyTorch eager, transformers eager attention, {th} | {ntok / t_eager:,.0f} | **{t_eager / t_ours:.2f}x** |",
-              f"| PyTorch eager, transformers SDPA attention, {th} | {ntok / t_sdpa:,.0f} | **{t_sdpa / t_ours:.2f}x** |"]
+        rows.append((f"llama_ref, one call stream (`backprop.forward_backward`, {nt} BLAS threads), {th}",
+                     ntok / t_serial, f"**{t_serial / t_ours:.2f}x**"))
+    rows += [(f"PyTorch eager, transformers eager attention, {th}", ntok / t_eager, f"**{t_eager / t_ours:.2f}x**"),
+             (f"PyTorch eager, transformers SDPA attention, {th}", ntok / t_sdpa, f"**{t_sdpa / t_ours:.2f}x**")]
 same_loss = all(abs(v - losses["ours"]) < 1e-4 for v in losses.values())
-notes = ("\nfirst-step loss: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) +
-         f" (agree to 1e-4: {same_loss}). numpy {np.__version__}, "
-         f"torch {torch.__version__}, transformers {transformers.__version__}.\nMachine: {machine_line(args.threads)}.")
-text = "\n".join(table) + "\n" + notes
-print(text)
-
-if args.readme:
-    write_readme_block("BENCH-TRAIN", text, anchor="<!-- /BENCH-FORWARD -->")
+notes = ("first-step loss: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) +
+         f" (agree to 1e-4: {same_loss}). numpy {np.__version__}, torch {torch.__version__}, "
+         f"transformers {transformers.__version__}.")
+print(json.dumps({"rows": rows, "notes": notes, "machine": machine_line(args.threads)}))
