@@ -111,3 +111,15 @@ def test_no_format_imports_the_model():
     for fmt in FORMATS:
         assert fmt in graph, f"{fmt}.py is gone: update FORMATS"
         assert "model" not in reach(fmt, set()), f"{fmt}.py imports model.py (directly or through another module)"
+
+
+def test_the_module_map_names_every_module():
+    """DEVELOPING.md's module map matches the tree: every module of the package has its row, and no row names a module
+    that is gone (a reader finds every concept in the module named after it)."""
+    text = (REPO / "DEVELOPING.md").read_text()
+    table = text[text.index("### Module map"):]
+    table = table[:table.index("\n\n")]
+    named = set(re.findall(r"`(\w+)\.py`", table))
+    modules = {f.stem for f in (REPO / "llama_ref").glob("*.py")} - {"__init__"}
+    assert not modules - named, f"modules missing from DEVELOPING.md's module map: {sorted(modules - named)}"
+    assert not named - modules, f"DEVELOPING.md's module map names modules that are gone: {sorted(named - modules)}"
