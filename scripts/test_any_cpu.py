@@ -9,7 +9,8 @@ SkylakeX kernels need AVX-512: on a CPU without it they die of an illegal instru
 `Sandybridge` (AVX without FMA, which every x86-64 CPU of the last decade runs): different kernels, different rounding,
 the same kind of test. The substitution is printed. The default `make test` never sets these variables.
 
-    python scripts/test_any_cpu.py [--coretypes Haswell SkylakeX] [--threads 1 2] [-- extra pytest args]
+    python scripts/test_any_cpu.py [--coretypes Haswell SkylakeX] [--threads 1 2] [--notebooks NB.ipynb ...]
+                                   [-- extra pytest args]
 """
 import argparse
 import os
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--coretypes", nargs="+", default=["Haswell", "SkylakeX"], help="OPENBLAS_CORETYPE values")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="OPENBLAS_NUM_THREADS values")
+    ap.add_argument("--notebooks", nargs="+", default=["notebooks"],
+                    help="the chapters to run (default: every one in notebooks/)")
     ap.add_argument("pytest_args", nargs="*", help="extra arguments for pytest (after --)")
     args = ap.parse_args(argv)
     flags = cpu_flags()
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         for threads in args.threads:
             env = dict(os.environ, OPENBLAS_CORETYPE=coretype, OPENBLAS_NUM_THREADS=str(threads),
                        OMP_NUM_THREADS=str(threads))
-            cmd = [sys.executable, "-m", "pytest", "notebooks", *NBVAL, "-q", "-p", "no:cacheprovider",
+            cmd = [sys.executable, "-m", "pytest", *args.notebooks, *NBVAL, "-q", "-p", "no:cacheprovider",
                    *args.pytest_args]
             print(f"\n=== OPENBLAS_CORETYPE={coretype} OPENBLAS_NUM_THREADS={threads}", flush=True)
             t0 = time.perf_counter()
