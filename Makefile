@@ -84,6 +84,7 @@ bench: reference-env
 	$(BIN)/python benchmarks/forward.py --readme
 	$(BIN)/python benchmarks/forward.py --shape tinyworld --readme
 	$(BIN)/python benchmarks/decode_profile.py --readme
+	$(BIN)/python benchmarks/decode_profile.py --shape tinyworld --readme
 	$(BIN)/python benchmarks/train_step.py --readme
 	$(BIN)/python benchmarks/quant_accuracy.py --readme
 	$(BIN)/python benchmarks/onnx_runtime.py --readme
