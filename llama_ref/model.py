@@ -385,8 +385,10 @@ class Llama:
         cos, sin = (t[start_pos:S, None] for t in self.rope(S))                # (T, 1, hs/2): every head alike
 
         x = tap(trace, "embed", P["embed"][tokens].astype(F32, copy=False))   # (B, T, C)
+        L = len(P["layers"])
         for i, layer in enumerate(P["layers"]):
-            x = self.block(i, layer, x, start_pos, cos, sin, mask, cache, trace)
+            only_last = last_only and i == L - 1 and trace is None                 # the head reads one row only
+            x = self.block(i, layer, x, start_pos, cos, sin, mask, cache, trace, only_last)
         if cache is not None:
             cache.length = S
         if last_only:
@@ -394,8 +396,12 @@ class Llama:
         logits = self.head(x, trace)                                            # (B, T, V) or (B, V)
         return logits[0] if squeeze else logits
 
-    def block(self, i, layer, x, start_pos, cos, sin, mask, cache, trace):
-        """One pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)). x (B, T, C), cos/sin (T, 1, hs/2)."""
+    def block(self, i, layer, x, start_pos, cos, sin, mask, cache, trace, only_last=False):
+        """One pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)). x (B, T, C), cos/sin (T, 1, hs/2).
+
+        only_last: return the last row only, (B, 1, C). Every row's key and value still go into the cache, but only
+        the last query attends and only the last row goes through o_proj and the feed-forward: the last block of a
+        prompt whose logits are wanted for its last position only (llama.cpp skips the same work)."""
         cfg = self.config
         B, T, C = x.shape
         nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -410,6 +416,9 @@ class Llama:
         v = tap(trace, name + "attn.v", qkv[:, :, nh + nkv:].transpose(0, 2, 1, 3))           # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(i, start_pos, k, v)                                           # (B, nkv, S, hs)
+        if only_last and T > 1:                               # the last query attends to every key: no mask needed
+            x, q, T = x[:, -1:], q[:, :, -1:], 1
+            mask = None if mask is None else mask[..., -1:, :]
         if mask is None and trace is None:
             heads = causal_attention(q, k, v)                                                 # (B, nh, T, hs)
         else:                                                 # a trace records the probabilities of every query

@@ -81,9 +81,29 @@ def test_batch_rows_equal_single_sequences(model):
         np.testing.assert_allclose(batch[b], model.forward(tokens[b]), atol=2e-5 * np.abs(batch).max(), rtol=0)
 
 
-def test_last_only_matches_full(model):
-    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 9))
-    np.testing.assert_allclose(model.forward(tokens, last_only=True), model.forward(tokens)[:, -1], atol=1e-6)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_last_only_matches_full(name):
+    """last_only: the last block computes only the last row (every key and value still go into the cache), then the
+    head reads that row. Same logits as the full forward's last position and the same cache, for a whole prompt and
+    for a chunk after cached positions; only the last block's (1, C) products differ from the (T, C) ones in BLAS's
+    summation order (the tolerance of the KV-cache test above). The keys and values come from the very same calls."""
+    cfg = CONFIGS[name]
+    model = Llama(cfg, random_weights(cfg))
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 13))
+    caches = model.new_cache(batch_size=2), model.new_cache(batch_size=2)
+    full = model.forward(tokens[:, :9], 0, caches[0])[:, -1]
+    last = model.forward(tokens[:, :9], 0, caches[1], last_only=True)
+    assert last.shape == (2, cfg.vocab_size)
+    np.testing.assert_allclose(last, full, atol=2e-5 * np.abs(full).max(), rtol=0)
+    full = model.forward(tokens[:, 9:], 9, caches[0])[:, -1]                  # a chunk after cached positions
+    last = model.forward(tokens[:, 9:], 9, caches[1], last_only=True)
+    np.testing.assert_allclose(last, full, atol=2e-5 * np.abs(full).max(), rtol=0)
+    assert caches[0].length == caches[1].length == 13
+    for kind in ("k", "v"):
+        for a, b in zip(getattr(caches[0], kind), getattr(caches[1], kind)):
+            np.testing.assert_array_equal(a[:, :, :13], b[:, :, :13])
+    np.testing.assert_allclose(model.forward(tokens[0], last_only=True), model.forward(tokens[0])[-1],
+                               atol=2e-5 * np.abs(full).max(), rtol=0)
 
 
 def test_forward_stays_float32(model):
