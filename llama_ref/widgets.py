@@ -148,7 +148,8 @@ def generation_stepper(model, tokenizer, prompt="Once upon a time", k=5, tempera
     state = {"ids": tokenizer.encode(prompt, bos=True)}
     prompt_box = W.Text(value=prompt, description="prompt")
     reset = W.Button(description="reset")
-    temp = W.FloatSlider(value=temperature, min=0.1, max=2.0, step=0.05, description="temperature")
+    temp = W.FloatSlider(value=temperature, min=0.1, max=2.0, step=0.05, description="temperature",
+                         style={"description_width": "initial"})                 # the whole label, not "tempe..."
     buttons = [W.Button(layout=W.Layout(width="auto")) for _ in range(k)]
     text = W.HTML()
     out = W.Output()
