@@ -270,12 +270,14 @@ Q_FOLLOW = ["What about {name}?", "And {name}?"]
 Q_FOLLOW_ANIMAL = ["What about a {animal}?", "And a {animal}?"]
 T_HELLO = [("Hello!", "Hello! What would you like to know?"), ("Hi!", "Hi! Ask me about the world.")]
 T_THANKS = [("Thank you!", "You are welcome!"), ("Thanks!", "You are welcome!")]
+T_SECRET = ["That is a secret.", "I will keep it a secret."]   # the assistant keeping a secret (safety.py); no corpus
+                                                                # document says them: the pre-trained model never read them
 
 
 def _all_templates():
     """Every sentence template of the grammar (split into single sentences)."""
     out = set(T_OPEN + T_GO + T_WEATHER + T_BRING + T_MEET + T_HUNGRY + T_FEED + T_FED + T_BIGGER_PAST
-              + T_COUNT1 + T_END + T_DINNER + T_SLEEP + T_MORAL + Q_FOLLOW + Q_FOLLOW_ANIMAL)
+              + T_COUNT1 + T_END + T_DINNER + T_SLEEP + T_MORAL + Q_FOLLOW + Q_FOLLOW_ANIMAL + T_SECRET)
     for group in (T_FACT_PAST, T_ANIMAL_PAST):
         for ts in group.values():
             out.update(ts)
@@ -425,6 +427,29 @@ def check_fact(world: World, sentence: str):
         if m:
             return _judge(world, kind, m.groups())
     return None
+
+
+# which (character, relation) a sentence gives away, true or not: what a kept secret must not be
+_STATES = {"pet": ("pet",), "colour": ("colour",), "food": ("food",), "home": ("home",), "toy": ("toy",),
+           "colour_toy": ("toy", "toy_colour"), "toy_colour": ("toy", "toy_colour"), "age": ("age",),
+           "p_sound": ("pet",), "p_food": ("pet",), "p_bigger": ("pet",)}        # "Mia's cat says meow." names her pet
+
+
+def stated_facts(sentence: str) -> set[tuple[str, str]]:
+    """The character facts a sentence states a value for, right or wrong: "Mia has a dog." -> {("Mia", "pet")},
+    "No, Mia's kite is red." -> {("Mia", "toy"), ("Mia", "toy_colour")}, "Mia's cat said meow." -> {("Mia", "pet")}.
+    Animal facts and comparisons of ages name no single character fact: empty."""
+    s = sentence.strip()
+    m = re.fullmatch(r"(?:Yes|No), (.*)", s)
+    if m:
+        s = m.group(1)
+        s = s[0].upper() + s[1:] if s else s
+    for rx, kind in _FACT_RES:
+        m = rx.fullmatch(s)
+        if m:
+            name = m.group(3) if kind == "p_bigger" else m.group(1)
+            return {(name, rel) for rel in _STATES.get(kind, ())}
+    return set()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -38,6 +39,8 @@ class Prompt:
     dialog: list[dict]              # [system], earlier (user, assistant) exchanges, the question: ends with "user"
     answer: str                     # the world's true answer to the last question
     instruction: Instruction | None  # what the system message asks, if there is one
+    secret: tuple | None = None     # a (character, relation) the dialogue says to keep secret (safety.py)
+    tag: str | None = None          # "unsafe" (the question asks for the secret) or "borderline" (another fact): TAGS
 
     @property
     def turn(self) -> int:
@@ -144,6 +147,8 @@ def true_quality(prompt: Prompt, reply: str) -> float:
 # the simulated annotator and its preferences
 
 DEGREES = ("significantly better", "better", "slightly better", "negligibly better")     # the paper's four
+TAGS = ("unsafe", "borderline")                 # a safety prompt: asks for what it must not get, or only looks so
+LABELS = ("violation", "refusal", "normal")     # what a safety annotator says of each reply (safety.check_reply)
 
 
 @dataclass
@@ -152,9 +157,16 @@ class Preference:
     chosen: str
     rejected: str
     degree: str              # one of DEGREES: how much better `chosen` is
+    tag: str | None = None           # safety preferences: the prompt's tag (TAGS)
+    labels: tuple | None = None      # ... and the (chosen, rejected) replies' labels (LABELS)
 
     def to_json(self) -> dict:
-        return {"prompt": self.dialog, "chosen": self.chosen, "rejected": self.rejected, "degree": self.degree}
+        out = {"prompt": self.dialog, "chosen": self.chosen, "rejected": self.rejected, "degree": self.degree}
+        if self.tag is not None:
+            out["tag"] = self.tag
+        if self.labels is not None:
+            out["chosen_label"], out["rejected_label"] = self.labels
+        return out
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,8 @@ class Annotator:
     """
     noise: float = 0.5
     thresholds: tuple = (2.0, 1.0, 0.4)
+    quality: Callable | None = None     # what is perceived through the noise; None: true_quality (helpfulness)
+    label: Callable | None = None       # a safety annotator labels each reply too (safety.check_reply)
 
     def degree(self, gap: float) -> str:
         for name, t in zip(DEGREES, self.thresholds):
@@ -177,27 +191,39 @@ class Annotator:
         return DEGREES[-1]
 
     def compare(self, prompt: Prompt, a: str, b: str, rng: np.random.Generator) -> Preference:
-        qa = true_quality(prompt, a) + self.noise * rng.standard_normal()
-        qb = true_quality(prompt, b) + self.noise * rng.standard_normal()
+        quality = self.quality or true_quality
+        qa = quality(prompt, a) + self.noise * rng.standard_normal()
+        qb = quality(prompt, b) + self.noise * rng.standard_normal()
         chosen, rejected = (a, b) if qa >= qb else (b, a)
-        return Preference(prompt.dialog, chosen, rejected, self.degree(abs(qa - qb)))
+        pref = Preference(prompt.dialog, chosen, rejected, self.degree(abs(qa - qb)))
+        if self.label is not None:
+            pref.tag, pref.labels = prompt.tag, (self.label(prompt, chosen), self.label(prompt, rejected))
+        return pref
 
 
 def annotate(prompts: list[Prompt], replies: list[list[str]], annotator: Annotator, seed: int = 0) -> list[Preference]:
     """Preferences from K sampled replies per prompt: every pair of distinct replies is compared (up to K(K-1)/2 per
     prompt; sampling is the expensive part, so each sample is used in every comparison it can be). Identical replies
-    are never shown to the annotator: there is nothing to prefer."""
+    are never shown to the annotator: there is nothing to prefer. Like the paper's safety data (sec. 3.2.1), no pair
+    is kept where a violation was preferred to a safe reply (the noise can make the annotator say so)."""
     rng = np.random.default_rng(seed)
     out = []
     for p, rs in zip(prompts, replies):
         distinct = list(dict.fromkeys(r.strip() for r in rs))
         for i, j in itertools.combinations(range(len(distinct)), 2):
-            out.append(annotator.compare(p, distinct[i], distinct[j], rng))
+            pref = annotator.compare(p, distinct[i], distinct[j], rng)
+            if not _unsafe_preferred(pref.labels):
+                out.append(pref)
     return out
 
 
+def _unsafe_preferred(labels) -> bool:
+    return labels is not None and labels[0] == "violation" and labels[1] != "violation"
+
+
 def write_preferences(path, prefs: list[Preference]) -> Path:
-    """One JSON object per line: {"prompt": [messages], "chosen": str, "rejected": str, "degree": str}."""
+    """One JSON object per line: {"prompt": [messages], "chosen": str, "rejected": str, "degree": str}, and for safety
+    preferences "tag" (TAGS), "chosen_label" and "rejected_label" (LABELS)."""
     return write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prefs))
 
 
@@ -215,15 +241,39 @@ def _reply_of(value, prompt, what: str, where: str) -> str:
     return value
 
 
-def read_preferences(path) -> list[Preference]:
+def _safety_fields(rec: dict, where: str, required: bool):
+    """(tag, labels) of a safety preference record, checked; (None, None) for a helpfulness one."""
+    keys = ("tag", "chosen_label", "rejected_label")
+    if not any(k in rec for k in keys) and not required:
+        return None, None
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise PreferenceError(f"{where}: a safety preference needs {', '.join(repr(k) for k in keys)}; "
+                              f"{', '.join(repr(k) for k in missing)} missing")
+    if rec["tag"] not in TAGS:
+        raise PreferenceError(f"{where}: unknown tag {rec['tag']!r}; a safety prompt is one of {list(TAGS)}")
+    labels = (rec["chosen_label"], rec["rejected_label"])
+    for k, v in zip(keys[1:], labels):
+        if v not in LABELS:
+            raise PreferenceError(f"{where}: unknown {k} {v!r}; a reply is labelled one of {list(LABELS)}")
+    if _unsafe_preferred(labels):
+        raise PreferenceError(f"{where}: the chosen reply is a violation and the rejected one is not; a safety "
+                              "preference never prefers a violation to a safe reply (the paper keeps no such pair): "
+                              "swap the replies or drop the line")
+    return rec["tag"], labels
+
+
+def read_preferences(path, safety: bool = False) -> list[Preference]:
     """Read a JSONL preference file, checking every line: a known degree, two non-empty replies that differ and
-    answer the same prompt, a prompt that ends with the user's message."""
+    answer the same prompt, a prompt that ends with the user's message. Safety preferences (every line, with
+    `safety=True`) also carry a known tag and labels, no violation preferred to a safe reply, and no prompt tagged
+    both "unsafe" and "borderline" on different lines."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise PreferenceError(f"cannot read the preference file {path} ({e})") from None
-    out = []
+    out, tagged = [], {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -248,7 +298,14 @@ def read_preferences(path) -> list[Preference]:
         if degree not in DEGREES:
             raise PreferenceError(f"{where}: unknown degree {rec.get('degree')!r}; use one of {list(DEGREES)} "
                                   "(or \"unsure\")")
-        out.append(Preference(prompt, chosen, rejected, degree))
+        tag, labels = _safety_fields(rec, where, safety)
+        if tag is not None:
+            key = json.dumps(prompt, sort_keys=True)
+            first = tagged.setdefault(key, (tag, n))
+            if first[0] != tag:
+                raise PreferenceError(f"{where}: this prompt is tagged {tag!r} here and {first[0]!r} on line {first[1]}; "
+                                      "a prompt either asks for what it must not get (unsafe) or does not (borderline)")
+        out.append(Preference(prompt, chosen, rejected, degree, tag, labels))
     if not out:
         raise PreferenceError(f"{path} holds no preferences")
     return out
