@@ -5,6 +5,8 @@ through backprop.model_backward, the value head's as an extra gradient on the fi
 
 Read top to bottom:
 
+    CombinedReward                     the paper's reward from two reward models: safety's if the prompt is tagged
+                                       or its safety score is below 0.15, else helpfulness's
     token_logprobs, value_forward      log pi(action) and V(state) from one forward
     rollout -> Rollout                 sample one reply per prompt, score it, record what PPO needs
     kl_rewards, gae                    per-token rewards (the KL leash, the score at the end), advantages
@@ -65,6 +67,41 @@ class PPOSettings:
                 raise InputError(f"PPO setting {name}={getattr(self, name)!r} must be a positive integer")
 
 
+SAFETY_THRESHOLD = 0.15      # the paper's: precision 0.89, recall 0.55 of unsafe replies on its Meta Safety test set
+
+
+def sigmoid(r):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(r, np.float64)))
+
+
+@dataclass
+class CombinedReward:
+    """The reward PPO and rejection sampling maximise when there are two reward models (paper, sec. 3.2.3):
+
+        R_c(g | p) = R_s(g | p)  if IS_SAFETY(p) or R_s(g | p) < 0.15,   else R_h(g | p)
+        R~_c(g | p) = WHITEN(LOGIT(R_c(g | p)))
+
+    R_s and R_h are the safety and helpfulness reward models' scores read as probabilities, sigmoid(r); IS_SAFETY(p)
+    is the prompt's tag ("unsafe"). LOGIT undoes the sigmoid, so score_prompts returns the deciding model's raw score
+    r, and kl_rewards whitens it with fixed statistics (a mean and a standard deviation measured on the policy's
+    samples before PPO starts)."""
+    safety: RewardModel
+    helpfulness: RewardModel
+    threshold: float = SAFETY_THRESHOLD
+
+    def decide(self, tokenizer, prompts: list[Prompt], replies: list[str]) -> dict:
+        """Both models' raw scores, the tag, which model decided and the combined raw score, per reply."""
+        rs = self.safety.score_prompts(tokenizer, prompts, replies)
+        rh = self.helpfulness.score_prompts(tokenizer, prompts, replies)
+        tagged = np.array([p.tag == "unsafe" for p in prompts])
+        use_safety = tagged | (sigmoid(rs) < self.threshold)
+        return {"safety": rs, "helpfulness": rh, "tagged": tagged, "use_safety": use_safety,
+                "score": np.where(use_safety, rs, rh)}
+
+    def score_prompts(self, tokenizer, prompts: list[Prompt], replies: list[str]) -> np.ndarray:
+        return self.decide(tokenizer, prompts, replies)["score"]
+
+
 def token_logprobs(logits, actions):
     """log p(actions[b, t]) under logits[b, t] (B, T, V) -> (B, T), and the softmax (B, T, V) the backward needs."""
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -92,8 +129,8 @@ class Rollout:
     correct: np.ndarray           # (B,) bool
 
 
-def rollout(config: LlamaConfig, P: dict, ref: dict, rm: RewardModel, tokenizer, prompts: list[Prompt],
-            settings: PPOSettings, seed: int) -> Rollout:
+def rollout(config: LlamaConfig, P: dict, ref: dict, rm: RewardModel | CombinedReward, tokenizer,
+            prompts: list[Prompt], settings: PPOSettings, seed: int) -> Rollout:
     """Sample one reply per prompt from the policy P, then score everything PPO needs about it."""
     policy = Llama(config, {k: v for k, v in P.items() if k != VALUE})
     prompt_ids = [format_dialog(p.dialog, tokenizer) for p in prompts]
@@ -110,7 +147,7 @@ def rollout(config: LlamaConfig, P: dict, ref: dict, rm: RewardModel, tokenizer,
     values = value_forward(cache[0], P[VALUE])
     logp_ref, _ = token_logprobs(model_forward(config, ref, inputs)[0], actions)
     replies = [tokenizer.decode([t for t in n if t != tokenizer.eos_id]).strip() for n in new]
-    scores = rm.score(tokenizer, [p.dialog for p in prompts], replies)
+    scores = rm.score_prompts(tokenizer, prompts, replies)
     judged = [judge(p, r) for p, r in zip(prompts, replies)]
     return Rollout(tokens, mask, logp_old, logp_ref, values, scores, replies,
                    np.array([j.quality for j in judged]), np.array([j.exact for j in judged]))
@@ -212,8 +249,8 @@ def ppo_step_parallel(config: LlamaConfig, P: dict, ro: Rollout, rows, adv, retu
     return loss, grads, {k: sum(w * st[k] for w, st in zip(weights, stats)) / total for k in stats[0]}
 
 
-def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel, tokenizer, prompts: list[Prompt],
-              settings: PPOSettings, iterations: int, whiten: tuple[float, float], seed: int = 0,
+def ppo_train(config: LlamaConfig, init: dict, ref: dict, rm: RewardModel | CombinedReward, tokenizer,
+              prompts: list[Prompt], settings: PPOSettings, iterations: int, whiten: tuple[float, float], seed: int = 0,
               time_budget_s: float | None = None, log=print, progress: bool = True):
     """PPO from `init` (the rejection-sampling model), with the frozen `ref` (SFT) as the KL anchor.
 

@@ -34,6 +34,7 @@ from .trainer import training_loop
 
 F32 = np.float32
 MARGINS = dict(zip(DEGREES, (1.0, 2 / 3, 1 / 3, 0.0)))          # the paper's "small" margin m(degree), its Table 27
+MARGINS_LARGE = dict(zip(DEGREES, (3.0, 2.0, 1.0, 0.0)))        # ... and its "large" one (Table 27, Table 28)
 
 
 
@@ -73,6 +74,26 @@ def ranking_loss_backward(z):
     return dz, -dz
 
 
+def safety_loss(r, safe):
+    """The Safety RM's auxiliary loss (paper, appendix A.3.4): a binary cross-entropy that pushes a safe reply's reward
+    above 0 and a violation's below, so sigmoid(r) reads as "how safe" and a threshold on it (0.15 in the PPO reward)
+    means something; the ranking loss alone leaves the rewards' offset free. The paper names the term and its effect
+    (Table 29: recall of unsafe replies at 0.5 from 73% to 90%), not its formula; this is ours:
+
+        mean over replies of -log sigmoid(r) if safe, -log sigmoid(-r) if a violation
+
+    r (M,) rewards, safe (M,) bool. Returns (loss, cache)."""
+    z = np.where(safe, r, -r)
+    return float(np.mean(np.logaddexp(0.0, -z))), (z, np.asarray(safe))
+
+
+def safety_loss_backward(cache):
+    """d loss / d r = -sigmoid(-z) / M, with the sign of z's r (+ for a safe reply, - for a violation)."""
+    z, safe = cache
+    dz = -0.5 * (1.0 - np.tanh(0.5 * z)) / len(z)
+    return np.where(safe, dz, -dz)
+
+
 def encode_reply(dialog, reply: str, tokenizer) -> list[int]:
     """Token ids of a prompt dialogue finished by `reply` (ending with its EOS), the sequence a reward model reads."""
     return encode_dialog(list(dialog) + [{"role": "assistant", "content": reply}], tokenizer, final="assistant").ids
@@ -98,33 +119,42 @@ def encode_preferences(prefs: list[Preference], tokenizer, max_len: int) -> list
     return pairs
 
 
-def preference_batch(pairs: list[tuple[list[int], list[int]]], degrees: list[str]):
+def preference_batch(pairs: list[tuple[list[int], list[int]]], degrees: list[str], margins: dict = MARGINS):
     """(tokens (2N, T), last (2N,), margins (N,)) of N encoded pairs (encode_preferences) and their degrees: the N
     chosen sequences, then the N rejected ones."""
     tokens, last = pad_right([c for c, _ in pairs] + [r for _, r in pairs])
-    return tokens, last, np.array([MARGINS[d] for d in degrees], F32)
+    return tokens, last, np.array([margins[d] for d in degrees], F32)
 
 
-def ranking_step(config: LlamaConfig, P: dict, tokens, last, margins):
+def ranking_step(config: LlamaConfig, P: dict, tokens, last, margins, safe=None, aux_weight: float = 0.0):
     """Loss, gradients and the pairs ranked right (N,) of one batch of N pairs (tokens: the N chosen rows, then the N
-    rejected ones, as preference_batch lays them out)."""
+    rejected ones, as preference_batch lays them out). With `safe` (2N,) bool and aux_weight > 0, the Safety RM's
+    auxiliary loss is added: loss = ranking + aux_weight * safety_loss."""
     n = len(margins)
     r, cache = reward_forward(config, P, tokens, last)
     loss, z = ranking_loss(r[:n], r[n:], margins)
     dc, dr = ranking_loss_backward(z)
-    return loss, reward_backward(config, P, np.concatenate([dc, dr]).astype(F32), cache), r[:n] > r[n:]
+    dr = np.concatenate([dc, dr])
+    if safe is not None and aux_weight:
+        aux, aux_cache = safety_loss(r, safe)
+        loss += aux_weight * aux
+        dr = dr + aux_weight * safety_loss_backward(aux_cache)
+    return loss, reward_backward(config, P, dr.astype(F32), cache), r[:n] > r[n:]
 
 
-def ranking_step_parallel(config: LlamaConfig, P: dict, tokens, last, margins, workers: int = 2):
-    """ranking_step with the pairs split across threads (train.data_parallel), each pair's two rows kept together."""
+def ranking_step_parallel(config: LlamaConfig, P: dict, tokens, last, margins, workers: int = 2, safe=None,
+                          aux_weight: float = 0.0):
+    """ranking_step with the pairs split across threads (backprop.data_parallel), each pair's two rows kept together
+    (every part's mean is over its pairs, or its pairs' two rows, so parts weigh by their pairs)."""
     n = len(margins)
     parts = split_rows(n, workers)
     if len(parts) < 2:
-        return ranking_step(config, P, tokens, last, margins)
+        return ranking_step(config, P, tokens, last, margins, safe, aux_weight)
 
     def part(pairs):
         rows = np.concatenate([pairs, n + pairs])                                     # its chosen, then its rejected
-        return ranking_step(config, P, tokens[rows], last[rows], margins[pairs])
+        return ranking_step(config, P, tokens[rows], last[rows], margins[pairs],
+                            None if safe is None else safe[rows], aux_weight)
 
     loss, grads, right = data_parallel(part, parts, [len(pairs) for pairs in parts])
     return loss, grads, np.concatenate(right)
@@ -155,8 +185,11 @@ def reward_model_init(config: LlamaConfig, chat_weights: dict, seed: int = 0) ->
 
 def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], tokenizer, steps: int,
                        batch_size: int = 16, lr: float = 5e-5, seed: int = 0, time_budget_s: float | None = None,
-                       log=print, progress: bool = True, workers: int = 2):
-    """Train reward-model parameters P (from reward_model_init) on preferences with the margin ranking loss.
+                       log=print, progress: bool = True, workers: int = 2, margins: dict = MARGINS,
+                       aux_weight: float = 0.0, name: str = "reward model"):
+    """Train reward-model parameters P (from reward_model_init, or an earlier round's) on preferences with the margin
+    ranking loss (`margins`: MARGINS or MARGINS_LARGE), plus aux_weight times the safety loss on the replies' labels
+    (safety preferences only: a Safety RM).
 
     AdamW with warmup and cosine decay, gradient clipping 1.0, no weight decay; the chat model's lm_head rides along
     untouched (the reward model never reads it). Batches hold pairs of similar length (length_grouped_batches), and
@@ -165,6 +198,9 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
     """
     if not prefs:
         raise InputError("no preferences to train the reward model on")
+    if aux_weight and any(p.labels is None for p in prefs):
+        raise InputError("the safety loss needs every preference's reply labels (a safety preference file: "
+                         "\"chosen_label\", \"rejected_label\"); train without aux_weight on helpfulness preferences")
     trainable = {k: v for k, v in P.items() if k != HEAD}
     opt = AdamW(trainable, weight_decay=0.0)
     rng = np.random.default_rng(seed)
@@ -176,8 +212,12 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
         if not batches:
             batches.extend(length_grouped_batches(lengths, min(batch_size, len(prefs)), rng))
         rows = batches.pop()
-        tokens, last, margins = preference_batch([pairs[r] for r in rows], [prefs[r].degree for r in rows])
-        loss, grads, right = ranking_step_parallel(config, P, tokens, last, margins, workers)
+        tokens, last, m = preference_batch([pairs[r] for r in rows], [prefs[r].degree for r in rows], margins)
+        safe = None
+        if aux_weight:
+            safe = np.array([prefs[r].labels[0] != "violation" for r in rows] +
+                            [prefs[r].labels[1] != "violation" for r in rows])
+        loss, grads, right = ranking_step_parallel(config, P, tokens, last, m, workers, safe, aux_weight)
         norm = clip_grad_norm(grads, 1.0)
         opt.step(trainable, grads, lr_schedule(i, lr, max(1, steps // 20), steps))
         return {"step": i + 1, "loss": loss, "accuracy": float(np.mean(right)), "grad_norm": norm}
@@ -186,10 +226,10 @@ def train_reward_model(config: LlamaConfig, P: dict, prefs: list[Preference], to
         return (f"loss {np.mean([h['loss'] for h in rows]):.4f}, "
                 f"pair accuracy {np.mean([h['accuracy'] for h in rows]):.3f}")
 
-    history = training_loop(step, steps, "reward model", summary=summary, postfix=lambda r: {"loss": f"{r['loss']:.3f}"},
+    history = training_loop(step, steps, name, summary=summary, postfix=lambda r: {"loss": f"{r['loss']:.3f}"},
                             time_budget_s=time_budget_s, log=log, progress=progress)
     return P, {"steps": len(history), "lr": lr, "batch_size": batch_size, "n_pairs": len(prefs),
-               "time_s": time.time() - t0, "history": history}
+               "margins": dict(margins), "aux_weight": aux_weight, "time_s": time.time() - t0, "history": history}
 
 
 class RewardModel:
@@ -209,6 +249,11 @@ class RewardModel:
         """Rewards (N,) of replies[i] to dialogs[i]."""
         return self.score_ids([encode_reply(d, r, tokenizer) for d, r in zip(dialogs, replies)], batch_size)
 
+    def score_prompts(self, tokenizer, prompts, replies, batch_size: int = 32) -> np.ndarray:
+        """Rewards (N,) of replies[i] to prompts[i] (preferences.Prompt): what PPO and rejection sampling call, the
+        same for one reward model and for the combined reward of two (ppo.CombinedReward)."""
+        return self.score(tokenizer, [p.dialog for p in prompts], replies, batch_size)
+
     def score_samples(self, tokenizer, dialogs, samples, batch_size: int = 32) -> np.ndarray:
         """Rewards (P, K) of K sampled replies per prompt (samples[i] answers dialogs[i]), scored batch_size at a time
         across prompts."""
@@ -216,6 +261,20 @@ class RewardModel:
         flat = self.score(tokenizer, [d for d, s in zip(dialogs, samples) for _ in s], [r for s in samples for r in s],
                           batch_size)
         return flat.reshape(len(dialogs), K)
+
+
+def accuracy_by_degree(rm: RewardModel, tokenizer, prefs: list[Preference]) -> dict:
+    """The paper's Table 8: the share of pairs whose chosen reply the reward model scores higher, per degree and
+    overall: {degree: {"accuracy": float or None, "pairs": int}}."""
+    rc = rm.score(tokenizer, [p.dialog for p in prefs], [p.chosen for p in prefs])
+    rr = rm.score(tokenizer, [p.dialog for p in prefs], [p.rejected for p in prefs])
+    degrees = np.array([p.degree for p in prefs])
+    out = {}
+    for d in DEGREES:
+        sel = degrees == d
+        out[d] = {"accuracy": float(np.mean(rc[sel] > rr[sel])) if sel.any() else None, "pairs": int(sel.sum())}
+    out["overall"] = {"accuracy": float(np.mean(rc > rr)) if len(prefs) else None, "pairs": len(prefs)}
+    return out
 
 
 def save_reward_model(path, config: LlamaConfig, P: dict, tokenizer_path=None, extra_files=None) -> Path:

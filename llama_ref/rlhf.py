@@ -22,7 +22,9 @@ Where each part lives:
     preferences.py       prompts, the world's judge, the simulated annotator, preference files
     reward_model.py      the reward model: forward/backward, the margin ranking loss, training, scoring, saving
     ppo.py               PPO: rollouts, KL rewards, GAE, the clipped loss and its backward, the PPO loop
-    rlhf.py (this)       sampling replies, best of N, rejection sampling, evaluating a policy on held-out prompts
+    safety.py            secrets and the prompts that ask for them, the checker of replies, the safety annotator
+    rlhf.py (this)       sampling replies, best of N, the temperature rescaling of sampling (Fig. 8), rejection
+                         sampling over the samples of every round, evaluating a policy on held-out prompts
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from .model import Llama
 from .ppo import token_logprobs
 from .preferences import Prompt, judge, true_quality
 from .reward_model import RewardModel, encode_reply, pad_right
+from .safety import check_reply
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,12 +91,37 @@ def best_of_n(prompts: list[Prompt], replies: list[list[str]], rewards: np.ndarr
     return out
 
 
-def rejection_sampling_examples(prompts: list[Prompt], replies: list[list[str]], rewards: np.ndarray,
-                                tokenizer) -> list[Example]:
-    """For each prompt, the reply the reward model likes best, as a fine-tuning example with loss on that reply only."""
-    best = np.asarray(rewards).argmax(axis=1)
+def rejection_sampling_examples(prompts: list[Prompt], replies: list[list[str]], rewards, tokenizer) -> list[Example]:
+    """For each prompt, the reply the reward model likes best, as a fine-tuning example with loss on that reply only.
+    rewards[i] scores replies[i] (an array (P, K), or one list per prompt when the prompts hold different numbers of
+    samples, as the bags of several rounds do)."""
+    best = [int(np.argmax(r)) for r in rewards]
     return [last_turn_example(p.dialog + [{"role": "assistant", "content": rs[b]}], tokenizer, kind="rejection")
             for p, rs, b in zip(prompts, replies, best)]
+
+
+def score_bags(scorer, tokenizer, prompts: list[Prompt], bags: list[list[str]]) -> list[np.ndarray]:
+    """The reward (scorer.score_prompts: one reward model or ppo.CombinedReward) of every sample in every prompt's bag,
+    one array per prompt: rejection sampling rescoring the samples of all rounds with the newest reward."""
+    flat_p = [p for p, bag in zip(prompts, bags) for _ in bag]
+    flat = scorer.score_prompts(tokenizer, flat_p, [r for bag in bags for r in bag])
+    cuts = np.cumsum([len(bag) for bag in bags])[:-1]
+    return np.split(flat, cuts)
+
+
+def temperature_sweep(model: Llama, scorer, tokenizer, prompts: list[Prompt], temperatures, k: int, seed: int,
+                      max_new_tokens: int = 40) -> dict:
+    """The paper's Figure 8: the mean over prompts of the maximum reward among the first n of k samples, n = 1..k,
+    at each temperature. RLHF moves the best temperature (the paper's RLHF model wants 1.2-1.3 where its SFT model
+    wants less), so each round measures it again and samples rejection sampling's candidates at the best one for k."""
+    curves = {}
+    for t in temperatures:
+        samples = sample_replies(model, tokenizer, [p.dialog for p in prompts], k, seed, t, max_new_tokens)
+        r = np.array(score_bags(scorer, tokenizer, prompts, samples))                        # (P, k)
+        curves[float(t)] = np.maximum.accumulate(r, axis=1).mean(axis=0).tolist()
+    best = max(curves, key=lambda t: curves[t][-1])
+    return {"temperatures": [float(t) for t in temperatures], "k": k, "n_prompts": len(prompts),
+            "max_reward": curves, "best": best}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,36 +141,72 @@ def reply_logprobs(config: LlamaConfig, P: dict, tokenizer, dialogs, replies, ba
 
 @dataclass
 class PolicyReport:
-    answer_accuracy: float            # greedy replies whose answer is exactly the world's
+    answer_accuracy: float            # greedy replies to ordinary prompts whose answer is exactly the world's
     adherence: float                  # share of instructions obeyed, per turn, averaged over turns
     grammar: float                    # share of greedy replies whose every answer sentence is grammatical
-    mean_reward: float                # the reward model's mean score of the greedy replies
-    mean_quality: float               # the world's mean true quality of the greedy replies
+    mean_reward: float                # the (helpfulness) reward model's mean score of those greedy replies
+    mean_quality: float               # the world's mean true quality of those greedy replies
     kl_from_sft_per_token: float      # mean of log pi - log pi_sft over the tokens of replies sampled at T = 1
-    replies: list[str] = field(default_factory=list, repr=False)
+    violation_rate: float | None = None              # greedy replies to unsafe prompts that give the secret away
+    refusal_rate: float | None = None                # ... that refuse it (the safe reply)
+    false_refusal_rate: float | None = None          # greedy replies to borderline prompts that refuse
+    false_refusal_rate_ordinary: float | None = None  # greedy replies to ordinary prompts that refuse
+    mean_safety_reward: float | None = None          # the safety reward model's mean score on unsafe + borderline
+    kl_from_start_per_token: float | None = None     # as kl_from_sft, from RLHF's starting policy (after safety SFT)
+    n: dict = field(default_factory=dict)            # prompts behind each rate: ordinary, unsafe, borderline
+    replies: list[str] = field(default_factory=list, repr=False)          # the greedy replies to ordinary prompts
+    safety_replies: dict = field(default_factory=dict, repr=False)        # ... to unsafe and borderline prompts
+    scores: dict = field(default_factory=dict, repr=False)   # per prompt: helpfulness RM (ordinary), safety RM (rest)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "replies"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("replies", "safety_replies", "scores")}
+
+
+def _kl_per_token(config: LlamaConfig, P: dict, ref: dict, tokenizer, dialogs, sampled) -> float:
+    lp_pi = reply_logprobs(config, P, tokenizer, dialogs, sampled)
+    lp_ref = reply_logprobs(config, ref, tokenizer, dialogs, sampled)
+    return float(sum((a - b).sum() for a, b in zip(lp_pi, lp_ref)) / sum(len(a) for a in lp_pi))
 
 
 def evaluate_policy(config: LlamaConfig, P: dict, sft: dict, rm: RewardModel, tokenizer, prompts: list[Prompt],
-                    seed: int = 0, max_new_tokens: int = 40) -> PolicyReport:
-    """How good is a policy on held-out prompts, by the world's judge and by the reward model."""
+                    seed: int = 0, max_new_tokens: int = 40, unsafe: list[Prompt] = (), borderline: list[Prompt] = (),
+                    safety_rm: RewardModel | None = None, start: dict | None = None) -> PolicyReport:
+    """How good is a policy on held-out prompts, by the world's judge and by the reward models: on ordinary prompts
+    (answers, adherence, grammar, quality), and with `unsafe` and `borderline` prompts (safety.py), how often it
+    gives a secret away and how often it refuses a question it should answer. KL from `sft` (and from `start`, the
+    policy RLHF started from) on replies sampled at temperature 1 to the ordinary prompts."""
     model = Llama(config, P)
+    sets = {"ordinary": list(prompts), "unsafe": list(unsafe), "borderline": list(borderline)}
+    every = [p for ps in sets.values() for p in ps]
+    greedy = [g[0] for g in sample_replies(model, tokenizer, [p.dialog for p in every], 1, seed, temperature=0.0,
+                                           max_new_tokens=max_new_tokens)]
+    cuts = np.cumsum([len(ps) for ps in sets.values()])
+    replies = dict(zip(sets, np.split(np.array(greedy, dtype=object), cuts[:-1])))
+    replies = {k: list(v) for k, v in replies.items()}
     dialogs = [p.dialog for p in prompts]
-    greedy = sample_replies(model, tokenizer, dialogs, 1, seed, temperature=0.0, max_new_tokens=max_new_tokens)
-    greedy = [g[0] for g in greedy]
-    judged = [judge(p, r) for p, r in zip(prompts, greedy)]
+    judged = [judge(p, r) for p, r in zip(prompts, replies["ordinary"])]
     turns = sorted({p.turn for p in prompts if p.instruction is not None})
     per_turn = [np.mean([j.adherence for p, j in zip(prompts, judged) if p.turn == t and p.instruction is not None])
                 for t in turns]
     sampled = [s[0] for s in sample_replies(model, tokenizer, dialogs, 1, seed + 1, 1.0, max_new_tokens)]
-    lp_pi = reply_logprobs(config, P, tokenizer, dialogs, sampled)
-    lp_sft = reply_logprobs(config, sft, tokenizer, dialogs, sampled)
-    kl = float(sum((a - b).sum() for a, b in zip(lp_pi, lp_sft)) / sum(len(a) for a in lp_pi))
+    labels = {k: [check_reply(p, r) for p, r in zip(sets[k], replies[k])] for k in sets}
+    rate = lambda k, label: float(np.mean([x == label for x in labels[k]])) if labels[k] else None
+    scores = {"helpfulness": rm.score(tokenizer, dialogs, replies["ordinary"])}
+    safety_prompts = sets["unsafe"] + sets["borderline"]
+    if safety_rm is not None and safety_prompts:
+        scores["safety"] = safety_rm.score_prompts(tokenizer, safety_prompts, replies["unsafe"] + replies["borderline"])
     return PolicyReport(answer_accuracy=float(np.mean([j.exact for j in judged])),
                         adherence=float(np.mean(per_turn)) if per_turn else 1.0,
                         grammar=float(np.mean([j.grammatical for j in judged])),
-                        mean_reward=float(rm.score(tokenizer, dialogs, greedy).mean()),
+                        mean_reward=float(scores["helpfulness"].mean()),
                         mean_quality=float(np.mean([j.quality for j in judged])),
-                        kl_from_sft_per_token=kl, replies=greedy)
+                        kl_from_sft_per_token=_kl_per_token(config, P, sft, tokenizer, dialogs, sampled),
+                        violation_rate=rate("unsafe", "violation"), refusal_rate=rate("unsafe", "refusal"),
+                        false_refusal_rate=rate("borderline", "refusal"),
+                        false_refusal_rate_ordinary=rate("ordinary", "refusal"),
+                        mean_safety_reward=float(scores["safety"].mean()) if "safety" in scores else None,
+                        kl_from_start_per_token=None if start is None else
+                        _kl_per_token(config, P, start, tokenizer, dialogs, sampled),
+                        n={k: len(v) for k, v in sets.items()}, replies=replies["ordinary"],
+                        safety_replies={"unsafe": replies["unsafe"], "borderline": replies["borderline"]},
+                        scores={k: v.tolist() for k, v in scores.items()})

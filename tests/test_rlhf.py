@@ -64,6 +64,14 @@ def test_reward_model_rewards_loss_and_gradients_match_pytorch(case):
     assert errs[worst] <= GRAD_RTOL, f"{name}: {worst} off by {errs[worst]:.2e} of its scale"
 
 
+def test_safety_loss_by_hand():
+    """r = [2, -1], safe = [True, False]: loss = (log(1 + e^-2) + log(1 + e^-1)) / 2; d/dr = (sigmoid(r) - y) / 2."""
+    loss, cache = reward_model.safety_loss(np.array([2.0, -1.0]), np.array([True, False]))
+    assert loss == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2, rel=1e-12)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert reward_model.safety_loss_backward(cache) == pytest.approx([(sig(2) - 1) / 2, sig(-1) / 2], rel=1e-12)
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_threaded_ranking_and_ppo_steps_match_pytorch(case, workers):
     """The training steps with the batch split across threads (backprop.data_parallel) give PyTorch's loss and gradients

@@ -2,9 +2,10 @@
 preference files, the combined reward of two reward models (ppo.CombinedReward), and the bad inputs around them."""
 import json
 
+import numpy as np
 import pytest
 
-from llama_ref import corpus, paths, preferences, safety
+from llama_ref import corpus, paths, ppo, preferences, safety
 from llama_ref.errors import InputError, PreferenceError
 from llama_ref.gatt import Instruction
 from llama_ref.tokenizer import Tokenizer
@@ -160,3 +161,28 @@ def test_a_safety_file_needs_its_labels_and_one_tag_per_prompt(tmp_path):
     plain = {k: GOOD[k] for k in ("prompt", "chosen", "rejected", "degree")}
     path.write_text(json.dumps(plain) + "\n")
     assert preferences.read_preferences(path)[0].labels is None                 # a helpfulness file stays one
+
+
+# ------------------------------------------------------------------------------------------------
+# the combined reward
+
+class Fixed:
+    """A stand-in reward model with given scores."""
+    def __init__(self, scores):
+        self.scores = np.array(scores, float)
+
+    def score_prompts(self, tokenizer, prompts, replies):
+        return self.scores[:len(replies)]
+
+
+def test_combined_reward_is_the_papers_piecewise_rule():
+    border = secret_prompt(tag="borderline")
+    prompts = [secret_prompt(), border, border, border]
+    rs = [3.0, np.log(0.10 / 0.90), np.log(0.20 / 0.80), 2.0]      # sigmoid: 0.95, 0.10, 0.20, 0.88
+    rh = [-1.0, 1.5, 1.5, 0.5]
+    d = ppo.CombinedReward(Fixed(rs), Fixed(rh)).decide(None, prompts, ["a", "b", "c", "d"])
+    assert d["use_safety"].tolist() == [True, True, False, False]   # tagged; below 0.15; above; above
+    assert d["score"] == pytest.approx([3.0, rs[1], 1.5, 0.5])      # LOGIT(sigmoid(r)) is r: the raw score decides
+    assert ppo.sigmoid(rs[1]) == pytest.approx(0.10)
+    two = ppo.CombinedReward(Fixed(rs), Fixed(rh), threshold=0.25).decide(None, prompts, ["a", "b", "c", "d"])
+    assert two["use_safety"].tolist() == [True, True, True, False]
