@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv lab test test-fast test-any-cpu fuzz reference reference-env model gatt rlhf bench corpus tokenizer clean-venv
+.PHONY: help venv lab test test-fast test-any-cpu fuzz reference reference-env model chat rlhf gatt bench corpus tokenizer clean-venv
 
 help:
 	@echo "make lab        create .venv if missing, install, open JupyterLab on notebooks/00_overview.ipynb"
@@ -13,8 +13,10 @@ help:
 	@echo "make fuzz       the fuzz suite with 2000 examples per property (make test runs 60)"
 	@echo "make reference  regenerate reference fixtures with transformers (installs torch==2.13.0 + transformers)"
 	@echo "make model      train the embedded model data/models/tinyworld from scratch (79 min on 2 cores)"
-	@echo "make gatt       chat SFT baseline + Ghost Attention fine-tune + evaluation"
-	@echo "make rlhf       preferences, reward model, rejection sampling, PPO + evaluation (about 40 min on 2 cores)"
+	@echo "make chat       the SFT chat model data/models/tinyworld-chat (about 7 min on 2 cores)"
+	@echo "make rlhf       safety SFT, 3 RLHF rounds (comparisons, two reward models, rejection sampling), PPO in the"
+	@echo "                last, every policy evaluated: tinyworld-rm, tinyworld-safety-rm, tinyworld-rlhf (<= 75 min)"
+	@echo "make gatt       Ghost Attention on top of tinyworld-rlhf + evaluation: tinyworld-gatt (<= 20 min)"
 	@echo "make bench      side-by-side benchmarks vs transformers, written into README.md (needs the reference extra)"
 
 # One set-up for everything: a venv with the package (editable), the [dev] extra and the [onnx] extra (its tests).
@@ -72,13 +74,18 @@ tokenizer: $(STAMP)
 model: $(STAMP)
 	$(BIN)/python scripts/train_model.py --out data/models/tinyworld
 
-gatt: $(STAMP)
-	$(BIN)/python scripts/make_gatt.py
+# The chat models in the paper's order: SFT (chat) -> RLHF rounds (rlhf) -> Ghost Attention on the RLHF model (gatt).
+chat: $(STAMP)
+	$(BIN)/python scripts/make_chat.py
 
-# Starts from data/models/tinyworld-chat (make gatt); RLHF_ARGS adds options, e.g. RLHF_ARGS="--time-budget-min 30"
+# Starts from data/models/tinyworld-chat; RLHF_ARGS adds options, e.g. RLHF_ARGS="--time-budget-min 30"
 RLHF_ARGS ?=
 rlhf: $(STAMP)
 	$(BIN)/python scripts/make_rlhf.py $(RLHF_ARGS)
+
+# Starts from data/models/tinyworld-rlhf
+gatt: $(STAMP)
+	$(BIN)/python scripts/make_gatt.py
 
 bench: reference-env
 	$(BIN)/python benchmarks/forward.py --readme

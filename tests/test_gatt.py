@@ -1,5 +1,5 @@
 """llama_ref.gatt: instruction checkers, held-out combinations, loss masks, rejection sampling, evaluation and the
-attention-to-system share, on a tiny random model (the real run is scripts/make_gatt.py)."""
+attention-to-system share, on a tiny random model (the real runs are scripts/make_chat.py and make_gatt.py)."""
 import random
 
 import numpy as np
@@ -208,24 +208,38 @@ def test_batched_chats_equal_single_chats(model, tok):
     assert [r.dialog for r in batched] == [r.dialog for r in single]
 
 
-def test_make_gatt_tiny_runs_end_to_end(tmp_path):
-    """scripts/make_gatt.py --tiny: baseline SFT, rejection sampling, GAtt fine-tune and evaluation on a tiny random
-    model; both checkpoints load and gatt_eval.json has the contract's keys, adherence as fractions per turn."""
+def test_make_chat_and_make_gatt_tiny_run_end_to_end(tmp_path):
+    """scripts/make_chat.py --tiny (SFT) and scripts/make_gatt.py --tiny (rejection sampling, GAtt fine-tune with the
+    model's own safe replies mixed in, evaluation) on a tiny random model; the checkpoints load, the cards are
+    written, and gatt_eval.json has the contract's keys, adherence as fractions per turn."""
     import json
     import subprocess
     import sys
     from pathlib import Path
     from llama_ref.loader import read_checkpoint
-    script = Path(__file__).resolve().parent.parent / "scripts" / "make_gatt.py"
-    r = subprocess.run([sys.executable, str(script), "--tiny", "--out-dir", str(tmp_path)], capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for name in ("tinyworld-chat", "tinyworld-gatt"):
-        read_checkpoint(tmp_path / name)
-        assert "Instruction adherence per turn" in (tmp_path / name / "README.md").read_text()   # the model card
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    for script in ("make_chat.py", "make_gatt.py"):
+        r = subprocess.run([sys.executable, str(scripts / script), "--tiny", "--out-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    read_checkpoint(tmp_path / "tinyworld-chat")
+    assert "supervised fine-tuning" in (tmp_path / "tinyworld-chat" / "README.md").read_text()
+    read_checkpoint(tmp_path / "tinyworld-gatt")
+    assert "Instruction adherence per turn" in (tmp_path / "tinyworld-gatt" / "README.md").read_text()
     ev = json.loads((tmp_path / "tinyworld-gatt" / "gatt_eval.json").read_text())
     assert ev["turns"] == list(range(1, len(ev["baseline"]) + 1)) and len(ev["gatt"]) == len(ev["turns"])
-    assert all(0.0 <= x <= 1.0 for x in ev["baseline"] + ev["gatt"]) and ev["n_dialogues"] >= 1
+    assert all(0.0 <= x <= 1.0 for x in ev["baseline"] + ev["gatt"] + ev["sft"]) and ev["n_dialogues"] >= 1
+    assert {"violation_rate", "false_refusal_rate", "n"} <= set(ev["safety"]["gatt"])
+
+
+def test_make_gatt_needs_the_rlhf_model(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_gatt.py"
+    r = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "nothing"), "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "make rlhf" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_strip_instruction_recovers_the_answer_of_every_obedient_reply():

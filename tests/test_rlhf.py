@@ -386,19 +386,33 @@ def test_best_of_n_and_rejection_sampling_pick_the_top_reward(tiny):
 
 
 def test_make_rlhf_tiny_runs_end_to_end(tmp_path):
-    """scripts/make_rlhf.py --tiny: every stage on a tiny random model, every file written."""
+    """scripts/make_rlhf.py --tiny: safety SFT, two rounds (comparisons, both reward models, the temperature sweep,
+    rejection sampling), PPO in the last, every evaluation, on a tiny random model; every file written, every key of
+    rlhf_eval.json there."""
     r = subprocess.run([sys.executable, str(paths.REPO_DIR / "scripts" / "make_rlhf.py"), "--tiny", "--out-dir",
                         str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.loads((tmp_path / "tinyworld-rlhf" / "rlhf_eval.json").read_text())
-    assert set(ev["policies"]) == {"sft", "rejection_sampling", "ppo"}
+    assert set(ev["policies"]) == {"sft", "safety_sft", "rejection_sampling", "ppo", "final"}
     for p in ev["policies"].values():
-        assert set(p) >= {"answer_accuracy", "adherence", "grammar", "mean_reward", "kl_from_sft_per_token"}
-    assert set(ev["rm_accuracy_by_degree"]) >= set(preferences.DEGREES) and ev["n_eval"] > 0 and "seed" in ev
+        assert set(p) >= {"answer_accuracy", "adherence", "grammar", "mean_reward", "kl_from_sft_per_token",
+                          "violation_rate", "false_refusal_rate", "n"}
+    for key in ("rm_accuracy_by_degree", "safety_rm_accuracy_by_degree", "helpfulness_rm_on_safety_pairs"):
+        assert set(ev[key]) == {*preferences.DEGREES, "overall"} and set(ev[key]["overall"]) == {"accuracy", "pairs"}
+    assert [r["round"] for r in ev["rounds"]] == [1, 2] and ev["rounds"][0]["rm_accuracy_newest_before"] is None
+    assert {"rm_accuracy_newest_before", "rm_accuracy_newest_after", "safety_rm_accuracy_newest_before",
+            "safety_rm_accuracy_newest_after", "violation_rate", "false_refusal_rate", "answer_accuracy", "adherence",
+            "quality", "kl_from_sft_per_token", "n"} <= set(ev["rounds"][1])
+    assert ev["rounds"][1]["rm_accuracy_newest_before"] is not None and ev["n_eval"] > 0 and "seed" in ev
     assert all({"n", "rm_pick_quality", "oracle_pick_quality"} <= set(b) for b in ev["best_of_n"])
     assert len(preferences.read_preferences(tmp_path / "tinyworld-rm" / "preferences_train.jsonl")) > 0
-    reward_model.load_reward_model(tmp_path / "tinyworld-rm")
+    safe = preferences.read_preferences(tmp_path / "tinyworld-safety-rm" / "safety_preferences_train.jsonl", safety=True)
+    assert {p.tag for p in safe} == set(preferences.TAGS)
+    for name in ("tinyworld-rm", "tinyworld-safety-rm"):
+        reward_model.load_reward_model(tmp_path / name)
+        assert "Ours, not the paper's" in (tmp_path / name / "README.md").read_text()
     Llama(*read_checkpoint(tmp_path / "tinyworld-rlhf"))
+    assert "Ours, not the paper's" in (tmp_path / "tinyworld-rlhf" / "README.md").read_text()
 
 
 def test_make_rlhf_refuses_a_bad_preference_file_at_once(tmp_path):

@@ -1,6 +1,8 @@
 """Safety in the tiny world (llama_ref/safety.py): secrets in prompts, the checker, the safety annotator and its
 preference files, the combined reward of two reward models (ppo.CombinedReward), and the bad inputs around them."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,6 +163,28 @@ def test_a_safety_file_needs_its_labels_and_one_tag_per_prompt(tmp_path):
     plain = {k: GOOD[k] for k in ("prompt", "chosen", "rejected", "degree")}
     path.write_text(json.dumps(plain) + "\n")
     assert preferences.read_preferences(path)[0].labels is None                 # a helpfulness file stays one
+
+
+@pytest.mark.parametrize("flag, record, what", [
+    ("--safety-preferences", {**GOOD, "chosen_label": "unsafe-ish"}, "unknown chosen_label"),
+    ("--safety-preferences", {k: v for k, v in GOOD.items() if k != "rejected_label"}, "'rejected_label' missing"),
+    ("--preferences", {**GOOD, "tag": "both"}, "unknown tag 'both'"),
+])
+def test_make_rlhf_refuses_a_bad_safety_file_at_once(tmp_path, flag, record, what):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps(record) + "\n")
+    r = subprocess.run([sys.executable, str(paths.REPO_DIR / "scripts" / "make_rlhf.py"), "--tiny", "--out-dir",
+                        str(tmp_path / "out"), flag, str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and what in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_round_without_comparisons_is_a_clear_error(tmp_path):
+    """Greedy, identical samples leave nothing to compare: the round stops with a named error."""
+    r = subprocess.run([sys.executable, str(paths.REPO_DIR / "scripts" / "make_rlhf.py"), "--tiny", "--out-dir",
+                        str(tmp_path / "out"), "--pref-k", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "round 1 produced no helpfulness comparisons" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------
