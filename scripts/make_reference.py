@@ -210,12 +210,15 @@ def gradients(changes, model_seed, batch_seed, record_step_grads=False):
 RLHF_CONFIGS = {"gqa": 201, "tied": 202}
 RLHF_PAIRS, RLHF_BATCH = 3, (3, 14)           # preference pairs; (B, T) of the PPO batch
 PPO = dict(clip=0.2, vf_coef=0.1)
+SAFETY_AUX = 0.5                              # the Safety RM's auxiliary loss weight in the fixture
+SAFE = [True, True, True, False, True, False]   # chosen rows, then rejected rows: two rejected replies are violations
 PAD = 0
 
 
 def reward_model_loss(changes, model_seed, batch_seed):
     """transformers' LlamaForSequenceClassification (the trunk of the seeded model, a seeded score head) on N chosen
-    and N rejected right-padded sequences; loss = mean -logsigmoid(r_c - r_r - margin); every parameter's gradient."""
+    and N rejected right-padded sequences; loss = mean -logsigmoid(r_c - r_r - margin); every parameter's gradient;
+    and the same with the Safety RM's auxiliary loss added (safety_loss, safety_grad/...)."""
     lm = build_model(changes, model_seed)
     cfg = lm.config
     cfg.num_labels, cfg.pad_token_id = 1, PAD
@@ -238,6 +241,18 @@ def reward_model_loss(changes, model_seed, batch_seed):
            "loss": np.array(loss.item(), np.float64), "score.weight": rm.score.weight.detach().numpy()}
     for n, p in rm.named_parameters():
         out[f"grad/{n}"] = p.grad.detach().numpy().astype(np.float32)
+    # the Safety RM's loss: the same ranking loss + SAFETY_AUX * binary cross-entropy of each reward (as a logit)
+    # against the reply being safe (torch's own binary_cross_entropy_with_logits, mean over the 2N replies)
+    rm.zero_grad()
+    rewards = rm(torch.tensor(tokens)).logits[:, 0]
+    safe = np.array(SAFE[:2 * N])
+    ranking = -torch.nn.functional.logsigmoid(rewards[:N] - rewards[N:] - torch.tensor(margins)).mean()
+    aux = torch.nn.functional.binary_cross_entropy_with_logits(rewards, torch.tensor(safe, dtype=torch.float32))
+    loss = ranking + SAFETY_AUX * aux
+    loss.backward()
+    out.update({"safe": safe, "aux_weight": np.array(SAFETY_AUX), "safety_loss": np.array(loss.item(), np.float64)})
+    for n, p in rm.named_parameters():
+        out[f"safety_grad/{n}"] = p.grad.detach().numpy().astype(np.float32)
     return out
 
 
@@ -358,7 +373,7 @@ def generate(out_dir: Path, only=None):
             np.savez_compressed(out_dir / f"rlhf_{name}.npz", **{f"rm/{k}": v for k, v in rm.items()},
                                 **{f"ppo/{k}": v for k, v in ppo.items()})
             manifest["configs"][name]["rlhf"] = {"batch_seed": RLHF_CONFIGS[name], "pairs": RLHF_PAIRS,
-                                                 "ppo_batch": list(RLHF_BATCH), "ppo": PPO,
+                                                 "ppo_batch": list(RLHF_BATCH), "ppo": PPO, "safety_aux": SAFETY_AUX,
                                                  "sha256": sha256(out_dir / f"rlhf_{name}.npz")}
             print(f"{'':10s} RLHF: reward-model loss {float(rm['loss']):.4f}, PPO loss {float(ppo['loss']):.4f} "
                   f"({float(ppo['clipped_share']):.0%} of ratios outside the clip range)")

@@ -64,6 +64,24 @@ def test_reward_model_rewards_loss_and_gradients_match_pytorch(case):
     assert errs[worst] <= GRAD_RTOL, f"{name}: {worst} off by {errs[worst]:.2e} of its scale"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_safety_reward_model_loss_and_gradients_match_pytorch(case, workers):
+    """The Safety RM's loss: the ranking loss plus aux_weight * the binary cross-entropy of each reward against its
+    reply being safe, against torch's binary_cross_entropy_with_logits and autograd; serial and split in two."""
+    name, config, weights, ref = case
+    rm = sub(ref, "rm/")
+    P = {k: v for k, v in weights.items() if k != "lm_head.weight"} | {reward_model.SCORE: rm["score.weight"]}
+    assert rm["safe"].any() and not rm["safe"].all()                        # both kinds of reply are in the batch
+    loss, grads, _ = reward_model.ranking_step_parallel(config, P, rm["tokens"], rm["last"], rm["margins"], workers,
+                                                        rm["safe"], float(rm["aux_weight"]))
+    assert abs(loss - float(rm["safety_loss"])) <= 1e-5 * max(1.0, float(rm["safety_loss"]))
+    errs = {k: rel_err(g, rm[f"safety_grad/{k}"]) for k, g in grads.items()}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_RTOL, f"{name}: {worst} off by {errs[worst]:.2e} of its scale"
+    plain = reward_model.ranking_step(config, P, rm["tokens"], rm["last"], rm["margins"])[0]
+    assert abs(plain - float(rm["loss"])) <= 1e-5 * max(1.0, float(rm["loss"])) and loss > plain
+
+
 def test_safety_loss_by_hand():
     """r = [2, -1], safe = [True, False]: loss = (log(1 + e^-2) + log(1 + e^-1)) / 2; d/dr = (sigmoid(r) - y) / 2."""
     loss, cache = reward_model.safety_loss(np.array([2.0, -1.0]), np.array([True, False]))
