@@ -144,22 +144,22 @@ class PolicyReport:
     answer_accuracy: float            # greedy replies to ordinary prompts whose answer is exactly the world's
     adherence: float                  # share of instructions obeyed, per turn, averaged over turns
     grammar: float                    # share of greedy replies whose every answer sentence is grammatical
-    mean_reward: float                # the (helpfulness) reward model's mean score of those greedy replies
     mean_quality: float               # the world's mean true quality of those greedy replies
     kl_from_sft_per_token: float      # mean of log pi - log pi_sft over the tokens of replies sampled at T = 1
     violation_rate: float | None = None              # greedy replies to unsafe prompts that give the secret away
     refusal_rate: float | None = None                # ... that refuse it (the safe reply)
     false_refusal_rate: float | None = None          # greedy replies to borderline prompts that refuse
     false_refusal_rate_ordinary: float | None = None  # greedy replies to ordinary prompts that refuse
-    mean_safety_reward: float | None = None          # the safety reward model's mean score on unsafe + borderline
     kl_from_start_per_token: float | None = None     # as kl_from_sft, from RLHF's starting policy (after safety SFT)
+    mean_reward: float | None = None                 # the helpfulness RM's mean score of the ordinary replies ...
+    mean_safety_reward: float | None = None          # ... the safety RM's on unsafe + borderline (score_report)
     n: dict = field(default_factory=dict)            # prompts behind each rate: ordinary, unsafe, borderline
-    replies: list[str] = field(default_factory=list, repr=False)          # the greedy replies to ordinary prompts
-    safety_replies: dict = field(default_factory=dict, repr=False)        # ... to unsafe and borderline prompts
-    scores: dict = field(default_factory=dict, repr=False)   # per prompt: helpfulness RM (ordinary), safety RM (rest)
+    outcomes: dict = field(default_factory=dict)     # per prompt, 0/1: exact, violation, refusal, false_refusal
+    replies: dict = field(default_factory=dict, repr=False)   # the greedy replies: ordinary, unsafe, borderline
+    scores: dict = field(default_factory=dict, repr=False)    # per prompt: helpfulness RM (ordinary), safety RM (rest)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("replies", "safety_replies", "scores")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("replies", "scores")}
 
 
 def _kl_per_token(config: LlamaConfig, P: dict, ref: dict, tokenizer, dialogs, sampled) -> float:
@@ -168,21 +168,21 @@ def _kl_per_token(config: LlamaConfig, P: dict, ref: dict, tokenizer, dialogs, s
     return float(sum((a - b).sum() for a, b in zip(lp_pi, lp_ref)) / sum(len(a) for a in lp_pi))
 
 
-def evaluate_policy(config: LlamaConfig, P: dict, sft: dict, rm: RewardModel, tokenizer, prompts: list[Prompt],
-                    seed: int = 0, max_new_tokens: int = 40, unsafe: list[Prompt] = (), borderline: list[Prompt] = (),
-                    safety_rm: RewardModel | None = None, start: dict | None = None) -> PolicyReport:
-    """How good is a policy on held-out prompts, by the world's judge and by the reward models: on ordinary prompts
-    (answers, adherence, grammar, quality), and with `unsafe` and `borderline` prompts (safety.py), how often it
-    gives a secret away and how often it refuses a question it should answer. KL from `sft` (and from `start`, the
-    policy RLHF started from) on replies sampled at temperature 1 to the ordinary prompts."""
+def evaluate_policy(config: LlamaConfig, P: dict, sft: dict, tokenizer, prompts: list[Prompt], seed: int = 0,
+                    max_new_tokens: int = 40, unsafe: list[Prompt] = (), borderline: list[Prompt] = (),
+                    start: dict | None = None) -> PolicyReport:
+    """How good is a policy on held-out prompts, by the world's judge: on ordinary prompts (answers, adherence,
+    grammar, quality) and, with `unsafe` and `borderline` prompts (safety.py), how often it gives a secret away and
+    how often it refuses a question it should answer. Greedy replies; KL from `sft` (and from `start`, the policy RLHF
+    started from) on replies sampled at temperature 1 to the ordinary prompts. The reward models' view is added by
+    score_report."""
     model = Llama(config, P)
     sets = {"ordinary": list(prompts), "unsafe": list(unsafe), "borderline": list(borderline)}
     every = [p for ps in sets.values() for p in ps]
     greedy = [g[0] for g in sample_replies(model, tokenizer, [p.dialog for p in every], 1, seed, temperature=0.0,
                                            max_new_tokens=max_new_tokens)]
-    cuts = np.cumsum([len(ps) for ps in sets.values()])
-    replies = dict(zip(sets, np.split(np.array(greedy, dtype=object), cuts[:-1])))
-    replies = {k: list(v) for k, v in replies.items()}
+    bounds = np.cumsum([0] + [len(ps) for ps in sets.values()])
+    replies = {k: greedy[a:b] for k, a, b in zip(sets, bounds[:-1], bounds[1:])}
     dialogs = [p.dialog for p in prompts]
     judged = [judge(p, r) for p, r in zip(prompts, replies["ordinary"])]
     turns = sorted({p.turn for p in prompts if p.instruction is not None})
@@ -190,23 +190,35 @@ def evaluate_policy(config: LlamaConfig, P: dict, sft: dict, rm: RewardModel, to
                 for t in turns]
     sampled = [s[0] for s in sample_replies(model, tokenizer, dialogs, 1, seed + 1, 1.0, max_new_tokens)]
     labels = {k: [check_reply(p, r) for p, r in zip(sets[k], replies[k])] for k in sets}
-    rate = lambda k, label: float(np.mean([x == label for x in labels[k]])) if labels[k] else None
-    scores = {"helpfulness": rm.score(tokenizer, dialogs, replies["ordinary"])}
-    safety_prompts = sets["unsafe"] + sets["borderline"]
-    if safety_rm is not None and safety_prompts:
-        scores["safety"] = safety_rm.score_prompts(tokenizer, safety_prompts, replies["unsafe"] + replies["borderline"])
-    return PolicyReport(answer_accuracy=float(np.mean([j.exact for j in judged])),
+    outcomes = {"exact": [int(j.exact) for j in judged],
+                "violation": [int(x == "violation") for x in labels["unsafe"]],
+                "refusal": [int(x == "refusal") for x in labels["unsafe"]],
+                "false_refusal": [int(x == "refusal") for x in labels["borderline"]]}
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else None
+    return PolicyReport(answer_accuracy=mean(outcomes["exact"]),
                         adherence=float(np.mean(per_turn)) if per_turn else 1.0,
-                        grammar=float(np.mean([j.grammatical for j in judged])),
-                        mean_reward=float(scores["helpfulness"].mean()),
-                        mean_quality=float(np.mean([j.quality for j in judged])),
+                        grammar=mean([j.grammatical for j in judged]),
+                        mean_quality=mean([j.quality for j in judged]),
                         kl_from_sft_per_token=_kl_per_token(config, P, sft, tokenizer, dialogs, sampled),
-                        violation_rate=rate("unsafe", "violation"), refusal_rate=rate("unsafe", "refusal"),
-                        false_refusal_rate=rate("borderline", "refusal"),
-                        false_refusal_rate_ordinary=rate("ordinary", "refusal"),
-                        mean_safety_reward=float(scores["safety"].mean()) if "safety" in scores else None,
+                        violation_rate=mean(outcomes["violation"]), refusal_rate=mean(outcomes["refusal"]),
+                        false_refusal_rate=mean(outcomes["false_refusal"]),
+                        false_refusal_rate_ordinary=mean([x == "refusal" for x in labels["ordinary"]]),
                         kl_from_start_per_token=None if start is None else
                         _kl_per_token(config, P, start, tokenizer, dialogs, sampled),
-                        n={k: len(v) for k, v in sets.items()}, replies=replies["ordinary"],
-                        safety_replies={"unsafe": replies["unsafe"], "borderline": replies["borderline"]},
-                        scores={k: v.tolist() for k, v in scores.items()})
+                        n={k: len(v) for k, v in sets.items()}, outcomes=outcomes, replies=replies)
+
+
+def score_report(report: PolicyReport, tokenizer, prompts: list[Prompt], rm: RewardModel,
+                 unsafe: list[Prompt] = (), borderline: list[Prompt] = (), safety_rm: RewardModel | None = None):
+    """Add the reward models' view to a report of evaluate_policy on the same prompts: the helpfulness RM's score of
+    each ordinary reply, the safety RM's of each unsafe and borderline one (the paper's Figure 14 plots them), and
+    their means."""
+    r = report.replies
+    report.scores = {"helpfulness": rm.score_prompts(tokenizer, list(prompts), r["ordinary"]).tolist()}
+    report.mean_reward = float(np.mean(report.scores["helpfulness"]))
+    safety_prompts = list(unsafe) + list(borderline)
+    if safety_rm is not None and safety_prompts:
+        report.scores["safety"] = safety_rm.score_prompts(tokenizer, safety_prompts,
+                                                          r["unsafe"] + r["borderline"]).tolist()
+        report.mean_safety_reward = float(np.mean(report.scores["safety"]))
+    return report

@@ -153,22 +153,25 @@ def accuracy(rm, tok, prefs) -> float | None:
     return reward_model.accuracy_by_degree(rm, tok, prefs)["overall"]["accuracy"] if prefs else None
 
 
-def evaluate(name, config, w, sft, start, rms, tok, ev_sets, seed, mnt) -> tuple[dict, rlhf.PolicyReport]:
-    """One policy on the held-out sets, logged; returns (its metrics for rlhf_eval.json, the report)."""
+def evaluate(name, config, w, sft, start, tok, ev_sets, seed, mnt) -> tuple[dict, rlhf.PolicyReport]:
+    """One policy on the held-out sets, logged; returns (its metrics for rlhf_eval.json, the report). The reward
+    models' scores are added at the end (score_report), by the final models, so every policy is scored alike."""
     t0 = time.time()
-    rep = rlhf.evaluate_policy(config, w, sft, rms["helpfulness"], tok, ev_sets["ordinary"], seed=seed,
-                               max_new_tokens=mnt, unsafe=ev_sets["unsafe"], borderline=ev_sets["borderline"],
-                               safety_rm=rms["safety"], start=start)
+    rep = rlhf.evaluate_policy(config, w, sft, tok, ev_sets["ordinary"], seed=seed, max_new_tokens=mnt,
+                               unsafe=ev_sets["unsafe"], borderline=ev_sets["borderline"], start=start)
     u = rlhf.sample_replies(Llama(config, w), tok, [p.dialog for p in ev_sets["unseen"]], 1, 0, 0.0, mnt)
-    out = {**rep.to_json(), "quality": rep.mean_quality,
-           "unseen_answer_accuracy": float(np.mean([preferences.judge(p, r[0]).exact
-                                                    for p, r in zip(ev_sets["unseen"], u)]))}
+    unseen = float(np.mean([preferences.judge(p, r[0]).exact for p, r in zip(ev_sets["unseen"], u)]))
     n = rep.n
-    log(f"{name}: exact {rep.answer_accuracy:.3f} ± {rate_se(rep.answer_accuracy, n['ordinary']):.3f}, adherence "
-        f"{rep.adherence:.3f}, violations {rep.violation_rate:.3f} ± {rate_se(rep.violation_rate, n['unsafe']):.3f}, "
-        f"false refusals {rep.false_refusal_rate:.3f} ± {rate_se(rep.false_refusal_rate, n['borderline']):.3f}, "
-        f"quality {rep.mean_quality:.2f}, KL/token from SFT {rep.kl_from_sft_per_token:.3f} ({time.time() - t0:.0f} s)")
-    return out, rep
+    log(f"{name}: exact {rate_str(rep.answer_accuracy, n['ordinary'])}, adherence {100 * rep.adherence:.1f}%, "
+        f"violations {rate_str(rep.violation_rate, n['unsafe'])}, refusals of unsafe prompts "
+        f"{rate_str(rep.refusal_rate, n['unsafe'])}, false refusals {rate_str(rep.false_refusal_rate, n['borderline'])}, "
+        f"true quality {rep.mean_quality:.2f}, KL/token from SFT {rep.kl_from_sft_per_token:.3f}, unseen exact "
+        f"{rate_str(unseen, len(u))} ({time.time() - t0:.0f} s)")
+    return {"unseen_answer_accuracy": unseen}, rep
+
+
+def rate_str(p, n) -> str:
+    return "-" if p is None else f"{100 * p:.1f}% ± {100 * rate_se(p, n):.1f} (n = {n})"
 
 
 def safety_sft(config, sft, tok, args, budget_s):
@@ -233,6 +236,11 @@ def main(argv=None) -> int:
     # 0. safety SFT: pi_0, where RLHF starts ---------------------------------------------------------------
     start, sft_metrics = safety_sft(config, sft, tok, args, share("safety_sft"))
     stage_s["safety_sft"] = sft_metrics["time_s"]
+    policies, reports = {}, {}
+    t0 = time.time()
+    for name, w in (("sft", sft), ("safety_sft", start)):
+        policies[name], reports[name] = evaluate(name, config, w, sft, start, tok, ev, seed + 5, mnt)
+    stage_s["evaluation"] = time.time() - t0
     help_ann, safe_ann = preferences.Annotator(noise=args.noise), safety.safety_annotator(noise=args.noise)
 
     # 1-4. rounds ----------------------------------------------------------------------------------------------
@@ -240,7 +248,7 @@ def main(argv=None) -> int:
     heldout = {"helpfulness": [], "safety": []}
     P = {"helpfulness": None, "safety": None}
     rms, rm_metrics, rounds, bags = None, {"helpfulness": [], "safety": []}, [], [[] for _ in rs_prompts]
-    policy, policies, reports = start, {}, {}
+    policy = start
     for r in range(1, args.rounds + 1):
         model = Llama(config, policy)
         rs = seed * 1000 + 10 * r
@@ -320,19 +328,26 @@ def main(argv=None) -> int:
 
         # 5. PPO on top of rejection sampling, in the last round
         if r == args.rounds:
+            t0 = time.time()
             policies["rejection_sampling"], reports["rejection_sampling"] = evaluate(
-                f"V{r} rejection sampling", config, policy, sft, start, rms, tok, ev, seed + 5, mnt)
+                f"V{r} rejection sampling", config, policy, sft, start, tok, ev, seed + 5, mnt)
+            stage_s["evaluation"] += time.time() - t0
             policy, runs = run_ppo(config, policy, start, scorer, tok, ppo_prompts, settings, args, share, stage_s)
             round_out["ppo_runs"] = runs
 
         # 6. evaluation of this round's policy
+        t0 = time.time()
         name = "ppo" if r == args.rounds else f"V{r}"
-        policies[name], reports[name] = evaluate(f"V{r}", config, policy, sft, start, rms, tok, ev, seed + 5, mnt)
-        rounds.append(round_metrics(r, before, after, newest, policies[name]) | round_out)
+        policies[name], reports[name] = evaluate(f"V{r}", config, policy, sft, start, tok, ev, seed + 5, mnt)
+        stage_s["evaluation"] += time.time() - t0
+        rounds.append(round_metrics(r, before, after, newest, policies[name], reports[name]) | round_out)
 
-    # the starting points, judged by the final reward models; best of N (Fig. 7) with the SFT model ------------
-    for name, w in (("sft", sft), ("safety_sft", start)):
-        policies[name], reports[name] = evaluate(name, config, w, sft, start, rms, tok, ev, seed + 5, mnt)
+    # every policy's replies scored by the final reward models; best of N (Fig. 7) with the SFT model ---------
+    for name, rep in reports.items():
+        rlhf.score_report(rep, tok, ev["ordinary"], rms["helpfulness"], ev["unsafe"], ev["borderline"], rms["safety"])
+        policies[name] = rep.to_json() | policies[name] | {"quality": rep.mean_quality}
+    for row in rounds:
+        row["mean_reward"] = policies["ppo" if row["round"] == args.rounds else f"V{row['round']}"]["mean_reward"]
     t0 = time.time()
     bon_prompts = ev["ordinary"][:args.best_of_prompts]
     bon_replies = rlhf.sample_replies(Llama(config, sft), tok, [p.dialog for p in bon_prompts], args.best_of, seed + 2,
@@ -392,15 +407,16 @@ def run_ppo(config, init, start, scorer, tok, prompts, settings, args, share, st
     return policy, runs
 
 
-def round_metrics(r, before, after, newest, pol) -> dict:
+def round_metrics(r, before, after, newest, extra, rep) -> dict:
     """The per-round row of rlhf_eval.json: staleness of both reward models, the round's policy on held-out prompts."""
     return {"round": r, "rm_accuracy_newest_before": before["helpfulness"],
             "rm_accuracy_newest_after": after["helpfulness"],
             "safety_rm_accuracy_newest_before": before["safety"], "safety_rm_accuracy_newest_after": after["safety"],
             "newest_pairs": {k: len(v) for k, v in newest.items()},
-            **{k: pol[k] for k in ("violation_rate", "refusal_rate", "false_refusal_rate", "answer_accuracy",
-                                   "adherence", "quality", "grammar", "kl_from_sft_per_token",
-                                   "kl_from_start_per_token", "unseen_answer_accuracy", "n")}}
+            **{k: getattr(rep, k) for k in ("violation_rate", "refusal_rate", "false_refusal_rate", "answer_accuracy",
+                                            "adherence", "grammar", "kl_from_sft_per_token", "kl_from_start_per_token",
+                                            "n", "outcomes")},
+            "quality": rep.mean_quality, "unseen_answer_accuracy": extra["unseen_answer_accuracy"]}
 
 
 def threshold_precision_recall(rm, tok, prefs, threshold=ppo.SAFETY_THRESHOLD) -> dict:
@@ -422,10 +438,10 @@ def write_eval(d, args, settings, rms, tok, heldout, policies, reports, rounds, 
                t0):
     """rlhf_eval.json: everything chapters 09-10 print."""
     acc = lambda kind, pairs: reward_model.accuracy_by_degree(rms[kind], tok, pairs)
-    examples = [{"prompt": p.dialog, "answer": p.answer, **{k: reports[k].replies[i] for k in reports}}
+    examples = [{"prompt": p.dialog, "answer": p.answer, **{k: reports[k].replies["ordinary"][i] for k in reports}}
                 for i, p in enumerate(ev["ordinary"][:24])]
     safety_examples = [{"prompt": p.dialog, "tag": p.tag, "secret": list(p.secret),
-                        **{k: reports[k].safety_replies[p.tag][i] for k in reports}}
+                        **{k: reports[k].replies[p.tag][i] for k in reports}}
                        for tag in ("unsafe", "borderline") for i, p in enumerate(ev[tag][:12])]
     out = {
         "rm_accuracy_by_degree": acc("helpfulness", heldout["helpfulness"]), "rm_pairs": len(heldout["helpfulness"]),
