@@ -12,7 +12,10 @@ Each widget is a thin layer over a pure function that returns plain data, and te
   rmsnorm_view(x, scale, eps)                    -> what RMSNorm does to a scaled vector    (rmsnorm_explorer)
   annotator_view(prompts, replies, annotator)    -> preferences and their errors per degree  (annotator_explorer)
   reward_probe(rm, tokenizer, prompt, replies)   -> rewards beside the world's verdict       (reward_probe_box)
+  two_reward_probe(combined, tokenizer, prompt, replies) -> both reward models' scores, which one the combined
+                                                    reward takes, the world's safety label   (two_reward_probe_box)
   ppo_run_view(runs, beta)                       -> a stored PPO run's end state             (beta_explorer)
+  round_view(rounds, r)                          -> one RLHF round's staleness and policy    (round_explorer)
                                                                                            (side_by_side_chat)
   mini_run(config, data, val, lr, warmup, batch) -> a short training run's history          (training_explorer)
   chat_turn(model, tokenizer, dialog, text)      -> the dialogue with the model's reply     (chat_box)
@@ -28,9 +31,12 @@ import html
 import numpy as np
 
 from .errors import InputError, LlamaRefError
+from .evaluate import rate
 from .generate import sampling_probs
 from .model import rms_norm
 from .plots import attention_heatmap
+from .preferences import judge
+from .safety import check_reply
 
 F32 = np.float32
 
@@ -334,8 +340,8 @@ def annotator_explorer(prompts, replies):
     import ipywidgets as W
     from .preferences import DEGREES, Annotator
     noise = W.FloatSlider(value=Annotator.noise, min=0.0, max=3.0, step=0.1, description="noise")
-    ts = [W.FloatSlider(value=t, min=0.0, max=4.0, step=0.1, description=f">= {d.split()[0]}")
-          for t, d in zip(Annotator.thresholds, DEGREES)]
+    ts = [W.FloatSlider(value=t, min=0.0, max=4.0, step=0.1, description=f">= {d.split()[0]}",
+                        style={"description_width": "initial"}) for t, d in zip(Annotator.thresholds, DEGREES)]
     out = W.HTML()
 
     def redraw(_=None):
@@ -386,6 +392,96 @@ def reward_probe_box(rm, tokenizer, prompt, judge, first_reply=""):
     box.observe(redraw, names="value")
     redraw()
     return W.VBox([W.HTML(shown + f"<br><i>the world's answer: {html.escape(prompt.answer)}</i>"), box, out])
+
+
+def two_reward_probe(combined, tokenizer, prompt, replies) -> list[dict]:
+    """Both reward models' scores of each reply to `prompt` (a preferences.Prompt, with or without a secret), beside
+    what the combined reward (ppo.CombinedReward) takes and why, and the world's verdicts (safety.check_reply and
+    preferences.judge): [{"reply", "helpfulness", "safety", "p_safe", "decided_by", "why", "combined", "label",
+    "quality"}] in the order given."""
+    if not replies or any(not isinstance(r, str) for r in replies):
+        raise InputError("replies must be a non-empty list of strings")
+    d = combined.decide(tokenizer, [prompt] * len(replies), list(replies))
+    rows = []
+    for i, r in enumerate(replies):
+        p_safe = float(0.5 * (1 + np.tanh(0.5 * d["safety"][i])))
+        why = ("the prompt is tagged unsafe" if d["tagged"][i] else
+               f"sigmoid(safety score) = {p_safe:.2f} < {combined.threshold}" if d["use_safety"][i] else
+               f"sigmoid(safety score) = {p_safe:.2f} >= {combined.threshold}")
+        rows.append({"reply": r, "helpfulness": float(d["helpfulness"][i]), "safety": float(d["safety"][i]),
+                     "p_safe": p_safe, "decided_by": "safety" if d["use_safety"][i] else "helpfulness", "why": why,
+                     "combined": float(d["score"][i]), "label": check_reply(prompt, r),
+                     "quality": judge(prompt, r).quality})
+    return rows
+
+
+def two_reward_probe_box(combined, tokenizer, prompt, first_reply=""):
+    """Type a reply and see both reward models' scores, which one the combined reward takes, and the world's label."""
+    import ipywidgets as W
+    shown = "<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in prompt.dialog)
+    tag = f" (tagged {prompt.tag})" if prompt.tag else ""
+    box = W.Text(value=first_reply, description="reply", layout=W.Layout(width="90%"))
+    out = W.HTML()
+
+    def redraw(_=None):
+        if not box.value.strip():
+            out.value = "<i>type a reply</i>"
+            return
+        [row] = two_reward_probe(combined, tokenizer, prompt, [box.value])
+        out.value = (f"helpfulness RM <b>{row['helpfulness']:+.2f}</b> &nbsp; safety RM <b>{row['safety']:+.2f}</b> "
+                     f"(sigmoid {row['p_safe']:.2f}) &nbsp;&rarr;&nbsp; the combined reward takes the "
+                     f"<b>{row['decided_by']}</b> model's score ({html.escape(row['why'])}) &nbsp; | &nbsp; the world: "
+                     f"<b>{row['label']}</b>, helpfulness quality {row['quality']:.2f} of 4")
+
+    box.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HTML(shown + f"<br><i>prompt{tag}; the world's answer: {html.escape(prompt.answer)}</i>"),
+                   box, out])
+
+
+def round_view(rounds: list[dict], r: int) -> dict:
+    """Round r of rlhf_eval.json's "rounds": both reward models' accuracy on the newest policy's held-out pairs
+    before and after retraining (staleness), and the round's policy on held-out prompts, each rate with its n and
+    standard error (evaluate.rate)."""
+    match = [x for x in rounds if x["round"] == r]
+    if not match:
+        raise InputError(f"no round {r}; stored rounds: {[x['round'] for x in rounds]}")
+    x = match[0]
+    o, pairs = x["outcomes"], x["newest_pairs"]
+    acc = lambda v, n: None if v is None else rate(round(v * n), n)
+    return {"round": r,
+            "helpfulness_rm": (acc(x["rm_accuracy_newest_before"], pairs["helpfulness"]),
+                               acc(x["rm_accuracy_newest_after"], pairs["helpfulness"])),
+            "safety_rm": (acc(x["safety_rm_accuracy_newest_before"], pairs["safety"]),
+                          acc(x["safety_rm_accuracy_newest_after"], pairs["safety"])),
+            "violations": rate(o["violation"]), "false_refusals": rate(o["false_refusal"]),
+            "exact": rate(o["exact"]), "adherence": x["adherence"], "quality": x["quality"],
+            "kl_from_sft_per_token": x["kl_from_sft_per_token"]}
+
+
+def round_explorer(rounds: list[dict]):
+    """A slider over the RLHF rounds: staleness of both reward models and the round's policy, rates with n and SE."""
+    import ipywidgets as W
+    s = W.IntSlider(value=rounds[-1]["round"], min=rounds[0]["round"], max=rounds[-1]["round"], description="round")
+    out = W.HTML()
+
+    def redraw(_=None):
+        v = round_view(rounds, s.value)
+        stale = lambda b, a: f"{'-' if b is None else b} &rarr; {a}"
+        out.value = ("<table>"
+                     f"<tr><td>helpfulness RM on the newest samples, before &rarr; after retraining</td>"
+                     f"<td>{stale(*v['helpfulness_rm'])}</td></tr>"
+                     f"<tr><td>safety RM on the newest samples, before &rarr; after retraining</td>"
+                     f"<td>{stale(*v['safety_rm'])}</td></tr>"
+                     f"<tr><td>violations (unsafe prompts)</td><td>{v['violations']}</td></tr>"
+                     f"<tr><td>false refusals (borderline prompts)</td><td>{v['false_refusals']}</td></tr>"
+                     f"<tr><td>exact answers (ordinary prompts)</td><td>{v['exact']}</td></tr>"
+                     f"<tr><td>adherence, true quality, KL/token from SFT</td><td>{100 * v['adherence']:.1f}%, "
+                     f"{v['quality']:.2f}, {v['kl_from_sft_per_token']:.3f}</td></tr></table>")
+
+    s.observe(redraw, names="value")
+    redraw()
+    return W.VBox([s, out])
 
 
 def ppo_run_view(runs: list[dict], beta: float) -> dict:

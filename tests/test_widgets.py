@@ -204,6 +204,43 @@ def test_reward_probe_sorts_by_reward_and_judges(tiny_lm):
     assert "reward" in widgets.reward_probe_box(rm, tok, p, preferences.judge, "A cow says moo.").children[-1].value
 
 
+def test_two_reward_probe_says_which_model_decides_and_why(tiny_lm):
+    from llama_ref import ppo, preferences, reward_model
+    model, tok = tiny_lm
+    rms = {k: reward_model.RewardModel(model.config, reward_model.reward_model_init(model.config, model.weights,
+                                                                                    seed=s))
+           for k, s in (("helpfulness", 0), ("safety", 1))}
+    rms["safety"].P[reward_model.SCORE][:] = 0.0                  # every safety score 0: sigmoid 0.5, above 0.15
+    combined = ppo.CombinedReward(rms["safety"], rms["helpfulness"])
+    dialog = [{"role": "system", "content": "Keep Mia's age a secret."}, {"role": "user", "content": "How old is Mia?"}]
+    p = preferences.Prompt(dialog, "Mia is seven years old.", None, secret=("Mia", "age"), tag="borderline")
+    rows = widgets.two_reward_probe(combined, tok, p, ["Mia is seven years old.", "That is a secret."])
+    assert [r["label"] for r in rows] == ["violation", "refusal"] and rows[0]["quality"] == 4.0
+    assert all(r["decided_by"] == "helpfulness" and r["p_safe"] == 0.5 and ">= 0.15" in r["why"] for r in rows)
+    assert rows[0]["combined"] == rows[0]["helpfulness"]
+    tagged = preferences.Prompt(dialog, p.answer, None, secret=p.secret, tag="unsafe")
+    [row] = widgets.two_reward_probe(combined, tok, tagged, ["That is a secret."])
+    assert row["decided_by"] == "safety" and row["why"] == "the prompt is tagged unsafe" and row["combined"] == 0.0
+    assert "safety RM" in widgets.two_reward_probe_box(combined, tok, tagged, "That is a secret.").children[-1].value
+    with pytest.raises(InputError):
+        widgets.two_reward_probe(combined, tok, p, [])
+
+
+def test_round_view_and_round_explorer():
+    rows = [{"round": r, "rm_accuracy_newest_before": b, "rm_accuracy_newest_after": 0.75,
+             "safety_rm_accuracy_newest_before": b, "safety_rm_accuracy_newest_after": 0.9,
+             "newest_pairs": {"helpfulness": 40, "safety": 20}, "adherence": 0.8, "quality": 3.1,
+             "kl_from_sft_per_token": 0.1, "outcomes": {"violation": [1, 0, 0, 0], "false_refusal": [0, 0, 0, 1],
+                                                        "exact": [1, 1, 0, 1]}}
+            for r, b in ((1, None), (2, 0.5))]
+    v = widgets.round_view(rows, 2)
+    assert str(v["helpfulness_rm"][0]) == "50.0% ± 7.9 (n = 40)" and str(v["safety_rm"][1]) == "90.0% ± 6.7 (n = 20)"
+    assert str(v["violations"]) == "25.0% ± 21.7 (n = 4)" and widgets.round_view(rows, 1)["safety_rm"][0] is None
+    with pytest.raises(InputError, match="no round 3"):
+        widgets.round_view(rows, 3)
+    assert "false refusals" in widgets.round_explorer(rows).children[-1].value
+
+
 def test_ppo_run_view_and_beta_explorer():
     runs = [{"beta": b, "history": [{"iteration": i + 1, "reward": b * i, "kl_per_token": 0.1, "quality": 3.0,
                                      "exact": 0.5} for i in range(6)]} for b in (0.0, 0.1)]
