@@ -49,23 +49,30 @@ from .safety import check_reply
 # best of N, and rejection sampling
 
 def sample_replies(model: Llama, tokenizer, dialogs, k: int, seed: int, temperature=1.0,
-                   max_new_tokens: int = 40, batch_size: int = 32, time_budget_s: float | None = None,
+                   max_new_tokens: int = 40, max_rows: int = 128, time_budget_s: float | None = None,
                    log=print) -> list[list[str]]:
     """k sampled replies (text) to each prompt dialogue; sample j of prompt i uses the seed (seed, i, j).
     temperature: one for all samples, or a sequence cycled over j (the paper varies it for diverse comparisons).
-    With time_budget_s, stops after the batch of prompts that uses it up: the list then answers only the first
-    prompts (each with all k replies), and callers keep that many prompts."""
+    The samples of several prompts at one temperature decode together, up to max_rows rows per generate_batch call:
+    a decode step costs little more for many rows than for one. With time_budget_s, stops after the chunk of
+    prompts that uses it up: the list then answers only the first prompts (each with all k replies), and callers
+    keep that many prompts."""
     temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
+    by_temp = {}
+    for j in range(k):
+        by_temp.setdefault(temps[j % len(temps)], []).append(j)
     prompts = [format_dialog(d, tokenizer) for d in dialogs]
+    per_chunk = max(1, max_rows // max(len(js) for js in by_temp.values()))
     out, t0 = [], time.time()
-    for c in range(0, len(prompts), batch_size):
-        idx = range(c, min(c + batch_size, len(prompts)))
-        replies = [[] for _ in idx]
-        for j in range(k):
-            new = generate_batch(model, [prompts[i] for i in idx], max_new_tokens, temps[j % len(temps)],
-                                 seeds=[seed * 1_000_003 + i * 1009 + j for i in idx])
-            for r, ids in zip(replies, new):
-                r.append(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]).strip())
+    for c in range(0, len(prompts), per_chunk):
+        idx = range(c, min(c + per_chunk, len(prompts)))
+        replies = [[None] * k for _ in idx]
+        for t, js in by_temp.items():
+            rows = [(i, j) for i in idx for j in js]
+            new = generate_batch(model, [prompts[i] for i, _ in rows], max_new_tokens, t,
+                                 seeds=[seed * 1_000_003 + i * 1009 + j for i, j in rows])
+            for (i, j), ids in zip(rows, new):
+                replies[i - c][j] = tokenizer.decode([x for x in ids if x != tokenizer.eos_id]).strip()
         out += replies
         if time_budget_s is not None and time.time() - t0 > time_budget_s and len(out) < len(prompts):
             log(f"sampling: time budget used after {len(out)} of {len(prompts)} prompts")

@@ -443,6 +443,25 @@ def test_make_rlhf_refuses_a_bad_preference_file_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_sample_replies_draws_sample_j_of_prompt_i_with_its_own_seed(tiny):
+    """Rows of many prompts and samples decode together, yet each sample is the one its seed (seed, i, j) draws on
+    its own, at its temperature (cycled over j)."""
+    from llama_ref.chat import format_dialog
+    from llama_ref.generate import generate_batch
+    cfg, w, tok = tiny
+    model = Llama(cfg, w)
+    prompts = preferences.make_prompts(5, "train", seed=4)
+    got = rlhf.sample_replies(model, tok, [p.dialog for p in prompts], 3, seed=7, temperature=(1.0, 1.5),
+                              max_new_tokens=5, max_rows=4)
+    assert [len(r) for r in got] == [3] * 5
+    for i, j in ((0, 0), (3, 1), (4, 2)):
+        [ids] = generate_batch(model, [format_dialog(prompts[i].dialog, tok)], 5, (1.0, 1.5)[j % 2],
+                               seeds=[7 * 1_000_003 + i * 1009 + j])
+        assert got[i][j] == tok.decode([x for x in ids if x != tok.eos_id]).strip()
+    assert len(rlhf.sample_replies(model, tok, [p.dialog for p in prompts], 2, 0, max_new_tokens=3, max_rows=2,
+                                   time_budget_s=0.0, log=lambda m: None)) == 1        # the first chunk, then stop
+
+
 def test_score_samples_is_score_per_prompt(tiny):
     cfg, w, tok = tiny
     rm = reward_model.RewardModel(cfg, reward_model.reward_model_init(cfg, w, seed=4))
