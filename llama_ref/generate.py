@@ -10,6 +10,7 @@ Counting prompt tokens as generated tokens overstates decode speed, so we never 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -266,3 +267,19 @@ def generate_batch(model: Llama, prompts, max_new_tokens=64, temperature=0.0, to
         logits = model.forward(nxt[:, None], P + step, cache, last_only=True,
                                mask=padded_mask(key_ok, P + step, P + step + 1))                 # (B, V)
     return out
+
+
+def generate_parallel(model: Llama, prompts, max_new_tokens: int, temperature: float, seeds, workers: int = 2):
+    """generate_batch with the rows split across `workers` threads, each with one BLAS thread (as training splits a
+    batch, backprop.data_parallel): the decode step's matmuls are small, and two BLAS threads on them spend more time
+    handing work over than computing, worse still when other processes share the cores. Rows are independent (each
+    its own seed), so the split changes no reply. RLHF's sampling (rlhf.sample_replies, ppo.rollout) runs on it."""
+    from threadpoolctl import threadpool_limits
+    parts = [p for p in np.array_split(np.arange(len(prompts)), workers) if len(p)]
+    if len(parts) < 2:
+        with threadpool_limits(1, user_api="blas"):
+            return generate_batch(model, prompts, max_new_tokens, temperature, seeds=seeds)
+    run = lambda rows: generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature,
+                                      seeds=[seeds[i] for i in rows])
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
+        return [ids for part in pool.map(run, parts) for ids in part]

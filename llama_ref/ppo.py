@@ -26,7 +26,7 @@ from .backprop import (AdamW, clip_grad_norm, data_parallel, linear_backward, mo
 from .chat import format_dialog
 from .config import LlamaConfig
 from .errors import InputError
-from .generate import generate_batch
+from .generate import generate_parallel
 from .model import Llama, rope_tables
 from .preferences import Prompt, judge
 from .reward_model import RewardModel, pad_right
@@ -134,8 +134,8 @@ def rollout(config: LlamaConfig, P: dict, ref: dict, rm: RewardModel | CombinedR
     """Sample one reply per prompt from the policy P, then score everything PPO needs about it."""
     policy = Llama(config, {k: v for k, v in P.items() if k != VALUE})
     prompt_ids = [format_dialog(p.dialog, tokenizer) for p in prompts]
-    new = generate_batch(policy, prompt_ids, settings.max_new_tokens, settings.temperature,
-                         seeds=[seed * 1_000_003 + i for i in range(len(prompts))])
+    new = generate_parallel(policy, prompt_ids, settings.max_new_tokens, settings.temperature,
+                            [seed * 1_000_003 + i for i in range(len(prompts))], settings.workers)
     seqs = [p + n for p, n in zip(prompt_ids, new)]
     tokens, _ = pad_right(seqs)                                                    # (B, T + 1)
     inputs, actions = tokens[:, :-1], tokens[:, 1:]

@@ -37,7 +37,7 @@ from .backprop import model_forward
 from .chat import format_dialog
 from .config import LlamaConfig
 from .gatt import Example, last_turn_example
-from .generate import generate_batch
+from .generate import generate_parallel
 from .model import Llama
 from .ppo import token_logprobs
 from .preferences import Prompt, judge, true_quality
@@ -53,10 +53,10 @@ def sample_replies(model: Llama, tokenizer, dialogs, k: int, seed: int, temperat
                    log=print) -> list[list[str]]:
     """k sampled replies (text) to each prompt dialogue; sample j of prompt i uses the seed (seed, i, j).
     temperature: one for all samples, or a sequence cycled over j (the paper varies it for diverse comparisons).
-    The samples of several prompts at one temperature decode together, up to max_rows rows per generate_batch call:
-    a decode step costs little more for many rows than for one. With time_budget_s, stops after the chunk of
-    prompts that uses it up: the list then answers only the first prompts (each with all k replies), and callers
-    keep that many prompts."""
+    The samples of several prompts at one temperature decode together, up to max_rows rows at a time, split across
+    two threads (generate.generate_parallel): a decode step costs little more for many rows than for one. With
+    time_budget_s, stops after the chunk of prompts that uses it up: the list then answers only the first prompts
+    (each with all k replies), and callers keep that many prompts."""
     temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
     by_temp = {}
     for j in range(k):
@@ -69,8 +69,8 @@ def sample_replies(model: Llama, tokenizer, dialogs, k: int, seed: int, temperat
         replies = [[None] * k for _ in idx]
         for t, js in by_temp.items():
             rows = [(i, j) for i in idx for j in js]
-            new = generate_batch(model, [prompts[i] for i, _ in rows], max_new_tokens, t,
-                                 seeds=[seed * 1_000_003 + i * 1009 + j for i, j in rows])
+            new = generate_parallel(model, [prompts[i] for i, _ in rows], max_new_tokens, t,
+                                    [seed * 1_000_003 + i * 1009 + j for i, j in rows])
             for (i, j), ids in zip(rows, new):
                 replies[i - c][j] = tokenizer.decode([x for x in ids if x != tokenizer.eos_id]).strip()
         out += replies

@@ -536,9 +536,18 @@ def write_model_cards(dirs) -> None:
                "|---|---:|---:|---:|---:|---:|---:|\n" + prow + "\n" + ours)
 
 
+def run(argv=None) -> int:
+    """main with one BLAS thread: the stages that use both cores split their rows across two threads themselves
+    (training: backprop.data_parallel; sampling: generate.generate_parallel), and two BLAS threads on small matmuls
+    spend more time handing work over than computing, far more when other processes share the cores."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        return main(argv)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(run())
     except LlamaRefError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
