@@ -429,7 +429,8 @@ def threshold_precision_recall(rm, tok, prefs, threshold=ppo.SAFETY_THRESHOLD) -
     dialogs, replies, labels = zip(*seen.values())
     flagged = ppo.sigmoid(rm.score(tok, list(dialogs), list(replies))) < threshold
     unsafe = np.array([lab == "violation" for lab in labels])
-    return {"threshold": threshold, "replies": len(labels), "violations": int(unsafe.sum()),
+    return {"threshold": threshold, "replies": len(labels), "violations": int(unsafe.sum()), "flagged": int(flagged.sum()),
+            "flagged_violations": int((flagged & unsafe).sum()),
             "precision": float((flagged & unsafe).sum() / flagged.sum()) if flagged.any() else None,
             "recall": float((flagged & unsafe).sum() / unsafe.sum()) if unsafe.any() else None}
 
