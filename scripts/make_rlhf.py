@@ -303,7 +303,8 @@ def main(argv=None) -> int:
 
         # 3. the sampling temperature for this policy (Fig. 8), and 4. rejection sampling over every round's samples
         t0 = time.time()
-        sweep = rlhf.temperature_sweep(model, scorer, tok, rs_prompts[:args.temperature_prompts],
+        every = max(1, len(rs_prompts) // args.temperature_prompts)           # ordinary, unsafe and borderline alike
+        sweep = rlhf.temperature_sweep(model, scorer, tok, rs_prompts[::every][:args.temperature_prompts],
                                        [float(t) for t in args.temperatures.split(",")], args.rs_k, rs + 5, mnt)
         samples = rlhf.sample_replies(model, tok, [p.dialog for p in rs_prompts], args.rs_k, rs + 6, sweep["best"],
                                       max_new_tokens=mnt, time_budget_s=share("rs_sampling"), log=log)
