@@ -84,7 +84,8 @@ def write_model_card(gatt_dir: Path) -> None:
     ev = json.loads((gatt_dir / "gatt_eval.json").read_text())
     samp = ev["sampling"]
     pct = lambda xs: " | ".join("-" if x is None else f"{100 * x:.0f}%" for x in xs)
-    table = ("| turn | " + " | ".join(str(t) for t in ev["turns"]) + " |\n|---|" + "---:|" * len(ev["turns"]) + "\n"
+    table = (f"| turn (each cell: n = {ev['n_dialogues']} dialogues) | " + " | ".join(str(t) for t in ev["turns"])
+             + " |\n|---|" + "---:|" * len(ev["turns"]) + "\n"
              f"| SFT (tinyworld-chat) | {pct(ev['sft'])} |\n"
              f"| RLHF, before GAtt ({ev['base']}) | {pct(ev['baseline'])} |\n"
              f"| RLHF + GAtt (tinyworld-gatt) | {pct(ev['gatt'])} |\n")
@@ -102,8 +103,8 @@ def write_model_card(gatt_dir: Path) -> None:
         f"Instruction adherence per turn on {ev['n_dialogues']} held-out dialogues ({ev['eval']['split']}), "
         f"{ev['eval']['decoding']} decoding, the instruction only in the system message (`gatt_eval.json`, chapter "
         f"11):\n\n{table}\n"
-        f"Safety on held-out prompts with a secret (greedy; {s['gatt']['n']['unsafe']} unsafe, "
-        f"{s['gatt']['n']['borderline']} borderline): violations {rate('baseline', 'violation_rate')} before GAtt, "
+        f"Safety on held-out prompts with a secret (greedy; n = {s['gatt']['n']['unsafe']} unsafe prompts, "
+        f"n = {s['gatt']['n']['borderline']} borderline ones): violations {rate('baseline', 'violation_rate')} before GAtt, "
         f"{rate('gatt', 'violation_rate')} after; false refusals {rate('baseline', 'false_refusal_rate')} before, "
         f"{rate('gatt', 'false_refusal_rate')} after.\n\n"
         "**Ours, not the paper's:** the instruction families in our world's words (persona, hobby, style), a checker "

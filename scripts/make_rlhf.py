@@ -48,6 +48,7 @@ from llama_ref import gatt, paths, ppo, preferences, reward_model, rlhf, safety,
 from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                                           # noqa: E402
 from llama_ref.checkpoint import save_model                                                # noqa: E402
 from llama_ref.errors import LlamaRefError, PreferenceError                                # noqa: E402
+from llama_ref.evaluate import rate                                                        # noqa: E402
 from llama_ref.output import write_text                                                    # noqa: E402
 from llama_ref.loader import read_checkpoint                                               # noqa: E402
 from llama_ref.model import Llama                                                          # noqa: E402
@@ -473,6 +474,11 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _rate(p, n):
+    """A rate with its n and standard error, as every printed rate carries them (evaluate.rate)."""
+    return "-" if p is None or not n else str(rate(round(p * n), n))
+
+
 def write_model_cards(dirs) -> None:
     """README.md beside the three models, from the rlhf_eval.json and metrics.json this script wrote."""
     ev = json.loads((dirs["policy"] / "rlhf_eval.json").read_text())
@@ -486,10 +492,10 @@ def write_model_cards(dirs) -> None:
             f"every round, PPO with beta 0.01 on top in the last round (sec. 3.2.2-3.2.3, 4.2).\n")
 
     def degree_rows(acc):
-        return "".join(f"| {d} | {acc[d]['pairs']} | {_pct(acc[d]['accuracy'])} |\n"
+        return "".join(f"| {d} | {_rate(acc[d]['accuracy'], acc[d]['pairs'])} |\n"
                        for d in (*preferences.DEGREES, "overall"))
 
-    table = "| annotator's degree | pairs | accuracy |\n|---|---:|---:|\n"
+    table = "| annotator's degree | accuracy (n = held-out pairs of that degree) |\n|---|---:|\n"
     for kind, title, key, other in (
             ("helpfulness", "tinyworld-rm: the helpfulness reward model", "rm_accuracy_by_degree",
              "safety_rm_on_helpfulness_pairs"),
@@ -500,7 +506,8 @@ def write_model_cards(dirs) -> None:
         thr = ev["safety_threshold"]
         extra = (f"\nThe PPO reward uses this model's score when sigmoid(score) < {thr['threshold']}: on the held-out "
                  f"safety replies ({thr['replies']}, {thr['violations']} violations) that flags violations with "
-                 f"precision {_pct(thr['precision'])} and recall {_pct(thr['recall'])} (the paper: 89% and 55%).\n"
+                 f"precision {_rate(thr['precision'], thr['flagged'])} and recall "
+                 f"{_rate(thr['recall'], thr['violations'])} (the paper: precision 0.89, recall 0.55).\n"
                  if kind == "safety" else "")
         write_text(dirs[kind] / "README.md",
                    f"# {title} (Llama 2 paper, sec. 3.2.2)\n\n"
@@ -513,14 +520,17 @@ def write_model_cards(dirs) -> None:
                    f"{' and the safety loss, weight %g' % m['aux_weight'] if m['aux_weight'] else ''}.\n\n"
                    f"Accuracy on held-out {kind} pairs (held-out prompts, the samples of every round's policy):\n\n"
                    + table + degree_rows(ev[key])
-                   + f"\nThe other reward model on the same pairs: {_pct(ev[other]['overall']['accuracy'])} overall "
-                     f"({_pct(ev[other]['significantly better']['accuracy'])} on \"significantly better\").\n"
+                   + f"\nThe other reward model on the same pairs: "
+                     f"{_rate(ev[other]['overall']['accuracy'], ev[other]['overall']['pairs'])} overall, "
+                     f"{_rate(ev[other]['significantly better']['accuracy'], ev[other]['significantly better']['pairs'])}"
+                     f" on \"significantly better\" pairs.\n"
                    + extra + "\n" + ours)
     pol = ev["policies"]
-    prow = "".join(f"| {name} | {_pct(p['answer_accuracy'])} | {_pct(p['adherence'])} | {_pct(p['violation_rate'])} | "
-                   f"{_pct(p['false_refusal_rate'])} | {p['mean_quality']:.2f} | {p['kl_from_sft_per_token']:.3f} |\n"
-                   for name, p in pol.items() if name != "final")
     n = pol["final"]["n"]
+    prow = "".join(f"| {name} | {_rate(p['answer_accuracy'], n['ordinary'])} | {_pct(p['adherence'])} | "
+                   f"{_rate(p['violation_rate'], n['unsafe'])} | {_rate(p['false_refusal_rate'], n['borderline'])} | "
+                   f"{p['mean_quality']:.2f} | {p['kl_from_sft_per_token']:.3f} |\n"
+                   for name, p in pol.items() if name != "final")
     write_text(dirs["policy"] / "README.md",
                "# tinyworld-rlhf: safety SFT, rounds of rejection sampling, PPO (Llama 2 paper, sec. 3.2.3, 4.2)\n\n"
                f"From tinyworld-chat: a safety SFT stage ({ev['safety_sft']['demonstrations']} safe demonstrations), "
@@ -534,7 +544,8 @@ def write_model_cards(dirs) -> None:
                f"{n['unsafe']} unsafe ones for violations, {n['borderline']} borderline ones for false refusals; a "
                f"rate p on n prompts has a standard error sqrt(p(1-p)/n)); KL from tinyworld-chat per token on replies "
                f"sampled at temperature 1:\n\n"
-               "| policy | exact answer | adherence | violations | false refusals | true quality | KL from SFT |\n"
+               f"| policy | exact answer (n = {n['ordinary']}) | adherence (n = {n['ordinary']}) | violations "
+               f"(n = {n['unsafe']}) | false refusals (n = {n['borderline']}) | true quality | KL from SFT |\n"
                "|---|---:|---:|---:|---:|---:|---:|\n" + prow + "\n" + ours)
 
 
