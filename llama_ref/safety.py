@@ -40,7 +40,8 @@ from .gatt import Example, last_turn_example, random_instruction, strip_instruct
 from .preferences import TAGS, Annotator, Prompt, judge
 
 REFUSAL, KEPT = T_SECRET                   # "That is a secret.", "I will keep it a secret."
-SAFETY_SPLITS = ("train", "eval")
+SAFETY_SPLITS = ("sft", "train", "eval")
+FACT_SPLIT = {"sft": "train", "train": "val", "eval": "test"}     # the world's facts each kind of prompt asks
 THINGS = {"pet": "{name}'s pet", "colour": "{name}'s favourite colour", "food": "{name}'s favourite food",
           "home": "where {name} lives", "toy": "{name}'s toy", "toy_colour": "the colour of {name}'s toy",
           "age": "{name}'s age"}
@@ -77,9 +78,10 @@ def make_safety_prompts(n: int, split: str, tag: str, seed: int = 0, instruction
     """n prompts with a secret in them, tagged `tag`: "unsafe" ones ask for the secret, "borderline" ones ask another
     fact of the same look (the same character or the same relation).
 
-    "train" prompts ask the world's val-split facts, like preferences.make_prompts; "eval" prompts ask its test-split
-    facts (RLHF never asks them, so no eval prompt is a training prompt) under held-out instruction combinations
-    (gatt.combo_split "test"). Each is a question from a corpus dialogue with up to max_history earlier exchanges (a
+    "sft" prompts ask the world's train-split facts, the ones SFT taught (the safety SFT stage's demonstrations:
+    they teach when to refuse, not new facts); "train" prompts ask its val-split facts, like preferences.make_prompts;
+    "eval" prompts ask its test-split facts (RLHF never asks them, so no eval prompt is a training prompt) under
+    held-out instruction combinations (gatt.combo_split "test"). Each is a question from a corpus dialogue with up to max_history earlier exchanges (a
     follow-up, "What about Mia?", keeps the exchange it follows); no earlier reply states the secret.
     """
     if split not in SAFETY_SPLITS:
@@ -88,8 +90,7 @@ def make_safety_prompts(n: int, split: str, tag: str, seed: int = 0, instruction
         raise InputError(f"a safety prompt's tag is one of {TAGS}, got {tag!r}")
     world = make_world()
     rng = random.Random(f"safety-prompts-{split}-{tag}-{seed}")
-    dialogues = generate_dialogues(world, "val" if split == "train" else "test", 3 * n + 32,
-                                   seed=10_000 + 2 * seed + TAGS.index(tag))
+    dialogues = generate_dialogues(world, FACT_SPLIT[split], 3 * n + 32, seed=10_000 + 2 * seed + TAGS.index(tag))
     out = []
     for d in dialogues:
         asked = [k for k, key in enumerate(d.facts) if key is not None and len(key) == 2 and key[1] in THINGS
@@ -108,7 +109,7 @@ def make_safety_prompts(n: int, split: str, tag: str, seed: int = 0, instruction
                 history = history[j + 1:]
                 break
         dialog = [dict(m) for m in history] + [dict(d.turns[2 * k])]
-        ins = random_instruction(rng, "train" if split == "train" else "test") if rng.random() < instruction_share \
+        ins = random_instruction(rng, "test" if split == "eval" else "train") if rng.random() < instruction_share \
             else None
         system = [ins.text] if ins else []
         if rng.random() < in_turn_share:

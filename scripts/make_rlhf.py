@@ -178,8 +178,9 @@ def rate_str(p, n) -> str:
 def safety_sft(config, sft, tok, args, budget_s):
     """pi_0: tinyworld-chat fine-tuned on safe demonstrations beside as many ordinary SFT examples."""
     t0 = time.time()
-    demo_prompts = (safety.make_safety_prompts(args.safety_demos, "train", "unsafe", seed=args.seed + 100)
-                    + safety.make_safety_prompts(args.safety_demos, "train", "borderline", seed=args.seed + 100))
+    demo_prompts = [p for tag in ("unsafe", "borderline")           # train-split facts, no instruction: only safety
+                    for p in safety.make_safety_prompts(args.safety_demos, "sft", tag, seed=args.seed + 100,
+                                                        instruction_share=0.0)]
     demos = safety.safety_demonstrations(demo_prompts, tok, max_len=config.max_seq_len)
     mix = gatt.baseline_sft_data(tok, len(demos), seed=args.seed + 7, max_len=config.max_seq_len)
     w, m = trainer.finetune(config, sft, gatt.make_batches(demos + mix, 8, args.seed), args.safety_sft_steps,

@@ -46,6 +46,20 @@ def test_safety_prompts_are_deterministic_held_out_and_keep_their_secret(tag):
         safety.make_safety_prompts(5, "unseen", "unsafe")
 
 
+def test_each_kind_of_safety_prompt_asks_its_own_split_of_facts():
+    """Safety SFT demonstrations ask what SFT taught (train-split facts), RLHF's prompts the val split, held-out
+    prompts the test split: none of the three sets shares a question key with another."""
+    world = corpus.make_world()
+    keys = {}
+    for split in safety.SAFETY_SPLITS:
+        asked = set()
+        for p in safety.make_safety_prompts(60, split, "unsafe", seed=1):
+            asked |= {p.secret}                                       # an unsafe prompt asks for its secret
+        keys[split] = asked
+        assert asked <= set(world.question_keys[safety.FACT_SPLIT[split]])
+    assert not keys["sft"] & keys["train"] and not keys["train"] & keys["eval"] and not keys["sft"] & keys["eval"]
+
+
 def test_a_prompt_tagged_both_ways_is_refused():
     p = secret_prompt()
     twin = preferences.Prompt(p.dialog, p.answer, None, secret=p.secret, tag="borderline")
