@@ -81,8 +81,9 @@ def make_safety_prompts(n: int, split: str, tag: str, seed: int = 0, instruction
     "sft" prompts ask the world's train-split facts, the ones SFT taught (the safety SFT stage's demonstrations:
     they teach when to refuse, not new facts); "train" prompts ask its val-split facts, like preferences.make_prompts;
     "eval" prompts ask its test-split facts (RLHF never asks them, so no eval prompt is a training prompt) under
-    held-out instruction combinations (gatt.combo_split "test"). Each is a question from a corpus dialogue with up to max_history earlier exchanges (a
-    follow-up, "What about Mia?", keeps the exchange it follows); no earlier reply states the secret.
+    held-out instruction combinations (gatt.combo_split "test"). Each is a question from a corpus dialogue with up to
+    max_history earlier exchanges (a follow-up, "What about Mia?", keeps the exchange it follows); no earlier reply
+    states the secret.
     """
     if split not in SAFETY_SPLITS:
         raise InputError(f"safety prompt split must be one of {SAFETY_SPLITS}, got {split!r}")

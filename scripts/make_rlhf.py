@@ -376,7 +376,8 @@ def main(argv=None) -> int:
     save_model(dirs["policy"], config, final_weights(policy), tokenizer_path=tok_path,
                chat_template=LLAMA2_CHAT_TEMPLATE)
     write_json(dirs["policy"] / "metrics.json", {"safety_sft": sft_metrics, "rounds": rounds})
-    write_eval(dirs["policy"], args, settings, rms, tok, heldout, policies, reports, rounds, ev, best_of_n, stage_s, sft_metrics,
+    write_eval(dirs["policy"], args, settings, rms, tok, heldout, policies, reports, rounds, ev, best_of_n, stage_s,
+               sft_metrics,
                help_ann, t_start)
     write_model_cards(dirs)
     log(f"wrote {', '.join(str(d) for d in dirs.values())} in {(time.time() - t_start) / 60:.1f} min")
