@@ -472,6 +472,13 @@ def write_eval(d, args, settings, rms, tok, heldout, policies, reports, rounds, 
     write_json(d / "rlhf_eval.json", out)
 
 
+# The paper's Table 8: each reward model on its own Meta test set, by degree (the overall is Table 7's average).
+PAPER_TABLE8 = {"helpfulness": {"significantly better": 80.7, "better": 67.5, "slightly better": 60.9,
+                                "negligibly better": 54.7, "overall": 63.2},
+                "safety": {"significantly better": 94.3, "better": 76.3, "slightly better": 65.7,
+                           "negligibly better": 55.3, "overall": 64.5}}
+
+
 def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -493,11 +500,12 @@ def write_model_cards(dirs) -> None:
             f"the combined reward with the 0.15 threshold and whitening, rejection sampling from the best samples of "
             f"every round, PPO with beta 0.01 on top in the last round (sec. 3.2.2-3.2.3, 4.2).\n")
 
-    def degree_rows(acc):
-        return "".join(f"| {d} | {_rate(acc[d]['accuracy'], acc[d]['pairs'])} |\n"
+    def degree_rows(acc, kind):
+        return "".join(f"| {d} | {_rate(acc[d]['accuracy'], acc[d]['pairs'])} | {PAPER_TABLE8[kind][d]:.1f}% |\n"
                        for d in (*preferences.DEGREES, "overall"))
 
-    table = "| annotator's degree | accuracy (n = held-out pairs of that degree) |\n|---|---:|\n"
+    table = ("| annotator's degree | accuracy (n = held-out pairs of that degree) | the paper's, same model on its own "
+             "test set (Table 8) |\n|---|---:|---:|\n")
     for kind, title, key, other in (
             ("helpfulness", "tinyworld-rm: the helpfulness reward model", "rm_accuracy_by_degree",
              "safety_rm_on_helpfulness_pairs"),
@@ -521,7 +529,7 @@ def write_model_cards(dirs) -> None:
                    f"with the paper's small margin"
                    f"{' and the safety loss, weight %g' % m['aux_weight'] if m['aux_weight'] else ''}.\n\n"
                    f"Accuracy on held-out {kind} pairs (held-out prompts, the samples of every round's policy):\n\n"
-                   + table + degree_rows(ev[key])
+                   + table + degree_rows(ev[key], kind)
                    + f"\nThe other reward model on the same pairs: "
                      f"{_rate(ev[other]['overall']['accuracy'], ev[other]['overall']['pairs'])} overall, "
                      f"{_rate(ev[other]['significantly better']['accuracy'], ev[other]['significantly better']['pairs'])}"
