@@ -119,14 +119,18 @@ def child_llamacpp(path, ids):
     t0 = time.perf_counter()
     llm.eval(ids)
     t_prefill = time.perf_counter() - t0
-    last = np.array(llm.scores[llm.n_tokens - 1], np.float32)
+
+    def last_logits():          # without logits_all, llama-cpp-python 0.3 keeps no scores: read the context's own row
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)
+
+    last = last_logits()
     np.save(logits_file(path, "llamacpp"), last)
     generated, steps = [int(np.argmax(last))], []
     for _ in range(DECODE):
         t0 = time.perf_counter()
         llm.eval([generated[-1]])
         steps.append(time.perf_counter() - t0)
-        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        generated.append(int(np.argmax(last_logits())))
     print(json.dumps({"load_s": t_load, "prefill_s": t_prefill, "ttft_s": t_load + t_prefill,
                       "decode_s": float(np.median(steps)), "rss": peak_rss(), "generated": generated}))
 
