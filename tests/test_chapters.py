@@ -35,10 +35,10 @@ RLHF_CARDS = {f"data/models/{m}/README.md" for m in ("tinyworld-chat", "tinyworl
 PENDING_ELSEWHERE: dict[str, set[str]] = {
     "references": {"notebooks/09_rlhf_reward_model.ipynb"},
     "rates": {"notebooks/09_rlhf_reward_model.ipynb", "notebooks/10_rlhf_policy.ipynb",
-              "notebooks/11_ghost_attention.ipynb", "notebooks/14_real_llama2.ipynb"} | RLHF_CARDS,
-    "voice": {"notebooks/10_rlhf_policy.ipynb", "notebooks/13_on_device.ipynb", "notebooks/14_real_llama2.ipynb"},
+              "notebooks/11_ghost_attention.ipynb"} | RLHF_CARDS,
+    "voice": {"notebooks/10_rlhf_policy.ipynb", "notebooks/13_on_device.ipynb"},
     "plants": {"notebooks/09_rlhf_reward_model.ipynb", "notebooks/10_rlhf_policy.ipynb",
-               "notebooks/11_ghost_attention.ipynb", "notebooks/13_on_device.ipynb", "notebooks/14_real_llama2.ipynb"},
+               "notebooks/11_ghost_attention.ipynb", "notebooks/13_on_device.ipynb"},
 }
 
 
