@@ -2,7 +2,8 @@
 decode speed and peak memory, on seeded random-weight checkpoints of the real shapes (nothing is downloaded:
 llama_ref.synthetic writes them, and they are deleted at the end), and the rates that explain the numbers.
 
-    python benchmarks/big_model.py [--dir /tmp/llama_ref-7b] [--readme] [--keep] [--skip-cli] [--skip-peers]
+    python benchmarks/big_model.py [--dir /tmp/llama_ref-7b] [--formats hf-f16,q8_0.gguf,q4_k_m.gguf] [--decode 8]
+                                   [--cli generate,inspect,chat] [--readme] [--keep] [--skip-peers] [--skip-rates]
 
 Run it alone on the machine (`/work/bin/bench` here): transformers in bfloat16 peaks near 23 GiB on a 24 GiB machine,
 and two NumPy processes on 2 cores stall each other. Three files of Llama-2-7B's shapes (6.74 B parameters):
@@ -12,15 +13,17 @@ and two NumPy processes on 2 cores stall each other. Three files of Llama-2-7B's
 Each engine runs in its own fresh process, one at a time, on the same file, with the same thread count, after the file
 was read once into the page cache (both engines start warm; a cold start adds the disk read to both):
     ours          llama_ref.load (the default memory plan: weights as stored, memory-mapped), then the prompt's 32
-                  tokens in one forward (the prefill; load + prefill = time to first token), then DECODE tokens
+                  tokens in one forward (the prefill; load + prefill = time to first token), then --decode tokens
                   generated greedily with the KV cache (s/token: the median step)
     llama.cpp     llama-cpp-python on the GGUFs: the same prompt ids, prefill and greedy decode
     transformers  LlamaForCausalLM in bfloat16 on the HF directory (torch: `make reference-env`)
     cli           `python -m llama_ref generate`, `inspect` and `chat` on the file: exit code, peak RSS, the path taken
 The "why" table measures this machine's parts in isolation: memory bandwidth, the in-cache float32 gemv, the float16
 expansion, and each stored kind's matmul (a 11008 x 4096 matrix, 1 token and 32 tokens, 1 and 2 threads).
-With --readme the tables go into README.md and the results into benchmarks/big_model.json, which chapter 14 prints.
-Needs ~25 GB of disk and ~30-40 minutes on 2 cores. Not part of `make test`.
+Every run writes its results to benchmarks/big_model.json (chapter 14 prints the ratios from it), with the machine
+line: CPU model, SIMD level, numpy, the BLAS library with its version and kernel family (threadpoolctl), threads.
+With --readme the tables also go into README.md. Files already in --dir are reused (delete them to write new ones).
+Needs ~25 GB of disk and ~20-30 minutes on 2 cores. Not part of `make test`.
 """
 import argparse
 import json
@@ -37,7 +40,8 @@ from _bench import machine_line, pin_threads, write_readme_block  # noqa: E402
 
 THREADS = 2
 PROMPT = "[INST] Write a short story about a lighthouse keeper who finds a message in a bottle on the beach. [/INST]"
-PROMPT_LEN, DECODE = 32, 8
+PROMPT_LEN = 32
+DECODE = int(os.environ.get("BIG_MODEL_DECODE", "8"))      # tokens decoded per engine (--decode; children read it here)
 GIB = 2 ** 30
 RESULTS = Path(__file__).resolve().parent / "big_model.json"
 SHAPE = (11008, 4096)                                       # the MLP matrices: two thirds of a 7B's weights
@@ -115,14 +119,18 @@ def child_llamacpp(path, ids):
     t0 = time.perf_counter()
     llm.eval(ids)
     t_prefill = time.perf_counter() - t0
-    last = np.array(llm.scores[llm.n_tokens - 1], np.float32)
+
+    def last_logits():          # without logits_all, llama-cpp-python 0.3 keeps no scores: read the context's own row
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)
+
+    last = last_logits()
     np.save(logits_file(path, "llamacpp"), last)
     generated, steps = [int(np.argmax(last))], []
     for _ in range(DECODE):
         t0 = time.perf_counter()
         llm.eval([generated[-1]])
         steps.append(time.perf_counter() - t0)
-        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        generated.append(int(np.argmax(last_logits())))
     print(json.dumps({"load_s": t_load, "prefill_s": t_prefill, "ttft_s": t_load + t_prefill,
                       "decode_s": float(np.median(steps)), "rss": peak_rss(), "generated": generated}))
 
@@ -293,20 +301,38 @@ def tables(results) -> str:
 
 
 def main():
+    global DECODE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/llama_ref-7b", help="where to write the 7B-shaped files (~25 GB)")
-    ap.add_argument("--formats", default="hf-f16,q8_0.gguf,q4_k_m.gguf")
+    ap.add_argument("--dir", default="/tmp/llama_ref-7b",
+                    help="where the 7B-shaped files are written, or reused if present (~25 GB; default: %(default)s)")
+    ap.add_argument("--formats", default="hf-f16,q8_0.gguf,q4_k_m.gguf",
+                    help="which files, comma-separated: hf-f16 (peer: transformers bf16), q8_0.gguf, q4_k_m.gguf "
+                    "(peer: llama.cpp), also q4_0.gguf, f16.gguf (default: %(default)s)")
     ap.add_argument("--preset", default="llama2-7b", help="shapes from llama_ref.config.PRESETS (default: %(default)s)")
-    ap.add_argument("--readme", action="store_true", help="write the tables into README.md and benchmarks/big_model.json")
-    ap.add_argument("--keep", action="store_true", help="keep the files (they are deleted by default)")
-    ap.add_argument("--skip-cli", action="store_true")
-    ap.add_argument("--skip-peers", action="store_true")
-    ap.add_argument("--skip-rates", action="store_true")
+    ap.add_argument("--decode", type=int, default=DECODE, metavar="N",
+                    help="tokens each engine decodes after the prefill; s/token is their median (default: %(default)s)")
+    ap.add_argument("--out", default=str(RESULTS), help="the results file (default: benchmarks/big_model.json)")
+    ap.add_argument("--readme", action="store_true", help="also write the tables into README.md")
+    ap.add_argument("--keep", action="store_true", help="keep the files (they are deleted at the end by default)")
+    ap.add_argument("--cli", default="generate", metavar="COMMANDS",
+                    help="`python -m llama_ref` commands run once on every file for their exit code and peak RSS, "
+                    "comma-separated from generate,inspect,chat ('' for none; default: %(default)s)")
+    ap.add_argument("--skip-cli", action="store_true", help="same as --cli ''")
+    ap.add_argument("--skip-peers", action="store_true", help="run ours only (no llama.cpp, no transformers)")
+    ap.add_argument("--skip-rates", action="store_true", help="skip the table of this machine's parts measured alone")
     ap.add_argument("--other-kernels", default="Sandybridge", metavar="CORETYPES",
                     help="also run ours with these OpenBLAS kernel families (OPENBLAS_CORETYPE), comma-separated; "
                     "Sandybridge stands in for SkylakeX on CPUs without AVX-512 (default: %(default)s; '' for none)")
     args = ap.parse_args()
+    if args.decode < 1:
+        ap.error("--decode must be at least 1")
+    DECODE = args.decode
+    os.environ["BIG_MODEL_DECODE"] = str(DECODE)                         # the children read it at import
+    commands = [] if args.skip_cli else [c for c in args.cli.split(",") if c]
+    if set(commands) - {"generate", "inspect", "chat"}:
+        ap.error(f"--cli {args.cli!r}: choose from generate, inspect, chat")
     pin_threads(THREADS)
+    started = time.perf_counter()
     import numpy as np
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -336,8 +362,8 @@ def main():
             warm(path)
             f["engines"][f"llama_ref, {coretype} kernels"] = run_child("ours", path, ids, coretype=coretype)
             print(f"  llama_ref, {coretype} kernels", f["engines"][f"llama_ref, {coretype} kernels"], flush=True)
-        if not args.skip_cli:
-            for command in ("generate", "inspect", "chat"):
+        if commands:
+            for command in commands:
                 r = run_child("cli", path, command)
                 results["notes"].append(
                     f"`{command}` on {name}: exit {r.get('code', '?')}, peak RSS {r.get('rss', 0) / GIB:.2f} GiB "
@@ -365,15 +391,30 @@ def main():
                 theirs.unlink()
                 mine.unlink()
         results["files"].append(f)
-    results["machine"] = machine_line(THREADS)
+    results["machine"] = f"{machine_line(THREADS)}; numpy {np.__version__}"
+    results["machine_parts"] = machine_parts()
+    results["minutes"] = round((time.perf_counter() - started) / 60, 1)
     text = tables(results)
     print("\n" + text)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
     if args.readme:
         write_readme_block("BENCH-BIG", text, anchor="<!-- /BENCH-QUANT -->")
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {RESULTS}")
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def machine_parts() -> dict:
+    """The machine line's parts, one key each, for readers of big_model.json (chapter 14)."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+    from _bench import cpu_model, simd_level
+    blas = [d for d in threadpool_info() if d["user_api"] == "blas"]
+    return {"cpu": cpu_model(), "simd": simd_level(), "cores": os.cpu_count(), "threads": THREADS,
+            "numpy": np.__version__, "blas": blas[0]["internal_api"] if blas else None,
+            "blas_version": blas[0].get("version") if blas else None,
+            "kernels": blas[0].get("architecture") if blas else None,
+            "other_kernels": "rows named '<family> kernels' ran with OPENBLAS_CORETYPE=<family>"}
 
 
 def _common_prefix(a, b) -> int:
