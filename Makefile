@@ -4,13 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv lab test test-fast test-any-cpu fuzz reference reference-env model chat rlhf gatt bench corpus tokenizer clean-venv
+.PHONY: help venv lab test test-fast test-any-cpu fuzz interop interop-env reference reference-env model chat rlhf gatt bench corpus tokenizer clean-venv
 
 help:
 	@echo "make lab        create .venv if missing, install, open JupyterLab on notebooks/00_overview.ipynb"
 	@echo "make test       the same set-up, then every test including pytest --nbval over all notebooks"
 	@echo "make test-any-cpu  the notebooks under OpenBLAS Haswell/SkylakeX kernels at 1 and 2 threads (other CPUs' rounding)"
 	@echo "make fuzz       the fuzz suite with 2000 examples per property (make test runs 60)"
+	@echo "make interop    (optional) install transformers 4 and 5, Optimum, llama-cpp-python, ONNX Runtime GenAI and"
+	@echo "                onnxruntime-qnn in .venv-interop*, then read our files in each of them (tests/test_interop.py)"
 	@echo "make reference  regenerate reference fixtures with transformers (installs torch==2.13.0 + transformers)"
 	@echo "make model      train the embedded model data/models/tinyworld from scratch (79 min on 2 cores)"
 	@echo "make chat       the SFT chat model data/models/tinyworld-chat (about 7 min on 2 cores)"
@@ -56,6 +58,39 @@ FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
 	LLAMA_REF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -s
 
+# The clients people run our files with, in environments of their own (tests/test_interop.py runs in the first):
+#   .venv-interop      torch 2.13.0 (installed first: a CPU wheel), transformers 4.57 + Optimum (which pins
+#                      transformers < 4.58), ONNX Runtime GenAI, onnxruntime-qnn (a plugin of onnxruntime, imported as
+#                      onnxruntime_qnn, so it shares this environment; its Linux x86_64 wheel carries the HTP simulator)
+#                      and llama-cpp-python, built without AMX/AVX-512 (a native build crashes on AMX Intel CPUs)
+#   .venv-interop-tf5  transformers 5 alone (the tests run it as a subprocess)
+# LLAMA_CPP_WHEEL=path/to/llama_cpp_python-0.3.36-*.whl installs a wheel built with the same flags instead of building.
+INTEROP     := .venv-interop
+INTEROP_TF5 := .venv-interop-tf5
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+                        -DGGML_AMX_INT8=OFF -DGGML_AVX512=OFF
+LLAMA_CPP_WHEEL ?=
+
+$(INTEROP)/.installed: pyproject.toml
+	@test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip install --quiet --upgrade pip
+	$(INTEROP)/bin/python -m pip install --quiet torch==2.13.0
+	$(INTEROP)/bin/python -m pip install --quiet -e '.[onnx]' pytest==9.2.0 hypothesis==6.170.27
+	$(INTEROP)/bin/python -m pip install --quiet optimum-onnx==0.1.0 optimum==2.1.0 transformers==4.57.6 \
+	    onnxruntime-qnn==2.7.0 onnxruntime==1.32.0
+	$(if $(LLAMA_CPP_WHEEL),$(INTEROP)/bin/python -m pip install --quiet $(LLAMA_CPP_WHEEL),\
+	    CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(INTEROP)/bin/python -m pip install --quiet --no-cache-dir \
+	    llama-cpp-python==0.3.36)
+	@test -x $(INTEROP_TF5)/bin/python || $(PYTHON) -m venv $(INTEROP_TF5)
+	$(INTEROP_TF5)/bin/python -m pip install --quiet --upgrade pip
+	$(INTEROP_TF5)/bin/python -m pip install --quiet transformers==5.23.0 jinja2==3.1.6 sentencepiece==0.2.3
+	@touch $@
+
+interop-env: $(INTEROP)/.installed
+
+interop: $(INTEROP)/.installed
+	$(INTEROP)/bin/python -m pytest tests/test_interop.py -ra
+
 # torch must be installed first and exactly as 2.13.0 (a local CPU wheel); anything else pulls CUDA.
 reference-env: $(STAMP)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
@@ -97,4 +132,4 @@ bench: reference-env
 	$(BIN)/python benchmarks/onnx_runtime.py --readme
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(INTEROP) $(INTEROP_TF5)

@@ -13,9 +13,10 @@ at 2-D convolutions on NCHW tensors. So the same maths is rewritten, step by ste
                                logits and the new keys/values) and a *token generator* (1 token, a fixed-size KV
                                cache in, only the new key/value out). RoPE's cos/sin are inputs, not computed inside.
   5. the bandwidth bound       decoding one token reads every weight once: tokens/s <= bandwidth / bytes per token.
-  6. static A16 activations    (optional, act_scales) every Conv's input rounded to int16 with one scale per tensor,
-                               fixed ahead of time by `calibrate`: the numbers the exported QDQ graphs compute
-                               (ondevice_onnx.py writes them as ONNX files).
+  6. static A16 activations    (optional, act_scales) the inputs and outputs of every Conv and MatMul rounded to
+                               int16, one scale per tensor fixed ahead of time by `calibrate` (A16_SITES): the
+                               tensors the exported QDQ graphs quantize (ondevice_onnx.py writes them as ONNX files;
+                               Qualcomm's HTP runs them). Norms, RoPE, softmax and the residual stay float.
 
 Conventions (batch 1, as on the device):
   activations  NCHW (1, C, 1, T)                   (executorch's Qualcomm static Llama uses the same layout)
@@ -28,18 +29,17 @@ Conventions (batch 1, as on the device):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .config import LlamaConfig
 from .errors import InputError
 from .model import Llama, apply_rope_hf, rope_tables, silu, softmax
-from .trace import Trace
 from .weights import MODEL_TENSORS, layer_names
 
 F32 = np.float32
-MASK_NEG = F32(-1e9)
+MASK_NEG = F32(-30000.0)   # a large negative that float16 still holds (its max is 65504): the HTP computes in fp16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,6 +79,26 @@ def fake_quant16(x, scale):
     return (np.clip(np.rint(x / F32(scale)), -32768, 32767) * F32(scale)).astype(F32)
 
 
+class StaticA16:
+    """The activation rounding of a device graph: `a16(x, name)` puts tensor `name` on int16 steps of its fixed scale
+    (fake_quant16; a name without a scale stays float). With scales=None nothing is rounded and the largest |value|
+    of every named tensor is recorded instead (`amax`): the calibration pass.
+
+    float16=True also rounds each tensor to float16 before its int16 step: the value an NPU that computes its float
+    ops in float16 (Qualcomm's HTP) hands to each quantized unit. The logits' bound for the HTP is derived from it."""
+
+    def __init__(self, scales=None, float16=False):
+        self.scales, self.amax, self.float16 = scales, {}, float16
+
+    def __call__(self, x, name):
+        if self.scales is None:
+            self.amax[name] = max(self.amax.get(name, 0.0), float(np.abs(x).max()))
+            return x
+        if self.float16:
+            x = x.astype(np.float16).astype(F32)
+        return fake_quant16(x, self.scales.get(name))
+
+
 def rms_norm_nchw(x, weight, eps):
     """RMSNorm over the channel axis of (B, C, 1, T)."""
     ms = np.mean(np.square(x), axis=1, keepdims=True)
@@ -100,7 +120,7 @@ class ConvLayer:
     w_gate: np.ndarray             # (H, C, 1, 1)
     w_up: np.ndarray               # (H, C, 1, 1)
     w_down: np.ndarray             # (C, H, 1, 1)
-    act: dict = field(default_factory=dict)   # static int16 scales of the Convs' inputs by tap name (none: float)
+    name: str = ""                 # "layers.{i}": the prefix of its activations' names (A16_SITES)
 
 
 def _float(w):
@@ -128,50 +148,76 @@ def conv_layers(model: Llama) -> list[ConvLayer]:
             w_gate=linear_to_conv(_float(W[n["w_gate"]])),
             w_up=linear_to_conv(_float(W[n["w_up"]])),
             w_down=linear_to_conv(_float(W[n["w_down"]])),
+            name=f"layers.{i}",
         ))
     return layers
 
 
-def single_head_attention(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask, past_k=None, past_v=None):
+FLOAT = StaticA16({})       # no tensor rounded: the float rewrites of sections 1-4
+
+
+def single_head_attention(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask, past_k=None, past_v=None,
+                          a16: StaticA16 = FLOAT):
     """Attention as nh independent single-head attentions. x (1, C, 1, T) normalized input.
 
     past_k (nkv, hs, S0) / past_v (nkv, S0, hs) or None. Returns (out (1, C, 1, T), new_k (nkv, hs, T),
-    new_v (nkv, T, hs)); mask (T, S0 + T) additive.
+    new_v (nkv, T, hs)); mask (T, S0 + T) additive. a16 rounds every Conv's and MatMul's inputs and outputs.
     """
-    hs, rep = cfg.head_dim, cfg.n_rep
-    x = fake_quant16(x, layer.act.get("attn_norm"))                   # the q/k/v convs' input
-    new_k, new_v = [], []
+    hs, rep, n = cfg.head_dim, cfg.n_rep, layer.name
+    x = a16(x, f"{n}.attn_norm")                                        # the q/k/v convs' input
+    new_k, new_v, keys, vals = [], [], [], []
     for j in range(cfg.n_kv_heads):
-        k = conv1x1(x, layer.wk[j])[0, :, 0, :].T                      # (T, hs)
+        k = a16(conv1x1(x, layer.wk[j]), f"{n}.attn.k")[0, :, 0, :].T   # (T, hs)
         new_k.append(apply_rope_hf(k, cos, sin).T)                      # (hs, T): stored transposed
-        new_v.append(conv1x1(x, layer.wv[j])[0, :, 0, :].T)             # (T, hs)
+        new_v.append(a16(conv1x1(x, layer.wv[j]), f"{n}.attn.v")[0, :, 0, :].T)                   # (T, hs)
+        keys.append(a16(new_k[j] if past_k is None else np.concatenate([past_k[j], new_k[j]], axis=1),
+                        f"{n}.attn.k_rope"))                                                       # (hs, S)
+        vals.append(a16(new_v[j] if past_v is None else np.concatenate([past_v[j], new_v[j]], axis=0),
+                        f"{n}.attn.v"))                                                            # (S, hs)
     heads = []
     for h in range(cfg.n_heads):
         j = h // rep                                                    # the key/value head this query head reads
-        keys = new_k[j] if past_k is None else np.concatenate([past_k[j], new_k[j]], axis=1)    # (hs, S)
-        vals = new_v[j] if past_v is None else np.concatenate([past_v[j], new_v[j]], axis=0)    # (S, hs)
-        q = apply_rope_hf(conv1x1(x, layer.wq[h])[0, :, 0, :].T, cos, sin)                       # (T, hs)
-        scores = (q * F32(1.0 / np.sqrt(hs))) @ keys + mask                                       # (T, S)
-        heads.append(softmax(scores) @ vals)                                                      # (T, hs)
-    y = fake_quant16(np.concatenate(heads, axis=1), layer.act.get("attn.heads"))   # (T, nh*hs)
-    out = conv1x1(y.T[None, :, None, :], layer.wo)                     # (1, C, 1, T)
+        q = apply_rope_hf(a16(conv1x1(x, layer.wq[h]), f"{n}.attn.q")[0, :, 0, :].T, cos, sin)   # (T, hs)
+        q = a16(q * F32(1.0 / np.sqrt(hs)), f"{n}.attn.q_rope")
+        scores = a16(q @ keys[j], f"{n}.attn.scores") + mask                                      # (T, S)
+        heads.append(a16(a16(softmax(scores), f"{n}.attn.probs") @ vals[j], f"{n}.attn.heads"))  # (T, hs)
+    y = np.concatenate(heads, axis=1)                                   # (T, nh*hs): the o conv's input
+    out = a16(conv1x1(y.T[None, :, None, :], layer.wo), f"{n}.attn.out")   # (1, C, 1, T)
     return out, np.stack(new_k), np.stack(new_v)
 
 
-def conv_block(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask, past_k=None, past_v=None):
+def conv_block(x, layer: ConvLayer, cfg: LlamaConfig, cos, sin, mask, past_k=None, past_v=None,
+               a16: StaticA16 = FLOAT):
     """One transformer block on (1, C, 1, T), convs only. Returns (x, new_k, new_v)."""
+    n = layer.name
     attn, k, v = single_head_attention(rms_norm_nchw(x, layer.attn_norm, cfg.norm_eps), layer, cfg,
-                                       cos, sin, mask, past_k, past_v)
+                                       cos, sin, mask, past_k, past_v, a16)
     h = x + attn
-    hn = fake_quant16(rms_norm_nchw(h, layer.ffn_norm, cfg.norm_eps), layer.act.get("ffn_norm"))
-    hidden = silu(conv1x1(hn, layer.w_gate)) * conv1x1(hn, layer.w_up)   # (1, H, 1, T)
-    return h + conv1x1(fake_quant16(hidden, layer.act.get("ffn.hidden")), layer.w_down), k, v
+    hn = a16(rms_norm_nchw(h, layer.ffn_norm, cfg.norm_eps), f"{n}.ffn_norm")
+    gate = a16(conv1x1(hn, layer.w_gate), f"{n}.ffn.gate")
+    up = a16(conv1x1(hn, layer.w_up), f"{n}.ffn.up")
+    hidden = a16(silu(gate) * up, f"{n}.ffn.hidden")                   # (1, H, 1, T)
+    return h + a16(conv1x1(hidden, layer.w_down), f"{n}.ffn.out"), k, v
 
 
 # ------------------------------------------------------------------------------------------------
 # 6. Static A16: one int16 scale per activation tensor, fixed ahead of time
 
-ACT_TAPS = ("attn_norm", "attn.heads", "ffn_norm", "ffn.hidden", "norm.out")   # every Conv's input, by tap name
+# The tensors a W4A16 graph holds as int16: the inputs and outputs of every Conv and MatMul, as Qualcomm's recipe
+# quantizes them. Per layer (named "layers.{i}.<site>"), then the classifier's two:
+A16_SITES = {
+    "attn_norm": "input of the q, k and v convs",
+    "attn.q": "q conv output", "attn.k": "k conv output", "attn.v": "v conv output (the values: P.V's right input)",
+    "attn.q_rope": "q after RoPE and 1/sqrt(hs): the score MatMul's left input",
+    "attn.k_rope": "the keys after RoPE, past and new: its right input",
+    "attn.scores": "the score MatMul's output (before the mask)",
+    "attn.probs": "softmax output: P.V's left input",
+    "attn.heads": "P.V's output, one head each (together the o conv's input)",
+    "attn.out": "o conv output",
+    "ffn_norm": "input of the gate and up convs", "ffn.gate": "gate conv output", "ffn.up": "up conv output",
+    "ffn.hidden": "silu(gate) * up: the down conv's input", "ffn.out": "down conv output",
+}
+A16_MODEL_SITES = {"norm.out": "the classifier conv's input", "logits": "its output"}
 ACT_MARGIN = 2.0          # the fixed range is 2x the calibration maximum: one of int16's 15 bits spent as headroom
 CALIBRATION_TEXTS = (     # the world's kinds of text: a story, facts, a chat turn
     "Once upon a time, there was a happy girl named Lucy. Lucy lived near the river. Lucy liked to eat honey. "
@@ -182,17 +228,23 @@ CALIBRATION_TEXTS = (     # the world's kinds of text: a story, facts, a chat tu
 )
 
 
+def a16_names(config: LlamaConfig) -> list[str]:
+    """Every tensor name a calibration gives a scale, in forward order."""
+    return [f"layers.{i}.{s}" for i in range(config.n_layers) for s in A16_SITES] + list(A16_MODEL_SITES)
+
+
 def calibrate(model: Llama, prompts) -> dict:
-    """{tap name: int16 scale} for every Conv input: ACT_MARGIN x the largest |value| seen over float forwards of the
-    (weight-quantized) model on the calibration prompts (lists of ids), / 32767. Values beyond the range saturate."""
-    trace_names = [f"*.{t}" for t in ACT_TAPS[:4]] + ["norm.out"]
-    amax = {}
+    """{tensor name: int16 scale} for every A16 site: ACT_MARGIN x the largest |value| seen while the float on-device
+    rewrite of the (weight-quantized) model runs the calibration prompts (lists of ids), / 32767. Values beyond the
+    range saturate."""
+    record = StaticA16(None)
+    n = max(len(p) for p in prompts)
+    od = OnDeviceLlama(model, n_parts=1, prompt_len=n, context=n, act_scales=record)
     for ids in prompts:
-        trace = Trace(*trace_names)
-        model.forward(np.asarray([ids]), trace=trace)
-        for k, v in trace.items():
-            amax[k] = max(amax.get(k, 0.0), float(np.abs(v).max()))
-    return {k: (ACT_MARGIN * a / 32767) or 1.0 for k, a in amax.items()}
+        T = len(ids)
+        mask = np.where(np.tri(T, dtype=bool), F32(0), MASK_NEG).astype(F32)
+        od.run_parts(np.asarray(ids), od.cos[:T], od.sin[:T], mask)
+    return {k: (ACT_MARGIN * record.amax[k] / 32767) or 1.0 for k in a16_names(model.config)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,17 +262,16 @@ class OnDeviceLlama:
     """A Llama rewritten for a static-graph runtime: conv kernels, single-head attention, n_parts parts.
 
     prompt_len P: the prompt processor's fixed length (Qualcomm: 1024); context: the KV-cache capacity of the token
-    generator including the new token (past slots = context - 1). act_scales ({tap name: scale}, from `calibrate`):
-    static A16 activations at every Conv's input; None keeps them float.
+    generator including the new token (past slots = context - 1). act_scales ({tensor name: scale}, from
+    `calibrate`): static A16 at every Conv's and MatMul's inputs and outputs; None keeps them float (a StaticA16
+    records them instead: calibrate's pass).
     """
 
     def __init__(self, model: Llama, n_parts=4, prompt_len=None, context=None, act_scales=None):
         cfg = model.config
         self.set_host(cfg, n_parts, prompt_len, context)
         self.layers = conv_layers(model)
-        self.act_scales = act_scales or {}
-        for i, layer in enumerate(self.layers):
-            layer.act = {k: v for k in ACT_TAPS[:4] if (v := self.act_scales.get(f"layers.{i}.{k}")) is not None}
+        self.a16 = act_scales if isinstance(act_scales, StaticA16) else StaticA16(act_scales or {})
         embed, norm, head = (MODEL_TENSORS[k][0] for k in ("embed", "norm", "lm_head"))   # HF names
         self.embed = _float(model.weights[embed])                                  # (V, C)
         self.norm = np.asarray(model.weights[norm], F32)
@@ -247,12 +298,12 @@ class OnDeviceLlama:
         for n, i in enumerate(self.parts[p]):
             pk = None if past_k is None else past_k[n]
             pv = None if past_v is None else past_v[n]
-            h, k, v = conv_block(h, self.layers[i], cfg, cos, sin, mask, pk, pv)
+            h, k, v = conv_block(h, self.layers[i], cfg, cos, sin, mask, pk, pv, self.a16)
             ks.append(k)
             vs.append(v)
         if p == len(self.parts) - 1:
-            h = fake_quant16(rms_norm_nchw(h, self.norm, cfg.norm_eps), self.act_scales.get("norm.out"))
-            h = conv1x1(h, self.lm_head)[0, :, 0, :].T                          # (T, V) logits
+            h = self.a16(rms_norm_nchw(h, self.norm, cfg.norm_eps), "norm.out")
+            h = self.a16(conv1x1(h, self.lm_head), "logits")[0, :, 0, :].T      # (T, V) logits
         return h, ks, vs
 
     def run_parts(self, tokens, cos, sin, mask, past_k=None, past_v=None):

@@ -14,17 +14,23 @@ Part 0 takes input_ids and holds the embedding; the last part holds the final no
 logits (T, V); the others take and give the hidden state as an image (1, C, 1, T). cos/sin (T, hs/2) and the additive
 mask are inputs: the host computes them (OnDeviceLlama.prompt_inputs / generator_inputs), as on the phone.
 
-W4A16 as QuantizeLinear/DequantizeLinear pairs (the QDQ form a QNN toolchain compiles):
+W4A16 as QuantizeLinear/DequantizeLinear pairs, in the form Qualcomm's HTP runs: every Conv and MatMul inside one
+complete QDQ unit (each input through a DequantizeLinear, the output through a QuantizeLinear), so it runs in integers;
+a weight DequantizeLinear feeding a float operator is refused by the HTP.
     block weights   int4 codes, one fp16-rounded scale per 32 inputs (blocked DequantizeLinear): quant.quantize_w4's
                     numbers, so the float weights equal our w4a16-g32 scheme's exactly
-    W8A16 exceptions the embedding and the classifier, int8 per output channel (our scheme's policy for them)
-    activations     int16, one static scale per tensor, at the input of every Conv (ondevice.calibrate: 2x the largest
-                    |value| seen on calibration prompts / 32767). Norms, RoPE and softmax stay float.
+    W8A16 exceptions the embedding and the classifier, int8 per output channel (our scheme's policy for them); the
+                    embedding is gathered as integer codes and scaled after the lookup (`embedding`)
+    activations     int16, one static scale per tensor, on the inputs and outputs of every Conv and MatMul
+                    (ondevice.A16_SITES; ondevice.calibrate: 2x the largest |value| seen on calibration prompts / 32767).
+                    Norms, RoPE, softmax, SiLU and the residual adds stay float (float16 on the HTP).
 OnDeviceLlama(quantized_for_device(model), act_scales=...) is the NumPy twin of these graphs: same weights, same
-static activation steps, so the logits agree to float rounding.
+static activation steps, so the logits agree to float rounding (float16 rounding on the HTP).
 
-`OnnxOnDeviceLlama(dir)` is the host loop: OnDeviceLlama.generate's own code with the two graphs replaced by the 2 x
-n_parts ONNX sessions chained part by part. Needs the `[onnx]` extra.
+`OnnxOnDeviceLlama(dir, provider="cpu" | "qnn-htp")` is the host loop: OnDeviceLlama.generate's own code with the two
+graphs replaced by the 2 x n_parts ONNX sessions chained part by part, on ONNX Runtime's CPU kernels or on the HTP
+(onnx_export.session; `htp_placement` reads what the QNN EP reports it placed). Needs the `[onnx]` extra (and
+onnxruntime-qnn for the HTP).
 """
 from __future__ import annotations
 
@@ -48,7 +54,8 @@ OPSET = 21                       # int4 tensors and blocked DequantizeLinear
 SCHEME = "w4a16-g32"
 # The op types these graphs may use, every one in ONNX Runtime's list of operators its QNN execution provider runs
 # on Qualcomm's HTP (NPU) backend: https://onnxruntime.ai/docs/execution-providers/QNN-ExecutionProvider.html
-# ("Supported ONNX operators"). tests/test_onnx.py checks every graph against it.
+# ("Supported ONNX operators"). tests/test_onnx.py checks every graph against it; tests/test_interop.py runs them on
+# the HTP itself.
 HTP_OPS = frozenset({"Add", "Concat", "Conv", "DequantizeLinear", "Div", "Gather", "MatMul", "Mul", "QuantizeLinear",
                      "ReduceMean", "Reshape", "Sigmoid", "Softmax", "Split", "Sqrt", "Sub", "Transpose", "Unsqueeze"})
 
@@ -71,11 +78,24 @@ def w4_kernel(g, name, w: W4Matrix, rows=slice(None)):
     return g.op("DequantizeLinear", q, s, axis=1, block_size=w.group)
 
 
-def int8_rows(g, name, w: Int8Matrix, kernel=False):
-    """An int8 per-row matrix (V, C), dequantized per output channel; as a (V, C, 1, 1) kernel if asked."""
-    q = w.q[:, :, None, None] if kernel else w.q
+def int8_kernel(g, name, w: Int8Matrix):
+    """An int8 per-row matrix (V, C) as a (V, C, 1, 1) conv kernel, dequantized per output channel."""
     s = g.weight(name + ".scale", np.ascontiguousarray(w.scale.reshape(-1), F32))
-    return g.op("DequantizeLinear", g.weight(name + ".q", q), s, axis=0)
+    return g.op("DequantizeLinear", g.weight(name + ".q", w.q[:, :, None, None]), s, axis=0)
+
+
+def embedding(g, name, w: Int8Matrix, ids):
+    """Rows `ids` of an int8 per-row table (V, C), dequantized after the lookup: (T,) -> (T, C).
+
+    The HTP's Gather takes a table with one scale for the whole tensor (a per-row scale cannot follow the rows it
+    picks), so the int8 codes are gathered as integers (a QDQ unit with scale 1) and multiplied by their rows' scales,
+    gathered beside them: the same numbers as dequantizing first."""
+    one, z8, z16 = g.const(1.0, F32), g.const(0, np.int8), g.const(0, np.int16)
+    codes = g.op("DequantizeLinear", g.weight(name + ".q", w.q), one, z8)
+    picked = g.op("Gather", codes, ids, axis=0)                                   # (T, C) integers
+    picked = g.op("DequantizeLinear", g.op("QuantizeLinear", picked, one, z16), one, z16)
+    scales = g.op("Gather", g.weight(name + ".scale", np.ascontiguousarray(w.scale, F32)), ids, axis=0)   # (T, 1)
+    return g.op("Mul", picked, scales)
 
 
 def rms_norm_nchw(g, x, weight, eps):
@@ -85,27 +105,33 @@ def rms_norm_nchw(g, x, weight, eps):
                 g.weight(g.fresh("norm"), np.asarray(weight, F32)[None, :, None, None]))
 
 
-def conv1x1(g, x, kernel, act_scale):
-    """A Linear as a 1x1 Conv, its input activation through int16: (1, Cin, 1, T) -> (1, Cout, 1, T)."""
-    return g.op("Conv", qdq16(g, x, act_scale), kernel)
+def conv1x1(g, x, kernel, a16, name_in, name_out):
+    """A Linear as a 1x1 Conv inside one complete QDQ unit: int16 input (scale of `name_in`), dequantized weights,
+    int16 output (`name_out`): (1, Cin, 1, T) -> (1, Cout, 1, T)."""
+    return a16(g.op("Conv", a16(x, name_in), kernel), name_out)
 
 
-def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
+def matmul(g, a, b, a16, name_a, name_b, name_out):
+    """An activation x activation MatMul inside one QDQ unit: both inputs and the output int16."""
+    return a16(g.op("MatMul", a16(a, name_a), a16(b, name_b)), name_out)
+
+
+def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, a16, past=None):
     """nh single-head attentions on x (1, C, 1, T). Returns (out (1, C, 1, T), new keys (nkv, hs, T), values
     (nkv, T, hs)); past = (past keys name (nkv, hs, S0), past values name (nkv, S0, hs)) for the token generator."""
-    names, hs, rep = layer_names(i), cfg.head_dim, cfg.n_rep
-    a = scales[f"layers.{i}.attn_norm"]
+    names, hs, rep, n = layer_names(i), cfg.head_dim, cfg.n_rep, f"layers.{i}"
 
     def rows(t):                                        # (1, hs, 1, T) -> (T, hs)
         return g.op("Transpose", g.op("Reshape", t, g.const([hs, T])), perm=[1, 0])
 
+    def head_conv(short, h, out_name):                  # head h's rows of a q/k/v weight as its own conv
+        kernel = w4_kernel(g, f"{names[short]}.head{h}", W[short], slice(h * hs, (h + 1) * hs))
+        return rows(conv1x1(g, x, kernel, a16, f"{n}.attn_norm", out_name))
+
     new_k, new_v, keys, vals = [], [], [], []
     for j in range(cfg.n_kv_heads):
-        sl = slice(j * hs, (j + 1) * hs)
-        k = rope(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wk']}.head{j}", W["wk"], sl), a)),
-                      "cos", "sin", hs)
-        new_k.append(g.op("Transpose", k, perm=[1, 0]))                                           # (hs, T)
-        new_v.append(rows(conv1x1(g, x, w4_kernel(g, f"{names['wv']}.head{j}", W["wv"], sl), a)))  # (T, hs)
+        new_k.append(g.op("Transpose", rope(g, head_conv("wk", j, f"{n}.attn.k"), "cos", "sin", hs), perm=[1, 0]))
+        new_v.append(head_conv("wv", j, f"{n}.attn.v"))                                         # (hs, T), (T, hs)
         if past is None:
             keys.append(new_k[j])
             vals.append(new_v[j])
@@ -115,32 +141,31 @@ def single_head_attention(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
     heads = []
     for h in range(cfg.n_heads):
         j = h // rep
-        sl = slice(h * hs, (h + 1) * hs)
-        q = rope(g, rows(conv1x1(g, x, w4_kernel(g, f"{names['wq']}.head{h}", W["wq"], sl), a)),
-                      "cos", "sin", hs)
-        scores = g.op("Add", g.op("MatMul", g.op("Mul", q, g.const(1.0 / np.sqrt(hs), F32)), keys[j]), "mask")
-        heads.append(g.op("MatMul", g.op("Softmax", scores, axis=-1), vals[j]))                 # (T, hs)
+        q = g.op("Mul", rope(g, head_conv("wq", h, f"{n}.attn.q"), "cos", "sin", hs), g.const(1.0 / np.sqrt(hs), F32))
+        scores = g.op("Add", matmul(g, q, keys[j], a16, f"{n}.attn.q_rope", f"{n}.attn.k_rope", f"{n}.attn.scores"),
+                      "mask")
+        heads.append(matmul(g, g.op("Softmax", scores, axis=-1), vals[j], a16, f"{n}.attn.probs", f"{n}.attn.v",
+                            f"{n}.attn.heads"))                                                    # (T, hs)
     y = g.op("Reshape", g.op("Transpose", g.op("Concat", *heads, axis=1), perm=[1, 0]),
              g.const([1, cfg.n_heads * hs, 1, T]))                                              # (1, nh*hs, 1, T)
-    out = conv1x1(g, y, w4_kernel(g, names["wo"], W["wo"]), scales[f"layers.{i}.attn.heads"])
+    out = conv1x1(g, y, w4_kernel(g, names["wo"], W["wo"]), a16, f"{n}.attn.heads", f"{n}.attn.out")
     stack_k = g.op("Concat", *[g.op("Unsqueeze", k, g.const([0])) for k in new_k], axis=0)
     stack_v = g.op("Concat", *[g.op("Unsqueeze", v, g.const([0])) for v in new_v], axis=0)
     return out, stack_k, stack_v
 
 
-def conv_block(g, x, i, W, cfg: LlamaConfig, T, scales, past=None):
+def conv_block(g, x, i, W, cfg: LlamaConfig, T, a16, past=None):
     """One block on (1, C, 1, T), convs only. Returns (x, new keys, new values)."""
-    names = layer_names(i)
-    attn, k, v = single_head_attention(g, rms_norm_nchw(g, x, W["attn_norm"], cfg.norm_eps), i, W, cfg, T, scales,
+    names, n = layer_names(i), f"layers.{i}"
+    attn, k, v = single_head_attention(g, rms_norm_nchw(g, x, W["attn_norm"], cfg.norm_eps), i, W, cfg, T, a16,
                                        past)
     h = g.op("Add", x, attn)
     hn = rms_norm_nchw(g, h, W["ffn_norm"], cfg.norm_eps)
-    a = scales[f"layers.{i}.ffn_norm"]
-    gate = conv1x1(g, hn, w4_kernel(g, names["w_gate"], W["w_gate"]), a)
-    up = conv1x1(g, hn, w4_kernel(g, names["w_up"], W["w_up"]), a)
+    gate = conv1x1(g, hn, w4_kernel(g, names["w_gate"], W["w_gate"]), a16, f"{n}.ffn_norm", f"{n}.ffn.gate")
+    up = conv1x1(g, hn, w4_kernel(g, names["w_up"], W["w_up"]), a16, f"{n}.ffn_norm", f"{n}.ffn.up")
     hidden = swiglu(g, gate, up)                                                                   # (1, H, 1, T)
-    return g.op("Add", h, conv1x1(g, hidden, w4_kernel(g, names["w_down"], W["w_down"]),
-                                  scales[f"layers.{i}.ffn.hidden"])), k, v
+    down = conv1x1(g, hidden, w4_kernel(g, names["w_down"], W["w_down"]), a16, f"{n}.ffn.hidden", f"{n}.ffn.out")
+    return g.op("Add", h, down), k, v
 
 
 def part_graph(qmodel: Llama, p: int, layers: list[int], last: bool, kind: str, T: int, S: int, scales: dict):
@@ -150,10 +175,13 @@ def part_graph(qmodel: Llama, p: int, layers: list[int], last: bool, kind: str, 
     cfg, Wall = qmodel.config, qmodel.weights
     C, hs, nkv = cfg.dim, cfg.head_dim, cfg.n_kv_heads
     g = Graph(f"part{p}_{kind}")
+
+    def a16(x, name):                                   # the tensor `name` of ondevice.A16_SITES through int16
+        return qdq16(g, x, scales[name])
+
     if p == 0:
         g.input("input_ids", TP.INT64, [T])
-        embed = int8_rows(g, MODEL_TENSORS["embed"][0], Wall[MODEL_TENSORS["embed"][0]])
-        x = g.op("Gather", embed, "input_ids", axis=0)                                           # (T, C)
+        x = embedding(g, MODEL_TENSORS["embed"][0], Wall[MODEL_TENSORS["embed"][0]], "input_ids")   # (T, C)
         x = g.op("Reshape", g.op("Transpose", x, perm=[1, 0]), g.const([1, C, 1, T]))           # (1, C, 1, T)
     else:
         x = g.input("hidden_in", TP.FLOAT, [1, C, 1, T])
@@ -167,12 +195,12 @@ def part_graph(qmodel: Llama, p: int, layers: list[int], last: bool, kind: str, 
         if kind == "token":
             past = (g.input(f"past_key.{i}", TP.FLOAT, [nkv, hs, S - 1]),
                     g.input(f"past_value.{i}", TP.FLOAT, [nkv, S - 1, hs]))
-        x, k, v = conv_block(g, x, i, W, cfg, T, scales, past)
+        x, k, v = conv_block(g, x, i, W, cfg, T, a16, past)
         outs += [(k, f"key.{i}", [nkv, hs, T]), (v, f"value.{i}", [nkv, T, hs])]
     if last:
         xn = rms_norm_nchw(g, x, Wall[MODEL_TENSORS["norm"][0]], cfg.norm_eps)
         head = MODEL_TENSORS["embed" if cfg.tie_embeddings else "lm_head"][0]
-        y = conv1x1(g, xn, int8_rows(g, head, Wall[head], kernel=True), scales["norm.out"])      # (1, V, 1, T)
+        y = conv1x1(g, xn, int8_kernel(g, head, Wall[head]), a16, "norm.out", "logits")   # (1, V, 1, T)
         g.rename(g.op("Transpose", g.op("Reshape", y, g.const([cfg.vocab_size, T])), perm=[1, 0]), "logits")
         g.output("logits", TP.FLOAT, [T, cfg.vocab_size])
     else:
@@ -236,7 +264,7 @@ class OnnxOnDeviceLlama(OnDeviceLlama):
     """OnDeviceLlama's host loop (prompt_inputs, generator_inputs, the cache shift in generate) driving the exported
     graphs: each of its two graphs is n_parts ONNX sessions run in sequence, the hidden state handed on."""
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, provider="cpu", op_trace_dir=None):
         require_onnx()
         path = Path(path)
         try:
@@ -246,7 +274,11 @@ class OnnxOnDeviceLlama(OnDeviceLlama):
                                   "`python -m llama_ref export --format qnn-onnx --out DIR`") from None
         cfg = LlamaConfig.from_hf(manifest["config"])
         self.set_host(cfg, len(manifest["parts"]), manifest["prompt_len"], manifest["context"])
-        self.sessions = {name: session(path / name, threads) for name in manifest["graphs"]}
+        self.sessions = {}
+        for name in manifest["graphs"]:
+            trace = None if op_trace_dir is None else {"enable_framework_op_trace": "1",
+                                                       "framework_op_trace_dir": str(Path(op_trace_dir) / name)}
+            self.sessions[name] = session(path / name, threads, provider, trace)
 
     def _run_parts(self, kind, tokens, cos, sin, mask, past_k=None, past_v=None):
         h, ks, vs = None, [], []
@@ -270,6 +302,31 @@ class OnnxOnDeviceLlama(OnDeviceLlama):
     def token_generator(self, token, cos, sin, mask, past_k, past_v):
         logits, ks, vs = self._run_parts("token", token, cos, sin, mask, past_k, past_v)
         return logits[0], ks, vs
+
+
+def htp_placement(op_trace_dir) -> dict:
+    """{graph: what the QNN EP reports it placed}, read from the framework op traces OnnxOnDeviceLlama(...,
+    op_trace_dir=) made the EP write: the ONNX nodes it took and left, the QNN subgraphs, the target it compiled for,
+    how many QNN ops of each type it built, and how many Conv2d/MatMul it built from a complete QDQ unit (int16
+    inputs dequantized, the output quantized: the form that runs in integers)."""
+    out = {}
+    for trace in sorted(Path(op_trace_dir).glob("*/qnn_op_trace*.json")):
+        d = json.loads(trace.read_text())
+        counts, units = {}, 0
+        for sub in d["subgraph_traces"]:
+            for m in sub["op_mappings"]:
+                counts[m["dst_qnn_op_type"]] = counts.get(m["dst_qnn_op_type"], 0) + 1
+                ops = [src["name"] for src in m["sources"] if src["type"] == "OP"]
+                dq = sum("DequantizeLinear" in o for o in ops)
+                q = sum("QuantizeLinear" in o and "DequantizeLinear" not in o for o in ops)
+                units += m["dst_qnn_op_type"] in ("Conv2d", "MatMul") and dq >= 2 and q >= 1
+        s = d["summary"]
+        out[trace.parent.name] = {"onnx_nodes": s["total_onnx_nodes"], "on_htp": s["supported_nodes"],
+                                  "not_on_htp": s["unsupported_nodes"], "qnn_subgraphs": s["qnn_subgraphs"],
+                                  "target": d["soc_traces"][0]["compilation_target"],
+                                  "qnn_ops": dict(sorted(counts.items())),
+                                  "quantized_conv_matmul": units}
+    return out
 
 
 def op_census(path) -> dict:

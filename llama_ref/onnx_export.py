@@ -332,17 +332,63 @@ def export_onnx(model: Llama, out, int4=False, tokenizer=None, force=False, max_
 # ------------------------------------------------------------------------------------------------
 # Running it with onnxruntime (the proofs and the benchmark use these)
 
-def session(path, threads=None):
-    """An onnxruntime InferenceSession for `path` (a model.onnx or a directory holding one)."""
+PROVIDERS = ("cpu", "qnn-htp")
+QNN_INSTALL = "pip install onnxruntime-qnn==2.7.0 (or `make interop`, which installs every client)"
+# What the QNN execution provider is given for the HTP backend, and why each option (measured with onnxruntime-qnn
+# 2.7.0's Linux x86_64 simulator on the embedded model's graphs):
+QNN_HTP_OPTIONS = {
+    # the SoC the simulator stands in for: QNN's SoC id 60 is SC8380XP (Snapdragon X Elite, HTP v73). A phone's
+    # backend reads its own chip; the simulator has none to read: without a SoC the EP leaves the Convs unplaced (it
+    # turns them to NHWC, then refuses them), and with htp_arch alone graph finalization fails allocating memory
+    "soc_model": "60",
+    # that SoC's HTP generation, stated with it (the backend derives it from soc_model when given alone)
+    "htp_arch": "73",
+    # float operators (norms, RoPE, softmax, SiLU, the residual adds) run in float16: the backend's default, stated
+    # because the bound tests/test_interop.py and chapter 13 put on the HTP's logits rests on it
+    "enable_htp_fp16_precision": "1",
+}
+
+
+def session(path, threads=None, provider="cpu", qnn_options=None):
+    """An onnxruntime InferenceSession for `path` (a model.onnx or a directory holding one).
+
+    provider "cpu": ONNX Runtime's CPU kernels. "qnn-htp": the QNN execution provider (onnxruntime-qnn) on Qualcomm's
+    HTP backend with QNN_HTP_OPTIONS (+ qnn_options, e.g. the EP's op trace) and CPU fallback disabled, so a node the
+    HTP cannot take is an error naming it, never a silent CPU run; on Linux x86_64 the wheel's HTP simulator runs it."""
     require_onnx()
     import onnxruntime as ort
+    if provider not in PROVIDERS:
+        raise InputError(f"provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
     path = Path(path)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path / "model.onnx" if path.is_dir() else path), opts,
-                                providers=["CPUExecutionProvider"])
+    file = str(path / "model.onnx" if path.is_dir() else path)
+    if provider == "cpu":
+        return ort.InferenceSession(file, opts, providers=["CPUExecutionProvider"])
+    devices, htp = qnn_htp_devices()
+    opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    opts.add_provider_for_devices(devices, {"backend_path": htp, **QNN_HTP_OPTIONS, **(qnn_options or {})})
+    return ort.InferenceSession(file, sess_options=opts)
+
+
+def qnn_htp_devices():
+    """(the QNN EP's devices, the path of its HTP backend library), registering onnxruntime-qnn's plugin once; an
+    ExtraMissingError naming the install command where it or its HTP backend is missing."""
+    import onnxruntime as ort
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise ExtraMissingError(f"the QNN HTP provider needs onnxruntime-qnn: {QNN_INSTALL}") from None
+    htp = Path(onnxruntime_qnn.get_qnn_htp_path())
+    if not htp.is_file():
+        raise ExtraMissingError(f"onnxruntime-qnn has no HTP backend at {htp} (its Linux x86_64 and Windows wheels "
+                                f"ship one): reinstall it, {QNN_INSTALL}")
+    name = "QNNExecutionProvider"
+    if not any(d.ep_name == name for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(name, onnxruntime_qnn.get_library_path())
+    return [d for d in ort.get_ep_devices() if d.ep_name == name], str(htp)
 
 
 def empty_past(cfg: LlamaConfig, batch=1) -> dict:

@@ -190,6 +190,40 @@ def test_on_device_graphs_are_static_and_use_htp_ops_only(device_export):
     assert token[f"past_value.{i}"] == [cfg.n_kv_heads, 127, cfg.head_dim]
 
 
+def test_every_conv_and_matmul_is_a_complete_qdq_unit(device_export):
+    """The form the HTP runs in integers: each Conv and MatMul takes only DequantizeLinear outputs (weights and int16
+    activations) and hands its output only to a QuantizeLinear; no weight DequantizeLinear feeds a float operator."""
+    import onnx
+    out, _ = device_export
+    for name in sorted(p.name for p in out.glob("part*.onnx")):
+        g = onnx.load(str(out / name)).graph
+        producer = {o: n for n in g.node for o in n.output}
+        consumers = {}
+        for n in g.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        weights = {t.name for t in g.initializer}
+        units = [n for n in g.node if n.op_type in ("Conv", "MatMul")]
+        assert units, name
+        for n in units:
+            assert all(producer[i].op_type == "DequantizeLinear" for i in n.input), (name, n.name)
+            assert [c.op_type for c in consumers[n.output[0]]] == ["QuantizeLinear"], (name, n.name)
+        for n in g.node:                                       # a dequantized weight goes into a Conv/Gather only
+            if n.op_type == "DequantizeLinear" and n.input[0] in weights and n.input[0].endswith(".q"):
+                assert {c.op_type for c in consumers[n.output[0]]} <= {"Conv", "Gather"}, (name, n.name)
+
+
+def test_qnn_provider_names_what_to_install(tmp_path, device_export):
+    out, _ = device_export
+    code = ("import sys; sys.modules['onnxruntime_qnn'] = None; from llama_ref import onnx_export as OX; "
+            f"OX.session({str(out / 'part1_token.onnx')!r}, provider='qnn-htp')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0 and "ExtraMissingError" in proc.stderr
+    assert "pip install onnxruntime-qnn==2.7.0" in proc.stderr and "make interop" in proc.stderr
+    with pytest.raises(InputError, match="qnn-htp"):
+        OX.session(out / "part1_token.onnx", provider="htp")
+
+
 @pytest.mark.parametrize("text", ["Once upon a time, Mia had a cat.", "[INST] What does a cow say? [/INST]"])
 def test_host_loop_over_the_graphs_equals_ondevice_and_generate(device_export, embedded, text):
     out, manifest = device_export
@@ -228,7 +262,7 @@ def odd_model(tmp_path_factory):
 def test_int4_blocks_that_do_not_divide_are_refused(odd_model, tmp_path):
     for fmt in ("onnx-int4", "qnn-onnx"):
         proc = cli("export", "--model", odd_model, "--format", fmt, "--out", tmp_path / fmt)
-        assert_error(proc, "not a multiple")
+        assert_error(proc, "model.layers.0.mlp.down_proj.weight (and every layer's): 176 inputs are not a multiple")
         assert not (tmp_path / fmt).exists() and not list(tmp_path.iterdir())
     ok = cli("export", "--model", odd_model, "--format", "onnx", "--out", tmp_path / "f32")      # float32 is fine
     assert ok.returncode == 0, ok.stderr[-1000:]
