@@ -95,7 +95,8 @@ class StaticA16:
             self.amax[name] = max(self.amax.get(name, 0.0), float(np.abs(x).max()))
             return x
         if self.float16:
-            x = x.astype(np.float16).astype(F32)
+            with np.errstate(over="ignore"):                 # beyond 65504 float16 is inf, as on the device
+                x = x.astype(np.float16).astype(F32)
         return fake_quant16(x, self.scales.get(name))
 
 

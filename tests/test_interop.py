@@ -213,9 +213,10 @@ def test_llama_cpp_chat_builds_our_prompt_and_replies_our_greedy_ids(files, fmt)
 def test_llama_cpp_builtin_formatter_detects_llama2_but_renders_finished_turns_its_own_way():
     """llama.cpp's built-in formatter (llama-server and llama-cli without --jinja) recognises our template as its
     llama2 family (llm_chat_detect_template: "[INST]", "<<SYS>>", "content.strip()"), not ChatML. It gives our ids for
-    a prompt of one user turn (with or without a system message); for earlier finished turns it writes "[/INST]
-    answer</s>[INST]" without the spaces and the BOS Meta's format has, so multi-turn prompts differ: use the
-    template itself (llama-cpp-python's chat path above, llama-server --jinja)."""
+    a prompt of one user turn (with or without a system message, when the texts carry no outer whitespace: it strips
+    the system text, Meta does not); for earlier finished turns it writes "[/INST]answer</s>[INST]" without the spaces
+    and the BOS Meta's format has, so multi-turn prompts differ: use the template itself (llama-cpp-python's chat
+    path above, llama-server --jinja)."""
     llama_cpp = client("llama_cpp")
     import ctypes
 
@@ -231,7 +232,11 @@ def test_llama_cpp_builtin_formatter_detects_llama2_but_renders_finished_turns_i
         text = builtin(dialog)
         ids = [SP.bos_id()] + SP.encode(text)          # llama.cpp adds BOS, then encodes the text
         one_turn = len([m for m in dialog if m["role"] == "user"]) == 1
-        assert (ids == format_dialog(dialog, TOK)) == one_turn, (dialog, text)
+        stripped = all(m["content"] == m["content"].strip() for m in dialog)   # it strips the system text too
+        if one_turn and stripped:
+            assert ids == format_dialog(dialog, TOK), (dialog, text)
+        elif not one_turn:
+            assert ids != format_dialog(dialog, TOK), (dialog, text)
     assert "<|im_start|>" not in builtin(PROMPT_DIALOGS[0])
 
 
@@ -358,4 +363,4 @@ def test_htp_greedy_ids_equal_the_twin_and_logits_stay_within_the_float16_bound(
         assert len(htp_ids) == HTP_NEW_TOKENS and htp_ids == twin_ids
         emulated = max(float(np.abs(a - b).max()) for a, b in zip(half_logits, twin_logits))
         measured = max(float(np.abs(a - b).max()) for a, b in zip(htp_logits, twin_logits))
-        assert 0 < emulated and measured <= FLOAT16_PATH_OPS * emulated, (measured, emulated)
+        assert 0 < emulated and measured / emulated <= FLOAT16_PATH_OPS, (measured, emulated)

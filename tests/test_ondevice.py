@@ -144,3 +144,53 @@ def test_bandwidth_calculator_by_hand():
     # 70B uses GQA (8 kv heads): its cache per position is 8x smaller than with 64 heads
     b70 = D.decode_bytes_per_token(PRESETS["llama2-70b"], 4.0, kv_len=1)
     assert b70["kv_cache"] == 2 * 80 * 8 * 128 * 2
+
+
+# ------------------------------------------------------------------------------------------------
+# static A16: every Conv/MatMul input and output on int16 steps; the stored HTP run matches the twin
+
+def test_calibration_gives_every_site_a_scale_and_the_twin_rounds_each(model):
+    scales = D.calibrate(model, [[1, 2, 3, 4, 5], [7, 8, 9]])
+    assert list(scales) == D.a16_names(CFG) and len(scales) == 15 * CFG.n_layers + 2
+    assert all(s > 0 for s in scales.values())
+    seen = []
+
+    class Recorder(D.StaticA16):
+        def __call__(self, x, name):
+            seen.append(name)
+            return super().__call__(x, name)
+
+    od = D.OnDeviceLlama(model, prompt_len=8, context=12, act_scales=Recorder(scales))
+    od.prompt_processor(*od.prompt_inputs([1, 2, 3]))
+    assert set(seen) == set(scales)                       # no site is skipped, none is invented
+    # rounding moves the logits by about the size of the steps, not more (a random model: a loose check)
+    exact = D.OnDeviceLlama(model, prompt_len=8, context=12).prompt_processor(*od.prompt_inputs([1, 2, 3]))[0]
+    rounded = D.OnDeviceLlama(model, prompt_len=8, context=12, act_scales=scales).prompt_processor(
+        *od.prompt_inputs([1, 2, 3]))[0]
+    assert 0 < np.abs(rounded - exact).max() < 1e-2 * np.abs(exact).max()
+
+
+def test_float16_emulation_rounds_before_the_int16_step():
+    a16 = D.StaticA16({"t": 1e-4}, float16=True)
+    x = np.array([1.00012345, 70000.0], np.float32)
+    out = a16(x, "t")
+    assert out[0] == D.fake_quant16(np.float32(np.float16(1.00012345)), 1e-4)
+    assert out[1] == np.float32(32767 * np.float32(1e-4))             # float16 overflows to inf; int16 saturates
+
+
+def test_the_stored_htp_run_is_what_the_twin_computes_now():
+    """data/ondevice/htp_run.json (scripts/qnn_htp_run.py on onnxruntime-qnn's HTP simulator) holds the HTP's greedy
+    ids; the NumPy twin of today's code must choose the same tokens, or the stored run is stale: rerun the script."""
+    import json
+    from llama_ref import ondevice_onnx as QO, paths
+    from llama_ref.loader import load
+    from llama_ref.tokenizer import Tokenizer
+    run = json.loads((paths.DATA_DIR / "ondevice" / "htp_run.json").read_text())
+    qmodel = QO.quantized_for_device(load(paths.DEFAULT_MODEL))
+    scales = D.calibrate(qmodel, QO.calibration_prompts_for(Tokenizer(paths.DEFAULT_MODEL / "tokenizer.model")))
+    export = run["export"]
+    twin = D.OnDeviceLlama(qmodel, len(export["parts"]), export["prompt_len"], export["context"], act_scales=scales)
+    for r in run["runs"]:
+        assert twin.generate(r["prompt"], run["new_tokens"])[0] == r["ids"], r["text"]
+    for graph, report in run["placement"].items():
+        assert report["not_on_htp"] == 0 and report["on_htp"] == report["onnx_nodes"], graph
