@@ -213,8 +213,8 @@ def test_llama_cpp_chat_builds_our_prompt_and_replies_our_greedy_ids(files, fmt)
 def test_llama_cpp_builtin_formatter_detects_llama2_but_renders_finished_turns_its_own_way():
     """llama.cpp's built-in formatter (llama-server and llama-cli without --jinja) recognises our template as its
     llama2 family (llm_chat_detect_template: "[INST]", "<<SYS>>", "content.strip()"), not ChatML. It gives our ids for
-    a prompt of one user turn (with or without a system message, when the texts carry no outer whitespace: it strips
-    the system text, Meta does not); for earlier finished turns it writes "[/INST]answer</s>[INST]" without the spaces
+    a prompt of one user turn (with or without a system message, when no text is empty or has outer whitespace: it
+    strips each text alone, Meta strips the merged system + user text); for earlier finished turns it writes "[/INST]answer</s>[INST]" without the spaces
     and the BOS Meta's format has, so multi-turn prompts differ: use the template itself (llama-cpp-python's chat
     path above, llama-server --jinja)."""
     llama_cpp = client("llama_cpp")
@@ -232,7 +232,7 @@ def test_llama_cpp_builtin_formatter_detects_llama2_but_renders_finished_turns_i
         text = builtin(dialog)
         ids = [SP.bos_id()] + SP.encode(text)          # llama.cpp adds BOS, then encodes the text
         one_turn = len([m for m in dialog if m["role"] == "user"]) == 1
-        stripped = all(m["content"] == m["content"].strip() for m in dialog)   # it strips the system text too
+        stripped = all(m["content"] == m["content"].strip() != "" for m in dialog)   # it strips each text alone
         if one_turn and stripped:
             assert ids == format_dialog(dialog, TOK), (dialog, text)
         elif not one_turn:
