@@ -28,7 +28,7 @@ import pytest
 import sentencepiece as spm
 
 from llama_ref import paths
-from llama_ref.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog, format_dialog
+from llama_ref.chat import LLAMA2_CHAT_TEMPLATE, format_dialog
 from llama_ref.generate import generate
 from llama_ref.loader import load
 from llama_ref.tokenizer import Tokenizer
