@@ -292,10 +292,16 @@ def test_genai_chat_template_and_tokenizer(files):
         genai = [int(t) for t in tokenizer.encode(text)]
         assert (genai == ours) == (not spanning & set(ours)), (dialog, genai, ours)
         assert format_dialog(dialog, ours_from_export) == ours                # the agreeing call's ids
+    prompt = format_dialog(PROMPT_DIALOGS[-1], ours_from_export)                    # GenAI takes them as they are
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=64, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(format_dialog(PROMPT_DIALOGS[-1], ours_from_export))     # GenAI takes them as they are
+    generator.append_tokens(prompt)
+    reply = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        reply.append(int(generator.get_next_tokens()[0]))
+    assert reply == generate(load(paths.CHAT_BASELINE_MODEL), prompt, 16).ids         # both stop at </s>
     tokenizer.update_options(add_special_tokens="true")
     differ = [t for t in TEXTS if [int(i) for i in tokenizer.encode(t)] != sp_ids(t)]
     assert set(differ) == set(GENAI_DIFFERS), differ
