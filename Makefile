@@ -79,8 +79,9 @@ $(INTEROP)/.installed: pyproject.toml
 	$(INTEROP)/bin/python -m pip install --quiet optimum-onnx==0.1.0 optimum==2.1.0 transformers==4.57.6 \
 	    onnxruntime-qnn==2.7.0 onnxruntime==1.32.0
 	$(if $(LLAMA_CPP_WHEEL),$(INTEROP)/bin/python -m pip install --quiet $(LLAMA_CPP_WHEEL),\
-	    CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(INTEROP)/bin/python -m pip install --quiet --no-cache-dir \
-	    llama-cpp-python==0.3.36)
+	    if command -v c++ >/dev/null; then CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(INTEROP)/bin/python -m pip install \
+	    --quiet --no-cache-dir llama-cpp-python==0.3.36; else echo "make interop: llama-cpp-python is built from \
+	    source and needs a C++ compiler (c++ is not on PATH): not installed; its tests skip"; fi)
 	@test -x $(INTEROP_TF5)/bin/python || $(PYTHON) -m venv $(INTEROP_TF5)
 	$(INTEROP_TF5)/bin/python -m pip install --quiet --upgrade pip
 	$(INTEROP_TF5)/bin/python -m pip install --quiet transformers==5.23.0 jinja2==3.1.6 sentencepiece==0.2.3
