@@ -72,20 +72,20 @@ tokenizer: $(STAMP)
 	$(BIN)/python scripts/train_tokenizer.py
 
 model: $(STAMP)
-	$(BIN)/python scripts/train_model.py --out data/models/tinyworld
+	$(BIN)/python scripts/train_model.py --out data/models/tinyworld --force
 
 # The chat models in the paper's order: SFT (chat) -> RLHF rounds (rlhf) -> Ghost Attention on the RLHF model (gatt).
 chat: $(STAMP)
-	$(BIN)/python scripts/make_chat.py
+	$(BIN)/python scripts/make_chat.py --force
 
 # Starts from data/models/tinyworld-chat; RLHF_ARGS adds options, e.g. RLHF_ARGS="--time-budget-min 30"
 RLHF_ARGS ?=
 rlhf: $(STAMP)
-	$(BIN)/python scripts/make_rlhf.py $(RLHF_ARGS)
+	$(BIN)/python scripts/make_rlhf.py --force $(RLHF_ARGS)
 
 # Starts from data/models/tinyworld-rlhf
 gatt: $(STAMP)
-	$(BIN)/python scripts/make_gatt.py
+	$(BIN)/python scripts/make_gatt.py --force
 
 bench: reference-env
 	$(BIN)/python benchmarks/forward.py --readme

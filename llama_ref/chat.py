@@ -33,13 +33,12 @@ message and the last user message alone do not fit, ContextLengthError. policy="
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import ChatFormatError, ContextLengthError
+from . import inputs
 from .generate import generate
 from .paths import CHAT_BASELINE_MODEL, CHAT_GATT_MODEL
 
@@ -310,8 +309,9 @@ def reply(model, tokenizer, dialog, max_new_tokens=64, temperature=0.0, top_k=No
 # command line: python -m llama_ref chat
 
 def read_stdin() -> str:
-    """All of standard input as text; invalid UTF-8 is a ChatFormatError, not a UnicodeDecodeError traceback."""
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    """Standard input as text, at most inputs.STDIN_MAX_BYTES (a closed stdin or an endless one is an InputError);
+    invalid UTF-8 is a ChatFormatError, not a UnicodeDecodeError traceback."""
+    data = inputs.read_stdin()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -320,11 +320,12 @@ def read_stdin() -> str:
 
 
 def read_dialog_json(text: str):
+    """A dialogue given as JSON text (inputs.parse_json: hostile JSON is a ChatFormatError)."""
     try:
-        dialog = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ChatFormatError(f"stdin is not valid JSON ({e}); give a dialogue like "
-                              '[{"role": "user", "content": "What pet does Mia have?"}]') from None
+        dialog = inputs.parse_json(text, "stdin", ChatFormatError)
+    except ChatFormatError as e:
+        raise ChatFormatError(f'{e}; give a dialogue like [{{"role": "user", "content": "What pet does Mia have?"}}]') \
+            from None
     if isinstance(dialog, dict) and "messages" in dialog:     # {"messages": [...]} is accepted too
         dialog = dialog["messages"]
     return dialog
