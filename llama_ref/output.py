@@ -351,7 +351,15 @@ def check_output(path, force=False, kind="file", inputs=()) -> Path:
                                   "replace the link (force=True from Python), or choose another path")
             st = None                                               # the link itself is replaced
         else:
-            path, st = Path(os.path.realpath(path)), target
+            real = Path(os.path.realpath(path))
+            try:
+                same = os.path.samestat(os.stat(real), target)
+            except OSError:
+                same = False
+            if not same or os.readlink(path).startswith("/proc/"):   # /proc/self/fd/1: a process's open file
+                raise OutputError(f"{path} is a link to {os.readlink(path)} (an open file of a process, not a path "
+                                  "llama_ref can replace); choose a file path")
+            path, st = real, target
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             if kind == "file":
@@ -404,9 +412,9 @@ def inputs_of(*objects) -> list[str]:
         elif isinstance(x, np.ndarray):
             a = x
             while a is not None:
-                name = getattr(a, "filename", None)
-                if isinstance(name, str):
-                    found.add(name)
+                name = getattr(a, "filename", None)                 # np.memmap's: a str or a Path
+                if isinstance(name, (str, os.PathLike)):
+                    found.add(os.fspath(name))
                     return
                 a = getattr(a, "base", None)
                 if not isinstance(a, np.ndarray):
@@ -434,12 +442,17 @@ def _umask() -> int:
 
 
 def _identity(path: Path):
-    """What is at path now: None, or (device, inode, mode, is_link) to compare with at the rename."""
+    """What is at path now: None, or (device, inode, mode, is_link, ctime) to compare with at the rename (the ctime
+    tells a new file apart from an old one whose inode number the file system handed out again)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    return (st.st_dev, st.st_ino, stat.S_IMODE(st.st_mode), stat.S_ISLNK(st.st_mode))
+    return (st.st_dev, st.st_ino, stat.S_IMODE(st.st_mode), stat.S_ISLNK(st.st_mode), st.st_ctime_ns)
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and (a[0], a[1], a[4]) == (b[0], b[1], b[4])
 
 
 def _make_parents(path: Path) -> list[Path]:
@@ -488,7 +501,7 @@ def _still(path: Path, before) -> None:
     if before is None and now is not None:
         raise OutputError(f"{path} appeared while it was being written (another writer?); it was left as it is: run "
                           "again, with --force to replace it")
-    if before is not None and (now is None or now[:2] != before[:2]):
+    if before is not None and not _same(now, before):
         raise OutputError(f"{path} changed while it was being written (another writer?); it was left as it is: run "
                           "again")
 
@@ -543,7 +556,7 @@ def _temporary(path: Path, kind: str):
         if os.path.lexists(tmp):
             _remove(str(tmp), (kind,))
         _forget(tmp)
-        for d in reversed(created):
+        for d in created:                                          # deepest first
             if not done:
                 _remove(str(d), ("parent",))
             _forget(d)
