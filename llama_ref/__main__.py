@@ -674,7 +674,8 @@ def main(argv=None) -> int:
     except LlamaRefError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                    # Ctrl-C: the temporaries are gone (output.py);
+        sys.unraisablehook = lambda *_: None                     # a half-closed writer's __del__ says nothing more
         return 130
     except BrokenPipeError:                                      # `| head`: the reader is gone; end as Unix tools do
         _stdout_gone()
