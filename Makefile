@@ -50,11 +50,14 @@ test-fast: $(STAMP)
 test-any-cpu: $(STAMP)
 	$(BIN)/python scripts/test_any_cpu.py
 
-# Every file a user gives us, mutated: loads must succeed or raise a LlamaRefError (tests/test_fuzz.py). make test runs
-# each property with 60 examples; this runs many more (FUZZ_EXAMPLES=...), same derandomized choices, so reruns agree.
+# Bad input by family, generated from the code: every file a user gives us mutated, every output path x writer, every
+# numeric option, hostile API arguments from the signatures (tests/test_fuzz.py, test_output.py, test_cli_options.py,
+# test_arguments.py). make test runs each property with 60 examples; this runs many more (FUZZ_EXAMPLES=...), same
+# derandomized choices, so reruns agree.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
-	LLAMA_REF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -s
+	LLAMA_REF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py tests/test_output.py \
+		tests/test_cli_options.py tests/test_arguments.py tests/test_chat.py -q
 
 # torch must be installed first and exactly as 2.13.0 (a local CPU wheel); anything else pulls CUDA.
 reference-env: $(STAMP)

@@ -227,6 +227,7 @@ BOUNDARY = {
                 "rmsnorm_forward rope_backward rope_forward swiglu_backward swiglu_forward",
     "chat": "encode_dialog fit_dialog format_dialog turn_strings reply",
     "config": "RopeScaling",
+    "decode": "decode_step",
     "corpus": "check_fact generate_dialogues generate_stories is_grammatical iter_training_text make_world qa_pairs "
               "split_sentences",
     "evaluate": "accuracy_study answer_questions compare_logits complete_sentences ngram_losses sample_continuations "

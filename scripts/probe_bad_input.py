@@ -90,9 +90,12 @@ class Probe:
                         PYTHONDONTWRITEBYTECODE="1")
         self.results = []
 
-    def run(self, argv, stdin=None, timeout=TIMEOUT, cap=MEMORY_CAP, fsize=None, close_stdin=False, stdout=None):
+    def run(self, argv, stdin=None, timeout=TIMEOUT, cap=MEMORY_CAP, fsize=None, close_stdin=False, stdout=None,
+            cwd=None):
         t0 = time.monotonic()
-        p = subprocess.Popen(argv, cwd=self.repo, env=self.env, preexec_fn=_limits(cap, fsize, close_stdin),
+        if cwd is not None:
+            Path(cwd).mkdir(parents=True, exist_ok=True)
+        p = subprocess.Popen(argv, cwd=cwd or self.repo, env=self.env, preexec_fn=_limits(cap, fsize, close_stdin),
                              stdin=None if close_stdin else subprocess.PIPE, stdout=stdout or subprocess.PIPE,
                              stderr=subprocess.PIPE)
         try:
@@ -991,7 +994,7 @@ def probe_api(probe: Probe, fx):
     functions = json.loads(probe.py(CHAPTER_FUNCTIONS).out)
     skipped = 0
     for mod, fn in functions:
-        r = probe.run([PY, "-c", API_CHILD, mod, fn, str(fx["hf"])], timeout=600)
+        r = probe.run([PY, "-c", API_CHILD, mod, fn, str(fx["hf"])], timeout=600, cwd=probe.work / "api")
         lines = [json.loads(line) for line in r.out.splitlines() if line.startswith("{")]
         if lines and "skip" in lines[0]:
             skipped += 1

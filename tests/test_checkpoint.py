@@ -127,10 +127,11 @@ def test_save_over_existing_dir_keeps_user_files_and_drops_stale_shards(tmp_path
     assert names == [MARKER, "README.md", "config.json", "generation_config.json", "model.safetensors", "notes.txt"]
     assert (d / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".llama_ref-tmp-*"))
-    (d / "tokenizer.model").write_text("the user's, not ours")                  # a name save_model writes
-    with pytest.raises(OutputError, match="tokenizer.model that llama_ref did not write"):
-        save_model(d, GQA, w, tokenizer_path=paths.DEFAULT_TOKENIZER, force=True)
-    assert (d / "tokenizer.model").read_text() == "the user's, not ours"
+    save_model(d, GQA, w, max_shard_bytes=20_000, force=True)
+    (d / "model.safetensors").write_text("the user's, not ours")                # a name save_model writes
+    with pytest.raises(OutputError, match="model.safetensors that llama_ref did not write"):
+        save_model(d, GQA, w, force=True)
+    assert (d / "model.safetensors").read_text() == "the user's, not ours"
 
 
 def test_failed_save_leaves_the_existing_model_untouched(tmp_path, monkeypatch):

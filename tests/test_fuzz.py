@@ -13,14 +13,12 @@ Every load runs in a forked child with its address space capped (RLIMIT_AS: what
 """
 import json
 import os
-import pickle
 import resource
 import signal
 import struct
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -31,72 +29,19 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from llama_ref import paths  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
-from llama_ref.errors import LlamaRefError  # noqa: E402
-from conftest import assert_error, cli, random_weights  # noqa: E402
+from conftest import assert_error, bounded, cli, random_weights  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LLAMA_REF_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-TIME_LIMIT = 20.0                     # seconds per load (a valid tiny model loads in well under one)
+
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, max_seq_len=64)
 
 
 # ------------------------------------------------------------------------------------------------
 # running a load in a bounded child
-
-def _vm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def bounded(fn, *args, timeout=TIME_LIMIT):
-    """Run fn(*args) in a forked child with RLIMIT_AS = our size + 1 GiB. Returns ("ok", None),
-    ("llamaref", message) or ("bad", description) for any other exception, a crash, or a timeout."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                                   # child
-        os.close(r)
-        try:
-            limit = _vm_bytes() + (1 << 30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            try:
-                fn(*args)
-                out = ("ok", None)
-            except LlamaRefError as e:
-                out = ("llamaref", str(e))
-            except BaseException as e:                             # noqa: BLE001 - that is the finding
-                out = ("bad", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
-            data = pickle.dumps(out)
-            os.write(w, data[:60000])
-        finally:
-            os._exit(0)
-    os.close(w)
-    deadline, chunks = time.monotonic() + timeout, []
-    os.set_blocking(r, False)
-    while True:
-        try:
-            chunk = os.read(r, 65536)
-            if chunk:
-                chunks.append(chunk)
-            else:
-                break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os.close(r)
-                return ("bad", f"hang: no answer within {timeout} s")
-            time.sleep(0.005)
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        return ("bad", f"child died (wait status {status})")
-    return pickle.loads(b"".join(chunks))
-
 
 def load_and_build(path):
     """What every command does with --model: load (validated) and build the model, then run one token."""
