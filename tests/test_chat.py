@@ -297,7 +297,7 @@ def _fit_by_definition(dialog, tok, budget):
 def test_fit_dialog_equals_its_definition_and_encodes_each_turn_once(tok):
     """Dropping pairs never re-encodes the dialogue: 1,000 turns cost about 2 encodes a turn (it was one whole
     re-tokenization per dropped pair: 25 s for 1,000 turns), and the result is the rule's, on generated dialogues."""
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import given, settings, strategies as st
     words = st.lists(st.sampled_from("Mia has a cat . Tom likes green hats and honey ! What pet 😀 [".split()),
                      min_size=0, max_size=12).map(" ".join)
