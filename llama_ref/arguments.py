@@ -58,19 +58,25 @@ def _is_ids(v) -> bool:
 
 
 def _is_array(v) -> bool:
-    """Numbers in an array or nested lists (NumPy would take it): not a string, bytes, None, a dict or objects."""
+    """Numbers in an array or nested lists (NumPy would take it), at least one axis: not a bare number, a string,
+    bytes, None, a dict or objects."""
     if isinstance(v, np.ndarray):
-        return v.dtype.kind in "biuf"
-    if isinstance(v, (str, bytes, dict)) or v is None:
-        return False
-    if isinstance(v, _NUMBERS):
-        return not isinstance(v, (bool, np.bool_))
+        return v.dtype.kind in "biuf" and v.ndim >= 1
     if not isinstance(v, (list, tuple)):
         return False
     try:
-        return np.asarray(v).dtype.kind in "biuf"
+        a = np.asarray(v)
     except (ValueError, TypeError):
         return False
+    return a.dtype.kind in "biuf" and a.ndim >= 1
+
+
+def _is_texts(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v)
+
+
+def _is_config(v) -> bool:
+    return all(hasattr(v, a) for a in ("dim", "n_layers", "n_heads", "vocab_size", "head_dim"))
 
 
 KINDS = {                                          # kind -> (test, what it accepts)
@@ -82,12 +88,22 @@ KINDS = {                                          # kind -> (test, what it acce
     "ids": (_is_ids, "token ids (a list of ints or an integer array)"),
     "array": (_is_array, "an array of numbers"),
     "list": (lambda v: isinstance(v, (list, tuple)), "a list"),
+    "texts": (_is_texts, "a list of strings"),
+    "config": (_is_config, "a LlamaConfig"),
     "dict": (lambda v: isinstance(v, dict), "a dict"),
     "model": (lambda v: hasattr(v, "forward") and hasattr(v, "config"), "a model (llama_ref.Llama)"),
     "tokenizer": (lambda v: hasattr(v, "encode") and hasattr(v, "decode"), "a tokenizer (llama_ref.tokenizer.Tokenizer)"),
 }
-NAMES = {"model": "model", "tokenizer": "tokenizer", "tok": "tokenizer", "path": "path", "tokens": "ids",
-         "ids": "ids", "prompt_ids": "ids", "x": "array", "logits": "array"}
+NAMES = {"model": "model", "tokenizer": "tokenizer", "tok": "tokenizer", "config": "config", "cfg": "config",
+         "tokens": "ids", "ids": "ids", "prompt_ids": "ids",
+         **dict.fromkeys(("path", "model_path", "tokenizer_path", "out_dir"), "path"),
+         **dict.fromkeys(("x", "w", "logits", "data", "values", "probs"), "array"),
+         **dict.fromkeys(("texts", "questions", "sentences"), "texts"),
+         **dict.fromkeys(("n", "n_tokens", "max_new_tokens", "max_len", "seq_len", "batch_size", "head_dim", "n_heads",
+                          "n_layers", "layer", "steps", "seed", "top_k", "prompt_len", "context", "threads",
+                          "n_parts", "group_size", "max_pos"), "int"),
+         **dict.fromkeys(("temperature", "top_p", "lr", "eps", "theta", "beta", "std", "noise", "time_budget_s"),
+                         "float")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,6 +125,12 @@ def _kind_of(annotation, default, name, env):
     for t, kind in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str")):
         if type(default) is t:
             return KINDS[kind]
+    if isinstance(default, os.PathLike):
+        return KINDS["path"]
+    if isinstance(default, tuple) and default and all(_is_number(d) for d in default):   # betas=(0.9, 0.95)
+        n = len(default)
+        return ((lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(_is_number(d) for d in v)),
+                f"{n} numbers")
     return None
 
 

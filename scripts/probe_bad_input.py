@@ -130,9 +130,9 @@ def outcome_of(r: Result, expect: str = "either") -> tuple[str, str]:
     if "Traceback" in err or r.rc not in (0, 2, 141):
         return "traceback", f"exit {r.rc}: {err[-500:]}"
     lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error")]
-    if r.rc == 2 and not (len(errors) == 1 and lines[-1].startswith("error: ")):   # progress and plan lines may come
-        return "traceback", f"exit 2 without one error line: {err[-400:]}"     # before an error found later
+    errors = [line for line in lines if line.startswith("error") or ": error: " in line]   # argparse's own error
+    if r.rc == 2 and not (len(errors) == 1 and (lines[-1].startswith("error: ") or ": error: " in lines[-1])):
+        return "traceback", f"exit 2 without one error line: {err[-400:]}"     # (progress lines may come first)
     if expect == "refuse" and r.rc == 0:
         return "silent", f"exit 0; stdout {r.out[-200:]!r}"
     if expect == "succeed" and r.rc != 0:
