@@ -10,7 +10,6 @@ value; `make test` a derandomized sample.
 import importlib
 import inspect
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -69,9 +68,7 @@ def test_the_boundary_covers_every_function_the_chapters_call():
             continue                                           # validates every field itself (ConfigError)
         home = getattr(obj, "__module__", "").rpartition(".")[2]
         listed = obj.__name__ in arguments.BOUNDARY.get(home, "").split()
-        primitive = home == "model" and obj.__name__ in ("rms_norm", "softmax", "silu", "apply_rope_hf",
-                                                         "apply_rope_meta", "attention", "causal_mask")
-        if not listed and not primitive:
+        if not listed and not unchecked(obj):
             unguarded.append(f"{home}.{obj.__name__}")
     assert not unguarded, f"add to arguments.BOUNDARY: {unguarded}"
 
@@ -136,17 +133,35 @@ def valid_values():
 HOSTILE = [None, "a", b"x", 1.5, float("nan"), [], {}, object(), [1.9, 2.7], "1,2", [[1], [2]]]
 
 
+def unchecked(obj) -> bool:
+    """One of the forward's primitives (arguments.UNCHECKED)."""
+    home = getattr(obj, "__module__", "").rpartition(".")[2]
+    return getattr(obj, "__name__", "") in arguments.UNCHECKED.get(home, "").split()
+
+
+def kinds_of(obj) -> dict:
+    """parameter name -> (test, words) as the boundary checks it; a parameter of unknown kind is absent."""
+    if isinstance(obj, type):
+        fn, skip = getattr(obj.__init__, "__wrapped__", obj.__init__), True
+    else:
+        fn, skip = getattr(obj, "__wrapped__", obj), False
+    try:
+        return {name: kind for _, name, kind in arguments._specs(fn, skip_first=skip)}
+    except (TypeError, ValueError):
+        return {}
+
+
 def cases():
-    """(label, param, hostile index) for every boundary function and parameter."""
+    """(label, param, hostile index) for every boundary function and parameter whose kind the boundary knows (from
+    its annotation, default or name) and every hostile value not of that kind: the boundary must refuse each one.
+    Parameters of unknown kind are counted by test_the_boundary_knows_most_kinds; shapes are not a kind."""
     out = []
     for label, obj in boundary_objects().items():
-        try:
-            sig = inspect.signature(obj)
-        except (TypeError, ValueError):
+        if unchecked(obj):
             continue
-        for p in sig.parameters.values():
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("log", "progress", "on_token"):
-                out += [(label, p.name, i) for i in range(len(HOSTILE))]
+        kinds = kinds_of(obj)
+        for name, (test, _) in kinds.items():
+            out += [(label, name, i) for i, v in enumerate(HOSTILE) if not test(v)]
     return out
 
 
@@ -175,14 +190,12 @@ def call_with(label, param, i):
     value = HOSTILE[i]
     if value is None and default is None:
         return "None is the default"
-    if type(good) is type(value) and not (isinstance(value, float) and math.isnan(value)):
-        return "a value of the valid kind"
     kwargs[param] = value
     try:
         obj(**kwargs)
     except LlamaRefError:
         return "refused"
-    return "ran"
+    raise AssertionError(f"accepted {value!r:.40} for {param}, which takes {kinds_of(obj)[param][1]}")
 
 
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -196,10 +209,30 @@ def test_hostile_arguments_from_the_signatures(case):
     assert status in ("ok", "llamaref"), f"{label}({param}={HOSTILE[i]!r:.40}): {detail}"
 
 
+def test_the_boundary_knows_most_kinds():
+    """The share of boundary parameters whose kind is known (so checked): 552 of 701 when this was written. A
+    parameter of unknown kind (a backward pass's `cache` tuple, a `dialog`) is the function's own to check."""
+    known = total = 0
+    for label, obj in boundary_objects().items():
+        if unchecked(obj):
+            continue
+        try:
+            params = [p for p in inspect.signature(obj).parameters.values()
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("self", "log", "progress",
+                                                                                              "on_token")]
+        except (TypeError, ValueError):
+            continue
+        kinds = kinds_of(obj)
+        known += sum(p.name in kinds for p in params)
+        total += len(params)
+    print(f"boundary parameters of known kind: {known} of {total}")
+    assert total > 500 and known >= 0.75 * total, (known, total)
+
+
 @pytest.mark.parametrize("kind, good, bad", [
     ("int", [0, 7, np.int64(3)], [True, 1.0, "1", None]), ("float", [0, 1.5, np.float32(2)], [float("nan"), "1"]),
     ("ids", [[1, 2], (3,), np.array([[1, 2]]), []], ["1,2", [1.9], [True], np.array([1.5])]),
-    ("path", ["a", Path("b")], [b"a", "", "a\0b", 3]), ("array", [np.zeros(2), [[1.0, 2.0]], 3], ["a", [None], {}]),
+    ("path", ["a", Path("b")], [b"a", "", "a\0b", 3]), ("array", [np.zeros(2), [[1.0, 2.0]]], ["a", [None], {}, 3, np.float32(1)]),
 ])
 def test_kinds(kind, good, bad):
     test, words = arguments.KINDS[kind]
