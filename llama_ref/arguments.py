@@ -92,18 +92,19 @@ KINDS = {                                          # kind -> (test, what it acce
     "config": (_is_config, "a LlamaConfig"),
     "dict": (lambda v: isinstance(v, dict), "a dict"),
     "model": (lambda v: hasattr(v, "forward") and hasattr(v, "config"), "a model (llama_ref.Llama)"),
-    "tokenizer": (lambda v: hasattr(v, "encode") and hasattr(v, "decode"), "a tokenizer (llama_ref.tokenizer.Tokenizer)"),
+    "tokenizer": (lambda v: (hasattr(v, "encode") and hasattr(v, "decode")) or _is_path(v),   # exporters take its file
+                  "a tokenizer (llama_ref.tokenizer.Tokenizer) or its file"),
 }
 NAMES = {"model": "model", "tokenizer": "tokenizer", "tok": "tokenizer", "config": "config", "cfg": "config",
          "tokens": "ids", "ids": "ids", "prompt_ids": "ids",
-         **dict.fromkeys(("path", "model_path", "tokenizer_path", "out_dir"), "path"),
+         **dict.fromkeys(("path", "model_path", "out_dir"), "path"),      # not tokenizer_path: bytes are fine there
          **dict.fromkeys(("x", "w", "logits", "data", "values", "probs", "dout", "dy", "dh", "gate", "up", "cos", "sin",
                           "ref_logits", "q_logits", "ref_logprobs"), "array"),
          **dict.fromkeys(("texts", "questions", "sentences"), "texts"),
          **dict.fromkeys(("n", "n_tokens", "max_new_tokens", "max_len", "seq_len", "batch_size", "head_dim", "n_heads",
                           "n_layers", "layer", "steps", "seed", "top_k", "prompt_len", "context", "threads",
                           "n_parts", "group_size", "max_pos"), "int"),
-         **dict.fromkeys(("temperature", "top_p", "lr", "eps", "theta", "beta", "std", "noise", "time_budget_s"),
+         **dict.fromkeys(("top_p", "lr", "eps", "theta", "beta", "std", "noise", "time_budget_s"),
                          "float")}
 
 
@@ -128,10 +129,9 @@ def _kind_of(annotation, default, name, env):
             return KINDS[kind]
     if isinstance(default, os.PathLike):
         return KINDS["path"]
-    if isinstance(default, tuple) and default and all(_is_number(d) for d in default):   # betas=(0.9, 0.95)
-        n = len(default)
-        return ((lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(_is_number(d) for d in v)),
-                f"{n} numbers")
+    if isinstance(default, tuple) and default and all(_is_number(d) for d in default):   # thetas=(10000.0,)
+        return ((lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_number(d) for d in v)),
+                "a list of numbers")
     return None
 
 
@@ -176,10 +176,12 @@ def _from_annotation(ann, allow_none):
 
 def _specs(fn, skip_first=False):
     sig = inspect.signature(fn)
-    env = dict(vars(inspect.getmodule(fn)) if inspect.getmodule(fn) else {}, np=np, os=os)
+    module = inspect.getmodule(fn)
+    env = dict(vars(module) if module else {}, np=np, os=os)
+    own = OWN_CHECKS.get(f"{module.__name__.rpartition('.')[2] if module else ''}.{fn.__name__}", "").split()
     specs = []
     for i, p in enumerate(sig.parameters.values()):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (skip_first and i == 0):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (skip_first and i == 0) or p.name in own:
             continue
         kind = _kind_of(p.annotation, p.default, p.name, env)        # a required parameter's default: empty
         if kind is not None:
@@ -275,7 +277,7 @@ BOUNDARY = {
     "plots": "activation_histograms adherence_curves attention_heatmaps best_of_n_curves head_gain logit_lens_grid "
              "loss_by_position ppo_curves q4_0_block residual_norms reward_model_accuracy rope_frequencies "
              "rope_relative_scores rope_rotations split_graphs",
-    "ppo": "PPOSettings Rollout gae kl_rewards ppo_loss ppo_step rollout token_logprobs",
+    "ppo": "PPOSettings gae kl_rewards ppo_loss ppo_step rollout token_logprobs",
     "preferences": "Annotator judge make_prompts read_preferences true_quality",
     "quant": "dequantize_q4_0 dequantize_q8_0 dequantize_w4 fake_quantize_activations held_nbytes matmul_q8_0_int "
              "q4_0_split q8_0_split quantize_int8 quantize_matrix quantize_model quantize_q4_0 quantize_q8_0 "
@@ -294,7 +296,14 @@ BOUNDARY = {
 
 # Chapters call these too, but the forward calls them per layer per token, and checking them cost 2-3% of decode
 # (measured interleaved): Llama.forward checks what reaches them. tests/test_arguments.py leaves them out.
-UNCHECKED = {"model": "rms_norm softmax silu apply_rope_hf apply_rope_meta attention causal_mask"}
+UNCHECKED = {"model": "rms_norm softmax silu apply_rope_hf apply_rope_meta attention causal_mask",
+             "ppo": "Rollout"}    # a record of arrays (tests leave None where a loss reads nothing); its users check it
+
+# Parameters a function checks itself, with its own error class (chapters catch SamplingError from generate), or of a
+# wider kind than the default says (sample_replies takes one temperature or a (low, high) range).
+OWN_CHECKS = {"generate.generate": "temperature top_k top_p seed", "generate.stream": "temperature top_k top_p seed",
+              "generate.sampling_probs": "temperature top_k top_p", "generate.generate_batch": "temperature top_k top_p",
+              "rlhf.sample_replies": "temperature"}
 
 
 def guard_module(module) -> None:
