@@ -247,12 +247,12 @@ def _check(where, specs, args, kwargs):
 # chapter calls a function that is not listed here, and generates hostile arguments for each one from its signature.
 
 BOUNDARY = {
+    "__main__": "build_parser",
     "backprop": "AdamW attention_backward attention_forward clip_grad_norm cross_entropy_backward cross_entropy_forward "
                 "embedding_backward forward_backward init_weights linear_backward linear_forward lr_schedule "
                 "rmsnorm_backward rmsnorm_forward rope_backward rope_forward swiglu_backward swiglu_forward",
     "chat": "encode_dialog fit_dialog format_dialog turn_strings reply",
     "config": "RopeScaling",
-    "decode": "decode_step",
     "corpus": "check_fact generate_dialogues generate_stories is_grammatical iter_training_text make_world qa_pairs "
               "split_sentences",
     "evaluate": "accuracy_study answer_questions compare_logits complete_sentences difference mean_estimate ngram_losses "
@@ -267,7 +267,7 @@ BOUNDARY = {
     "loader": "checkpoint_bytes find_tokenizer load read_checkpoint",
     "matrices": "bf16_to_f32 f16_to_f32",
     "memory": "kv_cache_bytes plan_memory",
-    "model": "KVCache Llama Llama.forward causal_attention permute_qk_hf_to_meta permute_qk_meta_to_hf rope_freqs",
+    "model": "KVCache Llama Llama.forward causal_attention rope_freqs",
     # causal_attention (once per layer) has one checked argument, `block`, which the forward never passes; the
     # primitives in UNCHECKED stay out (below)
     "ondevice": "OnDeviceLlama calibrate conv1x1 conv_layers decode_bytes_per_token from_nchw linear_to_conv "
@@ -288,7 +288,7 @@ BOUNDARY = {
     "tokenizer": "BPETokenizer Tokenizer load_model_proto",
     "trace": "Trace",
     "trainer": "TrainSettings tokenize_documents train",
-    "weights": "weight_shapes",
+    "weights": "permute_qk_hf_to_meta permute_qk_meta_to_hf weight_shapes",
     "widgets": "annotator_explorer annotator_view attention_explorer attention_view beta_explorer chat_box "
                "device_explorer generation_step generation_stepper reward_probe reward_probe_box rmsnorm_explorer "
                "rmsnorm_view rope_explorer rope_view side_by_side_chat training_explorer",
