@@ -279,13 +279,13 @@ BOUNDARY = {
              "rope_relative_scores rope_rotations split_graphs",
     "ppo": "PPOSettings gae kl_rewards ppo_loss ppo_step rollout token_logprobs",
     "preferences": "Annotator judge make_prompts read_preferences true_quality",
-    "quant": "dequantize_q4_0 dequantize_q8_0 dequantize_w4 fake_quantize_activations held_nbytes matmul_q8_0_int "
+    "quant": "Q8_0Matrix dequantize_q4_0 dequantize_q8_0 dequantize_w4 fake_quantize_activations held_nbytes matmul_q8_0_int "
              "q4_0_split q8_0_split quantize_int8 quantize_matrix quantize_model quantize_q4_0 quantize_q8_0 "
              "quantize_w4 round_half_away save_quantized set_integer_dot vec_dot_q8_0",
     "reward_model": "load_reward_model ranking_loss ranking_loss_backward reward_backward reward_forward",
     "rlhf": "rejection_sampling_examples reply_logprobs sample_replies",
-    "synthetic": "q4_k_m_type write_gguf write_hf",
-    "tokenizer": "BPETokenizer Tokenizer load_model_proto",
+    "synthetic": "q4_k_m_type vocabulary_for write_gguf write_hf",
+    "tokenizer": "BPETokenizer Tokenizer load_model_proto proto_from_vocab",
     "trace": "Trace",
     "trainer": "TrainSettings tokenize_documents train",
     "weights": "permute_qk_hf_to_meta permute_qk_meta_to_hf weight_shapes",
@@ -303,7 +303,8 @@ UNCHECKED = {"model": "rms_norm softmax silu apply_rope_hf apply_rope_meta atten
 # wider kind than the default says (sample_replies takes one temperature or a (low, high) range).
 OWN_CHECKS = {"generate.generate": "temperature top_k top_p seed", "generate.stream": "temperature top_k top_p seed",
               "generate.sampling_probs": "temperature top_k top_p", "generate.generate_batch": "temperature top_k top_p",
-              "rlhf.sample_replies": "temperature"}
+              "rlhf.sample_replies": "temperature",
+              "quant.quantize_model": "model"}        # a weights dict is told to use quantize_weights (QuantizationError)
 
 
 def guard_module(module) -> None:
