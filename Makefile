@@ -52,11 +52,14 @@ test-fast: $(STAMP)
 test-any-cpu: $(STAMP)
 	$(BIN)/python scripts/test_any_cpu.py
 
-# Every file a user gives us, mutated: loads must succeed or raise a LlamaRefError (tests/test_fuzz.py). make test runs
-# each property with 60 examples; this runs many more (FUZZ_EXAMPLES=...), same derandomized choices, so reruns agree.
+# Bad input by family, generated from the code: every file a user gives us mutated, every output path x writer, every
+# numeric option, hostile API arguments from the signatures (tests/test_fuzz.py, test_output.py, test_cli_options.py,
+# test_arguments.py). make test runs each property with 60 examples; this runs many more (FUZZ_EXAMPLES=...), same
+# derandomized choices, so reruns agree.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
-	LLAMA_REF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -s
+	LLAMA_REF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py tests/test_output.py \
+		tests/test_cli_options.py tests/test_arguments.py tests/test_chat.py -q
 
 # The clients people run our files with, in environments of their own (tests/test_interop.py runs in the first):
 #   .venv-interop      torch 2.13.0 (installed first: a CPU wheel), transformers 4.57 + Optimum (which pins
@@ -108,20 +111,20 @@ tokenizer: $(STAMP)
 	$(BIN)/python scripts/train_tokenizer.py
 
 model: $(STAMP)
-	$(BIN)/python scripts/train_model.py --out data/models/tinyworld
+	$(BIN)/python scripts/train_model.py --out data/models/tinyworld --force
 
 # The chat models in the paper's order: SFT (chat) -> RLHF rounds (rlhf) -> Ghost Attention on the RLHF model (gatt).
 chat: $(STAMP)
-	$(BIN)/python scripts/make_chat.py
+	$(BIN)/python scripts/make_chat.py --force
 
 # Starts from data/models/tinyworld-chat; RLHF_ARGS adds options, e.g. RLHF_ARGS="--time-budget-min 30"
 RLHF_ARGS ?=
 rlhf: $(STAMP)
-	$(BIN)/python scripts/make_rlhf.py $(RLHF_ARGS)
+	$(BIN)/python scripts/make_rlhf.py --force $(RLHF_ARGS)
 
 # Starts from data/models/tinyworld-rlhf
 gatt: $(STAMP)
-	$(BIN)/python scripts/make_gatt.py
+	$(BIN)/python scripts/make_gatt.py --force
 
 bench: reference-env
 	$(BIN)/python benchmarks/forward.py --readme

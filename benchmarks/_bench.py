@@ -153,5 +153,6 @@ def write_readme_block(name: str, text: str, anchor: str | None = None, after: b
         s = re.sub(re.escape(start) + ".*" + re.escape(end), lambda m: block, s, flags=re.S)
     elif anchor is not None:
         s = s.replace(anchor, f"{anchor}\n\n{block}" if after else f"{block}\n\n{anchor}")
-    README.write_text(s)
+    from llama_ref.output import write_text        # here, not at the top: importing it loads numpy (see pin_threads)
+    write_text(README, s, force=True)               # the one output policy: atomic, the file's mode kept
     print(f"wrote the table into {README}")

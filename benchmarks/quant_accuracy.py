@@ -23,6 +23,7 @@ from llama_ref import paths, quant as Q, evaluate as E, gguf_io as G
 from llama_ref.evaluate import rate
 from llama_ref.loader import read_checkpoint
 from llama_ref.model import Llama
+from llama_ref.output import atomic_file, write_text
 
 
 def file_size(model, scheme, tokenizer, tmp: Path) -> int:
@@ -66,7 +67,8 @@ def plot(rows, path, title):
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def main(argv=None):
@@ -105,12 +107,11 @@ def main(argv=None):
             f"(held to within 1%: {'met' if abs(q8['ppl_change']) <= 0.01 else 'NOT met'})")
     print(held)
     print(f"(study took {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quant_accuracy.md").write_text(table + "\n" + held + "\n")
-    (out / "quant_accuracy.json").write_text(json.dumps({"model": str(model_path), "config": config.as_dict(),
-                                                         "docs": args.docs, "seq_len": seq_len, "positions": n_pos,
-                                                         "rows": rows}, indent=1) + "\n")
+    out = Path(args.out)                            # results are rewritten each run: the output policy, force
+    write_text(out / "quant_accuracy.md", table + "\n" + held + "\n", force=True)
+    write_text(out / "quant_accuracy.json", json.dumps({"model": str(model_path), "config": config.as_dict(),
+                                                        "docs": args.docs, "seq_len": seq_len, "positions": n_pos,
+                                                        "rows": rows}, indent=1) + "\n", force=True)
     plot(rows, out / "quant_accuracy.png", title)
     if args.readme:
         from _bench import write_readme_block

@@ -14,11 +14,13 @@ concept each (DEVELOPING.md has the full map):
   ondevice    Conv1x1, single-head attention, splits  synthetic   random-weight checkpoints of real shapes
   corpus      the synthetic world we train on         plots, widgets  figures and explorers for the chapters
 """
-from .config import LlamaConfig, PRESETS
-from .errors import LlamaRefError
-from .loader import load
-from .model import Llama, KVCache
-from .trace import Trace
+from . import arguments
+arguments.install()                      # every public function checks its arguments (arguments.BOUNDARY)
+from .config import LlamaConfig, PRESETS  # noqa: E402
+from .errors import LlamaRefError  # noqa: E402
+from .loader import load  # noqa: E402
+from .model import Llama, KVCache  # noqa: E402
+from .trace import Trace  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LlamaConfig", "PRESETS", "Llama", "KVCache", "Trace", "LlamaRefError", "load", "__version__"]

@@ -33,13 +33,12 @@ message and the last user message alone do not fit, ContextLengthError. policy="
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import ChatFormatError, ContextLengthError
+from . import inputs
 from .generate import generate
 from .paths import CHAT_BASELINE_MODEL, CHAT_GATT_MODEL
 
@@ -262,6 +261,10 @@ def fit_dialog(dialog, tokenizer, max_tokens: int, reserve: int = 0, policy: str
     policy "drop_oldest": drop the oldest (user, assistant) pairs, keep the system message (merged into the
     new first user message). policy "error": raise ContextLengthError when it does not fit.
     Returns (dialog, n_pairs_dropped).
+
+    Each turn is encoded once (format_dialog encodes turn by turn, so a prompt's length is the sum of its turns'):
+    dropping k pairs costs one more encode, of the new first turn with the system message merged in. Linear in the
+    dialogue's length, where re-encoding the whole dialogue per dropped pair was quadratic.
     """
     if policy not in ("drop_oldest", "error"):
         raise ChatFormatError(f"policy={policy!r}: use 'drop_oldest' or 'error'")
@@ -269,21 +272,27 @@ def fit_dialog(dialog, tokenizer, max_tokens: int, reserve: int = 0, policy: str
     budget = max_tokens - reserve
     system = msgs[:1] if msgs[0]["role"] == "system" else []
     rest = msgs[len(system):]
-    dropped = 0
-    while True:
-        n = len(format_dialog(system + rest, tokenizer))
+    texts, _ = turn_strings(rest, "user")                       # turn j = rest[2j] (+ its answer rest[2j + 1])
+
+    def n_tokens(text, finished):                               # BOS + the text (+ EOS after an answer)
+        return 1 + len(tokenizer.encode(text, bos=False, eos=False)) + finished
+    last = len(texts) - 1
+    after = [0] * (len(texts) + 1)                              # after[j]: tokens of turns j, j+1, ... as they are
+    for j in range(last, 0, -1):
+        after[j] = after[j + 1] + n_tokens(texts[j], j < last)
+    for k in range(len(texts)):                                 # drop the k oldest pairs
+        first = n_tokens(turn_strings(system + rest[2 * k:2 * k + 2], "any")[0][0], k < last) if system \
+            else n_tokens(texts[k], k < last)
+        n = first + after[k + 1]
         if n <= budget:
-            return system + rest, dropped
+            return system + rest[2 * k:], k
         if policy == "error":
             raise ContextLengthError(f"the dialogue needs {n} tokens but only {budget} fit (context window "
                                      f"{max_tokens}, {reserve} kept for the answer); shorten it or use "
                                      "policy 'drop_oldest'")
-        if len(rest) == 1:
-            raise ContextLengthError(f"even the last user message{' and the system message' if system else ''} "
-                                     f"need {n} tokens, more than the {budget} that fit (context window "
-                                     f"{max_tokens}, {reserve} kept for the answer); shorten them")
-        rest = rest[2:]
-        dropped += 1
+    raise ContextLengthError(f"even the last user message{' and the system message' if system else ''} "
+                             f"need {n} tokens, more than the {budget} that fit (context window "
+                             f"{max_tokens}, {reserve} kept for the answer); shorten them")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,8 +319,9 @@ def reply(model, tokenizer, dialog, max_new_tokens=64, temperature=0.0, top_k=No
 # command line: python -m llama_ref chat
 
 def read_stdin() -> str:
-    """All of standard input as text; invalid UTF-8 is a ChatFormatError, not a UnicodeDecodeError traceback."""
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    """Standard input as text, at most inputs.STDIN_MAX_BYTES (a closed stdin or an endless one is an InputError);
+    invalid UTF-8 is a ChatFormatError, not a UnicodeDecodeError traceback."""
+    data = inputs.read_stdin()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -320,11 +330,12 @@ def read_stdin() -> str:
 
 
 def read_dialog_json(text: str):
+    """A dialogue given as JSON text (inputs.parse_json: hostile JSON is a ChatFormatError)."""
     try:
-        dialog = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ChatFormatError(f"stdin is not valid JSON ({e}); give a dialogue like "
-                              '[{"role": "user", "content": "What pet does Mia have?"}]') from None
+        dialog = inputs.parse_json(text, "stdin", ChatFormatError)
+    except ChatFormatError as e:
+        raise ChatFormatError(f'{e}; give a dialogue like [{{"role": "user", "content": "What pet does Mia have?"}}]') \
+            from None
     if isinstance(dialog, dict) and "messages" in dialog:     # {"messages": [...]} is accepted too
         dialog = dialog["messages"]
     return dialog

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +28,8 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, TokenizerError
-from .output import _fsync_dir, check_output, publish, temp_dir_beside, write_text
+from .inputs import read_json
+from .output import check_output, inputs_of, updated_dir
 from .model_files import COMPANION_FILES, companion_files
 from .safetensors import _is_int, _write_safetensors, read_safetensors
 from .weights import check_finite_array, check_weights, is_ignored, weight_shapes
@@ -90,10 +90,7 @@ def _load_single(file):
 
 def _load_sharded(index_path):
     """Shards named by the index's weight_map; every tensor must be exactly where the index says."""
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index_path} is not valid JSON ({e}); re-save the checkpoint") from None
+    index = read_json(index_path, "shard index")                          # CheckpointError for any bad JSON
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path} lacks a weight_map {{tensor name: shard file}}; re-save the checkpoint")
@@ -138,7 +135,7 @@ def _to_model_dtype(a):
 
 
 def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, max_shard_bytes=None,
-               extra_files=None, extra_tensors=None, config_extra=None, chat_template=None):
+               extra_files=None, extra_tensors=None, config_extra=None, chat_template=None, force=False):
     """Write an HF model directory that llama_ref and transformers' LlamaForCausalLM.from_pretrained both load.
 
     Writes config.json, model.safetensors in float32 (or, with max_shard_bytes, model-0000i-of-0000n.safetensors
@@ -150,15 +147,13 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
     extra_tensors {name: array} go into the weight file beside the model's (a reward model's `score.weight`), and
     config_extra {key: value} into config.json (its `architectures`); loaders of a causal LM refuse such a directory.
 
-    Atomicity policy ("nothing a user owns is overwritten half-way"):
-      - everything is first written complete into a temporary directory `<path>.tmp-XXXX` beside `path`;
-      - if `path` does not exist, that directory is renamed to `path` in one step;
-      - if `path` is an existing directory, each new file is moved in with os.replace (atomic per file; weights
-        first, config.json last). Files we did not write are left alone, except the weight files of an earlier
-        save in another layout (model.safetensors, model.safetensors.index.json, model-*-of-*.safetensors), which
-        would otherwise shadow or contradict the new weights and are removed once the new ones are in place;
-      - on any error the temporary directory is removed and `path` is as it was.
-    Existing files are replaced, never written into, so arrays memory-mapped from them stay valid.
+    The output policy (output.py, `updated_dir`): a new path gets the whole directory in one rename; an existing
+    one only with force and only if llama_ref wrote it: each new file is moved in with os.replace (weights first,
+    config.json last). Files of the user's are left alone (never replaced), and the weight files of an earlier save
+    in another layout (model.safetensors, model.safetensors.index.json, model-*-of-*.safetensors), which would
+    otherwise shadow or contradict the new weights, are removed once the new ones are in place. On any error or
+    signal the temporary directory is removed and `path` is as it was. Existing files are replaced, never written
+    into, so arrays memory-mapped from them stay valid.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -177,12 +172,15 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
         raise TokenizerError(f"tokenizer {tokenizer_path} does not exist; pass the tokenizer.model the model was "
                              "trained with, or tokenizer_path=None")
     companions = companion_files(config, tokenizer_path, chat_template)
+    inputs = inputs_of(weights, extra_tensors, tokenizer_path)
+    check_output(path, force=force, kind="update", inputs=inputs)
 
-    check_output(path, force=True, kind="dir")
-    with temp_dir_beside(path) as tmp:
+    def stale(name):                                                   # weight files of an earlier layout
+        return name in (SAFETENSORS_NAME, INDEX_NAME) or bool(SHARD_PATTERN.match(name))
+    with updated_dir(path, force=force, inputs=inputs, last=(CONFIG_NAME,), stale=stale) as tmp:
         tensors = {n: weights[n] for n in weight_shapes(config)}              # HF order, lm_head only if untied
         tensors.update(extra_tensors or {})
-        weight_files = _write_weights(tmp, tensors, max_shard_bytes)
+        _write_weights(tmp, tensors, max_shard_bytes)
         for name, content in companions.items():
             (tmp / name).write_bytes(content)
         for name, content in extra_files.items():
@@ -192,23 +190,8 @@ def save_model(path, config: LlamaConfig, weights: dict, tokenizer_path=None, ma
                 (tmp / name).write_bytes(content)
             else:
                 shutil.copyfile(content, tmp / name)
-        write_text(tmp / CONFIG_NAME, json.dumps({**config.to_hf(), **(config_extra or {})}, indent=2) + "\n")
-        publish(tmp)
-
-        if not path.exists():
-            os.rename(tmp, path)                                               # the whole directory, atomically
-            _fsync_dir(path.parent)
-            return path
-        order = weight_files + sorted(n.name for n in tmp.iterdir() if n.name not in weight_files
-                                      and n.name != CONFIG_NAME) + [CONFIG_NAME]
-        for name in order:
-            os.replace(tmp / name, path / name)
-        for old in path.iterdir():                                             # weight files of an earlier layout
-            if old.name not in weight_files and (old.name in (SAFETENSORS_NAME, INDEX_NAME)
-                                                 or SHARD_PATTERN.match(old.name)):
-                old.unlink()
-        _fsync_dir(path)
-        return path
+        (tmp / CONFIG_NAME).write_text(json.dumps({**config.to_hf(), **(config_extra or {})}, indent=2) + "\n")
+    return path
 
 
 def _write_weights(dir_, tensors, max_shard_bytes):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .inputs import read_json
 from .output import write_text
 
 
@@ -44,6 +45,8 @@ class RopeScaling:
 
 
 ROPE_TYPES = ("linear", "dynamic", "llama3")
+MAX_ROPE_FACTOR = 2.0 ** 20           # far beyond any published RoPE scaling; keeps factor x max_seq_len an integer
+NORM_EPS_RANGE = (1e-38, 1.0)         # float32 keeps eps > 0 from 1e-38; above 1 it drowns mean(x^2) of a normed stream
 
 
 def parse_rope_scaling(d: dict, key: str, source: str) -> RopeScaling | None:
@@ -62,6 +65,9 @@ def parse_rope_scaling(d: dict, key: str, source: str) -> RopeScaling | None:
             raise ConfigError(f"{source}: {key}.{name}={v!r} must be a positive {'integer' if integer else 'number'}")
         return int(v) if integer else float(v)
     factor = number("factor")
+    if factor > MAX_ROPE_FACTOR:
+        raise ConfigError(f"{source}: {key}.factor={factor:g} is above {MAX_ROPE_FACTOR:g}; published scalings stretch "
+                          "RoPE by 4 to 64: is the config corrupt?")
     if kind != "llama3":
         if factor < 1:
             raise ConfigError(f"{source}: {key}.factor={factor} must be >= 1 (it stretches the context)")
@@ -138,6 +144,10 @@ class LlamaConfig:
             v = getattr(self, name)
             if not isinstance(v, float) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"config field {name}={v!r} must be a finite number > 0")
+        if not NORM_EPS_RANGE[0] <= self.norm_eps <= NORM_EPS_RANGE[1]:
+            raise ConfigError(f"config field norm_eps={self.norm_eps!r} must be in [{NORM_EPS_RANGE[0]:g}, "
+                              f"{NORM_EPS_RANGE[1]:g}]: RMSNorm adds it to the mean square of a float32 stream "
+                              "(Llama 2 uses 1e-5)")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"config field tie_embeddings={self.tie_embeddings!r} must be true or false")
         for name in ("bos_id", "eos_id"):
@@ -152,6 +162,12 @@ class LlamaConfig:
         if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
                               "grouped-query attention needs equal-sized groups")
+        s = self.rope_scaling
+        if s is not None:                                           # built directly, not by parse_rope_scaling
+            if not isinstance(s, RopeScaling) or s.kind not in ROPE_TYPES:
+                raise ConfigError(f"config field rope_scaling={s!r} must be None or a RopeScaling of type "
+                                  f"{', '.join(ROPE_TYPES)}")
+            parse_rope_scaling(s.to_hf(), "rope_scaling", "config")
 
     def replace(self, **changes) -> "LlamaConfig":
         return replace(self, **changes)
@@ -246,9 +262,9 @@ class LlamaConfig:
                               "Llama 2 requires them equal")
         return cfg
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write config.json (HF format) atomically."""
-        write_text(path, json.dumps(self.to_hf(), indent=2) + "\n")
+    def save(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Write config.json (HF format) atomically (an existing file only with force)."""
+        write_text(path, json.dumps(self.to_hf(), indent=2) + "\n", force=force)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LlamaConfig":
@@ -258,15 +274,7 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path} does not exist; an HF model directory needs a config.json")
-        if not path.is_file():
-            raise ConfigError(f"{path} is not a regular file; an HF model directory needs a config.json file")
-        try:
-            d = json.loads(path.read_bytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:   # ValueError: JSON, or a 5000-digit number
-            raise ConfigError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); re-create it or copy "
-                              "it from the model's source") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+        d = read_json(path, "config.json", ConfigError)            # regular file, size cap, any bad JSON refused
         return cls.from_hf(d, source=str(path))
 
     def as_dict(self) -> dict:

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig, config_from_fields, parse_rope_scaling
-from .errors import CheckpointError, LlamaRefError, QuantizationError
-from .output import atomic_file, check_output
+from .errors import CheckpointError, LlamaRefError, QuantizationError, TokenizerError
+from .output import atomic_file, check_output, inputs_of
 from .weights import (GGUF, HF, check_weights, permute_qk_hf_to_meta, qk_heads, qk_rows_hf_to_meta, qk_rows_meta_to_hf,
                       rename)
 from .model_files import check_chat_template
@@ -99,19 +99,48 @@ class GGUFVocab(tuple):
     """(pieces, scores, types, unk_id) taken from a GGUF file, to carry a vocabulary over into a new GGUF."""
 
 
+def _token_id(r, key, default, path) -> int:
+    v = _field(r, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise TokenizerError(f"{path}: {key}={v!r} is not a token id; the GGUF's tokenizer metadata is corrupt")
+    return int(v)
+
+
 def special_ids(path) -> tuple[int, int]:
     """(BOS, EOS) token ids a GGUF names (Llama 2's 1 and 2 when it does not)."""
     r = _open_gguf(path)
-    return int(_field(r, "tokenizer.ggml.bos_token_id", 1)), int(_field(r, "tokenizer.ggml.eos_token_id", 2))
+    return _token_id(r, "tokenizer.ggml.bos_token_id", 1, path), _token_id(r, "tokenizer.ggml.eos_token_id", 2, path)
 
 
 def read_gguf_vocab(path) -> GGUFVocab | None:
-    """The SentencePiece vocabulary stored in a GGUF (tokenizer.ggml.*), or None if it has none."""
+    """The SentencePiece vocabulary stored in a GGUF (tokenizer.ggml.*), or None if it has none. Scores and token
+    types may be absent (llama.cpp then takes 0.0 and NORMAL, and so do we); pieces must be distinct strings and
+    every array as long as the pieces, else TokenizerError."""
     r = _open_gguf(path)
     if _field(r, "tokenizer.ggml.tokens") is None or _field(r, "tokenizer.ggml.model") != "llama":
         return None
-    return GGUFVocab((_field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.scores"),
-                      _field(r, "tokenizer.ggml.token_type"), int(_field(r, "tokenizer.ggml.unknown_token_id", 0))))
+    pieces = _field(r, "tokenizer.ggml.tokens")
+    n = len(pieces) if isinstance(pieces, list) else 0
+    scores = _field(r, "tokenizer.ggml.scores", [0.0] * n)
+    types = _field(r, "tokenizer.ggml.token_type", [1] * n)
+    fix = "the GGUF's tokenizer metadata is corrupt: re-export it, or pass --tokenizer"
+    if not n or not all(isinstance(p, str) for p in pieces):
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens must be a non-empty array of strings; {fix}")
+    for key, values in (("scores", scores), ("token_type", types)):
+        if not isinstance(values, list) or len(values) != n or not all(
+                isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+                for v in values):
+            raise TokenizerError(f"{path}: tokenizer.ggml.{key} must hold {n} finite numbers, one per token; {fix}")
+    if not all(isinstance(t, (int, np.integer)) and 1 <= t <= 6 for t in types):
+        raise TokenizerError(f"{path}: tokenizer.ggml.token_type holds a type outside 1..6 (SentencePiece's); {fix}")
+    if len(set(pieces)) != n:
+        seen = set()
+        dup = next(p for p in pieces if p in seen or seen.add(p))
+        raise TokenizerError(f"{path}: the piece {dup!r} appears twice in tokenizer.ggml.tokens; {fix}")
+    unk = _token_id(r, "tokenizer.ggml.unknown_token_id", 0, path)
+    if unk >= n:
+        raise TokenizerError(f"{path}: tokenizer.ggml.unknown_token_id={unk} is outside the {n} tokens; {fix}")
+    return GGUFVocab((pieces, scores, types, unk))
 
 
 def read_chat_template(path) -> str | None:
@@ -166,7 +195,7 @@ def save_gguf(path, config: LlamaConfig, weights, tokenizer_path=None, file_type
         raise QuantizationError(f"GGUF file type {file_type!r}: choose one of {', '.join(FILE_TYPES)}")
     if file_type in ("f32", "f16"):
         weights = {k: (v.dequantize() if isinstance(v, quant.QuantizedMatrix) else v) for k, v in weights.items()}
-    path = check_output(path, force=force)
+    path = check_output(path, force=force, inputs=inputs_of(weights, tokenizer_path))
     if config.rope_scaling is not None and config.rope_scaling.kind != "linear":
         raise CheckpointError(f"GGUF (as llama.cpp reads it) has no {config.rope_scaling.kind!r} RoPE scaling for Llama; "
                               "only 'linear' can be written: save this model as an HF directory instead")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
 from .errors import InputError
+from .inputs import NpzArchive, regular_file
 from .output import save_npz  # noqa: F401  (taps are saved with the package's one atomic writer)
 from .trace import Trace
 
@@ -59,28 +59,23 @@ def forward_patched(model, tokens, patches: dict[str, Callable], *patterns: str,
 # Comparing with a reference
 
 def load_reference(reference: str | os.PathLike | Mapping) -> Mapping:
-    """A reference as a mapping name -> array: an .npz path (ours, `inspect --save`, or another engine's) or a mapping."""
+    """A reference as a mapping name -> array: an .npz path (ours, `inspect --save`, or another engine's) or a mapping.
+
+    An .npz is an inputs.NpzArchive: every member's name, dtype and shape is checked from the archive's headers
+    first (numbers only; a claimed size must match the member's bytes), and an array is read only when asked for."""
     if isinstance(reference, Mapping) or hasattr(reference, "files"):
         return reference
-    path = Path(reference)
+    if isinstance(reference, bytes) or not isinstance(reference, (str, os.PathLike)):
+        raise InputError(f"reference must be an .npz path or a mapping of tap name -> array, not "
+                         f"{type(reference).__name__}")
+    path = regular_file(reference, "reference .npz", InputError)
     how = "give an .npz written by np.savez with tap names as keys (e.g. by `python -m llama_ref inspect --save`)"
-    if path.is_dir():
-        raise InputError(f"reference {path} is a directory; {how}")
-    if not path.exists():
-        raise InputError(f"reference file {path} does not exist; {how}")
-    if not path.is_file():
-        raise InputError(f"reference {path} is not a regular file (a pipe or a device?); {how}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04":                                  # an .npz is a zip archive of .npy files
         what = "a single .npy array" if magic == b"\x93NUM" else "not an .npz file (an .npz is a zip of .npy arrays)"
         raise InputError(f"reference {path} is {what}; {how}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:   # not a zip, truncated, pickled objects...
-        raise InputError(f"cannot read {path} as an .npz of arrays ({type(e).__name__}: {e}); "
-                         "write it with np.savez(path, **{tap_name: array})") from None
+    return NpzArchive(path, InputError)
 
 
 def compare(trace: Trace | dict, reference: str | os.PathLike | Mapping, names: list[str] | None = None) -> list[dict]:
@@ -99,11 +94,16 @@ def compare(trace: Trace | dict, reference: str | os.PathLike | Mapping, names: 
                          "ref_scale": float("nan"), "missing": "ours" if n not in ours else "reference"})
             continue
         a = np.asarray(ours[n], dtype=np.float64)
-        b = np.asarray(reference[n], dtype=np.float64)
-        if a.shape != b.shape:
+        b_shape = reference.shapes[n] if isinstance(reference, NpzArchive) else np.shape(reference[n])
+        if a.shape != tuple(b_shape):                              # checked before an archive's array is read
             rows.append({"tap": n, "shape": a.shape, "max_abs_err": float("inf"), "max_rel_err": float("inf"),
-                         "ref_scale": float("nan"), "missing": f"shape {a.shape} vs reference {b.shape}"})
+                         "ref_scale": float("nan"), "missing": f"shape {a.shape} vs reference {tuple(b_shape)}"})
             continue
+        try:
+            b = np.asarray(reference[n], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise InputError(f"reference tap {n!r} is not numeric ({np.asarray(reference[n]).dtype}); a reference "
+                             "holds numbers") from None
         err = np.abs(a - b)
         scale = float(np.abs(b).max()) if b.size else 0.0
         rows.append({"tap": n, "shape": a.shape, "max_abs_err": float(err.max()) if err.size else 0.0,

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import LlamaConfig, config_from_fields
 from .errors import CheckpointError, ConfigError
-from .output import atomic_file, check_output
+from .output import atomic_file, check_output, inputs_of
 from .matrices import Float32Matrix
 from .weights import (HF, LAYER_TENSORS, LLAMA2C, MODEL_TENSORS, check_weights, layer_names, permute_qk_hf_to_meta,
                       qk_rows_meta_to_hf)
@@ -152,7 +152,7 @@ def legacy_rope_tables(config: LlamaConfig):
     return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
 
 
-def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True):
+def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=False):
     """Write HF-named weights as a llama2.c .bin (version 0, what run.c reads, or 1), atomically.
 
     q/k rows go back to Meta's pair layout (permute_qk_hf_to_meta). The classifier is written as shared when
@@ -160,7 +160,7 @@ def save_llama2c(path, config: LlamaConfig, weights: dict, version=0, force=True
     The format cannot store rope_theta, norm_eps, bos/eos: run.c assumes theta 10000, eps 1e-5 (BOS 1, EOS 2), so a
     config with another theta or eps is refused rather than silently changed.
     """
-    path = check_output(path, force=force)
+    path = check_output(path, force=force, inputs=inputs_of(weights))
     if version not in (0, 1):
         raise CheckpointError(f"llama2.c version {version!r} is not written by llama_ref; use version=0 (run.c) or 1")
     if config.rope_scaling is not None:

@@ -29,12 +29,12 @@ Quantized weights are never packed: a Q4_K model runs as Q4_K ("as stored", with
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoint import INDEX_NAME, load_hf_dir
 from .llama2c import load_llama2c
 from .config import LlamaConfig
+from .inputs import read_json
 from .errors import CheckpointError, TokenizerError
 from .memory import plan_memory
 from .model_files import TOKENIZER_CONFIG
@@ -139,14 +139,10 @@ def read_chat_template(model_path=None) -> str | None:
     file = model_path / TOKENIZER_CONFIG
     if not model_path.is_dir() or not file.exists():
         return None
-    if not file.is_file() or file.stat().st_size > MAX_TOKENIZER_CONFIG_BYTES:
-        raise TokenizerError(f"{file} is not a regular file of at most {MAX_TOKENIZER_CONFIG_BYTES >> 20} MiB; "
-                             "remove it or copy the model's own tokenizer_config.json")
     try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise TokenizerError(f"{file} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); remove it or copy the "
-                             "model's own tokenizer_config.json") from None
+        data = read_json(file, "tokenizer_config.json", TokenizerError, limit=MAX_TOKENIZER_CONFIG_BYTES)
+    except TokenizerError as e:
+        raise TokenizerError(f"{e}; remove it or copy the model's own tokenizer_config.json") from None
     template = data.get("chat_template") if isinstance(data, dict) else None
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{file}: chat_template is a {type(template).__name__}; llama_ref passes on one Jinja "

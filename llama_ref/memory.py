@@ -1,4 +1,5 @@
 """The memory plan: how much memory this process may still take, and what a model, a cache or a batch will need.
+(`config` arguments are LlamaConfigs; this module imports no config, so low-level readers can ask it too.)
 
 Chapter 14 (the real Llama 2) teaches it; the loader, generation, training and the readers of untrusted files ask it
 before they allocate anything large.
@@ -27,10 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LlamaConfig
 from .errors import CheckpointError, MemoryBudgetError
 from .matrices import tile_buffer_bytes
-from .weights import weight_shapes
 
 CONSTANT_BYTES = 320 * 2 ** 20          # Python, NumPy, OpenBLAS buffers, this package (measured: benchmarks/big_model.py)
 GIB = 2 ** 30
@@ -145,17 +144,17 @@ def require(nbytes: int, what: str, fix: str, error=MemoryBudgetError) -> None:
 # ------------------------------------------------------------------------------------------------
 # What a model needs
 
-def kv_cache_bytes(config: LlamaConfig, batch_size: int, length: int) -> int:
+def kv_cache_bytes(config, batch_size: int, length: int) -> int:
     """Bytes of a float32 KV cache holding `length` positions: K and V, every layer, every key/value head."""
     return 2 * config.n_layers * batch_size * config.n_kv_heads * length * config.head_dim * 4
 
 
-def packed_bytes(config: LlamaConfig, weights: dict) -> int:
+def packed_bytes(config, weights: dict) -> int:
     """Bytes of the float32 copies Llama(pack=True) makes: every float (not quantized) matrix, the embedding when it is
     not float32 already, and the (C, V) classifier a tied float embedding is packed into."""
     total = 0
-    for name, shape in weight_shapes(config).items():
-        w = weights[name]
+    for name, w in weights.items():                                     # checked weights: exactly the config's
+        shape = tuple(w.shape)
         if len(shape) != 2 or getattr(w, "quantized", False):
             continue
         if name == "model.embed_tokens.weight":
@@ -166,12 +165,22 @@ def packed_bytes(config: LlamaConfig, weights: dict) -> int:
     return total
 
 
-def activation_bytes(config: LlamaConfig, n_tokens: int, batch_size: int = 1) -> int:
+def activation_bytes(config, n_tokens: int, batch_size: int = 1) -> int:
     """A forward over n_tokens at once (the prefill): the residual stream and its norms, q/k/v, SwiGLU's three (T, H)
     arrays, the logits, and the attention scores and probabilities of one layer (B, nh, T, S) with S = T."""
     T, B = n_tokens, batch_size
     per_token = 8 * config.dim + 4 * config.hidden_dim + config.vocab_size
     return 4 * B * (T * per_token + 2 * config.n_heads * T * T)
+
+
+def training_bytes(config, batch_size: int, seq_len: int) -> int:
+    """An upper bound of what one training step holds (train.forward_backward_parallel and AdamW): weights, Adam's
+    two moments and the gradients of two workers and their sum (6 x 4 bytes a parameter), and per token each layer's
+    cached activations (~12 (C,) and 4 (H,) vectors, the attention row of nh x T) plus the logits, their softmax and
+    gradient. Measured against tracemalloc in tests/test_memory.py."""
+    per_token = 4 * (config.n_layers * (12 * config.dim + 4 * config.hidden_dim + config.n_heads * seq_len)
+                     + 4 * config.vocab_size)
+    return 6 * 4 * config.n_params() + batch_size * seq_len * per_token
 
 
 def weight_kinds(weights: dict) -> dict[str, int]:
@@ -219,7 +228,7 @@ class MemoryPlan:
         return dataclasses.asdict(self)
 
 
-def plan_memory(config: LlamaConfig, weights: dict, file_bytes: int = 0, n_tokens: int | None = None,
+def plan_memory(config, weights: dict, file_bytes: int = 0, n_tokens: int | None = None,
                 batch_size: int = 1, pack: str = "auto", budget: int | None = None) -> MemoryPlan:
     """Choose packed or as stored (pack = "auto" | "always" | "never") and estimate the memory, or refuse with a
     MemoryBudgetError naming the numbers, before anything large is allocated."""

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from .config import LlamaConfig
 from .errors import ChatFormatError, TokenizerError
-from .tokenizer import _load_sentencepiece, hf_tokenizer_json
+from .inputs import read_bytes
+from .tokenizer import MODEL_FILE_MAX_BYTES, _load_sentencepiece, hf_tokenizer_json
 
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"
@@ -118,11 +119,7 @@ def tokenizer_bytes(tokenizer) -> bytes | None:
     """A tokenizer given as a .model path or as its bytes -> the bytes (None stays None)."""
     if tokenizer is None or isinstance(tokenizer, bytes):
         return tokenizer
-    try:
-        return Path(tokenizer).read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"cannot read the tokenizer {tokenizer} ({e.strerror}); pass the tokenizer.model the "
-                             "model was trained with") from None
+    return read_bytes(tokenizer, "tokenizer model", TokenizerError, limit=MODEL_FILE_MAX_BYTES)   # regular, capped
 
 
 def companion_files(config: LlamaConfig, tokenizer=None, chat_template: str | None = None) -> dict[str, bytes]:

@@ -41,7 +41,8 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, InputError
-from .output import atomic_dir, check_output
+from .inputs import read_json
+from .output import atomic_dir, check_output, inputs_of
 from .model import Llama
 from .ondevice import CALIBRATION_TEXTS, OnDeviceLlama, calibrate, split_layers
 from .model_files import companion_files
@@ -233,7 +234,7 @@ def export_qnn_onnx(model: Llama, out, calibration_prompts, n_parts=4, prompt_le
     Atomic: an existing directory is replaced whole, and only with force."""
     onnx = require_onnx()
     cfg = model.config
-    out = check_output(out, force=force, kind="dir")
+    out = check_output(out, force=force, kind="dir", inputs=inputs_of(model, tokenizer))
     check_static_rope(cfg)
     parts = split_layers(cfg.n_layers, n_parts)
     prompt_len, context = prompt_len or min(cfg.max_seq_len, 64), context or cfg.max_seq_len
@@ -268,9 +269,9 @@ class OnnxOnDeviceLlama(OnDeviceLlama):
         require_onnx()
         path = Path(path)
         try:
-            manifest = json.loads((path / "ondevice.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not an on-device export (ondevice.json: {e}); write one with "
+            manifest = read_json(path / "ondevice.json", "on-device manifest")
+        except CheckpointError as e:
+            raise CheckpointError(f"{path} is not an on-device export ({e}); write one with "
                                   "`python -m llama_ref export --format qnn-onnx --out DIR`") from None
         cfg = LlamaConfig.from_hf(manifest["config"])
         self.set_host(cfg, len(manifest["parts"]), manifest["prompt_len"], manifest["context"])

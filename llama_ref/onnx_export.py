@@ -29,7 +29,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ExtraMissingError, InputError, QuantizationError
-from .output import atomic_dir, check_output
+from .output import atomic_dir, check_output, inputs_of
 from .model import Llama, rope_tables
 from .model_files import companion_files
 from .quant import W4Matrix
@@ -313,7 +313,7 @@ def export_onnx(model: Llama, out, int4=False, tokenizer=None, force=False, max_
     tokenizer files; chat_template for a chat model), atomically: an existing directory is replaced only when the new
     one is whole (and only with force)."""
     onnx = require_onnx()
-    out = check_output(out, force=force, kind="dir")
+    out = check_output(out, force=force, kind="dir", inputs=inputs_of(model, tokenizer))
     if int4:
         check_int4_shapes(model.config)                            # before anything is built or written
     companions = companion_files(model.config, tokenizer, chat_template)

@@ -21,3 +21,4 @@ RLHF_MODEL = MODELS_DIR / "tinyworld-rlhf"           # SFT + safety SFT + rounds
 CHAT_GATT_MODEL = MODELS_DIR / "tinyworld-gatt"      # the RLHF model + Ghost Attention (chapter 11)
 REFERENCE_DIR = DATA_DIR / "reference"
 CHAT_MODELS = (CHAT_BASELINE_MODEL, CHAT_GATT_MODEL, RLHF_MODEL)   # the shipped models that chat (they carry a template)
+RUNS_DIR = REPO_DIR / "runs"                       # `train` without --out writes runs/train-<time>/

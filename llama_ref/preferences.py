@@ -27,6 +27,7 @@ import numpy as np
 
 from .corpus import PETS, generate_dialogues, is_grammatical, make_world, split_sentences
 from .errors import InputError, PreferenceError
+from .inputs import parse_json, read_bytes
 from .output import write_text
 from .gatt import Instruction, random_instruction, strip_instruction
 
@@ -221,10 +222,10 @@ def _unsafe_preferred(labels) -> bool:
     return labels is not None and labels[0] == "violation" and labels[1] != "violation"
 
 
-def write_preferences(path, prefs: list[Preference]) -> Path:
+def write_preferences(path, prefs: list[Preference], force=False) -> Path:
     """One JSON object per line: {"prompt": [messages], "chosen": str, "rejected": str, "degree": str}, and for safety
     preferences "tag" (TAGS), "chosen_label" and "rejected_label" (LABELS)."""
-    return write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prefs))
+    return write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prefs), force=force)
 
 
 def _reply_of(value, prompt, what: str, where: str) -> str:
@@ -263,25 +264,26 @@ def _safety_fields(rec: dict, where: str, required: bool):
     return rec["tag"], labels
 
 
+PREFERENCES_MAX_BYTES = 1 << 30       # a preference file is read whole; 1 GiB is ~700,000 preferences
+
+
 def read_preferences(path, safety: bool = False) -> list[Preference]:
     """Read a JSONL preference file, checking every line: a known degree, two non-empty replies that differ and
     answer the same prompt, a prompt that ends with the user's message. Safety preferences (every line, with
     `safety=True`) also carry a known tag and labels, no violation preferred to a safe reply, and no prompt tagged
     both "unsafe" and "borderline" on different lines."""
     path = Path(path)
+    data = read_bytes(path, "preference file", PreferenceError, limit=PREFERENCES_MAX_BYTES)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
         raise PreferenceError(f"cannot read the preference file {path} ({e})") from None
     out, tagged = [], {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path}, line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreferenceError(f"{where}: not JSON ({e.msg}); each line holds one preference object") from None
+        rec = parse_json(line, f"{where} (each line holds one preference object)", PreferenceError)
         if not isinstance(rec, dict):
             raise PreferenceError(f"{where}: a preference is a JSON object, got {type(rec).__name__}")
         prompt = rec.get("prompt")

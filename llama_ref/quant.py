@@ -30,7 +30,8 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, LlamaRefError, QuantizationError
-from .output import atomic_dir, check_output
+from .inputs import read_json
+from .output import atomic_dir, check_output, inputs_of
 from .matrices import Scratch, StoredMatrix, as_f32, f16_to_f32, first_nonfinite, plain, product
 from .model_files import companion_files
 from .safetensors import _write_safetensors, read_safetensors
@@ -853,7 +854,7 @@ QUANT_DTYPES = ("F32", "F16", "U8", "I8")       # what save_quantized writes (sa
 def save_quantized(path, model, scheme: str, tokenizer_path=None, force=False, chat_template=None) -> Path:
     """Write a quantized model as a directory (format above) with what travels with a model (tokenizer files, the
     chat template of a chat model: model_files.companion_files); atomic: built in a temp dir, then renamed."""
-    path = check_output(path, force=force, kind="dir")
+    path = check_output(path, force=force, kind="dir", inputs=inputs_of(model, tokenizer_path))
     companions = companion_files(model.config, tokenizer_path, chat_template)     # checked before any work
     tensors, kinds = {}, {}
     for name, w in model.weights.items():
@@ -877,10 +878,10 @@ def save_quantized(path, model, scheme: str, tokenizer_path=None, force=False, c
 def is_quantized_dir(path) -> bool:
     p = Path(path) / "config.json"
     try:
-        d = json.loads(p.read_text())
-        return p.is_file() and isinstance(d, dict) and "quantization" in d
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        d = read_json(p, "config.json")                             # a FIFO or /dev/zero is refused, not read
+    except CheckpointError:
         return False
+    return isinstance(d, dict) and "quantization" in d
 
 
 # What each kind of quantized matrix stores: part name -> (dtype, shape from (out, in)).
@@ -908,9 +909,9 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
     path = Path(path)
     fix = "re-create it with `python -m llama_ref quantize`"
     try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}/config.json cannot be read ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+        cfg = read_json(path / "config.json", "config.json")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {fix}") from None
     q = cfg.get("quantization") if isinstance(cfg, dict) else None
     if not isinstance(q, dict) or q.get("format") != QUANT_FORMAT or not isinstance(q.get("tensors"), dict):
         raise CheckpointError(f"{path}/config.json has no llama_ref quantization block (format {QUANT_FORMAT!r} with a "
@@ -928,7 +929,7 @@ def load_quantized_weights(path, check_finite=True) -> tuple[LlamaConfig, dict]:
         if kind is None:
             wanted[name] = (np.float32, shape)                             # save_quantized writes floats as float32
             continue
-        parts = stored_parts(kind, *shape) if isinstance(kind, str) else None
+        parts = stored_parts(kind, *shape) if isinstance(kind, str) and len(shape) == 2 else None
         if parts is None:
             raise CheckpointError(f"{path}: tensor {name!r} has quantization kind {kind!r}, which llama_ref cannot "
                                   f"read for shape {shape}; {fix}")

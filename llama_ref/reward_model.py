@@ -277,11 +277,11 @@ def accuracy_by_degree(rm: RewardModel, tokenizer, prefs: list[Preference]) -> d
     return out
 
 
-def save_reward_model(path, config: LlamaConfig, P: dict, tokenizer_path=None, extra_files=None) -> Path:
+def save_reward_model(path, config: LlamaConfig, P: dict, tokenizer_path=None, extra_files=None, force=False) -> Path:
     """An HF LlamaForSequenceClassification directory (num_labels 1, score.weight), atomically (save_model). The
     chat model's lm_head is kept beside the score head, unused."""
     return save_model(path, config, {k: v for k, v in P.items() if k != SCORE}, tokenizer_path=tokenizer_path,
-                      extra_files=extra_files,
+                      extra_files=extra_files, force=force,
                       extra_tensors={SCORE: P[SCORE]},
                       config_extra={"architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
                                     "pad_token_id": 0})

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .inputs import parse_json
 from .output import atomic_file
 from .matrices import BFloat16Matrix, bf16_to_f32
 
@@ -42,6 +43,7 @@ ST_DTYPES = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")    # what a checkpoint of float weights may hold (the default)
 NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("u1"): "U8",
             np.dtype("i1"): "I8"}
+MAX_DIM = 2 ** 40                   # no tensor dimension is larger (numpy's limit is the product: 2^63 bytes)
 MAX_HEADER_BYTES = 100_000_000      # the safetensors library refuses larger headers too
 
 
@@ -70,10 +72,9 @@ def read_safetensors_header(path, dtypes=FLOAT_DTYPES):
                                   f"bytes; the file is corrupt or not safetensors; {fix}")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: bad JSON, or a 5000-digit number
-        raise CheckpointError(f"{path}: the safetensors header is not valid UTF-8 JSON ({type(e).__name__}: "
-                              f"{str(e)[:200]}); the file is corrupt or not safetensors; {fix}") from None
+        header = parse_json(raw, f"{path}: the safetensors header")     # any bad JSON, a 5000-digit number, [[[...
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the file is corrupt or not safetensors; {fix}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}; "
                               f"{fix}")
@@ -94,8 +95,9 @@ def read_safetensors_header(path, dtypes=FLOAT_DTYPES):
         if not isinstance(dtype, str) or dtype not in dtypes:
             raise CheckpointError(f"{where} has dtype {dtype!r}; llama_ref reads {', '.join(dtypes)}: convert the "
                                   "checkpoint to float32/float16/bfloat16 (quantized models: use GGUF)")
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{where} has shape {shape!r}, not a list of non-negative integers; {fix}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
+            raise CheckpointError(f"{where} has shape {str(shape)[:80]}, not a list of at most 8 integers in "
+                                  f"[0, 2^40]; {fix}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise CheckpointError(f"{where} has data_offsets {offsets!r}, not [begin, end]; {fix}")
         begin, end = offsets
@@ -147,14 +149,14 @@ def read_safetensors(path, dtypes=FLOAT_DTYPES):
     return out, metadata
 
 
-def save_safetensors(path, tensors: dict, metadata: dict | None = None):
+def save_safetensors(path, tensors: dict, metadata: dict | None = None, force=False):
     """Write `tensors` (name -> float64/32/16, uint8 or int8 array) as a safetensors file, atomically.
 
     The header is JSON padded with spaces to a multiple of 8 bytes, and the tensors are written widest type first
     (dict order within a type), so every tensor starts aligned to its element size (transformers needs
     `{"format": "pt"}` in __metadata__, which is the default here). One at a time, straight from their memory.
     """
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force=force) as tmp:
         _write_safetensors(tmp, tensors, metadata)
 
 

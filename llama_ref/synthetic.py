@@ -125,7 +125,8 @@ def _gguf_tensor(name, shape, config, layout, seed, std):
     return a if heads is None else permute_qk_hf_to_meta(a, heads)
 
 
-def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std: float = 0.02, progress=None) -> Path:
+def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std: float = 0.02, progress=None,
+               force=False) -> Path:
     """A Llama GGUF of random weights, with a vocabulary (vocabulary_for) and Llama metadata, written tensor by tensor
     (gguf-py's streaming writer) into a temporary file, then renamed. mix: f32 | f16 | q4_k_m (llama.cpp's mix) | one
     block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k ... q6_k, iq4_nl, iq4_xs). Norms are float32."""
@@ -134,7 +135,7 @@ def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std:
     if mix not in ("f32", "f16", "q4_k_m") and mix.upper() not in BLOCK_TYPES:
         raise ValueError(f"mix {mix!r}: choose f32, f16, q4_k_m or one of {', '.join(k.lower() for k in BLOCK_TYPES)}")
     shapes = weight_shapes(config)
-    with atomic_file(path, force=True) as tmp:
+    with atomic_file(path, force=force) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         add_llama_metadata(w, config, FILE_TYPE_IDS.get(mix, 0), vocabulary_for(config.vocab_size), f"random {mix} llama",
                            quantized=mix not in ("f32", "f16"))
@@ -163,7 +164,7 @@ def write_gguf(path, config: LlamaConfig, mix: str = "q8_0", seed: int = 0, std:
 # HF directory
 
 def write_hf(path, config: LlamaConfig, dtype: str = "float16", seed: int = 0, std: float = 0.02,
-             max_shard_bytes: int = 10 * 2 ** 30, progress=None) -> Path:
+             max_shard_bytes: int = 10 * 2 ** 30, progress=None, force=False) -> Path:
     """An HF model directory of random weights in float32 | float16 | bfloat16: config.json, safetensors shards of at
     most max_shard_bytes with model.safetensors.index.json (as meta-llama's repositories), and a tokenizer.model with
     vocabulary_for's pieces. Tensors are made and written one at a time."""
@@ -191,7 +192,7 @@ def write_hf(path, config: LlamaConfig, dtype: str = "float16", seed: int = 0, s
         return a
 
     pieces, scores, types, unk = vocabulary_for(config.vocab_size)
-    with atomic_dir(path, force=True) as tmp:
+    with atomic_dir(path, force=force) as tmp:
         weight_map = {}
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -33,6 +33,7 @@ import numpy as np
 from . import backprop, corpus, evaluate, paths, trainer
 from .loader import read_checkpoint
 from .config import LlamaConfig
+from .inputs import read_json
 from .output import atomic_file, write_text
 from .model import Llama
 from .tokenizer import Tokenizer
@@ -52,7 +53,7 @@ def model_config(vocab_size: int) -> LlamaConfig:
 
 
 def write_loss_curve(out: Path, history: list) -> None:
-    with atomic_file(out / "loss_curve.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_file(out / "loss_curve.csv", force=True) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "tokens", "lr", "train_loss", "val_loss", "grad_norm", "time_s"])
         for r in history:
@@ -130,6 +131,7 @@ def run(args) -> int:
                             warmup=min(args.warmup, args.steps), eval_every=max(1, min(100, args.steps // 4)),
                             eval_batches=4, ckpt_every=max(1, min(200, args.steps)), seed=args.seed,
                             time_budget_s=args.time_budget_min * 60)
+    s.check()                                                   # settings are refused before the corpus is read
     if args.quick:
         args.eval_tokens, args.samples, args.qa = 20_000, 20, 20
 
@@ -140,7 +142,7 @@ def run(args) -> int:
 
     if args.eval_only:
         config, weights = read_checkpoint(out)
-        metrics_prev = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+        metrics_prev = read_json(out / "metrics.json", "metrics.json") if (out / "metrics.json").exists() else {}
         history = []
     else:
         val_ids = evaluate.token_stream("val", tok, 40_000)
@@ -168,8 +170,8 @@ def run(args) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}",
         "generator": "llama_ref/tinyworld.py (make model)",
     })
-    write_text(out / "metrics.json", json.dumps(m, indent=1, default=float) + "\n")
-    write_text(out / "README.md", model_card(config, m, s))
+    write_text(out / "metrics.json", json.dumps(m, indent=1, default=float) + "\n", force=True)   # inside out: ours
+    write_text(out / "README.md", model_card(config, m, s), force=True)
     log(f"wrote {out}/metrics.json and README.md")
     return 0
 

@@ -32,6 +32,7 @@ import struct
 from pathlib import Path
 
 from .errors import TokenizerError
+from .inputs import read_bytes
 from .paths import DEFAULT_TOKENIZER
 
 SPACE = "\u2581"   # "▁", SentencePiece's visible space
@@ -177,6 +178,9 @@ def proto_from_vocab(pieces, scores, types, unk_id=0, bos_id=1, eos_id=2, add_du
     return bytes(body + _length_delimited(2, trainer) + _length_delimited(3, normalizer))
 
 
+MODEL_FILE_MAX_BYTES = 64 * 2 ** 20      # a SentencePiece .model (Llama 2's is 0.5 MB; 256k pieces ~ 5 MB)
+
+
 def _read_model_file(path) -> bytes:
     path = Path(path)
     if path.is_dir():
@@ -185,12 +189,7 @@ def _read_model_file(path) -> bytes:
     if not path.exists():
         raise TokenizerError(f"tokenizer model {path} not found: pass the path of a SentencePiece .model file, "
                              f"or run `python scripts/train_tokenizer.py` to make ours")
-    if not path.is_file():
-        raise TokenizerError(f"tokenizer model {path} is not a regular file (a pipe or a device?)")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer model {path} ({e.strerror or e})") from None
+    return read_bytes(path, "tokenizer model", TokenizerError, limit=MODEL_FILE_MAX_BYTES)   # regular, capped
 
 
 def _corrupt(path, why) -> TokenizerError:

@@ -20,7 +20,8 @@ import numpy as np
 from .checkpoint import save_model
 from .config import LlamaConfig
 from .errors import InputError, TrainingError
-from .output import save_npz, write_text
+from .inputs import read_json, read_npz
+from .output import ensure_dir, save_npz, write_text
 from .model import rope_tables
 from .backprop import AdamW, clip_grad_norm, forward_backward_parallel, global_norm, loss_only, lr_schedule
 
@@ -166,13 +167,11 @@ def save_training_state(out_dir: Path, config: LlamaConfig, params: dict, opt: A
     """The model (an HF dir, written atomically by save_model) plus optimizer moments and history for resume.
     Order: state first, model second, so a crash in between leaves a resumable pair (the state's step says which)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir = out_dir.parent / (out_dir.name + ".train-state")
-    state_dir.mkdir(exist_ok=True)
+    state_dir = ensure_dir(out_dir.parent / (out_dir.name + ".train-state"))
     save_npz(state_dir / "optimizer.npz", {**opt.state(), "step": np.array(step),
-                                                **{f"p/{k}": v for k, v in params.items()}})
-    write_text(state_dir / "history.json", json.dumps(history))
-    save_model(out_dir, config, params, tokenizer_path=tokenizer_path)
+                                                **{f"p/{k}": v for k, v in params.items()}}, force=True)
+    write_text(state_dir / "history.json", json.dumps(history), force=True)
+    save_model(out_dir, config, params, tokenizer_path=tokenizer_path, force=True)   # train's caller checked out_dir
 
 
 def load_training_state(out_dir: Path, params: dict, opt: AdamW):
@@ -181,12 +180,16 @@ def load_training_state(out_dir: Path, params: dict, opt: AdamW):
     f = state_dir / "optimizer.npz"
     if not f.exists():
         raise TrainingError(f"nothing to resume: {f} does not exist (start without --resume)")
-    with np.load(f) as st:
-        opt.load_state(st)
-        for k in params:
-            params[k][...] = st[f"p/{k}"]
-        step = int(st["step"])
-    history = json.loads((state_dir / "history.json").read_text())
+    st = read_npz(f, TrainingError)                    # headers checked (numbers, sizes) before anything is loaded
+    wrong = [k for k in params if np.shape(st.get(f"p/{k}")) != params[k].shape]
+    if wrong or "step" not in st:
+        raise TrainingError(f"{f} does not hold this model's training state (e.g. {(wrong or ['step'])[0]!r} is "
+                            "missing or has another shape); start without --resume")
+    opt.load_state(st)
+    for k in params:
+        params[k][...] = st[f"p/{k}"]
+    step = int(st["step"])
+    history = read_json(state_dir / "history.json", "training history", TrainingError)
     return step, history
 
 

@@ -25,7 +25,7 @@ from llama_ref import gatt, paths, trainer                           # noqa: E40
 from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                      # noqa: E402
 from llama_ref.checkpoint import save_model                          # noqa: E402
 from llama_ref.errors import LlamaRefError                           # noqa: E402
-from llama_ref.output import write_text                              # noqa: E402
+from llama_ref.output import check_output, write_text                              # noqa: E402
 from llama_ref.loader import read_checkpoint                         # noqa: E402
 from llama_ref.tinyworld import log                                  # noqa: E402
 from llama_ref.tokenizer import Tokenizer                            # noqa: E402
@@ -36,7 +36,7 @@ from make_gatt import shown_path, tiny_base, write_json              # noqa: E40
 
 def write_model_card(chat_dir: Path) -> None:
     sft = json.loads((chat_dir / "metrics.json").read_text())
-    write_text(chat_dir / "README.md",
+    write_text(chat_dir / "README.md", force=True, text=
                "# tinyworld-chat: the SFT baseline\n\n"
                f"Ordinary supervised fine-tuning of `{sft.get('from', 'data/models/tinyworld')}`: {sft['n_examples']} "
                f"examples (multi-turn corpus dialogues without a system message, and single-turn examples with an "
@@ -63,11 +63,15 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget-min", type=float, default=20.0, help="soft budget: training stops when it is used")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cards-only", action="store_true", help="only rewrite README.md from the metrics.json written")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the model directories in --out-dir if they exist (only directories llama_ref wrote; "
+                         "the make target passes it)")
     args = ap.parse_args(argv)
     chat_dir = Path(args.out_dir) / "tinyworld-chat"
     if args.cards_only:
         write_model_card(chat_dir)
         return 0
+    check_output(chat_dir, force=args.force, kind="update", inputs=[args.base])             # before any work
     tok_path = paths.DEFAULT_TOKENIZER
     tok = Tokenizer(tok_path)
     if args.tiny:
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
                                         time_budget_s=args.time_budget_min * 60, log=log, name="SFT")
     metrics.update({"stage": "baseline SFT", "n_examples": len(sft_data), "time_s": time.time() - t0,
                     "from": "tiny random" if args.tiny else shown_path(args.base)})
-    save_model(chat_dir, config, weights, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE)
+    save_model(chat_dir, config, weights, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE,
+               force=args.force)
     write_json(chat_dir / "metrics.json", metrics)
     write_model_card(chat_dir)
     log(f"wrote {chat_dir} in {(time.time() - t0) / 60:.1f} min")

@@ -11,7 +11,6 @@ arguments give the same bytes. What is committed is a sample: the trainer draws 
 import argparse
 import gzip
 import json
-import os
 import re
 import sys
 from collections import Counter
@@ -19,16 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_ref import corpus  # noqa: E402
+from llama_ref.output import atomic_file, write_text  # noqa: E402
 from llama_ref.paths import CORPUS_DIR  # noqa: E402
 
 
 def write_jsonl_gz(path: Path, records) -> None:
-    """Atomic, byte-reproducible write: temp file + rename, gzip header without name or time."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+    """Byte-reproducible (gzip header without name or time), written by the package's one output policy."""
+    with atomic_file(path, force=True) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
         for r in records:
             f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    os.replace(tmp, path)
 
 
 def world_json(world) -> dict:
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": (args.train_stories, args.train_dialogues),
              "val": (args.eval_stories, args.eval_dialogues), "test": (args.eval_stories, args.eval_dialogues)}
-    (args.out / "world.json").write_text(json.dumps(world_json(world), indent=1) + "\n")
+    write_text(args.out / "world.json", json.dumps(world_json(world), indent=1) + "\n", force=True)
     for split in args.splits:
         n_stories, n_dialogues = sizes[split]
         stories = corpus.generate_stories(world, split, n_stories, seed=args.seed)

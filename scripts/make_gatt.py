@@ -35,7 +35,7 @@ from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                          # noqa:
 from llama_ref.checkpoint import save_model                             # noqa: E402
 from llama_ref.config import LlamaConfig                                # noqa: E402
 from llama_ref.errors import CheckpointError, LlamaRefError             # noqa: E402
-from llama_ref.output import write_text as write_text_atomic            # noqa: E402
+from llama_ref.output import check_output, write_text as write_text_atomic            # noqa: E402
 from llama_ref.loader import read_checkpoint                            # noqa: E402
 from llama_ref.model import Llama                                       # noqa: E402
 from llama_ref.tinyworld import log                                     # noqa: E402
@@ -59,7 +59,7 @@ def _jsonable(x):
 
 
 def write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(_jsonable(obj), indent=1) + "\n")
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=1) + "\n", force=True)   # inside a checked output
 
 
 def shown_path(p) -> str:
@@ -91,7 +91,7 @@ def write_model_card(gatt_dir: Path) -> None:
              f"| RLHF + GAtt (tinyworld-gatt) | {pct(ev['gatt'])} |\n")
     s = ev["safety"]
     rate = lambda m, k: f"{100 * s[m][k]:.1f}%"
-    write_text_atomic(gatt_dir / "README.md",
+    write_text_atomic(gatt_dir / "README.md", force=True, text=
         "# tinyworld-gatt: Ghost Attention on the RLHF model (Llama 2 paper, sec. 3.3)\n\n"
         f"Fine-tuned from `{ev['base']}` (the paper applied GAtt after RLHF-V3) on {gm['n_gatt_examples']} GAtt "
         f"examples rejection-sampled from it ({samp['dialogues']} training dialogues, {samp['accepted_replies']} replies "
@@ -194,12 +194,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cards-only", action="store_true",
                     help="only (re)write the README.md model card from the metrics already in --out-dir")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the model directories in --out-dir if they exist (only directories llama_ref wrote; "
+                         "the make target passes it)")
     args = ap.parse_args(argv)
     gatt_dir = Path(args.out_dir) / "tinyworld-gatt"
     if args.cards_only:
         write_model_card(gatt_dir)
         return 0
 
+    check_output(gatt_dir, force=args.force, kind="update", inputs=[args.base, args.sft])   # before any work
     t_start = time.time()
     budget = args.time_budget_min * 60
     tok_path = paths.DEFAULT_TOKENIZER
@@ -269,7 +273,8 @@ def main(argv=None) -> int:
     gatt_metrics.update({"stage": "GAtt fine-tune from the RLHF model", "n_gatt_examples": len(examples),
                          "n_mixed": len(mix), "time_s": time.time() - t0, "sampling": sampling,
                          "from": "tiny random" if args.tiny else shown_path(args.base)})
-    save_model(gatt_dir, config, gatt_weights, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE)
+    save_model(gatt_dir, config, gatt_weights, tokenizer_path=tok_path, chat_template=LLAMA2_CHAT_TEMPLATE,
+               force=args.force)
     write_json(gatt_dir / "metrics.json", gatt_metrics)
     write_json(gatt_dir / "gatt_samples.json",
                [{"instruction": s.instruction.text, "dialog": s.dialog, "n_tries": s.n_tries,

@@ -49,7 +49,7 @@ from llama_ref.chat import LLAMA2_CHAT_TEMPLATE                                 
 from llama_ref.checkpoint import save_model                                                # noqa: E402
 from llama_ref.errors import LlamaRefError, PreferenceError                                # noqa: E402
 from llama_ref.evaluate import rate                                                        # noqa: E402
-from llama_ref.output import write_text                                                    # noqa: E402
+from llama_ref.output import check_output, write_text                                                    # noqa: E402
 from llama_ref.loader import read_checkpoint                                               # noqa: E402
 from llama_ref.model import Llama                                                          # noqa: E402
 from llama_ref.tinyworld import log                                                        # noqa: E402
@@ -128,6 +128,9 @@ def parse_args(argv=None):
                     help="soft budget: each stage gets a share and stops early when it is used")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cards-only", action="store_true", help="only rewrite the model cards from the files written")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the model directories in --out-dir if they exist (only directories llama_ref wrote; "
+                         "the make target passes it)")
     args = ap.parse_args(argv)
     if args.tiny:
         for k, v in dict(rounds=2, safety_demos=8, safety_sft_steps=2, help_prompts=8, safety_prompts=6,
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     dirs = {"helpfulness": out_dir / "tinyworld-rm", "safety": out_dir / "tinyworld-safety-rm",
             "policy": out_dir / "tinyworld-rlhf"}
+    for d in dirs.values():                                   # the outputs, checked before any work
+        check_output(d, force=args.force, kind="update", inputs=[args.sft])
     if args.cards_only:
         write_model_cards(dirs)
         return 0
@@ -364,17 +369,17 @@ def main(argv=None) -> int:
     final = policies["ppo"]
     policies = {k: policies[k] for k in ("sft", "safety_sft", "rejection_sampling", "ppo")} | {"final": final}
     for kind, d in (("helpfulness", dirs["helpfulness"]), ("safety", dirs["safety"])):
-        reward_model.save_reward_model(d, config, P[kind], tokenizer_path=tok_path)
+        reward_model.save_reward_model(d, config, P[kind], tokenizer_path=tok_path, force=args.force)
         stem = "preferences" if kind == "helpfulness" else "safety_preferences"
-        preferences.write_preferences(d / f"{stem}_train.jsonl", prefs[kind])
-        preferences.write_preferences(d / f"{stem}_heldout.jsonl", heldout[kind])
+        preferences.write_preferences(d / f"{stem}_train.jsonl", prefs[kind], force=True)
+        preferences.write_preferences(d / f"{stem}_heldout.jsonl", heldout[kind], force=True)
         write_json(d / "metrics.json", {"rounds": rm_metrics[kind], "noise": args.noise,
                                         "thresholds": list(help_ann.thresholds), "temperatures": [1.0, 1.3],
                                         "margins": reward_model.MARGINS, "n_pairs": len(prefs[kind]),
                                         "aux_weight": args.safety_aux_weight if kind == "safety" else 0.0,
                                         "from": "tiny random" if args.tiny else "tinyworld-chat + safety SFT"})
     save_model(dirs["policy"], config, final_weights(policy), tokenizer_path=tok_path,
-               chat_template=LLAMA2_CHAT_TEMPLATE)
+               chat_template=LLAMA2_CHAT_TEMPLATE, force=args.force)
     write_json(dirs["policy"] / "metrics.json", {"safety_sft": sft_metrics, "rounds": rounds})
     write_eval(dirs["policy"], args, settings, rms, tok, heldout, policies, reports, rounds, ev, best_of_n, stage_s,
                sft_metrics,
@@ -519,7 +524,7 @@ def write_model_cards(dirs) -> None:
                  f"precision {_rate(thr['precision'], thr['flagged'])} and recall "
                  f"{_rate(thr['recall'], thr['violations'])} (the paper: precision 0.89, recall 0.55).\n"
                  if kind == "safety" else "")
-        write_text(dirs[kind] / "README.md",
+        write_text(dirs[kind] / "README.md", force=True, text=
                    f"# {title} (Llama 2 paper, sec. 3.2.2)\n\n"
                    f"The RLHF starting policy's trunk (tinyworld-chat after safety SFT) plus a scalar head on the last "
                    f"token (`score.weight`, the layout of transformers' LlamaForSequenceClassification), trained by "
@@ -541,7 +546,7 @@ def write_model_cards(dirs) -> None:
                    f"{_rate(p['violation_rate'], n['unsafe'])} | {_rate(p['false_refusal_rate'], n['borderline'])} | "
                    f"{p['mean_quality']:.2f} | {p['kl_from_sft_per_token']:.3f} |\n"
                    for name, p in pol.items() if name != "final")
-    write_text(dirs["policy"] / "README.md",
+    write_text(dirs["policy"] / "README.md", force=True, text=
                "# tinyworld-rlhf: safety SFT, rounds of rejection sampling, PPO (Llama 2 paper, sec. 3.2.3, 4.2)\n\n"
                f"From tinyworld-chat: a safety SFT stage ({ev['safety_sft']['demonstrations']} safe demonstrations), "
                f"then {n_rounds} rounds (RLHF-V1..V{n_rounds}), each with new comparisons of the newest policy's "

@@ -46,13 +46,13 @@ import argparse
 import gzip
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_ref.output import write_bytes  # noqa: E402
 from llama_ref.paths import CORPUS_DIR, TOKENIZER_DIR  # noqa: E402
 
 VOCAB_SIZE = 1024
@@ -106,12 +106,6 @@ def training_sentences(path: Path):
                 n_dialogues += 1
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def train(corpus: Path, vocab_size: int, out_dir: Path) -> Path:
     """Train; write out_dir/tokenizer.model and a readable tokenizer.vocab ("piece<TAB>score" per id, newline as \\n)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,10 +113,10 @@ def train(corpus: Path, vocab_size: int, out_dir: Path) -> Path:
     spm.SentencePieceTrainer.train(sentence_iterator=training_sentences(corpus), model_writer=model,
                                    vocab_size=vocab_size, **LLAMA2_SPEC, **OUR_RUN)
     path = out_dir / "tokenizer.model"
-    write_atomic(path, model.getvalue())
+    write_bytes(path, model.getvalue(), force=True)
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i).replace(chr(10), chr(92) + 'n')}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
-    write_atomic(out_dir / "tokenizer.vocab", vocab.encode("utf-8"))
+    write_bytes(out_dir / "tokenizer.vocab", vocab.encode("utf-8"), force=True)
     return path
 
 

@@ -1,19 +1,27 @@
 """What many test files share, written once: random weights, the CLI runner and its error check, the relative error,
 the reference fixtures' manifest, and the default tokenizer.
 
-`from conftest import random_weights, cli, assert_error, rel_err, MANIFEST, REPO` (pytest puts tests/ on sys.path);
+`from conftest import random_weights, cli, assert_error, bounded, rel_err, MANIFEST, REPO` (pytest puts tests/ on
+sys.path);
 `tok` is a fixture every test file can ask for. random_weights is a plain function rather than a fixture, because
 module-scoped fixtures and parametrize lists need weights when the module is collected.
 """
 import json
+import os
+import pickle
+import resource
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llama_ref import paths
+from llama_ref.errors import LlamaRefError
 from llama_ref.tokenizer import Tokenizer
 from llama_ref.weights import weight_shapes
 
@@ -61,3 +69,55 @@ def assert_error(proc, message=""):
 def tok():
     """The project's SentencePiece tokenizer (data/tokenizer/tokenizer.model)."""
     return Tokenizer(paths.DEFAULT_TOKENIZER)
+
+
+def _vm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bounded(fn, *args, timeout=20.0):
+    """Run fn(*args) in a forked child with RLIMIT_AS = our size + 1 GiB. Returns ("ok", None),
+    ("llamaref", message) or ("bad", description) for any other exception, a crash, or a timeout."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                   # child
+        os.close(r)
+        try:
+            limit = _vm_bytes() + (1 << 30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            try:
+                fn(*args)
+                out = ("ok", None)
+            except LlamaRefError as e:
+                out = ("llamaref", str(e))
+            except BaseException as e:                             # noqa: BLE001 - that is the finding
+                out = ("bad", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+            data = pickle.dumps(out)
+            os.write(w, data[:60000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    deadline, chunks = time.monotonic() + timeout, []
+    os.set_blocking(r, False)
+    while True:
+        try:
+            chunk = os.read(r, 65536)
+            if chunk:
+                chunks.append(chunk)
+            else:
+                break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(r)
+                return ("bad", f"hang: no answer within {timeout} s")
+            time.sleep(0.005)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return ("bad", f"child died (wait status {status})")
+    return pickle.loads(b"".join(chunks))

@@ -19,6 +19,7 @@ from llama_ref.safetensors import read_safetensors, read_safetensors_header, sav
 from llama_ref.loader import read_checkpoint
 from llama_ref.matrices import BFloat16Matrix, RowPermuted, bf16_to_f32
 from llama_ref.config import LlamaConfig
+from llama_ref.output import MARKER
 from llama_ref.errors import (CheckpointError, LlamaRefError, NonFiniteWeightsError, OutputError, ShapeMismatchError,
                               TokenizerError)
 from llama_ref.model import permute_qk_hf_to_meta
@@ -58,7 +59,7 @@ def test_hf_round_trip_is_exact(tmp_path, cfg):
     w = random_weights(cfg, scale=1.0)
     save_model(tmp_path / "m", cfg, w)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors"]
+    assert names == [MARKER, "config.json", "generation_config.json", "model.safetensors"]     # MARKER: llama_ref wrote it
     assert json.loads((tmp_path / "m" / "generation_config.json").read_text()) == {"bos_token_id": 1,
                                                                                   "eos_token_id": 2}
     config, got = read_checkpoint(tmp_path / "m")
@@ -109,7 +110,7 @@ def test_saving_over_a_loaded_model_keeps_the_old_arrays_valid(tmp_path):
     w, w2 = random_weights(GQA, 0, scale=1.0), random_weights(GQA, 1, scale=1.0)
     save_model(tmp_path / "m", GQA, w)
     _, old = read_checkpoint(tmp_path / "m")
-    save_model(tmp_path / "m", GQA, w2)
+    save_model(tmp_path / "m", GQA, w2, force=True)
     assert_same(old, w)
     assert_same(read_checkpoint(tmp_path / "m")[1], w2)
 
@@ -119,11 +120,18 @@ def test_save_over_existing_dir_keeps_user_files_and_drops_stale_shards(tmp_path
     w = random_weights(GQA, scale=1.0)
     save_model(d, GQA, w, max_shard_bytes=20_000)
     (d / "notes.txt").write_text("mine")
-    save_model(d, GQA, w, extra_files={"README.md": "# tiny"})
+    with pytest.raises(OutputError, match="exists; pass --force"):
+        save_model(d, GQA, w, extra_files={"README.md": "# tiny"})
+    save_model(d, GQA, w, extra_files={"README.md": "# tiny"}, force=True)
     names = sorted(p.name for p in d.iterdir())
-    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "notes.txt"]
+    assert names == [MARKER, "README.md", "config.json", "generation_config.json", "model.safetensors", "notes.txt"]
     assert (d / "notes.txt").read_text() == "mine"
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob(".llama_ref-tmp-*"))
+    save_model(d, GQA, w, max_shard_bytes=20_000, force=True)
+    (d / "model.safetensors").write_text("the user's, not ours")                # a name save_model writes
+    with pytest.raises(OutputError, match="model.safetensors that llama_ref did not write"):
+        save_model(d, GQA, w, force=True)
+    assert (d / "model.safetensors").read_text() == "the user's, not ours"
 
 
 def test_failed_save_leaves_the_existing_model_untouched(tmp_path, monkeypatch):
@@ -135,7 +143,7 @@ def test_failed_save_leaves_the_existing_model_untouched(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ck, "_write_safetensors", disk_full)
     with pytest.raises(OutputError, match="No space left"):
-        save_model(d, GQA, random_weights(GQA, 1, scale=1.0))
+        save_model(d, GQA, random_weights(GQA, 1, scale=1.0), force=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the temporary directory is cleaned up
 
@@ -217,7 +225,7 @@ def test_hf_dir_in_bf16_f16_f64_loads_as_float(tmp_path):
     w = random_weights(GQA, scale=1.0)
     d = tmp_path / "m"
     d.mkdir()
-    GQA.save(d / "config.json")
+    GQA.save(d / "config.json", force=True)
     # bf16 by hand: truncate the float32 bits (exactly representable after we round w to bf16 first)
     w_bf = {k: ((v.view(np.uint32) >> 16) << 16).view(np.float32) for k, v in w.items()}
     names = list(w_bf)
@@ -246,7 +254,7 @@ GOOD = {"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
     (lambda p: p, "does not exist"),
     (lambda p: p.write_bytes(b"\x01\x02\x03"), "too short"),
     (lambda p: p.write_bytes(struct.pack("<Q", 1000) + b"{}"), "header claims 1000 bytes"),
-    (lambda p: p.write_bytes(struct.pack("<Q", 8) + b"not json"), "not valid UTF-8 JSON"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 8) + b"not json"), "not valid JSON"),
     (lambda p: p.write_bytes(struct.pack("<Q", 8) + b"[1, 2]  "), "must be a JSON object"),
     (lambda p: write_raw_safetensors(p, GOOD, bytes(20)), "'u' ends at data byte 24 .* truncated"),
     (lambda p: write_raw_safetensors(p, dict(GOOD, u={"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}),
@@ -310,7 +318,7 @@ def test_broken_shard_index(tmp_path):
 
 def test_config_and_weights_disagree_on_shape(tmp_path):
     save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
-    GQA.replace(hidden_dim=64).save(tmp_path / "m" / "config.json")
+    GQA.replace(hidden_dim=64).save(tmp_path / "m" / "config.json", force=True)
     with pytest.raises(ShapeMismatchError) as e:
         read_checkpoint(tmp_path / "m")
     msg = str(e.value)
@@ -320,7 +328,7 @@ def test_config_and_weights_disagree_on_shape(tmp_path):
 
 def test_vocab_mismatch_names_embedding(tmp_path):
     save_model(tmp_path / "m", GQA, random_weights(GQA, scale=1.0))
-    GQA.replace(vocab_size=41).save(tmp_path / "m" / "config.json")
+    GQA.replace(vocab_size=41).save(tmp_path / "m" / "config.json", force=True)
     with pytest.raises(ShapeMismatchError, match="'model.embed_tokens.weight' .* \\(40, 32\\) .* \\(41, 32\\)"):
         read_checkpoint(tmp_path / "m")
 
@@ -331,7 +339,7 @@ def test_nan_weight_is_named(tmp_path):
     w["model.layers.1.self_attn.v_proj.weight"][4, 0] = np.nan
     d = tmp_path / "m"
     d.mkdir()
-    GQA.save(d / "config.json")
+    GQA.save(d / "config.json", force=True)
     save_safetensors(d / "model.safetensors", w)              # the low-level writer does not validate
     with pytest.raises(NonFiniteWeightsError, match="'model.layers.1.self_attn.v_proj.weight' .* 2 NaN/Inf values "
                                                     "\\(first at index \\(3, 5\\)\\)"):
@@ -351,7 +359,7 @@ def test_finite_check_works_in_chunks(monkeypatch):
 def test_untied_config_without_lm_head(tmp_path):
     tied = GQA.replace(tie_embeddings=True)
     save_model(tmp_path / "m", tied, random_weights(tied, scale=1.0))
-    GQA.save(tmp_path / "m" / "config.json")                  # now says untied
+    GQA.save(tmp_path / "m" / "config.json", force=True)                  # now says untied
     with pytest.raises(CheckpointError, match="'lm_head.weight' is missing .*tie_word_embeddings=false"):
         read_checkpoint(tmp_path / "m")
 
@@ -362,7 +370,7 @@ def test_tied_config_ignores_lm_head_and_inv_freq(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     tied = GQA.replace(tie_embeddings=True)
-    tied.save(d / "config.json")
+    tied.save(d / "config.json", force=True)
     save_safetensors(d / "model.safetensors", w)
     cfg, got = read_checkpoint(d)
     assert cfg.tie_embeddings and set(got) == set(weight_shapes(tied))

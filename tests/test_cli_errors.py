@@ -84,7 +84,7 @@ def test_hostile_safetensors_headers(model_dir, tmp_path):
         shutil.copytree(model_dir, d)
         header += b" " * (-len(header) % 8)
         (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
-        assert_error(generate(d), "not valid UTF-8 JSON")
+        assert_error(generate(d), "is not valid JSON")
 
 
 def test_text_that_is_not_unicode(model_dir):
@@ -101,7 +101,7 @@ def test_settings_at_the_edge(model_dir, tmp_path):
             "--json")
     assert r.returncode == 0, r.stderr                                      # a tiny temperature is greedy
     assert_error(cli("generate", "--model", model_dir, "--prompt-ids", "1", "--temperature", "1e300"),
-                 "temperature=1e+300 is above")
+                 "--temperature: must be a number >= 0 and <= 100")
     assert_error(cli("quantize", "--model", model_dir, "--scheme", "w4a16-g0", "--out", tmp_path / "q"),
                  "group size must be")
     assert_error(cli("generate", "--model", model_dir, "--prompt-ids", "1,9999"), "vocabulary has ids 0..1023")
@@ -125,12 +125,14 @@ def test_outputs_that_cannot_be_written(model_dir, tmp_path):
 
 def test_bad_tokenizer_when_writing(model_dir, tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a sentencepiece model")
+    out = tmp_path.parent / f"{tmp_path.name}-out"
     for tok, message in [(tmp_path, "is a directory"), (tmp_path / "missing.model", "not found"),
                          (tmp_path / "junk.model", "not a valid SentencePiece")]:
-        assert_error(cli("export", "--model", model_dir, "--format", "gguf-q8_0", "--out", tmp_path / "o.gguf",
+        assert_error(cli("export", "--model", model_dir, "--format", "gguf-q8_0", "--out", out / "o.gguf",
                          "--tokenizer", tok), message)
-        assert_error(cli("quantize", "--model", model_dir, "--scheme", "q4_0", "--out", tmp_path / "o2.gguf",
+        assert_error(cli("quantize", "--model", model_dir, "--scheme", "q4_0", "--out", out / "o2.gguf",
                          "--tokenizer", tok), message)
+    assert not out.exists()                                       # nothing written, not even the parent
 
 
 def test_quantized_directories_run_and_damage_is_an_error(model_dir, tmp_path):

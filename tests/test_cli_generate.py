@@ -46,7 +46,7 @@ def test_same_seed_same_output(model_dir):
 
 @pytest.mark.parametrize("extra, message", [
     (("--temperature", "-1"), "temperature"),
-    (("--top-p", "0"), "top_p"),
+    (("--top-p", "0"), "--top-p"),
     (("--max-new-tokens", "40"), "context window"),
 ])
 def test_invalid_settings_are_clear_errors(model_dir, extra, message):

@@ -3,7 +3,7 @@ import csv
 import json
 
 from llama_ref.loader import read_checkpoint
-from conftest import cli
+from conftest import assert_error, cli
 
 
 def test_train_cli_writes_a_loadable_measured_model(tmp_path):
@@ -25,5 +25,6 @@ def test_train_cli_writes_a_loadable_measured_model(tmp_path):
 
 
 def test_train_cli_refuses_a_bad_learning_rate(tmp_path):
-    r = cli("train", "--out", tmp_path / "m", "--lr", -1, "--steps", 2, "--tokens", 5000, "--quick")
-    assert r.returncode == 2 and "learning rate" in r.stderr and "Traceback" not in r.stderr
+    assert_error(cli("train", "--out", tmp_path / "m", "--lr", -1, "--steps", 2, "--tokens", 5000, "--quick"),
+                 "argument --lr: must be a number > 0")              # refused before the corpus is tokenized
+    assert not (tmp_path / "m").exists()

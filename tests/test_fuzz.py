@@ -13,14 +13,12 @@ Every load runs in a forked child with its address space capped (RLIMIT_AS: what
 """
 import json
 import os
-import pickle
 import resource
 import signal
 import struct
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -31,72 +29,19 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from llama_ref import paths  # noqa: E402
 from llama_ref.config import LlamaConfig  # noqa: E402
-from llama_ref.errors import LlamaRefError  # noqa: E402
-from conftest import assert_error, cli, random_weights  # noqa: E402
+from conftest import assert_error, bounded, cli, random_weights  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LLAMA_REF_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-TIME_LIMIT = 20.0                     # seconds per load (a valid tiny model loads in well under one)
+
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=1024, max_seq_len=64)
 
 
 # ------------------------------------------------------------------------------------------------
 # running a load in a bounded child
-
-def _vm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def bounded(fn, *args, timeout=TIME_LIMIT):
-    """Run fn(*args) in a forked child with RLIMIT_AS = our size + 1 GiB. Returns ("ok", None),
-    ("llamaref", message) or ("bad", description) for any other exception, a crash, or a timeout."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                                   # child
-        os.close(r)
-        try:
-            limit = _vm_bytes() + (1 << 30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            try:
-                fn(*args)
-                out = ("ok", None)
-            except LlamaRefError as e:
-                out = ("llamaref", str(e))
-            except BaseException as e:                             # noqa: BLE001 - that is the finding
-                out = ("bad", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
-            data = pickle.dumps(out)
-            os.write(w, data[:60000])
-        finally:
-            os._exit(0)
-    os.close(w)
-    deadline, chunks = time.monotonic() + timeout, []
-    os.set_blocking(r, False)
-    while True:
-        try:
-            chunk = os.read(r, 65536)
-            if chunk:
-                chunks.append(chunk)
-            else:
-                break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os.close(r)
-                return ("bad", f"hang: no answer within {timeout} s")
-            time.sleep(0.005)
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        return ("bad", f"child died (wait status {status})")
-    return pickle.loads(b"".join(chunks))
-
 
 def load_and_build(path):
     """What every command does with --model: load (validated) and build the model, then run one token."""
@@ -459,28 +404,207 @@ def test_cli_answers_bad_files_with_one_error_line(originals, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # interrupted writers
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("fmt", ["llama2c", "gguf-f32"])
-def test_an_interrupted_export_leaves_the_old_file_and_no_temporary(originals, tmp_path, sig, fmt):
+# ------------------------------------------------------------------------------------------------
+# JSON: every JSON the package reads, in hostile forms (one reader: inputs.parse_json / read_json)
+
+def _json_forms():
+    return {"deep": b"[" * 100000 + b"]" * 100000, "digits": b'{"a": ' + b"9" * 5000 + b"}",
+            "nan": b'{"a": NaN}', "utf8": b'{"a": "\xff"}', "bom": b"\xef\xbb\xbf{}", "empty": b"",
+            "cut": b'{"hidden_size": 6', "list": b"[1]", "str": b'"x"', "big": b" " * (65 * 2 ** 20) + b"{}"}
+
+
+JSON_FILES = {"config.json": "config.json", "shard index": "model.safetensors.index.json",
+              "tokenizer_config.json": "tokenizer_config.json"}
+
+
+@FUZZ
+@given(which=st.sampled_from(sorted(JSON_FILES)), form=st.sampled_from(sorted(_json_forms()) + ["fifo", "zero", "dir"]),
+       extra=st.binary(max_size=40))
+def test_every_json_the_package_reads(originals, tmp_path, which, form, extra):
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(dir=tmp_path)) / "m"             # fresh per example: the last one may be a FIFO
+    shutil.copytree(originals / "hf", d)
+    f = d / JSON_FILES[which]
+    if f.exists():
+        f.unlink()
+    if form == "fifo":
+        os.mkfifo(f)
+    elif form == "zero":
+        os.symlink("/dev/zero", f)
+    elif form == "dir":
+        f.mkdir()
+    else:
+        f.write_bytes(_json_forms()[form] + (extra if form in ("cut", "empty") else b""))
+
+    def use():
+        from llama_ref.loader import find_tokenizer, read_chat_template, read_checkpoint
+        read_checkpoint(d)
+        find_tokenizer(d)
+        read_chat_template(d)
+    assert_clean(which, (form, extra), bounded(use, timeout=60))
+
+
+# ------------------------------------------------------------------------------------------------
+# .npz archives: names, dtypes and shapes from the headers first (inputs.npz_members)
+
+@FUZZ
+@given(data=st.data())
+def test_npz_members_are_checked_before_loading(tmp_path, data):
+    import zipfile
+    from llama_ref.inspect import compare, load_reference
+    p = tmp_path / "ref.npz"
+    how = data.draw(st.sampled_from(["dtype", "claim", "member", "cut", "flip"]))
+    ours = {"logits": np.zeros((1, 2, 8), np.float32)}
+    if how == "dtype":
+        dtype = data.draw(st.sampled_from(["U3", "S2", "O", "c8", "V4", "M8[s]", "f2", "i8", "?"]))
+        a = np.zeros((1, 2, 8), dtype=dtype) if dtype != "O" else np.array([None] * 16, dtype=object).reshape(1, 2, 8)
+        np.savez(p, logits=a)
+    elif how == "claim":                                        # a header claiming more (or less) than the bytes
+        n = data.draw(st.sampled_from([0, 1, 15, 17, 2 ** 31, 2 ** 40, 2 ** 62]))
+        with zipfile.ZipFile(p, "w") as z, z.open("logits.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n,)})
+            f.write(bytes(64))
+    elif how == "member":
+        name = data.draw(st.sampled_from(["readme.txt", "a/b.npy", "logits", "../x.npy", ""]))
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr(name or "x", b"not an array")
+    else:
+        np.savez(p, logits=np.ones((1, 2, 8), np.float32), tokens=np.array([[1, 2]]))
+        raw = bytearray(p.read_bytes())
+        if how == "cut":
+            raw = raw[:data.draw(st.integers(0, len(raw)))]
+        else:
+            for pos, x in data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(1, 255)),
+                                             min_size=1, max_size=4)):
+                raw[pos] ^= x
+        p.write_bytes(bytes(raw))
+
+    def use():
+        compare(ours, load_reference(p))
+    assert_clean("npz", how, bounded(use))
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF counts: a file whose counts lie about the bytes it holds
+
+@FUZZ
+@given(kind=st.sampled_from(["array", "strings", "string", "key", "tensors", "dims", "type"]),
+       count=st.sampled_from([0, 1, 7, 2 ** 20, 10 ** 9, 2 ** 40, 2 ** 62, 2 ** 64 - 1]))
+def test_gguf_counts_against_the_bytes_left(tmp_path, kind, count):
+    def s(b):
+        return struct.pack("<Q", len(b)) + b
+    head = lambda n_t, n_kv: b"GGUF" + struct.pack("<IQQ", 3, n_t, n_kv)            # noqa: E731
+    if kind == "array":
+        data = head(0, 1) + s(b"x") + struct.pack("<IIQ", 9, 4, count)
+    elif kind == "strings":
+        data = head(0, 1) + s(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, count) + bytes(64)
+    elif kind == "string":
+        data = head(0, 1) + s(b"general.name") + struct.pack("<IQ", 8, count)
+    elif kind == "key":
+        data = head(0, 1) + struct.pack("<Q", count)
+    elif kind == "tensors":
+        data = head(count, 0)
+    elif kind == "dims":
+        data = head(1, 0) + s(b"t") + struct.pack("<I", count % 2 ** 32) + struct.pack("<QIQ", 4, 0, 0)
+    else:
+        data = head(1, 0) + s(b"t") + struct.pack("<IQIQ", 1, count, 0, 0)
+    p = _write_variant(tmp_path, "m.gguf", data + bytes(32))
+    assert_clean("gguf counts", (kind, count), bounded(load_and_build, p))
+
+
+# ------------------------------------------------------------------------------------------------
+# interrupted writers: every writer the CLI has x SIGINT, SIGTERM, SIGHUP, SIGQUIT
+
+def writer_commands():
+    """The CLI's writers, found in its parser (every command with --out or --save): a new writer fails the
+    completeness check below until it has a case here."""
+    import argparse
+    from llama_ref.__main__ import build_parser
+    found = set()
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, sub in action.choices.items():
+                if any(o in ("--out", "--save") for a in sub._actions for o in a.option_strings):
+                    found.add(command)
+    return found
+
+
+WRITERS = {                                                    # name -> (kind, argv given the model and --out)
+    "export gguf": ("file", lambda m, out: ["export", "--model", m, "--format", "gguf-f32", "--out", out]),
+    "export llama2c": ("file", lambda m, out: ["export", "--model", m, "--format", "llama2c", "--out", out]),
+    "export onnx": ("dir", lambda m, out: ["export", "--model", m, "--format", "onnx", "--out", out]),
+    "quantize gguf": ("file", lambda m, out: ["quantize", "--model", m, "--scheme", "q8_0", "--out", out]),
+    "quantize dir": ("dir", lambda m, out: ["quantize", "--model", m, "--scheme", "q8_0", "--out", out]),
+    "inspect --save": ("file", lambda m, out: ["inspect", "--model", m, "--prompt-ids", ",".join(["1"] * 48),
+                                               "--save", out]),
+    "train": ("dir", lambda m, out: ["train", "--out", out, "--steps", "3", "--batch-size", "2", "--seq-len", "64",
+                                     "--tokens", "3000", "--eval-tokens", "64", "--samples", "1", "--qa", "1"]),
+    "save_model (Python; make gatt, make rlhf)": ("dir", None),
+}
+
+
+def test_every_cli_writer_has_a_signal_case():
+    assert writer_commands() <= {name.split()[0] for name in WRITERS}
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
     from llama_ref.checkpoint import save_model
     big = LlamaConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1536, vocab_size=1024, max_seq_len=64)
-    save_model(tmp_path / "big", big, random_weights(big, 0, scale=0.02), tokenizer_path=paths.DEFAULT_TOKENIZER)
-    out = tmp_path / "out" / "keep.bin"
+    d = tmp_path_factory.mktemp("big") / "big"
+    save_model(d, big, random_weights(big, 0, scale=0.02), tokenizer_path=paths.DEFAULT_TOKENIZER)
+    return d
+
+
+SAVE_MODEL = """
+import sys
+import numpy as np
+from llama_ref.checkpoint import save_model
+from llama_ref.loader import read_checkpoint
+config, weights = read_checkpoint(sys.argv[1])
+save_model(sys.argv[2], config, {k: np.array(v) for k, v in weights.items()}, force=True)
+"""
+
+
+def _temporaries(d: Path) -> list[str]:
+    from llama_ref.output import TEMP_PREFIX
+    return [str(p.relative_to(d)) for p in d.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT],
+                         ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_an_interrupted_writer_leaves_the_old_output_and_no_temporary(big_model, tmp_path, writer, sig):
+    """The signal arrives as soon as a temporary exists (whichever thread the kernel gives it to: the cleanup works
+    from the registry of temporaries). The old output must be as it was and nothing of the write left behind."""
+    if writer == "export onnx":
+        pytest.importorskip("onnx")
+    kind, argv = WRITERS[writer]
+    out = tmp_path / "out" / ("keep" if kind == "dir" else "keep.bin")
     out.parent.mkdir()
-    out.write_bytes(b"the user's file")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_ref", "export", "--model", tmp_path / "big", "--format",
-                             fmt, "--out", out, "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=Path(__file__).resolve().parent.parent)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:     # wait until the temporary file exists
-        if [p for p in out.parent.iterdir() if p.name != "keep.bin"]:
-            break
+    if kind == "dir":                                          # an earlier output of the same writer (ours)
+        from llama_ref.output import atomic_dir
+        with atomic_dir(out) as tmp:
+            (tmp / "config.json").write_text("the user's old model")
+        if writer == "train":
+            (tmp_path / "out" / "keep.train-state").mkdir()
+    else:
+        out.write_bytes(b"the user's file")
+    before = sorted(p.name for p in out.iterdir()) if kind == "dir" else out.read_bytes()
+    cmd = [sys.executable, "-c", SAVE_MODEL, big_model, out] if argv is None else \
+        [sys.executable, "-m", "llama_ref", *map(str, argv(big_model, out)), "--force"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not _temporaries(out.parent):
         time.sleep(0.002)
     proc.send_signal(sig)
-    proc.wait(60)
-    left = sorted(p.name for p in out.parent.iterdir())
-    if proc.returncode == 0:                                       # it finished before the signal: a new file
-        assert left == ["keep.bin"]
-        return
-    assert out.read_bytes() == b"the user's file", "the old target was touched"
-    assert left == ["keep.bin"], f"temporary files left behind: {left}"
+    proc.wait(120)
+    left = _temporaries(out.parent)
+    assert not left, f"{writer} left temporaries after {signal.Signals(sig).name}: {left}"
+    if proc.returncode != 0:                                   # interrupted: the old output is as it was
+        now = sorted(p.name for p in out.iterdir()) if kind == "dir" else out.read_bytes()
+        assert now == before, "the old output was touched"
+        if argv is not None:                                   # the CLI ends quietly (a Python caller sees the
+            assert "Traceback" not in proc.stderr.read().decode("utf-8", "replace")   # KeyboardInterrupt)

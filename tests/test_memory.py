@@ -123,3 +123,24 @@ def test_auto_falls_back_to_as_stored_when_copies_do_not_fit(monkeypatch):
     assert plan.path == "as stored" and plan.limited_by == "cgroup memory limit"
     with pytest.raises(MemoryBudgetError, match=r"cgroup memory limit"):
         memory.plan_memory(cfg7, f16, n_tokens=16, pack="always")
+
+
+def test_training_bytes_bounds_what_a_training_step_allocates():
+    """memory.training_bytes (what `train` asks memory.require for before tokenizing) is an upper bound of a step's
+    NumPy allocations (tracemalloc sees them), and within 2x of it: a bound, not a guess."""
+    import tracemalloc
+    from llama_ref import backprop
+    from llama_ref.model import rope_tables
+    from llama_ref.tinyworld import model_config
+    cfg = model_config(1024)
+    params = backprop.init_weights(cfg, seed=0)
+    for B, T in [(1, 64), (4, 128), (2, 256)]:
+        x = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
+        rope = rope_tables(cfg, T)
+        tracemalloc.start()
+        backprop.forward_backward_parallel(cfg, params, x, x, rope=rope, workers=2)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        peak += 4 * 3 * cfg.n_params()                      # what a run also holds: weights and Adam's moments
+        est = memory.training_bytes(cfg, B, T)
+        assert peak <= est <= 2 * peak, (B, T, peak, est)
