@@ -264,13 +264,13 @@ BOUNDARY = {
     "gguf_io": "save_gguf",
     "inspect": "Checks ablate_heads compare format_table forward_patched logit_lens residual_stream summarize load_reference",
     "llama2c": "save_llama2c",
-    "loader": "checkpoint_bytes find_tokenizer load read_checkpoint",
+    "loader": "checkpoint_bytes find_tokenizer load read_chat_template read_checkpoint",
     "matrices": "bf16_to_f32 f16_to_f32",
     "memory": "kv_cache_bytes plan_memory",
     "model": "KVCache Llama Llama.forward causal_attention rope_freqs",
     # causal_attention (once per layer) has one checked argument, `block`, which the forward never passes; the
     # primitives in UNCHECKED stay out (below)
-    "ondevice": "OnDeviceLlama calibrate conv1x1 conv_layers decode_bytes_per_token from_nchw linear_to_conv "
+    "ondevice": "OnDeviceLlama StaticA16 calibrate conv1x1 conv_layers decode_bytes_per_token from_nchw linear_to_conv "
                 "measure_bandwidth measure_decode single_head_attention to_nchw tokens_per_second_bound",
     "ondevice_onnx": "OnnxOnDeviceLlama calibration_prompts_for export_qnn_onnx op_census quantized_for_device",
     "onnx_export": "export_onnx int4_reference run session",
@@ -297,6 +297,7 @@ BOUNDARY = {
 # Chapters call these too, but the forward calls them per layer per token, and checking them cost 2-3% of decode
 # (measured interleaved): Llama.forward checks what reaches them. tests/test_arguments.py leaves them out.
 UNCHECKED = {"model": "rms_norm softmax silu apply_rope_hf apply_rope_meta attention causal_mask",
+             "ondevice": "fake_quant16",     # the twin's per-tensor rounding: arrays or numpy scalars, as its callers pass
              "ppo": "Rollout"}    # a record of arrays (tests leave None where a loss reads nothing); its users check it
 
 # Parameters a function checks itself, with its own error class (chapters catch SamplingError from generate), or of a
