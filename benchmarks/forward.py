@@ -56,7 +56,7 @@ if args.child is None:                                                     # the
         head = (f"| {results[0]['shape']}, float32 | kernels | llama_ref (NumPy) | "
                 + ("before | now / before | " if with_old else "")
                 + "transformers (PyTorch) | ours / transformers | llama.cpp F32 | ours / llama.cpp |")
-        lines = [head, "|---|---|" + "---:|" * (8 if with_old else 6)]
+        lines = [head, "|---|---|" + "---:|" * (7 if with_old else 5)]
         for r in results:
             for name, a, b, c, o in r["rows"]:
                 old_cells = (f"{o:,.0f} | {a / o:.2f}x | " if o else "– | – | ") if with_old else ""
