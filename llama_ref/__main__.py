@@ -431,6 +431,10 @@ def train_output(args) -> Path:
     if args.resume and not (state / "optimizer.npz").is_file():
         raise TrainingError(f"nothing to resume: {state / 'optimizer.npz'} does not exist (start without --resume)")
     check_out(out, args.force or continuing, "update")
+    try:                                     # the state directory beside it obeys the same policy (its name too)
+        check_out(state, True, "update")
+    except OutputError as e:
+        raise OutputError(f"train keeps its optimizer state in <out>.train-state beside --out: {e}") from None
     if not continuing and os.path.lexists(state) and not args.force:
         raise OutputError(f"{state} holds an earlier run's training state; pass --resume to continue it, or --force "
                           "to start over")

@@ -28,3 +28,10 @@ def test_train_cli_refuses_a_bad_learning_rate(tmp_path):
     assert_error(cli("train", "--out", tmp_path / "m", "--lr", -1, "--steps", 2, "--tokens", 5000, "--quick"),
                  "argument --lr: must be a number > 0")              # refused before the corpus is tokenized
     assert not (tmp_path / "m").exists()
+
+
+def test_train_cli_refuses_an_out_whose_state_name_is_too_long(tmp_path):
+    # a 250-byte --out is a valid name, but its <out>.train-state sibling is 262 bytes: refused before any work
+    out = tmp_path / ("m" * 250)
+    assert_error(cli("train", "--out", out, "--steps", 2, "--tokens", 5000, "--quick"), "<out>.train-state")
+    assert list(tmp_path.iterdir()) == []
