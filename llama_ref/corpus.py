@@ -417,6 +417,12 @@ def check_fact(world: World, sentence: str):
 
     "Yes, X." and "No, X." are judged by X, the statement that follows.
     """
+    found = _fact_statement(sentence)
+    return None if found is None else _judge(world, *found)
+
+
+def _fact_statement(sentence: str):
+    """(kind, groups) of the fact statement a sentence is, None if it is none. "Yes, X." and "No, X." are X."""
     s = sentence.strip()
     m = re.fullmatch(r"(?:Yes|No), (.*)", s)
     if m:
@@ -425,7 +431,7 @@ def check_fact(world: World, sentence: str):
     for rx, kind in _FACT_RES:
         m = rx.fullmatch(s)
         if m:
-            return _judge(world, kind, m.groups())
+            return kind, m.groups()
     return None
 
 
@@ -439,17 +445,12 @@ def stated_facts(sentence: str) -> set[tuple[str, str]]:
     """The character facts a sentence states a value for, right or wrong: "Mia has a dog." -> {("Mia", "pet")},
     "No, Mia's kite is red." -> {("Mia", "toy"), ("Mia", "toy_colour")}, "Mia's cat said meow." -> {("Mia", "pet")}.
     Animal facts and comparisons of ages name no single character fact: empty."""
-    s = sentence.strip()
-    m = re.fullmatch(r"(?:Yes|No), (.*)", s)
-    if m:
-        s = m.group(1)
-        s = s[0].upper() + s[1:] if s else s
-    for rx, kind in _FACT_RES:
-        m = rx.fullmatch(s)
-        if m:
-            name = m.group(3) if kind == "p_bigger" else m.group(1)
-            return {(name, rel) for rel in _STATES.get(kind, ())}
-    return set()
+    found = _fact_statement(sentence)
+    if found is None:
+        return set()
+    kind, groups = found
+    name = groups[2] if kind == "p_bigger" else groups[0]
+    return {(name, rel) for rel in _STATES.get(kind, ())}
 
 
 # ------------------------------------------------------------------------------------------------
