@@ -197,10 +197,10 @@ def _fail(where, name, value, words):
 
 def checked(obj):
     """Check a function's (or a dataclass's) arguments against its signature on every call (module docstring)."""
-    if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+    if isinstance(obj, type):                      # a class: its __init__ checks, self skipped
         init = obj.__init__
         specs = _specs(init, skip_first=True)
-        where = obj.__name__
+        where = obj.__name__ if dataclasses.is_dataclass(obj) else obj.__qualname__
 
         @functools.wraps(init)
         def __init__(self, *args, **kwargs):
@@ -208,19 +208,9 @@ def checked(obj):
             init(self, *args, **kwargs)
         obj.__init__ = __init__
         return obj
-    fn = obj.__init__ if isinstance(obj, type) else obj
-    specs = _specs(fn, skip_first=isinstance(obj, type) or "." in fn.__qualname__.split("<locals>")[-1])
+    fn = obj
+    specs = _specs(fn, skip_first="." in fn.__qualname__.split("<locals>")[-1])     # a method skips self
     where = obj.__qualname__
-
-    if isinstance(obj, type):
-        init = obj.__init__
-
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            _check(where, specs, (self,) + args, kwargs)
-            init(self, *args, **kwargs)
-        obj.__init__ = __init__
-        return obj
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
