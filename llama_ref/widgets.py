@@ -35,6 +35,7 @@ from .evaluate import rate
 from .generate import sampling_probs
 from .model import rms_norm
 from .plots import attention_heatmap
+from .ppo import sigmoid
 from .preferences import judge
 from .safety import check_reply
 
@@ -373,10 +374,15 @@ def reward_probe(rm, tokenizer, prompt, replies, judge=None) -> list[dict]:
     return sorted(rows, key=lambda x: -x["reward"])
 
 
+def _dialog_html(dialog) -> str:
+    """A dialogue's turns as escaped HTML lines, role in bold."""
+    return "<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in dialog)
+
+
 def reward_probe_box(rm, tokenizer, prompt, judge, first_reply=""):
     """Type a reply to a fixed prompt and see the reward model's score and the world's verdict side by side."""
     import ipywidgets as W
-    shown = "<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in prompt.dialog)
+    shown = _dialog_html(prompt.dialog)
     box = W.Text(value=first_reply, description="reply", layout=W.Layout(width="90%"))
     out = W.HTML()
 
@@ -404,7 +410,7 @@ def two_reward_probe(combined, tokenizer, prompt, replies) -> list[dict]:
     d = combined.decide(tokenizer, [prompt] * len(replies), list(replies))
     rows = []
     for i, r in enumerate(replies):
-        p_safe = float(0.5 * (1 + np.tanh(0.5 * d["safety"][i])))
+        p_safe = float(sigmoid(d["safety"][i]))                               # what decide() compared
         why = ("the prompt is tagged unsafe" if d["tagged"][i] else
                f"sigmoid(safety score) = {p_safe:.2f} < {combined.threshold}" if d["use_safety"][i] else
                f"sigmoid(safety score) = {p_safe:.2f} >= {combined.threshold}")
@@ -418,7 +424,7 @@ def two_reward_probe(combined, tokenizer, prompt, replies) -> list[dict]:
 def two_reward_probe_box(combined, tokenizer, prompt, first_reply=""):
     """Type a reply and see both reward models' scores, which one the combined reward takes, and the world's label."""
     import ipywidgets as W
-    shown = "<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in prompt.dialog)
+    shown = _dialog_html(prompt.dialog)
     tag = f" (tagged {prompt.tag})" if prompt.tag else ""
     box = W.Text(value=first_reply, description="reply", layout=W.Layout(width="90%"))
     out = W.HTML()
