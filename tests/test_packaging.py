@@ -81,17 +81,20 @@ def test_no_import_cycles_in_the_package():
     assert not cycles, f"import cycles in llama_ref: {cycles}"
 
 
+def _reachable(graph, a, seen=None) -> set:
+    """Every module `a` imports, directly or through others."""
+    seen = set() if seen is None else seen
+    for n in graph.get(a, ()):
+        if n not in seen:
+            seen.add(n)
+            _reachable(graph, n, seen)
+    return seen
+
+
 def test_generate_does_not_import_the_loader():
     """Generation needs a model and the memory plan, not the file formats: memory.py holds the plan for both."""
     graph = _package_imports()
-
-    def reach(a, seen):
-        for n in graph.get(a, ()):
-            if n not in seen:
-                seen.add(n)
-                reach(n, seen)
-        return seen
-    assert "loader" not in reach("generate", set())
+    assert "loader" not in _reachable(graph, "generate")
 
 
 FORMATS = ("safetensors", "checkpoint", "llama2c", "gguf_io", "quant", "synthetic", "weights", "matrices")
@@ -101,16 +104,9 @@ def test_no_format_imports_the_model():
     """The formats on disk (and the name table and stored matrices they share) sit below the model: facts about
     layouts (the q/k row order, names) live in weights.py, so no reader or writer needs model.py, even indirectly."""
     graph = _package_imports()
-
-    def reach(a, seen):
-        for n in graph.get(a, ()):
-            if n not in seen:
-                seen.add(n)
-                reach(n, seen)
-        return seen
     for fmt in FORMATS:
         assert fmt in graph, f"{fmt}.py is gone: update FORMATS"
-        assert "model" not in reach(fmt, set()), f"{fmt}.py imports model.py (directly or through another module)"
+        assert "model" not in _reachable(graph, fmt), f"{fmt}.py imports model.py (directly or through another module)"
 
 
 def test_the_module_map_names_every_module():
