@@ -65,6 +65,19 @@ def assert_error(proc, message=""):
     assert "Traceback" not in err and message in lines[0], lines[0]
 
 
+def genai_greedy(og, model, prompt, max_new_tokens):
+    """ONNX Runtime GenAI's own greedy loop (its Generator) on an og.Model: the new ids, up to max_new_tokens or EOS."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    ids = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        ids.append(int(generator.get_next_tokens()[0]))
+    return ids
+
+
 @pytest.fixture(scope="session")
 def tok():
     """The project's SentencePiece tokenizer (data/tokenizer/tokenizer.model)."""

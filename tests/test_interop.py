@@ -32,7 +32,7 @@ from llama_ref.chat import LLAMA2_CHAT_TEMPLATE, format_dialog
 from llama_ref.generate import generate
 from llama_ref.loader import load
 from llama_ref.tokenizer import Tokenizer
-from conftest import cli  # noqa: E402
+from conftest import cli, genai_greedy  # noqa: E402
 from test_chat import EDGE_DIALOGUES, META_EXAMPLES, OUR_EXAMPLES  # noqa: E402
 from test_tokenizer import HARD_STRINGS  # noqa: E402
 
@@ -293,14 +293,7 @@ def test_genai_chat_template_and_tokenizer(files):
         assert (genai == ours) == (not spanning & set(ours)), (dialog, genai, ours)
         assert format_dialog(dialog, ours_from_export) == ours                # the agreeing call's ids
     prompt = format_dialog(PROMPT_DIALOGS[-1], ours_from_export)                    # GenAI takes them as they are
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    reply = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        reply.append(int(generator.get_next_tokens()[0]))
+    reply = genai_greedy(og, model, prompt, 16)
     assert reply == generate(load(paths.CHAT_BASELINE_MODEL), prompt, 16).ids         # both stop at </s>
     tokenizer.update_options(add_special_tokens="true")
     differ = [t for t in TEXTS if [int(i) for i in tokenizer.encode(t)] != sp_ids(t)]

@@ -31,7 +31,7 @@ from llama_ref.loader import read_checkpoint  # noqa: E402
 from llama_ref.model import Llama  # noqa: E402
 from llama_ref.ondevice import OnDeviceLlama  # noqa: E402
 from llama_ref.tokenizer import Tokenizer  # noqa: E402
-from conftest import MANIFEST, REPO, assert_error, cli, rel_err, random_weights  # noqa: E402
+from conftest import MANIFEST, REPO, assert_error, cli, genai_greedy, rel_err, random_weights  # noqa: E402
 
 REF_NAMES = list(MANIFEST["configs"])
 BOUND = 1e-4
@@ -95,15 +95,7 @@ def test_float_export_layout_is_genai_and_optimum(embedded_onnx, embedded):
 def test_onnx_runtime_genai_generator_greedy_equals_ours(embedded_onnx, embedded):
     og = pytest.importorskip("onnxruntime_genai")
     prompt = Tokenizer().encode("Once upon a time, Mia had a cat.", bos=True)
-    model = og.Model(str(embedded_onnx))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 64, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
+    theirs = genai_greedy(og, og.Model(str(embedded_onnx)), prompt, 64)
     assert theirs == generate(embedded, prompt, 64, stop_at_eos=False).ids
 
 
